@@ -1,0 +1,667 @@
+//! Configuration: TOML read into serde structs whose field types check themselves
+//! (non-zero limits, addresses, URLs), so every error carries the key path and line;
+//! then environment overrides and the checks that span several keys.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::catalog;
+
+/// The annotated default config, embedded so `serve` works with no file.
+pub const DEFAULT_TOML: &str = include_str!("../config/klaviyo-proxy.toml");
+
+/// The current stable revision of Klaviyo's API (the catalog's spec version).
+pub const DEFAULT_REVISION: &str = "2026-07-15";
+
+/// A bad config: where it is and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A key has a bad value or does not exist.
+    #[error("{origin}{line}: `{key}`: {message}")]
+    Invalid {
+        /// File name (or "embedded default").
+        origin: String,
+        /// ` line N` when known.
+        line: String,
+        /// Key path, e.g. `limits.default.burst_per_second`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// An environment variable has a bad value.
+    #[error("environment variable {var}: {message}")]
+    Env {
+        /// Variable name.
+        var: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Keys that are each fine but do not work together.
+    #[error("config: {0}")]
+    Conflict(String),
+    /// The file (or a file it names) cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A value that must never be printed: logs, errors and `check-config` show it redacted.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The value, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[redacted]")
+    }
+}
+
+/// The upstream base URL: `http` or `https`, a host, no path.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct UpstreamUrl(Uri);
+
+impl UpstreamUrl {
+    /// The parsed URI (scheme and authority only).
+    pub fn uri(&self) -> &Uri {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for UpstreamUrl {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let uri: Uri = s.parse().map_err(|e| format!("`{s}` is not a URL: {e}"))?;
+        match uri.scheme_str() {
+            Some("http" | "https") => {}
+            _ => return Err(format!("`{s}` must start with http:// or https://")),
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(format!("`{s}` has no host"));
+        }
+        if uri.path_and_query().is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty()) {
+            return Err(format!("`{s}` must not have a path or query"));
+        }
+        Ok(UpstreamUrl(uri))
+    }
+}
+
+impl From<UpstreamUrl> for String {
+    fn from(u: UpstreamUrl) -> String {
+        let s = u.0.to_string();
+        s.trim_end_matches('/').to_string()
+    }
+}
+
+/// A Klaviyo API revision, `YYYY-MM-DD` with an optional `.pre` (beta) suffix.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Revision(String);
+
+impl Revision {
+    /// Whether this revision opts into beta operations.
+    pub fn is_beta(&self) -> bool {
+        is_beta_revision(&self.0)
+    }
+    /// The revision string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Whether a `revision` header value asks for beta operations.
+pub fn is_beta_revision(revision: &str) -> bool {
+    revision.ends_with(".pre")
+}
+
+impl TryFrom<String> for Revision {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let date = s.strip_suffix(".pre").unwrap_or(&s);
+        let ok = date.len() == 10
+            && date.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
+        if ok {
+            Ok(Revision(s))
+        } else {
+            Err(format!("`{s}` is not a revision like 2026-07-15 or 2026-07-15.pre"))
+        }
+    }
+}
+
+impl From<Revision> for String {
+    fn from(r: Revision) -> String {
+        r.0
+    }
+}
+
+/// Share of the account's quota this proxy may use, in (0, 1].
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(try_from = "f64", into = "f64")]
+pub struct Share(f64);
+
+impl Share {
+    /// The fraction.
+    pub fn get(self) -> f64 {
+        self.0
+    }
+}
+
+impl TryFrom<f64> for Share {
+    type Error = String;
+    fn try_from(v: f64) -> Result<Self, String> {
+        if v > 0.0 && v <= 1.0 {
+            Ok(Share(v))
+        } else {
+            Err(format!("{v} must be greater than 0 and at most 1"))
+        }
+    }
+}
+
+impl From<Share> for f64 {
+    fn from(s: Share) -> f64 {
+        s.0
+    }
+}
+
+/// An `operationId` from the catalog.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct OperationName(String);
+
+impl TryFrom<String> for OperationName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if catalog::by_id(&s).is_some() {
+            Ok(OperationName(s))
+        } else {
+            Err(format!("`{s}` is not an operation in the catalog (see `klaviyo-proxy routes`)"))
+        }
+    }
+}
+
+impl From<OperationName> for String {
+    fn from(o: OperationName) -> String {
+        o.0
+    }
+}
+
+impl OperationName {
+    /// The operation id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The client-facing listener.
+    pub server: ServerConfig,
+    /// Where requests go.
+    pub upstream: UpstreamConfig,
+    /// Credentials.
+    pub auth: AuthConfig,
+    /// Rate limits.
+    pub limits: LimitsConfig,
+    /// Waiting for a token.
+    pub queue: QueueConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Listen address; loopback by default.
+    pub listen: SocketAddr,
+    /// Token clients must present as `Proxy-Authorization: Bearer ...`.
+    pub client_token: Option<Secret>,
+    /// Allow a non-loopback listener without a client token.
+    pub allow_unauthenticated_remote: bool,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Largest request head accepted.
+    pub max_header_bytes: usize,
+    /// Time allowed to read a request's head and body.
+    pub client_read_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            client_token: None,
+            allow_unauthenticated_remote: false,
+            max_body_bytes: 5 * 1024 * 1024,
+            max_header_bytes: 64 * 1024,
+            client_read_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// `[upstream]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Base URL of Klaviyo (or the simulator).
+    pub url: UpstreamUrl,
+    /// `revision` header added when a request has none.
+    pub revision: Revision,
+    /// Extra PEM CA certificates trusted besides the webpki roots.
+    pub ca_file: Option<PathBuf>,
+    /// TCP + TLS connect timeout.
+    pub connect_timeout_ms: u64,
+    /// Time from sending a request to its response head.
+    pub request_timeout_ms: u64,
+    /// Idle pooled connections close after this long.
+    pub pool_idle_timeout_ms: u64,
+    /// Idle pooled connections kept per host.
+    pub pool_max_idle_per_host: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: UpstreamUrl::try_from("https://a.klaviyo.com".to_string()).expect("valid default"),
+            revision: Revision(DEFAULT_REVISION.to_string()),
+            ca_file: None,
+            connect_timeout_ms: 5_000,
+            request_timeout_ms: 60_000,
+            pool_idle_timeout_ms: 90_000,
+            pool_max_idle_per_host: 64,
+        }
+    }
+}
+
+/// How requests are authenticated upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMode {
+    /// The client's `Authorization` header goes upstream unchanged.
+    #[default]
+    PassThrough,
+    /// The proxy adds its own key to requests that carry none.
+    Inject,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `pass-through` or `inject`.
+    pub mode: AuthMode,
+    /// File holding the private key (inject mode); `KLAVIYO_PRIVATE_KEY` wins over it.
+    pub key_file: Option<PathBuf>,
+    /// In inject mode, whether clients may still send their own key.
+    pub allow_client_keys: bool,
+    /// Secret for the keyed hash that names accounts in bucket keys. Random per start
+    /// when unset; replicas sharing limits must share it.
+    pub account_hash_key: Option<Secret>,
+    /// The resolved private key (never read from the file's `[auth]` table directly).
+    #[serde(skip_deserializing)]
+    pub private_key: Option<Secret>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::PassThrough,
+            key_file: None,
+            allow_client_keys: true,
+            account_hash_key: None,
+            private_key: None,
+        }
+    }
+}
+
+/// Limits of one bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Requests per 1 s window.
+    pub burst_per_second: NonZeroU32,
+    /// Requests per 60 s window.
+    pub steady_per_minute: NonZeroU32,
+    /// Requests per day, if capped.
+    #[serde(default)]
+    pub daily_per_day: Option<NonZeroU32>,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Off only to measure the proxy's own overhead: requests then go unlimited.
+    pub enabled: bool,
+    /// Scale every limit by this share of the account's quota.
+    pub share: Share,
+    /// Added to the 1 s window to absorb network jitter.
+    pub burst_guard_ms: u64,
+    /// Added to the 60 s window.
+    pub steady_guard_ms: u64,
+    /// Added to the daily window.
+    pub daily_guard_ms: u64,
+    /// The bucket for `/api` paths the catalog does not know.
+    pub unknown: Limits,
+    /// Per-operation overrides, by `operationId`.
+    pub operations: BTreeMap<OperationName, Limits>,
+}
+
+fn nz(n: u32) -> NonZeroU32 {
+    NonZeroU32::new(n).expect("non-zero constant")
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            enabled: true,
+            share: Share(1.0),
+            burst_guard_ms: 50,
+            steady_guard_ms: 250,
+            daily_guard_ms: 60_000,
+            unknown: Limits { burst_per_second: nz(1), steady_per_minute: nz(15), daily_per_day: None },
+            operations: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[queue]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Most requests waiting per bucket.
+    pub max_depth: u32,
+    /// Longest a request waits for its slot (`X-Proxy-Max-Wait-Ms` may shorten it).
+    pub max_wait_ms: u64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig { max_depth: 1000, max_wait_ms: 30_000 }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter, e.g. `info` or `klaviyo_proxy=debug`.
+    pub level: String,
+    /// `human` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into(), format: LogFormat::Human }
+    }
+}
+
+fn line_of(src: &str, offset: usize) -> usize {
+    src[..offset.min(src.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+impl Config {
+    /// Parses a config text. `origin` names it in errors.
+    pub fn parse(src: &str, origin: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::new(src);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            ConfigError::Invalid {
+                origin: origin.to_string(),
+                line: inner.span().map(|s| format!(" line {}", line_of(src, s.start))).unwrap_or_default(),
+                key: if key == "." { "(top level)".into() } else { key },
+                message: inner.message().to_string(),
+            }
+        })
+    }
+
+    /// Reads a config file, or the embedded default when `path` is `None`, then
+    /// applies environment overrides and checks the result.
+    pub fn load(path: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Io { path: p.into(), source })?;
+                Config::parse(&text, &p.display().to_string())?
+            }
+            None => Config::parse(DEFAULT_TOML, "embedded default")?,
+        };
+        config.apply_env(env)?;
+        config.resolve_key(env)?;
+        Ok(config)
+    }
+
+    /// Applies `KLAVIYO_PROXY_*` overrides for the common keys.
+    pub fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn parse<T: TryFrom<String, Error = String>>(var: &str, v: String) -> Result<T, ConfigError> {
+            T::try_from(v).map_err(|message| ConfigError::Env { var: var.into(), message })
+        }
+        fn from_str<T: std::str::FromStr>(var: &str, v: &str, what: &str) -> Result<T, ConfigError> {
+            v.parse().map_err(|_| ConfigError::Env { var: var.into(), message: format!("`{v}` is not {what}") })
+        }
+        if let Some(v) = env("KLAVIYO_PROXY_LISTEN") {
+            self.server.listen = from_str("KLAVIYO_PROXY_LISTEN", &v, "an address like 127.0.0.1:8080")?;
+        }
+        if let Some(v) = env("KLAVIYO_PROXY_UPSTREAM") {
+            self.upstream.url = parse("KLAVIYO_PROXY_UPSTREAM", v)?;
+        }
+        if let Some(v) = env("KLAVIYO_PROXY_REVISION") {
+            self.upstream.revision = parse("KLAVIYO_PROXY_REVISION", v)?;
+        }
+        if let Some(v) = env("KLAVIYO_PROXY_CA_FILE") {
+            self.upstream.ca_file = Some(v.into());
+        }
+        if let Some(v) = env("KLAVIYO_PROXY_AUTH_MODE") {
+            self.auth.mode = match v.as_str() {
+                "pass-through" => AuthMode::PassThrough,
+                "inject" => AuthMode::Inject,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: "KLAVIYO_PROXY_AUTH_MODE".into(),
+                        message: format!("`{v}` is not pass-through or inject"),
+                    })
+                }
+            };
+        }
+        if let Some(v) = env("KLAVIYO_PROXY_CLIENT_TOKEN") {
+            self.server.client_token = Some(Secret(v));
+        }
+        if let Some(v) = env("KLAVIYO_PROXY_LIMITS_ENABLED") {
+            self.limits.enabled = from_str("KLAVIYO_PROXY_LIMITS_ENABLED", &v, "true or false")?;
+        }
+        if let Some(v) = env("KLAVIYO_PROXY_SHARE") {
+            let f: f64 = from_str("KLAVIYO_PROXY_SHARE", &v, "a number")?;
+            self.limits.share = Share::try_from(f)
+                .map_err(|message| ConfigError::Env { var: "KLAVIYO_PROXY_SHARE".into(), message })?;
+        }
+        if let Some(v) = env("KLAVIYO_PROXY_LOG_LEVEL") {
+            self.log.level = v;
+        }
+        if let Some(v) = env("KLAVIYO_PROXY_LOG_FORMAT") {
+            self.log.format = match v.as_str() {
+                "human" => LogFormat::Human,
+                "json" => LogFormat::Json,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: "KLAVIYO_PROXY_LOG_FORMAT".into(),
+                        message: format!("`{v}` is not human or json"),
+                    })
+                }
+            };
+        }
+        Ok(())
+    }
+
+    /// Finds the private key for inject mode: `KLAVIYO_PRIVATE_KEY`, else `auth.key_file`.
+    fn resolve_key(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(key) = env("KLAVIYO_PRIVATE_KEY").filter(|k| !k.trim().is_empty()) {
+            self.auth.private_key = Some(Secret(key.trim().to_string()));
+        } else if let Some(path) = &self.auth.key_file {
+            let key = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.clone(), source })?;
+            self.auth.private_key = Some(Secret(key.trim().to_string()));
+        }
+        if self.auth.mode == AuthMode::Inject && self.auth.private_key.is_none() {
+            return Err(ConfigError::Conflict(
+                "auth.mode = \"inject\" needs a key: set KLAVIYO_PRIVATE_KEY or auth.key_file".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that apply only when serving: a listener off loopback needs a client
+    /// token unless explicitly opted out.
+    pub fn check_serve(&self) -> Result<(), ConfigError> {
+        let ip = self.server.listen.ip();
+        if !ip.is_loopback() && self.server.client_token.is_none() && !self.server.allow_unauthenticated_remote {
+            return Err(ConfigError::Conflict(format!(
+                "server.listen = \"{}\" is not a loopback address: set server.client_token (or \
+                 KLAVIYO_PROXY_CLIENT_TOKEN) so clients must send `Proxy-Authorization: Bearer <token>`, \
+                 or set server.allow_unauthenticated_remote = true if the network is trusted",
+                self.server.listen
+            )));
+        }
+        Ok(())
+    }
+
+    /// The config as TOML with secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+    }
+
+    /// Duration helpers.
+    pub fn client_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.client_read_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn shipped_file_equals_embedded_defaults() {
+        let shipped =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/klaviyo-proxy.toml")).unwrap();
+        assert_eq!(shipped, DEFAULT_TOML);
+        assert_eq!(Config::parse(&shipped, "file").unwrap(), Config::default());
+        assert_eq!(Config::parse("", "empty").unwrap(), Config::default());
+    }
+
+    fn err(src: &str) -> String {
+        Config::parse(src, "test.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_key_and_line() {
+        let cases = [
+            ("[server]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n", "line 3", "server"),
+            (
+                "[limits.unknown]\nburst_per_second = 0\nsteady_per_minute = 5\n",
+                "line 2",
+                "limits.unknown.burst_per_second",
+            ),
+            (
+                "[limits.unknown]\nburst_per_second = 1\nsteady_per_minute = -5\n",
+                "line 3",
+                "limits.unknown.steady_per_minute",
+            ),
+            ("\n[upstream]\nurl = \"ftp://x\"\n", "line 3", "upstream.url"),
+            ("[upstream]\nurl = \"https://a.klaviyo.com/api\"\n", "line 2", "upstream.url"),
+            ("[server]\nlisten = \"localhost\"\n", "line 2", "server.listen"),
+            (
+                "[limits.operations.no_such_op]\nburst_per_second = 1\nsteady_per_minute = 1\n",
+                "line 1",
+                "limits.operations",
+            ),
+            ("[limits]\nshare = 1.5\n", "line 2", "limits.share"),
+            ("[upstream]\nrevision = \"yesterday\"\n", "line 2", "upstream.revision"),
+        ];
+        for (src, line, key) in cases {
+            let e = err(src);
+            assert!(e.contains(line) && e.contains(key), "{src:?} gave {e}");
+        }
+    }
+
+    #[test]
+    fn overrides_and_env() {
+        let c = Config::parse(
+            "[limits]\nshare = 0.8\n[limits.operations.get_profiles]\nburst_per_second = 5\nsteady_per_minute = 50\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.limits.operations.len(), 1);
+        let mut c = Config::default();
+        let env = |k: &str| match k {
+            "KLAVIYO_PROXY_LISTEN" => Some("127.0.0.1:9999".to_string()),
+            "KLAVIYO_PROXY_UPSTREAM" => Some("http://127.0.0.1:1234".to_string()),
+            _ => None,
+        };
+        c.apply_env(&env).unwrap();
+        assert_eq!(c.server.listen.port(), 9999);
+        assert_eq!(c.upstream.url.uri().port_u16(), Some(1234));
+        let bad = |k: &str| (k == "KLAVIYO_PROXY_LISTEN").then(|| "nope".to_string());
+        assert!(c.apply_env(&bad).unwrap_err().to_string().contains("KLAVIYO_PROXY_LISTEN"));
+    }
+
+    #[test]
+    fn remote_bind_needs_token_and_inject_needs_key() {
+        let mut c = Config::default();
+        c.server.listen = "0.0.0.0:8080".parse().unwrap();
+        assert!(c.check_serve().unwrap_err().to_string().contains("client_token"));
+        c.server.client_token = Some(Secret::new("t"));
+        c.check_serve().unwrap();
+        let mut c = Config::default();
+        c.auth.mode = AuthMode::Inject;
+        assert!(c.resolve_key(&no_env).is_err());
+        let key = |k: &str| (k == "KLAVIYO_PRIVATE_KEY").then(|| "pk_secret_123".to_string());
+        c.resolve_key(&key).unwrap();
+        let printed = c.to_redacted_toml();
+        assert!(!printed.contains("pk_secret_123") && printed.contains("[redacted]"), "{printed}");
+    }
+}

@@ -1,0 +1,246 @@
+//! One error type for everything the proxy answers itself, mapped in one place to a
+//! status, a JSON:API body in Klaviyo's shape and a header that marks it as the
+//! proxy's own. Error texts never include a key, an `Authorization` value or a
+//! `company_id`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use serde_json::json;
+
+use crate::body::{full, ProxyBody};
+
+/// Response header on every answer the proxy makes itself; its value is the error code.
+pub const PROXY_ERROR_HEADER: &str = "x-klaviyo-proxy-error";
+
+/// Where a failure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The client's request was refused.
+    Client,
+    /// The upstream could not be reached or did not answer in time.
+    Upstream,
+    /// The proxy itself.
+    Internal,
+}
+
+/// Everything the proxy may answer on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The bucket's queue is full.
+    #[error("the queue for {operation} is full; retry in {}s", secs(*.retry_after))]
+    QueueFull {
+        /// Operation label.
+        operation: &'static str,
+        /// When a request arriving now could go.
+        retry_after: Duration,
+    },
+    /// The request could not leave before its deadline.
+    #[error("{operation} could not be sent within the allowed wait; it could go in {}s", secs(*.retry_after))]
+    QueueTimeout {
+        /// Operation label.
+        operation: &'static str,
+        /// The predicted wait.
+        retry_after: Duration,
+    },
+    /// The body is larger than allowed.
+    #[error("request body exceeds {limit} bytes")]
+    BodyTooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// The client was too slow to send its request.
+    #[error("request was not received within {}s", .0.as_secs())]
+    ClientTimeout(Duration),
+    /// The request body could not be read.
+    #[error("request body could not be read")]
+    BodyRead,
+    /// A malformed request.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Not a Klaviyo API path.
+    #[error("the proxy forwards only /api/ and /client/ paths")]
+    UnknownPath,
+    /// An absolute-form request for a host other than the upstream.
+    #[error("the proxy forwards only to its configured upstream")]
+    ForeignHost,
+    /// `CONNECT` tunnels are never opened.
+    #[error("CONNECT is not supported: the proxy is not a tunnel")]
+    Connect,
+    /// The client did not present the proxy's client token.
+    #[error("missing or wrong Proxy-Authorization")]
+    ProxyAuthRequired,
+    /// Inject mode forbids client-supplied keys.
+    #[error("this proxy does not accept client-supplied API keys")]
+    ClientKeyForbidden,
+    /// The upstream could not be reached.
+    #[error("the upstream could not be reached")]
+    UpstreamUnreachable,
+    /// The upstream did not answer in time.
+    #[error("the upstream did not answer within {}s", .0.as_secs())]
+    UpstreamTimeout(Duration),
+    /// A bug or resource failure inside the proxy.
+    #[error("internal proxy error")]
+    Internal,
+}
+
+/// Whole seconds, rounded up, at least 1: `Retry-After` must be an integer for the SDKs.
+pub fn secs(d: Duration) -> u64 {
+    d.as_micros().div_ceil(1_000_000).max(1) as u64
+}
+
+impl ProxyError {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        use ProxyError::*;
+        match self {
+            QueueFull { .. } | QueueTimeout { .. } => StatusCode::TOO_MANY_REQUESTS,
+            BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            BodyRead | BadRequest(_) => StatusCode::BAD_REQUEST,
+            UnknownPath => StatusCode::NOT_FOUND,
+            ForeignHost | ClientKeyForbidden => StatusCode::FORBIDDEN,
+            Connect => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The JSON:API `code`, also the value of [`PROXY_ERROR_HEADER`].
+    pub fn code(&self) -> &'static str {
+        use ProxyError::*;
+        match self {
+            QueueFull { .. } => "proxy_queue_full",
+            QueueTimeout { .. } => "proxy_queue_timeout",
+            BodyTooLarge { .. } => "proxy_body_too_large",
+            ClientTimeout(_) => "proxy_client_timeout",
+            BodyRead => "proxy_body_unreadable",
+            BadRequest(_) => "proxy_bad_request",
+            UnknownPath => "proxy_unknown_path",
+            ForeignHost => "proxy_forbidden_host",
+            Connect => "proxy_connect_refused",
+            ProxyAuthRequired => "proxy_auth_required",
+            ClientKeyForbidden => "proxy_client_key_forbidden",
+            UpstreamUnreachable => "proxy_upstream_unreachable",
+            UpstreamTimeout(_) => "proxy_upstream_timeout",
+            Internal => "proxy_internal_error",
+        }
+    }
+
+    /// A short title, like Klaviyo's.
+    pub fn title(&self) -> &'static str {
+        use ProxyError::*;
+        match self {
+            QueueFull { .. } | QueueTimeout { .. } => "Request was throttled by klaviyo-proxy.",
+            BodyTooLarge { .. } => "Request body too large.",
+            ClientTimeout(_) => "Request timed out.",
+            BodyRead | BadRequest(_) => "Invalid request.",
+            UnknownPath => "Not found.",
+            ForeignHost | Connect => "Forbidden upstream.",
+            ProxyAuthRequired => "Proxy authentication required.",
+            ClientKeyForbidden => "Client API keys are not allowed.",
+            UpstreamUnreachable | UpstreamTimeout(_) => "Klaviyo is unavailable.",
+            Internal => "Internal proxy error.",
+        }
+    }
+
+    /// Where the failure came from.
+    pub fn origin(&self) -> Origin {
+        use ProxyError::*;
+        match self {
+            UpstreamUnreachable | UpstreamTimeout(_) => Origin::Upstream,
+            Internal => Origin::Internal,
+            _ => Origin::Client,
+        }
+    }
+
+    /// The wait to advertise in `Retry-After`, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProxyError::QueueFull { retry_after, .. } | ProxyError::QueueTimeout { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            _ => None,
+        }
+    }
+
+    /// The response: status, JSON:API body, proxy marker and, where it applies, an
+    /// integer `Retry-After`.
+    pub fn into_response(self, request_id: &str) -> Response<ProxyBody> {
+        let status = self.status();
+        let body = json!({
+            "errors": [{
+                "id": request_id,
+                "status": status.as_u16(),
+                "code": self.code(),
+                "title": self.title(),
+                "detail": self.to_string(),
+                "source": {"pointer": null},
+                "meta": {"origin": "klaviyo-proxy"},
+            }]
+        });
+        let mut resp = Response::new(full(Bytes::from(body.to_string())));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/vnd.api+json"));
+        h.insert(PROXY_ERROR_HEADER, HeaderValue::from_static(self.code()));
+        if let Some(wait) = self.retry_after() {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs(wait)));
+        }
+        if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+            h.insert(header::PROXY_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn maps_to_json_api() {
+        let cases = [
+            (
+                ProxyError::QueueFull { operation: "get_accounts", retry_after: Duration::from_millis(1200) },
+                429,
+                Some("2"),
+            ),
+            (
+                ProxyError::QueueTimeout { operation: "get_accounts", retry_after: Duration::from_millis(10) },
+                429,
+                Some("1"),
+            ),
+            (ProxyError::BodyTooLarge { limit: 5 }, 413, None),
+            (ProxyError::ForeignHost, 403, None),
+            (ProxyError::Connect, 405, None),
+            (ProxyError::UpstreamUnreachable, 502, None),
+        ];
+        for (err, status, retry) in cases {
+            let code = err.code();
+            let resp = err.into_response("rid");
+            assert_eq!(resp.status().as_u16(), status);
+            assert_eq!(resp.headers()[PROXY_ERROR_HEADER], code);
+            assert_eq!(resp.headers().get("retry-after").map(|v| v.to_str().unwrap()), retry);
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let e = &v["errors"][0];
+            assert_eq!(e["status"], status);
+            assert_eq!(e["code"], code);
+            assert_eq!(e["id"], "rid");
+            assert_eq!(e["meta"]["origin"], "klaviyo-proxy");
+            assert!(e["title"].is_string() && e["detail"].is_string());
+        }
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(secs(Duration::ZERO), 1);
+        assert_eq!(secs(Duration::from_secs(3)), 3);
+        assert_eq!(secs(Duration::from_millis(3001)), 4);
+    }
+}

@@ -1,0 +1,293 @@
+//! The pure sliding-window logic behind every bucket.
+//!
+//! Klaviyo counts requests in fixed windows whose phase the proxy cannot see, so the
+//! proxy keeps a stronger invariant: **no interval of length `period` holds more than
+//! `limit` takes**. Equivalently, a token taken at `t` comes back only at `t + period`.
+//! A [`WindowLog`] records the takes as runs of `(tick, cumulative count)`, so a burst
+//! of takes at one tick costs one entry and finding the `limit`-th most recent take is a
+//! binary search.
+
+use std::collections::VecDeque;
+
+/// Time in microseconds since the limiter's epoch.
+pub type Tick = u64;
+
+/// One window of a bucket: at most `limit` takes in any interval of `period` ticks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WindowSpec {
+    /// Most takes allowed in any interval of `period`.
+    pub limit: u32,
+    /// The window length, guard included, in ticks (µs).
+    pub period: Tick,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    tick: Tick,
+    /// Takes recorded up to and including this run, counted from the log's start.
+    end: u64,
+}
+
+/// The takes of one window, oldest first. Takes may lie in the future (reservations of
+/// queued requests); new takes are never earlier than the latest one (FIFO).
+#[derive(Debug, Clone, Default)]
+pub struct WindowLog {
+    runs: VecDeque<Run>,
+    /// Cumulative count before the first run (takes already pruned).
+    base: u64,
+}
+
+impl WindowLog {
+    /// Drops takes that can no longer affect a decision at `now` or later.
+    pub fn prune(&mut self, now: Tick, period: Tick) {
+        while let Some(run) = self.runs.front() {
+            if run.tick.saturating_add(period) > now {
+                break;
+            }
+            self.base = run.end;
+            self.runs.pop_front();
+        }
+    }
+
+    /// Number of takes recorded (after pruning: those still inside a window).
+    pub fn len(&self) -> u64 {
+        self.runs.back().map_or(0, |r| r.end - self.base)
+    }
+
+    /// Whether no take is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// The latest take, if any.
+    pub fn last(&self) -> Option<Tick> {
+        self.runs.back().map(|r| r.tick)
+    }
+
+    /// Takes recorded at ticks after `now` (reservations of queued requests).
+    pub fn pending_after(&self, now: Tick) -> u64 {
+        let idx = self.runs.partition_point(|r| r.tick <= now);
+        let before = if idx == 0 { self.base } else { self.runs[idx - 1].end };
+        self.runs.back().map_or(0, |r| r.end - before)
+    }
+
+    /// The earliest tick, no earlier than `now` nor the latest take, at which one more
+    /// take keeps every interval of `spec.period` at or under `spec.limit`.
+    pub fn earliest(&self, now: Tick, spec: WindowSpec) -> Tick {
+        let Some(last) = self.runs.back() else { return now };
+        let mut t = now.max(last.tick);
+        let limit = u64::from(spec.limit);
+        if self.len() >= limit {
+            // The limit-th most recent take must be a whole period before the new one.
+            let target = last.end - limit + 1;
+            let idx = self.runs.partition_point(|r| r.end < target);
+            t = t.max(self.runs[idx].tick.saturating_add(spec.period));
+        }
+        t
+    }
+
+    /// Records a take at `tick`, which must not be earlier than the latest take.
+    pub fn record(&mut self, tick: Tick) {
+        match self.runs.back_mut() {
+            Some(run) if run.tick == tick => run.end += 1,
+            Some(run) => {
+                debug_assert!(run.tick < tick, "takes are recorded in order");
+                let end = run.end + 1;
+                self.runs.push_back(Run { tick, end });
+            }
+            None => self.runs.push_back(Run { tick, end: self.base + 1 }),
+        }
+    }
+
+    /// Removes one take at `tick` (a cancelled reservation). Removing only lowers
+    /// counts, so the invariant holds for every remaining take. Returns whether a take
+    /// was found.
+    pub fn remove(&mut self, tick: Tick) -> bool {
+        let Ok(idx) = self.runs.binary_search_by_key(&tick, |r| r.tick) else { return false };
+        let prev = if idx == 0 { self.base } else { self.runs[idx - 1].end };
+        for run in self.runs.range_mut(idx..) {
+            run.end -= 1;
+        }
+        if self.runs[idx].end == prev {
+            self.runs.remove(idx);
+        }
+        true
+    }
+
+    /// Counts this window's takes in `(now - spec.period, now]`: the tokens in use.
+    pub fn in_use(&self, now: Tick, spec: WindowSpec) -> u64 {
+        let from = now.saturating_sub(spec.period);
+        let lo = self.runs.partition_point(|r| r.tick <= from);
+        let hi = self.runs.partition_point(|r| r.tick <= now);
+        let end = |i: usize| if i == 0 { self.base } else { self.runs[i - 1].end };
+        end(hi) - end(lo)
+    }
+}
+
+/// The earliest tick at which one take from every window of every bucket is allowed:
+/// the all-or-nothing decision over a request's buckets.
+pub fn earliest_all<'a>(now: Tick, windows: impl IntoIterator<Item = (&'a WindowLog, WindowSpec)>) -> Tick {
+    windows.into_iter().fold(now, |t, (log, spec)| t.max(log.earliest(now, spec)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Checks the invariant directly on a sorted list of take ticks.
+    fn assert_invariant(takes: &[Tick], spec: WindowSpec) -> Result<(), TestCaseError> {
+        let n = spec.limit as usize;
+        for j in 0..takes.len().saturating_sub(n) {
+            prop_assert!(
+                takes[j + n] - takes[j] >= spec.period,
+                "{} takes within {} ticks: {:?} (spec {:?})",
+                n + 1,
+                takes[j + n] - takes[j],
+                &takes[j..=j + n],
+                spec
+            );
+        }
+        Ok(())
+    }
+
+    fn spec() -> impl Strategy<Value = WindowSpec> {
+        (1u32..12, 1u64..2_000).prop_map(|(limit, period)| WindowSpec { limit, period })
+    }
+
+    /// A bucket of one to three windows and the history of its takes.
+    #[derive(Debug, Clone, Default)]
+    struct Bucket {
+        specs: Vec<WindowSpec>,
+        logs: Vec<WindowLog>,
+        takes: Vec<Tick>,
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Requests arrive at arbitrary times and each needs one or both of two
+        /// buckets (a conditional limit on top of an endpoint's own). Whatever the
+        /// pattern, no bucket's window ever holds more than its limit, no request goes
+        /// before it arrives, and no request waits longer than a binding constraint
+        /// forces (the limiter is work-conserving, which is what keeps saturation
+        /// throughput at the limit).
+        #[test]
+        fn no_interval_exceeds_limit(
+            specs_a in proptest::collection::vec(spec(), 1..4),
+            specs_b in proptest::collection::vec(spec(), 1..3),
+            arrivals in proptest::collection::vec((0u64..400, 0u8..3), 1..300),
+        ) {
+            let mut buckets = [
+                Bucket { logs: vec![WindowLog::default(); specs_a.len()], specs: specs_a, takes: vec![] },
+                Bucket { logs: vec![WindowLog::default(); specs_b.len()], specs: specs_b, takes: vec![] },
+            ];
+            let mut now = 0;
+            for (gap, which) in arrivals {
+                now += gap;
+                let wanted: &[usize] = match which { 0 => &[0], 1 => &[1], _ => &[0, 1] };
+                for &b in wanted {
+                    let bucket = &mut buckets[b];
+                    for (log, spec) in bucket.logs.iter_mut().zip(&bucket.specs) {
+                        log.prune(now, spec.period);
+                    }
+                }
+                let t = earliest_all(now, wanted.iter().flat_map(|&b| {
+                    buckets[b].logs.iter().zip(buckets[b].specs.iter().copied())
+                }));
+                prop_assert!(t >= now);
+                // Work-conserving: t is forced by arrival, FIFO order, or a full window.
+                let forced = t == now || wanted.iter().any(|&b| {
+                    let bucket = &buckets[b];
+                    bucket.takes.last() == Some(&t) || bucket.specs.iter().any(|s| {
+                        let n = s.limit as usize;
+                        bucket.takes.len() >= n && bucket.takes[bucket.takes.len() - n] + s.period == t
+                    })
+                });
+                prop_assert!(forced, "needless wait until {t} at {now}");
+                for &b in wanted {
+                    let bucket = &mut buckets[b];
+                    bucket.logs.iter_mut().for_each(|l| l.record(t));
+                    bucket.takes.push(t);
+                }
+            }
+            for bucket in &buckets {
+                for spec in &bucket.specs {
+                    assert_invariant(&bucket.takes, *spec)?;
+                }
+            }
+        }
+
+        /// Cancelling reservations (clients that hang up) never breaks the invariant.
+        #[test]
+        fn cancellation_keeps_invariant(
+            spec in spec(),
+            ops in proptest::collection::vec((0u64..50, any::<bool>()), 1..200),
+        ) {
+            let mut log = WindowLog::default();
+            let mut takes: Vec<Tick> = vec![];
+            let mut now = 0;
+            for (gap, cancel) in ops {
+                now += gap;
+                log.prune(now, spec.period);
+                if cancel {
+                    if let Some(pos) = takes.iter().rposition(|&t| t > now) {
+                        prop_assert!(log.remove(takes[pos]));
+                        takes.remove(pos);
+                    }
+                    continue;
+                }
+                let t = log.earliest(now, spec);
+                log.record(t);
+                takes.push(t);
+                prop_assert_eq!(log.in_use(t, spec).min(u64::from(spec.limit)), log.in_use(t, spec));
+            }
+            assert_invariant(&takes, spec)?;
+        }
+    }
+
+    #[test]
+    fn saturation_sustains_the_steady_limit() {
+        // 75/s and 750/min with guards: a request every 10 ms for ten minutes.
+        let burst = WindowSpec { limit: 75, period: 1_050_000 };
+        let steady = WindowSpec { limit: 750, period: 60_250_000 };
+        let mut logs = [WindowLog::default(), WindowLog::default()];
+        let horizon = 600_000_000;
+        let (mut now, mut admitted) = (0, 0u64);
+        while now < horizon {
+            logs[0].prune(now, burst.period);
+            logs[1].prune(now, steady.period);
+            let t = earliest_all(now, [(&logs[0], burst), (&logs[1], steady)]);
+            if t == now {
+                logs.iter_mut().for_each(|l| l.record(t));
+                admitted += 1;
+            }
+            now += 10_000;
+        }
+        let ideal = 750 * 10;
+        assert!(admitted * 100 >= ideal * 99, "admitted {admitted} of {ideal}");
+        assert!(admitted <= ideal);
+    }
+
+    #[test]
+    fn runs_merge_and_remove() {
+        let spec = WindowSpec { limit: 3, period: 100 };
+        let mut log = WindowLog::default();
+        for _ in 0..3 {
+            let t = log.earliest(5, spec);
+            assert_eq!(t, 5);
+            log.record(t);
+        }
+        assert_eq!(log.runs.len(), 1);
+        assert_eq!(log.earliest(5, spec), 105);
+        log.record(105);
+        assert_eq!(log.pending_after(5), 1);
+        assert!(log.remove(105));
+        assert!(!log.remove(105));
+        assert_eq!(log.earliest(5, spec), 105);
+        assert!(log.remove(5));
+        assert_eq!(log.earliest(5, spec), 5);
+        log.prune(105, spec.period);
+        assert!(log.is_empty());
+    }
+}

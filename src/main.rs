@@ -1,0 +1,191 @@
+//! The `klaviyo-proxy` command: serve, simulate, check-config, routes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use klaviyo_proxy::catalog;
+use klaviyo_proxy::config::{Config, LogFormat, UpstreamUrl};
+use klaviyo_proxy::sim::{SimOptions, Simulator};
+use klaviyo_proxy::App;
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(
+    name = "klaviyo-proxy",
+    version,
+    about = "A local proxy that keeps Klaviyo API traffic under its rate limits"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the embedded default config needs no file).
+    Serve {
+        /// Config file (TOML); see config/klaviyo-proxy.toml.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Listen address, overriding the config.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Upstream URL, overriding the config; `sim` runs the simulator in-process.
+        #[arg(long)]
+        upstream: Option<String>,
+    },
+    /// Validate a config file and print the effective config, secrets redacted.
+    CheckConfig {
+        /// Config file (TOML).
+        file: PathBuf,
+    },
+    /// List the endpoint catalog: operation, method, path and limits.
+    Routes,
+    /// Run the Klaviyo simulator.
+    Simulate {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        /// Seed for the windows' phases.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Serve HTTPS with a certificate generated at start.
+        #[arg(long)]
+        tls: bool,
+        /// With --tls: write the CA certificate (PEM) here, for the proxy's upstream.ca_file.
+        #[arg(long, requires = "tls")]
+        ca_out: Option<PathBuf>,
+        /// Latency added to every response, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Lift every limit.
+        #[arg(long)]
+        unlimited: bool,
+    },
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+fn init_logs(level: &str, format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down: draining open requests");
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Serve { config, listen, upstream } => serve(config, listen, upstream).await,
+        Command::CheckConfig { file } => {
+            let config = Config::load(Some(&file), &env)?;
+            config.check_serve()?;
+            print!("{}", config.to_redacted_toml());
+            eprintln!("{}: OK", file.display());
+            Ok(())
+        }
+        Command::Routes => {
+            println!(
+                "{:<52} {:<7} {:<64} {:>6} {:>8} {:>7}  conditions",
+                "operation", "method", "path", "tier", "burst/s", "steady/m"
+            );
+            for op in catalog::OPERATIONS {
+                let conditions: Vec<String> = op
+                    .conditions
+                    .iter()
+                    .map(|c| format!("{}={}:{}/s,{}/m", c.param, c.value, c.burst_per_second, c.steady_per_minute))
+                    .collect();
+                println!(
+                    "{:<52} {:<7} {:<64} {:>6} {:>8} {:>7}  {}{}{}",
+                    op.id,
+                    op.method,
+                    op.path,
+                    op.tier.as_str(),
+                    op.burst_per_second,
+                    op.steady_per_minute,
+                    op.daily_per_day.map(|d| format!("daily {d}/d ")).unwrap_or_default(),
+                    if op.beta { "beta " } else { "" },
+                    conditions.join("; ")
+                );
+            }
+            Ok(())
+        }
+        Command::Simulate { listen, seed, tls, ca_out, latency_ms, unlimited } => {
+            init_logs("info", LogFormat::Human);
+            let listener = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
+            let options = SimOptions { seed, tls, latency: Duration::from_millis(latency_ms), unlimited };
+            let sim = Simulator::start(listener, options)?;
+            if let (Some(path), Some(pem)) = (&ca_out, &sim.ca_pem) {
+                std::fs::write(path, pem).with_context(|| format!("write {}", path.display()))?;
+            }
+            println!("simulator listening on {}", sim.url);
+            shutdown_signal().await;
+            sim.stop().await;
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config_path: Option<PathBuf>, listen: Option<SocketAddr>, upstream: Option<String>) -> Result<()> {
+    let mut config = Config::load(config_path.as_deref(), &env)?;
+    if let Some(listen) = listen {
+        config.server.listen = listen;
+    }
+    init_logs(&config.log.level, config.log.format);
+    // Load-test mode: the simulator runs in this process and is the only upstream.
+    let mut simulator = None;
+    match upstream.as_deref() {
+        Some("sim") => {
+            let listener = TcpListener::bind("127.0.0.1:0").await.context("bind the in-process simulator")?;
+            let sim = Simulator::start(listener, SimOptions::default())?;
+            config.upstream.url = UpstreamUrl::try_from(sim.url.clone()).map_err(anyhow::Error::msg)?;
+            tracing::info!(url = %sim.url, "in-process simulator started (load-test mode)");
+            simulator = Some(sim);
+        }
+        Some(url) => {
+            config.upstream.url =
+                UpstreamUrl::try_from(url.to_string()).map_err(|e| anyhow::anyhow!("--upstream: {e}"))?;
+        }
+        None => {}
+    }
+    config.check_serve()?;
+    if !config.limits.enabled {
+        tracing::warn!("RATE LIMITING IS OFF (limits.enabled = false): requests go upstream unthrottled; use this only to measure overhead");
+    }
+    let listener =
+        TcpListener::bind(config.server.listen).await.with_context(|| format!("bind {}", config.server.listen))?;
+    let addr = listener.local_addr()?;
+    let upstream_url: String = config.upstream.url.clone().into();
+    let app = App::build(config)?;
+    tracing::info!(%addr, upstream = %upstream_url, "klaviyo-proxy listening");
+    println!("klaviyo-proxy listening on http://{addr}");
+    app.serve(listener, shutdown_signal()).await;
+    if let Some(sim) = simulator {
+        sim.stop().await;
+    }
+    Ok(())
+}

@@ -1,0 +1,92 @@
+//! Waiting for a token. Each bucket's queue is the sequence of its reservations: a
+//! request learns its slot on arrival, is refused at once when that slot is past its
+//! deadline or the queue is full, and otherwise sleeps until the slot. A request whose
+//! client hangs up is dropped mid-sleep, and the drop gives its tokens back.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::error::ProxyError;
+use crate::limiter::{Demand, Denied, Grant, LocalStore};
+
+/// Gives a reservation back if the waiting request is dropped before its slot.
+struct CancelOnDrop<'a> {
+    store: &'a LocalStore,
+    grant: Option<Grant>,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(grant) = self.grant.take() {
+            self.store.cancel(&grant);
+        }
+    }
+}
+
+/// Waits until every demanded bucket grants a token; returns how long it waited.
+pub async fn wait_for_slot(
+    store: &LocalStore,
+    demands: &[Demand],
+    deadline: Instant,
+    max_depth: u32,
+    operation: &'static str,
+) -> Result<Duration, ProxyError> {
+    let now = Instant::now();
+    let grant = store.reserve(demands, now, deadline, max_depth).map_err(|denied| match denied {
+        Denied::QueueFull { wait } => ProxyError::QueueFull { operation, retry_after: wait },
+        Denied::Deadline { wait } => ProxyError::QueueTimeout { operation, retry_after: wait },
+    })?;
+    if !grant.is_queued() {
+        return Ok(Duration::ZERO);
+    }
+    let at = grant.at;
+    let mut guard = CancelOnDrop { store, grant: Some(grant) };
+    tokio::time::sleep_until(at).await;
+    let grant = guard.grant.take().expect("grant held until the slot");
+    store.start(&grant);
+    Ok(now.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limiter::{Account, BucketId, BucketKey, WindowSpec, Windows};
+
+    fn demand() -> [Demand; 1] {
+        [Demand {
+            key: BucketKey { account: Account(7), bucket: BucketId::Endpoint(1) },
+            windows: Windows::new(&[WindowSpec { limit: 1, period: 1_000_000 }]),
+        }]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_for_its_slot_in_order() {
+        let store = LocalStore::new();
+        let d = demand();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        assert_eq!(wait_for_slot(&store, &d, deadline, 10, "op").await.unwrap(), Duration::ZERO);
+        let waited = wait_for_slot(&store, &d, deadline, 10, "op").await.unwrap();
+        assert_eq!(waited, Duration::from_secs(1));
+        let err = wait_for_slot(&store, &d, Instant::now(), 10, "op").await.unwrap_err();
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(1)));
+        assert_eq!(err.code(), "proxy_queue_timeout");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropped_waiter_frees_its_place() {
+        let store = LocalStore::new();
+        let d = demand();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        wait_for_slot(&store, &d, deadline, 10, "op").await.unwrap();
+        let start = Instant::now();
+        // The waiter is dropped half-way through its wait (the client hung up).
+        let dropped =
+            tokio::time::timeout(Duration::from_millis(500), wait_for_slot(&store, &d, deadline, 10, "op")).await;
+        assert!(dropped.is_err());
+        assert_eq!(store.queued(&d[0].key), 0);
+        // The next request takes the slot the dropped one had reserved.
+        wait_for_slot(&store, &d, deadline, 10, "op").await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,192 @@
+//! From a request to what the limiter needs: the operation, the account (a keyed hash
+//! of the credential, never the credential) and the buckets to take tokens from.
+
+use std::time::Duration;
+
+use ring::hmac;
+
+use crate::catalog::{self, Operation};
+use crate::config::{Limits, LimitsConfig};
+use crate::limiter::{ticks, Account, BucketId, BucketKey, Demand, WindowSpec, Windows};
+
+/// What a request is, for the limiter, the logs and the metrics.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The catalog operation, or `None` for a path the catalog does not know.
+    pub operation: Option<&'static Operation>,
+    /// Whose quota the request spends.
+    pub account: Account,
+    /// The buckets the request takes a token from (one, or two with a conditional limit).
+    pub demands: Vec<Demand>,
+}
+
+impl Route {
+    /// The operation id, or `unknown`: a bounded label, never a raw path.
+    pub fn label(&self) -> &'static str {
+        self.operation.map_or("unknown", |o| o.id)
+    }
+
+    /// The tier name, or `unknown`.
+    pub fn tier(&self) -> &'static str {
+        self.operation.map_or("unknown", |o| o.tier.as_str())
+    }
+}
+
+/// Turns requests into routes under one config's limits.
+#[derive(Debug)]
+pub struct Router {
+    endpoint_windows: Vec<Windows>,
+    unknown: Windows,
+    limits: LimitsConfig,
+    hasher: hmac::Key,
+}
+
+/// The windows of a bucket under a config: limits scaled by `share` (never below 1)
+/// and periods lengthened by the guards.
+fn windows(limits: &LimitsConfig, burst: u32, steady: u32, daily: Option<u32>) -> Windows {
+    let scale = |n: u32| ((f64::from(n) * limits.share.get()).floor() as u32).max(1);
+    let spec = |n: u32, secs: u64, guard_ms: u64| WindowSpec {
+        limit: scale(n),
+        period: ticks(Duration::from_secs(secs) + Duration::from_millis(guard_ms)),
+    };
+    let burst = spec(burst, 1, limits.burst_guard_ms);
+    let steady = spec(steady, 60, limits.steady_guard_ms);
+    match daily {
+        Some(d) => Windows::new(&[burst, steady, spec(d, 86_400, limits.daily_guard_ms)]),
+        None => Windows::new(&[burst, steady]),
+    }
+}
+
+fn from_limits(cfg: &LimitsConfig, l: &Limits) -> Windows {
+    windows(cfg, l.burst_per_second.get(), l.steady_per_minute.get(), l.daily_per_day.map(|d| d.get()))
+}
+
+impl Router {
+    /// Builds the per-endpoint windows once; `hash_key` keys the account hash.
+    pub fn new(limits: &LimitsConfig, hash_key: &[u8]) -> Self {
+        let endpoints = catalog::OPERATIONS.iter().map(|o| o.endpoint).max().map_or(0, |m| m + 1);
+        let mut endpoint_windows = vec![from_limits(limits, &limits.unknown); endpoints];
+        // Stable rows come first in the catalog, so an endpoint's stable limits win.
+        for op in catalog::OPERATIONS.iter().rev() {
+            endpoint_windows[op.endpoint] = match limits.operations.iter().find(|(name, _)| name.as_str() == op.id) {
+                Some((_, over)) => from_limits(limits, over),
+                None => windows(limits, op.burst_per_second, op.steady_per_minute, op.daily_per_day),
+            };
+        }
+        Router {
+            endpoint_windows,
+            unknown: from_limits(limits, &limits.unknown),
+            limits: limits.clone(),
+            hasher: hmac::Key::new(hmac::HMAC_SHA256, hash_key),
+        }
+    }
+
+    /// A keyed hash naming an account; `kind` keeps keys and company ids apart.
+    pub fn account(&self, kind: &str, secret: &[u8]) -> Account {
+        let mut ctx = hmac::Context::with_key(&self.hasher);
+        ctx.update(kind.as_bytes());
+        ctx.update(&[0]);
+        ctx.update(secret);
+        let tag = ctx.sign();
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&tag.as_ref()[..16]);
+        // Zero is reserved for requests with no credential.
+        Account(u128::from_be_bytes(first).max(1))
+    }
+
+    /// Routes a request. `credential` is the `Authorization` value that will go
+    /// upstream; `/client/` operations are keyed by their `company_id` instead.
+    pub fn route(&self, method: &str, path: &str, query: Option<&str>, beta: bool, credential: Option<&[u8]>) -> Route {
+        let operation = catalog::find(method, path, beta);
+        let params = || form_urlencoded::parse(query.unwrap_or("").as_bytes());
+        let account = if path.starts_with("/client/") {
+            params()
+                .find(|(k, _)| k == "company_id")
+                .map_or(Account::ANONYMOUS, |(_, v)| self.account("company", v.as_bytes()))
+        } else {
+            credential.map_or(Account::ANONYMOUS, |c| self.account("auth", c))
+        };
+        let Some(op) = operation else {
+            return Route {
+                operation: None,
+                account,
+                demands: vec![Demand { key: BucketKey { account, bucket: BucketId::Unknown }, windows: self.unknown }],
+            };
+        };
+        let endpoint = u16::try_from(op.endpoint).expect("fewer than 65536 endpoints");
+        let mut demands = vec![Demand {
+            key: BucketKey { account, bucket: BucketId::Endpoint(endpoint) },
+            windows: self.endpoint_windows[op.endpoint],
+        }];
+        for (n, cond) in op.conditions.iter().enumerate() {
+            if params().any(|(k, v)| cond.matches(&k, &v)) {
+                demands.push(Demand {
+                    key: BucketKey { account, bucket: BucketId::Condition(endpoint, n as u8) },
+                    windows: windows(&self.limits, cond.burst_per_second, cond.steady_per_minute, None),
+                });
+            }
+        }
+        Route { operation: Some(op), account, demands }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn router(src: &str) -> Router {
+        Router::new(&Config::parse(src, "t").unwrap().limits, b"k")
+    }
+
+    #[test]
+    fn accounts_are_keyed_hashes() {
+        let r = router("");
+        let a = r.route("GET", "/api/accounts", None, false, Some(b"Klaviyo-API-Key pk_a"));
+        let b = r.route("GET", "/api/accounts", None, false, Some(b"Klaviyo-API-Key pk_b"));
+        assert_ne!(a.account, b.account);
+        assert_ne!(a.account, Account::ANONYMOUS);
+        assert!(!format!("{a:?}").contains("pk_a"));
+        let other_key = Router::new(&Config::default().limits, b"other");
+        assert_ne!(
+            other_key.route("GET", "/api/accounts", None, false, Some(b"Klaviyo-API-Key pk_a")).account,
+            a.account
+        );
+        let c = r.route("POST", "/client/events", Some("company_id=ABC123"), false, None);
+        let d = r.route("POST", "/client/events", Some("company_id=XYZ"), false, Some(b"x"));
+        assert_ne!(c.account, d.account);
+        assert_eq!(c.label(), "create_client_event");
+    }
+
+    #[test]
+    fn conditional_limits_add_a_bucket() {
+        let r = router("");
+        let plain = r.route("GET", "/api/profiles/1", None, false, Some(b"k"));
+        assert_eq!(plain.demands.len(), 1);
+        let both = r.route("GET", "/api/profiles/1", Some("include=lists,segments"), false, Some(b"k"));
+        assert_eq!(both.demands.len(), 3);
+        let enc = r.route(
+            "GET",
+            "/api/profiles",
+            Some("additional-fields%5Bprofile%5D=predictive_analytics"),
+            false,
+            Some(b"k"),
+        );
+        assert_eq!(enc.demands.len(), 2);
+        assert_eq!(enc.demands[1].windows.as_slice()[0].limit, 10);
+    }
+
+    #[test]
+    fn share_overrides_and_unknown() {
+        let r = router("[limits]\nshare = 0.5\nburst_guard_ms = 0\n[limits.operations.get_accounts]\nburst_per_second = 4\nsteady_per_minute = 40\n");
+        let w = r.route("GET", "/api/accounts", None, false, None).demands[0].windows;
+        assert_eq!(w.as_slice()[0], WindowSpec { limit: 2, period: 1_000_000 });
+        assert_eq!(w.as_slice()[1].limit, 20);
+        let u = r.route("GET", "/api/brand-new-thing", None, false, None);
+        assert_eq!(u.label(), "unknown");
+        assert_eq!(u.demands[0].key.bucket, BucketId::Unknown);
+        let daily = r.route("POST", "/api/segments", None, false, None).demands[0].windows;
+        assert_eq!(daily.as_slice().len(), 3);
+        assert_eq!(daily.as_slice()[2].limit, 50);
+    }
+}

@@ -1,0 +1,502 @@
+//! A Klaviyo simulator for tests, benches, local development and load tests.
+//!
+//! It shares only the catalog with the proxy and counts the way Klaviyo does: fixed
+//! 1 s / 60 s (and daily) windows per account and endpoint, each bucket at its own
+//! random (seedable) phase. It answers like Klaviyo: `RateLimit-*` headers on
+//! successes, `Retry-After` and the `throttled` JSON:API body when over, 401 without a
+//! credential, 400 without `revision`. It also measures what a test needs to check the
+//! proxy: per bucket, requests, 429s, the most requests seen in one of its fixed
+//! windows and the most seen in any sliding interval of each window's length.
+
+mod tls;
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::body::{full, ProxyBody};
+use crate::catalog::{self, Operation};
+use crate::config::is_beta_revision;
+use crate::server::{self, ConnLimits};
+
+/// How to run the simulator.
+#[derive(Debug, Clone, Default)]
+pub struct SimOptions {
+    /// Seed for window phases; random when `None`.
+    pub seed: Option<u64>,
+    /// Serve HTTPS with a certificate generated at start.
+    pub tls: bool,
+    /// Added to every response.
+    pub latency: Duration,
+    /// Lift every limit (for measuring the proxy's overhead against a fast upstream).
+    pub unlimited: bool,
+}
+
+/// A short alias for a credential or company id, as the simulator's stats show it.
+pub fn account_alias(credential: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, credential.as_bytes());
+    digest.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+const WINDOW_NAMES: [&str; 3] = ["burst", "steady", "daily"];
+const WINDOW_SECS: [u64; 3] = [1, 60, 86_400];
+
+#[derive(Debug)]
+struct Window {
+    limit: u32,
+    length: Duration,
+    phase: Duration,
+    index: u64,
+    count: u32,
+    max_fixed: u32,
+    recent: VecDeque<Instant>,
+    max_sliding: u32,
+}
+
+impl Window {
+    fn new(limit: u32, secs: u64, rng: &mut fastrand::Rng) -> Self {
+        let length = Duration::from_secs(secs);
+        Window {
+            limit,
+            length,
+            phase: Duration::from_micros(rng.u64(..length.as_micros() as u64)),
+            index: u64::MAX,
+            count: 0,
+            max_fixed: 0,
+            recent: VecDeque::new(),
+            max_sliding: 0,
+        }
+    }
+
+    /// The fixed window containing `elapsed` and the time left in it.
+    fn position(&self, elapsed: Duration) -> (u64, Duration) {
+        let shifted = (elapsed + self.phase).as_micros() as u64;
+        let len = self.length.as_micros() as u64;
+        (shifted / len, Duration::from_micros(len - shifted % len))
+    }
+
+    fn count_in(&mut self, index: u64) -> u32 {
+        if self.index != index {
+            self.index = index;
+            self.count = 0;
+        }
+        self.count
+    }
+
+    fn record(&mut self, now: Instant) {
+        self.count += 1;
+        self.max_fixed = self.max_fixed.max(self.count);
+        // The sliding measure only matters for short windows; a daily one would hold
+        // every request of the day.
+        if self.length <= Duration::from_secs(60) {
+            while self.recent.front().is_some_and(|&t| now.duration_since(t) >= self.length) {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(now);
+            self.max_sliding = self.max_sliding.max(self.recent.len() as u32);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Bucket {
+    operation: &'static str,
+    kind: String,
+    windows: Vec<Window>,
+    requests: u64,
+    throttled: u64,
+}
+
+/// One bucket's counters in [`Stats`].
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct BucketStats {
+    /// The account alias ([`account_alias`]).
+    pub account: String,
+    /// The operation id.
+    pub operation: String,
+    /// `endpoint`, or the condition (`include=list`).
+    pub bucket: String,
+    /// Requests counted against the bucket.
+    pub requests: u64,
+    /// Requests answered 429.
+    pub throttled: u64,
+    /// Limit per window name.
+    pub limits: HashMap<String, u32>,
+    /// Most requests accepted in one fixed window, per window name.
+    pub max_fixed: HashMap<String, u32>,
+    /// Most requests accepted in any sliding interval of the window's length.
+    pub max_sliding: HashMap<String, u32>,
+}
+
+/// What the simulator has seen (`GET /__sim/stats`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Default)]
+pub struct Stats {
+    /// Every request that reached the API routes.
+    pub requests: u64,
+    /// Every 429 sent.
+    pub throttled: u64,
+    /// Per bucket, sorted by account, operation and bucket.
+    pub buckets: Vec<BucketStats>,
+}
+
+/// (account alias, endpoint, condition index).
+type BucketKey = (String, usize, Option<usize>);
+
+#[derive(Debug)]
+struct State {
+    options: SimOptions,
+    epoch: Instant,
+    rng: Mutex<fastrand::Rng>,
+    buckets: Mutex<HashMap<BucketKey, Bucket>>,
+    totals: Mutex<(u64, u64)>,
+}
+
+/// A running simulator.
+#[derive(Debug)]
+pub struct Simulator {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its base URL (`http://` or `https://127.0.0.1:port`).
+    pub url: String,
+    /// The CA certificate (PEM) that signed its TLS certificate, when TLS is on.
+    pub ca_pem: Option<String>,
+    state: Arc<State>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Simulator {
+    /// Starts serving on `listener`.
+    pub fn start(listener: TcpListener, options: SimOptions) -> Result<Simulator, SimError> {
+        let addr = listener.local_addr().map_err(SimError::Io)?;
+        let (acceptor, ca_pem) = if options.tls {
+            let (acceptor, ca) = tls::acceptor()?;
+            (Some(acceptor), Some(ca))
+        } else {
+            (None, None)
+        };
+        let scheme = if options.tls { "https" } else { "http" };
+        let seed = options.seed.unwrap_or_else(|| fastrand::u64(..));
+        let state = Arc::new(State {
+            options,
+            epoch: Instant::now(),
+            rng: Mutex::new(fastrand::Rng::with_seed(seed)),
+            buckets: Mutex::new(HashMap::new()),
+            totals: Mutex::new((0, 0)),
+        });
+        let (stop, stopped) = oneshot::channel::<()>();
+        let svc_state = state.clone();
+        let service = hyper::service::service_fn(move |req| handle(svc_state.clone(), req));
+        let limits = ConnLimits { drain_timeout: Duration::from_secs(1), ..ConnLimits::default() };
+        let task = tokio::spawn(server::serve(listener, acceptor, limits, service, async {
+            let _ = stopped.await;
+        }));
+        Ok(Simulator {
+            addr,
+            url: format!("{scheme}://127.0.0.1:{}", addr.port()),
+            ca_pem,
+            state,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// What it has seen so far.
+    pub fn stats(&self) -> Stats {
+        self.state.stats()
+    }
+
+    /// Stops serving and waits for open connections to close.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Why the simulator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// Socket trouble.
+    #[error("simulator socket: {0}")]
+    Io(std::io::Error),
+    /// Certificate generation or TLS setup failed.
+    #[error("simulator TLS: {0}")]
+    Tls(String),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl State {
+    fn stats(&self) -> Stats {
+        let (requests, throttled) = *lock(&self.totals);
+        let mut buckets: Vec<BucketStats> = lock(&self.buckets)
+            .iter()
+            .map(|((account, _, _), b)| {
+                let per = |f: &dyn Fn(&Window) -> u32| {
+                    b.windows.iter().zip(WINDOW_NAMES).map(|(w, n)| (n.to_string(), f(w))).collect()
+                };
+                BucketStats {
+                    account: account.clone(),
+                    operation: b.operation.to_string(),
+                    bucket: b.kind.clone(),
+                    requests: b.requests,
+                    throttled: b.throttled,
+                    limits: per(&|w| w.limit),
+                    max_fixed: per(&|w| w.max_fixed),
+                    max_sliding: per(&|w| w.max_sliding),
+                }
+            })
+            .collect();
+        buckets.sort_by(|a, b| (&a.account, &a.operation, &a.bucket).cmp(&(&b.account, &b.operation, &b.bucket)));
+        Stats { requests, throttled, buckets }
+    }
+
+    /// Counts a request against its buckets; returns the wait when one is full,
+    /// otherwise the steady window's (limit, remaining, reset).
+    fn admit(&self, account: &str, op: &'static Operation, conditions: &[usize]) -> Result<(u32, u32, u64), Duration> {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.epoch);
+        let mut buckets = lock(&self.buckets);
+        let mut keys = vec![(account.to_string(), op.endpoint, None)];
+        keys.extend(conditions.iter().map(|&c| (account.to_string(), op.endpoint, Some(c))));
+        for key in &keys {
+            if !buckets.contains_key(key) {
+                let mut rng = lock(&self.rng);
+                let (kind, limits) = match key.2 {
+                    None => ("endpoint".to_string(), (op.burst_per_second, op.steady_per_minute, op.daily_per_day)),
+                    Some(c) => {
+                        let cond = &op.conditions[c];
+                        (
+                            format!("{}={}", cond.param, cond.value),
+                            (cond.burst_per_second, cond.steady_per_minute, None),
+                        )
+                    }
+                };
+                let mut windows = vec![
+                    Window::new(limits.0, WINDOW_SECS[0], &mut rng),
+                    Window::new(limits.1, WINDOW_SECS[1], &mut rng),
+                ];
+                if let Some(d) = limits.2 {
+                    windows.push(Window::new(d, WINDOW_SECS[2], &mut rng));
+                }
+                buckets.insert(key.clone(), Bucket { operation: op.id, kind, windows, requests: 0, throttled: 0 });
+            }
+        }
+        let mut wait = Duration::ZERO;
+        for key in &keys {
+            let b = buckets.get_mut(key).expect("inserted above");
+            b.requests += 1;
+            for w in &mut b.windows {
+                let (index, left) = w.position(elapsed);
+                if !self.options.unlimited && w.count_in(index) >= w.limit {
+                    wait = wait.max(left);
+                }
+            }
+        }
+        if !wait.is_zero() {
+            for key in &keys {
+                buckets.get_mut(key).expect("present").throttled += 1;
+            }
+            return Err(wait);
+        }
+        for key in &keys {
+            let b = buckets.get_mut(key).expect("present");
+            for w in &mut b.windows {
+                let (index, _) = w.position(elapsed);
+                w.count_in(index);
+                w.record(now);
+            }
+        }
+        let steady = &buckets[&keys[0]].windows[1];
+        let (_, left) = steady.position(elapsed);
+        Ok((steady.limit, steady.limit.saturating_sub(steady.count), left.as_secs().max(1)))
+    }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<ProxyBody> {
+    let mut resp = Response::new(full(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/vnd.api+json"));
+    resp
+}
+
+/// A JSON:API error in Klaviyo's shape.
+fn klaviyo_error(status: StatusCode, code: &str, title: &str, detail: &str) -> Response<ProxyBody> {
+    json_response(
+        status,
+        &json!({"errors": [{
+            "id": format!("{:032x}", fastrand::u128(..)),
+            "status": status.as_u16(),
+            "code": code,
+            "title": title,
+            "detail": detail,
+            "source": {"pointer": "/data/"},
+            "links": {},
+            "meta": {},
+        }]}),
+    )
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    let resp = respond(&state, req).await;
+    if !state.options.latency.is_zero() {
+        tokio::time::sleep(state.options.latency).await;
+    }
+    Ok(resp)
+}
+
+async fn respond(state: &State, req: Request<Incoming>) -> Response<ProxyBody> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let path = parts.uri.path().to_string();
+    if path == "/__sim/stats" {
+        return json_response(StatusCode::OK, &serde_json::to_value(state.stats()).unwrap_or_default());
+    }
+    if !(path.starts_with("/api/") || path.starts_with("/client/")) {
+        return klaviyo_error(StatusCode::NOT_FOUND, "not_found", "Not found.", "No such path.");
+    }
+    {
+        let mut totals = lock(&state.totals);
+        totals.0 += 1;
+    }
+    let Some(revision) = parts.headers.get("revision").and_then(|v| v.to_str().ok()) else {
+        return klaviyo_error(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "Invalid input.",
+            "Missing required header `revision`.",
+        );
+    };
+    let Some(op) = catalog::find(parts.method.as_str(), &path, is_beta_revision(revision)) else {
+        return klaviyo_error(StatusCode::NOT_FOUND, "not_found", "Not found.", "No such endpoint.");
+    };
+    let params: Vec<(String, String)> =
+        form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes()).into_owned().collect();
+    let account = if op.is_client() {
+        match params.iter().find(|(k, _)| k == "company_id") {
+            Some((_, id)) if !id.is_empty() => account_alias(id),
+            _ => return klaviyo_error(StatusCode::BAD_REQUEST, "invalid", "Invalid input.", "Missing `company_id`."),
+        }
+    } else {
+        match parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+            Some(a) if a.starts_with("Klaviyo-API-Key ") || a.starts_with("Bearer ") => account_alias(a),
+            _ => {
+                return klaviyo_error(
+                    StatusCode::UNAUTHORIZED,
+                    "not_authenticated",
+                    "Authentication credentials were not provided.",
+                    "Missing or invalid private key.",
+                )
+            }
+        }
+    };
+    let conditions: Vec<usize> = op
+        .conditions
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| params.iter().any(|(k, v)| c.matches(k, v)))
+        .map(|(i, _)| i)
+        .collect();
+    match state.admit(&account, op, &conditions) {
+        Err(wait) => {
+            lock(&state.totals).1 += 1;
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            let mut resp = klaviyo_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "throttled",
+                "Request was throttled.",
+                &format!(
+                    "Request was throttled. Expected available in {secs} second{}.",
+                    if secs == 1 { "" } else { "s" }
+                ),
+            );
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            resp
+        }
+        Ok((limit, remaining, reset)) => {
+            let mut resp = success(op, &parts.method, &path, &body);
+            let h = resp.headers_mut();
+            h.insert("ratelimit-limit", HeaderValue::from(limit));
+            h.insert("ratelimit-remaining", HeaderValue::from(remaining));
+            h.insert("ratelimit-reset", HeaderValue::from(reset));
+            resp
+        }
+    }
+}
+
+/// A plausible JSON:API answer for a successful request.
+fn success(op: &Operation, method: &Method, path: &str, body: &[u8]) -> Response<ProxyBody> {
+    let resource = op.path.split('/').nth(2).unwrap_or("resource");
+    let kind = resource.strip_suffix('s').unwrap_or(resource).to_string();
+    let id_in_path =
+        op.path.ends_with("{id}").then(|| path.trim_end_matches('/').rsplit('/').next().unwrap_or_default());
+    let self_link = format!("https://a.klaviyo.com{path}");
+    if op.id == "get_accounts" {
+        return json_response(
+            StatusCode::OK,
+            &json!({"data": [{"type": "account", "id": "SimAcct1", "attributes": {
+                "contact_information": {"organization_name": "Simulated Account", "default_sender_email": "sim@example.com"},
+                "industry": "Software", "timezone": "UTC", "preferred_currency": "USD", "public_api_key": "SimAcct1"},
+                "links": {"self": self_link}}], "links": {"self": self_link, "next": null, "prev": null}}),
+        );
+    }
+    if op.id == "create_event" || op.path.starts_with("/client/") {
+        let mut resp = Response::new(full(Bytes::new()));
+        *resp.status_mut() = StatusCode::ACCEPTED;
+        return resp;
+    }
+    let attributes =
+        serde_json::from_slice::<Value>(body).ok().and_then(|v| v["data"]["attributes"].as_object().cloned());
+    match *method {
+        Method::GET => match id_in_path {
+            Some(id) => json_response(
+                StatusCode::OK,
+                &json!({"data": {"type": kind, "id": id, "attributes": {}, "links": {"self": self_link}}, "links": {"self": self_link}}),
+            ),
+            None => json_response(
+                StatusCode::OK,
+                &json!({"data": [], "links": {"self": self_link, "next": null, "prev": null}}),
+            ),
+        },
+        Method::DELETE => {
+            let mut resp = Response::new(full(Bytes::new()));
+            *resp.status_mut() = StatusCode::NO_CONTENT;
+            resp
+        }
+        _ => {
+            let id = id_in_path.map_or_else(|| format!("{:026X}", fastrand::u128(..) >> 24), str::to_string);
+            let status = if *method == Method::POST { StatusCode::CREATED } else { StatusCode::OK };
+            json_response(
+                status,
+                &json!({"data": {"type": kind, "id": id, "attributes": attributes.unwrap_or_default(), "links": {"self": self_link}}}),
+            )
+        }
+    }
+}

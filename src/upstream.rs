@@ -1,0 +1,212 @@
+//! The connection to Klaviyo: a pooled hyper client over rustls (ring, webpki roots
+//! plus an optional extra CA), HTTP/1.1 and HTTP/2 by ALPN, and the header rules.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{request, Request, Response, Uri};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::RootCertStore;
+use rustls_pki_types::{pem::PemObject, CertificateDer};
+
+use crate::config::UpstreamConfig;
+
+/// Why the upstream client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    /// The extra CA file is unreadable or holds no certificate.
+    #[error("upstream.ca_file {path}: {message}")]
+    CaFile {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS setup: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Why a request got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Connecting, TLS or the exchange failed.
+    #[error("upstream connection failed")]
+    Connect(#[source] hyper_util::client::legacy::Error),
+    /// No response head within the request timeout.
+    #[error("upstream timed out")]
+    Timeout(Duration),
+}
+
+/// Headers that belong to one hop and never cross the proxy (RFC 9110 §7.6.1), plus
+/// the proxy's own request headers.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Request header with which a client shortens its maximum queue wait.
+pub const MAX_WAIT_HEADER: &str = "x-proxy-max-wait-ms";
+
+/// Removes hop-by-hop headers, including any the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+/// The pooled client for the one configured upstream.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    request_timeout: Duration,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Upstream({}://{})", self.scheme, self.authority)
+    }
+}
+
+/// The rustls client config: ring provider, webpki roots plus the extra CA file.
+pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, TlsSetupError> {
+    let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    if let Some(path) = ca_file {
+        let err = |message: String| TlsSetupError::CaFile { path: path.display().to_string(), message };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| err(e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| err(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(err("no PEM certificate found".into()));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| err(e.to_string()))?;
+        }
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+impl Upstream {
+    /// Builds the client for `config.url`.
+    pub fn new(config: &UpstreamConfig) -> Result<Self, TlsSetupError> {
+        let tls = tls_config(config.ca_file.as_deref())?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_millis(config.connect_timeout_ms)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_millis(config.pool_idle_timeout_ms))
+            .pool_max_idle_per_host(config.pool_max_idle_per_host)
+            .build(https);
+        let uri = config.url.uri();
+        Ok(Upstream {
+            client,
+            scheme: uri.scheme().cloned().unwrap_or(http::uri::Scheme::HTTPS),
+            authority: uri.authority().cloned().expect("validated upstream URL has a host"),
+            request_timeout: Duration::from_millis(config.request_timeout_ms),
+        })
+    }
+
+    /// Whether an absolute-form request target names this upstream.
+    pub fn is_upstream(&self, uri: &Uri) -> bool {
+        uri.authority().is_none_or(|a| {
+            a.host().eq_ignore_ascii_case(self.authority.host()) && a.port_u16() == self.authority.port_u16()
+        })
+    }
+
+    /// Sends one request. `parts` are the client's (headers already cleaned); the
+    /// target becomes the upstream's scheme and authority with the client's path and query.
+    pub async fn send(&self, parts: &request::Parts, body: Bytes) -> Result<Response<Incoming>, UpstreamError> {
+        let path_and_query =
+            parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let uri = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .expect("scheme, authority and path are valid");
+        let mut req =
+            Request::builder().method(parts.method.clone()).uri(uri).body(Full::new(body)).expect("valid request");
+        *req.headers_mut() = parts.headers.clone();
+        match tokio::time::timeout(self.request_timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(UpstreamError::Connect(e)),
+            Err(_) => Err(UpstreamError::Timeout(self.request_timeout)),
+        }
+    }
+}
+
+/// Prepares the client's headers for the upstream: drops hop-by-hop and proxy-only
+/// headers and `Host` (set from the upstream URL), fixes `Content-Length` to the
+/// buffered body, adds `revision` when missing.
+pub fn outbound_headers(headers: &mut HeaderMap, revision: &str) {
+    strip_hop_by_hop(headers);
+    headers.remove(header::HOST);
+    headers.remove(header::CONTENT_LENGTH);
+    headers.remove(MAX_WAIT_HEADER);
+    if !headers.contains_key("revision") {
+        headers.insert("revision", HeaderValue::from_str(revision).expect("validated revision"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_named() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Bearer t"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("accept", HeaderValue::from_static("application/json"));
+        h.insert("host", HeaderValue::from_static("localhost:8080"));
+        h.insert(MAX_WAIT_HEADER, HeaderValue::from_static("10"));
+        outbound_headers(&mut h, "2026-07-15");
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["accept", "revision"]);
+        let mut h = HeaderMap::new();
+        h.insert("revision", HeaderValue::from_static("2025-01-15"));
+        outbound_headers(&mut h, "2026-07-15");
+        assert_eq!(h["revision"], "2025-01-15");
+    }
+}
