@@ -7,12 +7,14 @@
 #![warn(missing_docs)]
 
 pub mod body;
+pub mod breaker;
 pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod limiter;
 pub mod proxy;
 pub mod queue;
+pub mod retry;
 pub mod route;
 pub mod server;
 pub mod sim;

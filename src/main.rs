@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use klaviyo_proxy::catalog;
 use klaviyo_proxy::config::{Config, LogFormat, UpstreamUrl};
-use klaviyo_proxy::sim::{SimOptions, Simulator};
+use klaviyo_proxy::sim::{Faults, Outage, SimOptions, Simulator};
 use klaviyo_proxy::App;
 use tokio::net::TcpListener;
 
@@ -64,7 +64,62 @@ enum Command {
         /// Lift every limit.
         #[arg(long)]
         unlimited: bool,
+        /// Faults at start; change them at run time with `POST /__sim/faults`.
+        #[command(flatten)]
+        faults: FaultArgs,
     },
+}
+
+/// `simulate` fault flags (see `klaviyo_proxy::sim::Faults`).
+#[derive(clap::Args)]
+struct FaultArgs {
+    /// Share of API requests answered with a 5xx, 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// Statuses the 5xx errors are drawn from.
+    #[arg(long, value_delimiter = ',', default_value = "500,502,503,504")]
+    error_statuses: Vec<u16>,
+    /// An outage from the start: none, unavailable (503s), reset or refused.
+    #[arg(long, default_value = "none")]
+    outage: String,
+    /// "Another consumer": every request gets 429 for this many ms from the start.
+    #[arg(long, default_value_t = 0)]
+    throttle_for_ms: u64,
+    /// Share of requests answered 429 at random.
+    #[arg(long, default_value_t = 0.0)]
+    throttle_rate: f64,
+    /// Raw `Retry-After` value of fault 429s (e.g. 0, -1, soon, an HTTP-date).
+    #[arg(long)]
+    retry_after: Option<String>,
+    /// Share of responses delayed by --slow-ms.
+    #[arg(long, default_value_t = 0.0)]
+    slow_rate: f64,
+    /// Delay of a slow response, in ms.
+    #[arg(long, default_value_t = 0)]
+    slow_ms: u64,
+}
+
+impl FaultArgs {
+    fn faults(self) -> Result<Faults> {
+        let outage = match self.outage.as_str() {
+            "none" => Outage::None,
+            "unavailable" => Outage::Unavailable,
+            "reset" => Outage::Reset,
+            "refused" => Outage::Refused,
+            other => anyhow::bail!("--outage {other}: expected none, unavailable, reset or refused"),
+        };
+        Ok(Faults {
+            error_rate: self.error_rate,
+            error_statuses: self.error_statuses,
+            latency_ms: 0,
+            outage,
+            throttle_for_ms: self.throttle_for_ms,
+            throttle_rate: self.throttle_rate,
+            retry_after: self.retry_after,
+            slow_rate: self.slow_rate,
+            slow_ms: self.slow_ms,
+        })
+    }
 }
 
 fn env(name: &str) -> Option<String> {
@@ -134,10 +189,11 @@ async fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Simulate { listen, seed, tls, ca_out, latency_ms, unlimited } => {
+        Command::Simulate { listen, seed, tls, ca_out, latency_ms, unlimited, faults } => {
             init_logs("info", LogFormat::Human);
             let listener = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
-            let options = SimOptions { seed, tls, latency: Duration::from_millis(latency_ms), unlimited };
+            let faults = faults.faults()?;
+            let options = SimOptions { seed, tls, latency: Duration::from_millis(latency_ms), unlimited, faults };
             let sim = Simulator::start(listener, options)?;
             if let (Some(path), Some(pem)) = (&ca_out, &sim.ca_pem) {
                 std::fs::write(path, pem).with_context(|| format!("write {}", path.display()))?;

@@ -12,7 +12,21 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+
+/// Whether a gated server takes connections (the simulator's outage faults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Gate {
+    /// Serve normally.
+    #[default]
+    Open,
+    /// Reset every connection: open ones are dropped, new ones get a TCP RST at once.
+    Reset,
+    /// Close the listening socket, so connecting is refused; open connections are
+    /// dropped. The same address is bound again when the gate opens.
+    Refuse,
+}
 
 /// Limits applied to every client connection.
 #[derive(Debug, Clone, Copy)]
@@ -50,6 +64,39 @@ pub async fn serve<S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let (_open, gate) = watch::channel(Gate::Open);
+    serve_gated(listener, tls, limits, service, shutdown, gate).await;
+}
+
+/// Waits until the gate leaves `Open` (or its sender is gone, which never closes it).
+async fn gate_closes(mut gate: watch::Receiver<Gate>) {
+    if gate.wait_for(|g| *g != Gate::Open).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Waits for the gate to change; a gate whose sender is gone never changes again.
+async fn gate_changed(gate: &mut watch::Receiver<Gate>) {
+    if gate.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// [`serve`] with a [`Gate`] that can reset or refuse connections at run time.
+pub async fn serve_gated<S, B>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    limits: ConnLimits,
+    service: S,
+    shutdown: impl Future<Output = ()>,
+    mut gate: watch::Receiver<Gate>,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -59,9 +106,31 @@ pub async fn serve<S, B>(
     builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
+    let addr = listener.local_addr().ok();
+    let mut listener = Some(listener);
     loop {
+        let current = *gate.borrow_and_update();
+        match (current, &listener, addr) {
+            (Gate::Refuse, Some(_), _) => listener = None,
+            (Gate::Open | Gate::Reset, None, Some(addr)) => match TcpListener::bind(addr).await {
+                Ok(l) => listener = Some(l),
+                Err(e) => {
+                    tracing::warn!(error = %e, "rebinding the listener failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ => {}
+        }
+        let Some(bound) = &listener else {
+            tokio::select! {
+                () = gate_changed(&mut gate) => continue,
+                () = &mut shutdown => break,
+            }
+        };
         let (stream, _peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
+            () = gate_changed(&mut gate) => continue,
+            accepted = bound.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -72,23 +141,36 @@ pub async fn serve<S, B>(
             },
             () = &mut shutdown => break,
         };
+        if current == Gate::Reset {
+            let _ = stream.set_zero_linger();
+            drop(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
+        let closes = gate_closes(gate.clone());
         let service = service.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let result = match tls {
-                Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(stream) => {
-                        watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "TLS handshake failed");
-                        return;
-                    }
-                },
-                None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await,
+            let serve = async move {
+                match tls {
+                    Some(acceptor) => match acceptor.accept(stream).await {
+                        Ok(stream) => {
+                            watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            Ok(())
+                        }
+                    },
+                    None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await,
+                }
+            };
+            // An outage drops open connections mid-request, as a crashed upstream would.
+            let result = tokio::select! {
+                result = serve => result,
+                () = closes => return,
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");

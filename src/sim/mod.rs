@@ -8,6 +8,7 @@
 //! proxy: per bucket, requests, 429s, the most requests seen in one of its fixed
 //! windows and the most seen in any sliding interval of each window's length.
 
+pub mod faults;
 mod tls;
 
 use std::collections::{HashMap, VecDeque};
@@ -23,14 +24,16 @@ use hyper::body::Incoming;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::body::{full, ProxyBody};
 use crate::catalog::{self, Operation};
 use crate::config::is_beta_revision;
-use crate::server::{self, ConnLimits};
+use crate::server::{self, ConnLimits, Gate};
+
+pub use faults::{Faults, Outage};
 
 /// How to run the simulator.
 #[derive(Debug, Clone, Default)]
@@ -43,6 +46,8 @@ pub struct SimOptions {
     pub latency: Duration,
     /// Lift every limit (for measuring the proxy's overhead against a fast upstream).
     pub unlimited: bool,
+    /// Faults in force from the start ([`Simulator::set_faults`] changes them).
+    pub faults: Faults,
 }
 
 /// A short alias for a credential or company id, as the simulator's stats show it.
@@ -162,6 +167,30 @@ struct State {
     rng: Mutex<fastrand::Rng>,
     buckets: Mutex<HashMap<BucketKey, Bucket>>,
     totals: Mutex<(u64, u64)>,
+    /// The faults in force and when they were set.
+    faults: Mutex<(Faults, Instant)>,
+    gate: watch::Sender<Gate>,
+    /// Deliveries per event `unique_id` (Klaviyo deduplicates on it).
+    events: Mutex<HashMap<String, u32>>,
+    /// Per bucket, the end of the last `Retry-After` it announced, and how many
+    /// requests came before that end.
+    throttled_until: Mutex<HashMap<BucketKey, Instant>>,
+    early: Mutex<u64>,
+}
+
+/// The events the simulator accepted (`GET /__sim/events`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Default)]
+pub struct EventStats {
+    /// Distinct `unique_id`s accepted.
+    pub unique: u64,
+    /// Accepted deliveries, duplicates included.
+    pub deliveries: u64,
+    /// Deliveries of an id already seen (Klaviyo would drop them).
+    pub duplicates: u64,
+    /// Accepted events without a `unique_id`.
+    pub without_id: u64,
+    /// The ids, sorted.
+    pub ids: Vec<String>,
 }
 
 /// A running simulator.
@@ -190,20 +219,28 @@ impl Simulator {
         };
         let scheme = if options.tls { "https" } else { "http" };
         let seed = options.seed.unwrap_or_else(|| fastrand::u64(..));
+        options.faults.check().map_err(SimError::Faults)?;
+        let (gate, gate_rx) = watch::channel(options.faults.outage.gate());
         let state = Arc::new(State {
+            faults: Mutex::new((options.faults.clone(), Instant::now())),
             options,
             epoch: Instant::now(),
             rng: Mutex::new(fastrand::Rng::with_seed(seed)),
             buckets: Mutex::new(HashMap::new()),
             totals: Mutex::new((0, 0)),
+            gate,
+            events: Mutex::new(HashMap::new()),
+            throttled_until: Mutex::new(HashMap::new()),
+            early: Mutex::new(0),
         });
         let (stop, stopped) = oneshot::channel::<()>();
         let svc_state = state.clone();
         let service = hyper::service::service_fn(move |req| handle(svc_state.clone(), req));
         let limits = ConnLimits { drain_timeout: Duration::from_secs(1), ..ConnLimits::default() };
-        let task = tokio::spawn(server::serve(listener, acceptor, limits, service, async {
+        let stopped = async {
             let _ = stopped.await;
-        }));
+        };
+        let task = tokio::spawn(server::serve_gated(listener, acceptor, limits, service, stopped, gate_rx));
         Ok(Simulator {
             addr,
             url: format!("{scheme}://127.0.0.1:{}", addr.port()),
@@ -217,6 +254,27 @@ impl Simulator {
     /// What it has seen so far.
     pub fn stats(&self) -> Stats {
         self.state.stats()
+    }
+
+    /// Replaces the faults in force (what `POST /__sim/faults` does).
+    pub fn set_faults(&self, faults: Faults) -> Result<(), SimError> {
+        self.state.set_faults(faults).map_err(SimError::Faults)
+    }
+
+    /// The faults in force.
+    pub fn faults(&self) -> Faults {
+        lock(&self.state.faults).0.clone()
+    }
+
+    /// The events accepted so far.
+    pub fn events(&self) -> EventStats {
+        self.state.events()
+    }
+
+    /// Requests that arrived in a bucket before the end of a `Retry-After` the
+    /// simulator had announced for it.
+    pub fn early_requests(&self) -> u64 {
+        *lock(&self.state.early)
     }
 
     /// Stops serving and waits for open connections to close.
@@ -247,6 +305,9 @@ pub enum SimError {
     /// Certificate generation or TLS setup failed.
     #[error("simulator TLS: {0}")]
     Tls(String),
+    /// A fault setting is out of range.
+    #[error("simulator faults: {0}")]
+    Faults(String),
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -254,6 +315,46 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl State {
+    fn set_faults(&self, faults: Faults) -> Result<(), String> {
+        faults.check()?;
+        let gate = faults.outage.gate();
+        *lock(&self.faults) = (faults, Instant::now());
+        self.gate.send_replace(gate);
+        Ok(())
+    }
+
+    fn events(&self) -> EventStats {
+        let events = lock(&self.events);
+        let mut ids: Vec<String> = events.keys().filter(|k| !k.is_empty()).cloned().collect();
+        ids.sort();
+        let deliveries: u64 = events.iter().filter(|(k, _)| !k.is_empty()).map(|(_, n)| u64::from(*n)).sum();
+        EventStats {
+            unique: ids.len() as u64,
+            deliveries,
+            duplicates: deliveries - ids.len() as u64,
+            without_id: events.get("").map_or(0, |n| u64::from(*n)),
+            ids,
+        }
+    }
+
+    /// Counts a request that comes before its bucket's announced `Retry-After` end.
+    fn note_arrival(&self, keys: &[BucketKey], now: Instant) {
+        let until = lock(&self.throttled_until);
+        if keys.iter().any(|k| until.get(k).is_some_and(|t| now < *t)) {
+            *lock(&self.early) += 1;
+        }
+    }
+
+    fn note_retry_after(&self, keys: &[BucketKey], now: Instant, retry_after: Option<&str>) {
+        let Some(secs) = retry_after.and_then(|v| v.trim().parse::<u64>().ok()) else { return };
+        let end = now + Duration::from_secs(secs);
+        let mut until = lock(&self.throttled_until);
+        for k in keys {
+            let t = until.entry(k.clone()).or_insert(end);
+            *t = (*t).max(end);
+        }
+    }
+
     fn stats(&self) -> Stats {
         let (requests, throttled) = *lock(&self.totals);
         let mut buckets: Vec<BucketStats> = lock(&self.buckets)
@@ -365,19 +466,65 @@ fn klaviyo_error(status: StatusCode, code: &str, title: &str, detail: &str) -> R
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    let control = req.uri().path().starts_with("/__sim/");
     let resp = respond(&state, req).await;
-    if !state.options.latency.is_zero() {
-        tokio::time::sleep(state.options.latency).await;
+    // The work is done before the delay, so a response slower than the client's
+    // timeout still changed the state: the client cannot know whether it did.
+    let delay = if control { Duration::ZERO } else { state.options.latency + state.fault_delay() };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
     }
     Ok(resp)
+}
+
+impl State {
+    fn fault_delay(&self) -> Duration {
+        let faults = lock(&self.faults).0.clone();
+        faults.delay(&mut lock(&self.rng))
+    }
+
+    fn verdict(&self) -> faults::Verdict {
+        let (faults, set_at) = lock(&self.faults).clone();
+        faults.verdict(set_at.elapsed(), &mut lock(&self.rng))
+    }
+
+    fn record_event(&self, body: &[u8]) {
+        let id = serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| v["data"]["attributes"]["unique_id"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        *lock(&self.events).entry(id).or_insert(0) += 1;
+    }
+}
+
+async fn control(state: &State, method: &Method, path: &str, body: &[u8]) -> Response<ProxyBody> {
+    match (method.as_str(), path) {
+        ("GET", "/__sim/stats") => {
+            json_response(StatusCode::OK, &serde_json::to_value(state.stats()).unwrap_or_default())
+        }
+        ("GET", "/__sim/events") => {
+            json_response(StatusCode::OK, &serde_json::to_value(state.events()).unwrap_or_default())
+        }
+        ("GET", "/__sim/faults") => {
+            json_response(StatusCode::OK, &serde_json::to_value(&lock(&state.faults).0).unwrap_or_default())
+        }
+        ("POST" | "PUT", "/__sim/faults") => match serde_json::from_slice::<Faults>(body) {
+            Ok(faults) => match state.set_faults(faults.clone()) {
+                Ok(()) => json_response(StatusCode::OK, &serde_json::to_value(faults).unwrap_or_default()),
+                Err(e) => json_response(StatusCode::BAD_REQUEST, &json!({"error": e})),
+            },
+            Err(e) => json_response(StatusCode::BAD_REQUEST, &json!({"error": e.to_string()})),
+        },
+        _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "no such control endpoint"})),
+    }
 }
 
 async fn respond(state: &State, req: Request<Incoming>) -> Response<ProxyBody> {
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let path = parts.uri.path().to_string();
-    if path == "/__sim/stats" {
-        return json_response(StatusCode::OK, &serde_json::to_value(state.stats()).unwrap_or_default());
+    if path.starts_with("/__sim/") {
+        return control(state, &parts.method, &path, &body).await;
     }
     if !(path.starts_with("/api/") || path.starts_with("/client/")) {
         return klaviyo_error(StatusCode::NOT_FOUND, "not_found", "Not found.", "No such path.");
@@ -424,10 +571,36 @@ async fn respond(state: &State, req: Request<Incoming>) -> Response<ProxyBody> {
         .filter(|(_, c)| params.iter().any(|(k, v)| c.matches(k, v)))
         .map(|(i, _)| i)
         .collect();
+    let mut keys: Vec<BucketKey> = vec![(account.clone(), op.endpoint, None)];
+    keys.extend(conditions.iter().map(|&c| (account.clone(), op.endpoint, Some(c))));
+    let now = Instant::now();
+    state.note_arrival(&keys, now);
+    match state.verdict() {
+        faults::Verdict::Pass => {}
+        faults::Verdict::Error(status) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return klaviyo_error(status, "error", "A server error occurred.", "Simulated server error.");
+        }
+        faults::Verdict::Throttle(retry_after) => {
+            lock(&state.totals).1 += 1;
+            state.note_retry_after(&keys, now, retry_after.as_deref());
+            let mut resp = klaviyo_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "throttled",
+                "Request was throttled.",
+                "Request was throttled (the account's quota is spent by another consumer).",
+            );
+            if let Some(v) = retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            return resp;
+        }
+    }
     match state.admit(&account, op, &conditions) {
         Err(wait) => {
             lock(&state.totals).1 += 1;
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            state.note_retry_after(&keys, now, Some(&secs.to_string()));
             let mut resp = klaviyo_error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "throttled",
@@ -441,6 +614,9 @@ async fn respond(state: &State, req: Request<Incoming>) -> Response<ProxyBody> {
             resp
         }
         Ok((limit, remaining, reset)) => {
+            if op.id == "create_event" || op.id == "create_client_event" {
+                state.record_event(&body);
+            }
             let mut resp = success(op, &parts.method, &path, &body);
             let h = resp.headers_mut();
             h.insert("ratelimit-limit", HeaderValue::from(limit));

@@ -1,0 +1,162 @@
+//! Scripted faults: what the simulator does wrong, set by `simulate` flags at start and
+//! by `POST /__sim/faults` (the whole [`Faults`] as JSON) at run time.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::server::Gate;
+
+/// How the upstream is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outage {
+    /// Up.
+    #[default]
+    None,
+    /// Every API request is answered 503.
+    Unavailable,
+    /// Connections are reset: open ones dropped, new ones get a TCP RST.
+    Reset,
+    /// The listening socket is closed: connecting is refused.
+    Refused,
+}
+
+impl Outage {
+    /// The server gate this outage needs.
+    pub fn gate(self) -> Gate {
+        match self {
+            Outage::None | Outage::Unavailable => Gate::Open,
+            Outage::Reset => Gate::Reset,
+            Outage::Refused => Gate::Refuse,
+        }
+    }
+}
+
+/// The faults in force. Every field defaults to "no fault".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// Share of API requests, in [0, 1], answered with a 5xx (not counted against
+    /// the limits, nothing done).
+    pub error_rate: f64,
+    /// The statuses such an error is drawn from, uniformly.
+    pub error_statuses: Vec<u16>,
+    /// Added to every response, in milliseconds.
+    pub latency_ms: u64,
+    /// An outage.
+    pub outage: Outage,
+    /// "Another consumer": for this many milliseconds from when the faults are set,
+    /// the account's quota is spent elsewhere and every API request gets a 429 whose
+    /// `Retry-After` is the (integer, rounded up) time left.
+    pub throttle_for_ms: u64,
+    /// Share of API requests, in [0, 1], answered 429 at random (another consumer
+    /// spending part of the quota).
+    pub throttle_rate: f64,
+    /// The raw `Retry-After` of fault 429s instead of the computed one (`"0"`,
+    /// `"-1"`, `"soon"`, an HTTP-date, `""` for none), to test its parsing.
+    pub retry_after: Option<String>,
+    /// Share of API requests, in [0, 1], answered only after `slow_ms`.
+    pub slow_rate: f64,
+    /// The delay of a slow response, in milliseconds (set it past the proxy's timeout).
+    pub slow_ms: u64,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            error_rate: 0.0,
+            error_statuses: vec![500, 502, 503, 504],
+            latency_ms: 0,
+            outage: Outage::None,
+            throttle_for_ms: 0,
+            throttle_rate: 0.0,
+            retry_after: None,
+            slow_rate: 0.0,
+            slow_ms: 0,
+        }
+    }
+}
+
+/// What to do with one API request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Handle it normally.
+    Pass,
+    /// Answer with this 5xx.
+    Error(u16),
+    /// Answer 429 with this `Retry-After` value (`None`: no header).
+    Throttle(Option<String>),
+}
+
+impl Faults {
+    /// Checks the values a JSON body may get wrong.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, v) in
+            [("error_rate", self.error_rate), ("throttle_rate", self.throttle_rate), ("slow_rate", self.slow_rate)]
+        {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(format!("{name} must be between 0 and 1"));
+            }
+        }
+        if self.error_rate > 0.0 && self.error_statuses.is_empty() {
+            return Err("error_statuses must not be empty".into());
+        }
+        if let Some(bad) = self.error_statuses.iter().find(|s| !(500..=599).contains(*s)) {
+            return Err(format!("error status {bad} is not a 5xx"));
+        }
+        Ok(())
+    }
+
+    /// Decides the fate of one API request, `since_set` after these faults were set.
+    pub fn verdict(&self, since_set: Duration, rng: &mut fastrand::Rng) -> Verdict {
+        if self.outage == Outage::Unavailable {
+            return Verdict::Error(503);
+        }
+        let window = Duration::from_millis(self.throttle_for_ms);
+        if since_set < window {
+            let left = window - since_set;
+            let secs = left.as_micros().div_ceil(1_000_000) as u64;
+            return Verdict::Throttle(Some(self.retry_after.clone().unwrap_or_else(|| secs.to_string())));
+        }
+        if self.error_rate > 0.0 && rng.f64() < self.error_rate {
+            return Verdict::Error(self.error_statuses[rng.usize(..self.error_statuses.len())]);
+        }
+        if self.throttle_rate > 0.0 && rng.f64() < self.throttle_rate {
+            return Verdict::Throttle(Some(self.retry_after.clone().unwrap_or_else(|| "1".into())));
+        }
+        Verdict::Pass
+    }
+
+    /// The extra delay for one response.
+    pub fn delay(&self, rng: &mut fastrand::Rng) -> Duration {
+        let slow = self.slow_rate > 0.0 && rng.f64() < self.slow_rate;
+        Duration::from_millis(self.latency_ms + if slow { self.slow_ms } else { 0 })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts() {
+        let mut rng = fastrand::Rng::with_seed(1);
+        let none = Faults::default();
+        assert_eq!(none.verdict(Duration::ZERO, &mut rng), Verdict::Pass);
+        let down = Faults { outage: Outage::Unavailable, ..Faults::default() };
+        assert_eq!(down.verdict(Duration::ZERO, &mut rng), Verdict::Error(503));
+        let other = Faults { throttle_for_ms: 2500, ..Faults::default() };
+        assert_eq!(other.verdict(Duration::from_millis(400), &mut rng), Verdict::Throttle(Some("3".into())));
+        assert_eq!(other.verdict(Duration::from_millis(1600), &mut rng), Verdict::Throttle(Some("1".into())));
+        assert_eq!(other.verdict(Duration::from_millis(2500), &mut rng), Verdict::Pass);
+        let some = Faults { error_rate: 0.2, ..Faults::default() };
+        let errors = (0..10_000).filter(|_| some.verdict(Duration::ZERO, &mut rng) != Verdict::Pass).count();
+        assert!((1800..2200).contains(&errors), "{errors}");
+        let json: Faults = serde_json::from_str(r#"{"outage":"refused","retry_after":"soon"}"#).unwrap();
+        assert_eq!(json.outage.gate(), Gate::Refuse);
+        assert!(serde_json::from_str::<Faults>(r#"{"bogus":1}"#).is_err());
+        assert!(Faults { error_rate: 2.0, ..Faults::default() }.check().is_err());
+        assert!(Faults { error_statuses: vec![404], ..Faults::default() }.check().is_err());
+    }
+}
