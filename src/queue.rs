@@ -33,19 +33,47 @@ pub async fn wait_for_slot(
     operation: &'static str,
 ) -> Result<Duration, ProxyError> {
     let now = Instant::now();
-    let grant = store.reserve(demands, now, deadline, max_depth).map_err(|denied| match denied {
+    let grant = store.reserve(demands, now, deadline, max_depth).map_err(|denied| denied_error(denied, operation))?;
+    wait_for_grant(store, grant, deadline, operation).await?;
+    Ok(now.elapsed())
+}
+
+/// The client's answer when the limiter will not queue a request.
+pub fn denied_error(denied: Denied, operation: &'static str) -> ProxyError {
+    match denied {
         Denied::QueueFull { wait } => ProxyError::QueueFull { operation, retry_after: wait },
         Denied::Deadline { wait } => ProxyError::QueueTimeout { operation, retry_after: wait },
-    })?;
-    if !grant.is_queued() {
-        return Ok(Duration::ZERO);
     }
-    let at = grant.at;
+}
+
+/// Sleeps until a grant's slot, following it when an upstream 429 pauses the bucket
+/// and moves it; gives the grant back if the request is dropped, or if the moved slot
+/// is past `deadline` (then answering with the truthful wait).
+pub async fn wait_for_grant(
+    store: &LocalStore,
+    grant: Grant,
+    deadline: Instant,
+    operation: &'static str,
+) -> Result<(), ProxyError> {
+    if !grant.is_queued() {
+        return Ok(());
+    }
     let mut guard = CancelOnDrop { store, grant: Some(grant) };
-    tokio::time::sleep_until(at).await;
-    let grant = guard.grant.take().expect("grant held until the slot");
-    store.start(&grant);
-    Ok(now.elapsed())
+    let grant = guard.grant.as_ref().expect("grant held until the slot");
+    let mut at = grant.at;
+    loop {
+        if at > deadline {
+            let retry_after = at.saturating_duration_since(Instant::now());
+            return Err(ProxyError::QueueTimeout { operation, retry_after });
+        }
+        tokio::time::sleep_until(at).await;
+        match store.try_start(grant, Instant::now()) {
+            Ok(()) => break,
+            Err(moved) => at = moved,
+        }
+    }
+    guard.grant = None;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -88,5 +116,74 @@ mod tests {
         // The next request takes the slot the dropped one had reserved.
         wait_for_slot(&store, &d, deadline, 10, "op").await.unwrap();
         assert_eq!(start.elapsed(), Duration::from_secs(1));
+    }
+
+    /// An upstream 429 at 0.5 s pauses the bucket until 3 s: no request of the bucket
+    /// starts before 3 s, the one that met the 429 goes first, the queue keeps its
+    /// order, and no window ever holds more than its limit.
+    #[tokio::test(start_paused = true)]
+    async fn pause_holds_every_queued_request_and_keeps_order() {
+        let store = std::sync::Arc::new(LocalStore::new());
+        let d = demand();
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_secs(60);
+        let starts = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        // The first request leaves at once and meets the 429.
+        wait_for_slot(&store, &d, deadline, 10, "op").await.unwrap();
+        let mut tasks = Vec::new();
+        for n in 1..=4u32 {
+            let (store, starts, d) = (store.clone(), starts.clone(), d);
+            tasks.push(tokio::spawn(async move {
+                wait_for_slot(&store, &d, deadline, 10, "op").await.unwrap();
+                starts.lock().unwrap().push((n, Instant::now()));
+            }));
+            tokio::task::yield_now().await;
+        }
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let until = t0 + Duration::from_secs(3);
+        let head = store.pause_and_requeue(&d, until, Instant::now(), deadline).unwrap();
+        let head_task = {
+            let (store, starts) = (store.clone(), starts.clone());
+            tokio::spawn(async move {
+                wait_for_grant(&store, head, deadline, "op").await.unwrap();
+                starts.lock().unwrap().push((0, Instant::now()));
+            })
+        };
+        for t in tasks {
+            t.await.unwrap();
+        }
+        head_task.await.unwrap();
+        let starts = starts.lock().unwrap().clone();
+        let order: Vec<u32> = starts.iter().map(|(n, _)| *n).collect();
+        assert_eq!(order, [0, 1, 2, 3, 4]);
+        let secs: Vec<u64> = starts.iter().map(|(_, at)| at.duration_since(t0).as_secs()).collect();
+        assert_eq!(secs, [3, 4, 5, 6, 7], "one per second, none before the pause ends");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn moved_past_deadline_is_refused_truthfully() {
+        let store = LocalStore::new();
+        let d = demand();
+        let t0 = Instant::now();
+        wait_for_slot(&store, &d, t0 + Duration::from_secs(60), 10, "op").await.unwrap();
+        let short = t0 + Duration::from_secs(2);
+        let waiter = wait_for_slot(&store, &d, short, 10, "op");
+        tokio::pin!(waiter);
+        assert!(futures_poll(&mut waiter).await.is_none());
+        store.pause_and_requeue(&d, t0 + Duration::from_secs(10), t0, t0 + Duration::from_secs(60)).unwrap();
+        let err = waiter.await.unwrap_err();
+        assert_eq!(err.code(), "proxy_queue_timeout");
+        // Told at its old slot (1 s) to come back when its new slot (11 s) comes.
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(10)));
+        assert_eq!(store.queued(&d[0].key), 1, "only the requeued head is left");
+    }
+
+    /// Polls a future once.
+    async fn futures_poll<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+        tokio::select! {
+            biased;
+            out = f => Some(out),
+            () = std::future::ready(()) => None,
+        }
     }
 }

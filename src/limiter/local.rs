@@ -1,7 +1,15 @@
 //! The in-process bucket store: a concurrent map of buckets, each behind its own lock.
 //! Requests reserve their slot at arrival (the FIFO queue is the sequence of
 //! reservations), so the admission time of a queued request is known at once.
+//!
+//! An upstream 429 pauses buckets ([`LocalStore::pause_and_requeue`]): nothing of the
+//! bucket leaves before the pause ends. Queued requests hold a shared slot that the
+//! pause moves: every waiter of a paused bucket is booked again, in its original order,
+//! from the end of the pause on, and a waiter that wakes at its old slot finds the new
+//! one and sleeps again ([`LocalStore::try_start`]).
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -11,11 +19,21 @@ use tokio::time::Instant;
 use super::window::{earliest_all, Tick, WindowLog};
 use super::{ticks, BucketKey, Demand, Denied};
 
+/// A queued reservation's slot, shared between its waiter and the buckets it holds,
+/// so a pause can move it.
+#[derive(Debug)]
+struct Waiter {
+    /// The current slot; moves only later, and only under the locks of every bucket
+    /// in `demands`.
+    tick: AtomicU64,
+    demands: Vec<Demand>,
+}
+
 #[derive(Debug, Default)]
 struct Bucket {
     logs: [WindowLog; 3],
-    /// Reservations not yet started (queued requests).
-    queued: u32,
+    /// Reservations not yet started (queued requests), by arrival order.
+    waiting: BTreeMap<u64, Arc<Waiter>>,
     /// Nothing leaves before this tick (an upstream `Retry-After`).
     paused_until: Tick,
     /// After this tick the bucket holds nothing that matters and may be dropped.
@@ -24,21 +42,39 @@ struct Bucket {
     removed: bool,
 }
 
+impl Bucket {
+    fn take(&mut self, d: &Demand, t: Tick) {
+        let windows = d.windows.as_slice();
+        for log in &mut self.logs[..windows.len()] {
+            log.record(t);
+        }
+        let longest = windows.iter().map(|w| w.period).max().unwrap_or(0);
+        self.expires = self.expires.max(t.saturating_add(longest)).max(self.paused_until);
+    }
+
+    fn give_back(&mut self, t: Tick) {
+        for log in &mut self.logs {
+            log.remove(t);
+        }
+    }
+}
+
 /// A reservation: the request may leave at `at`. Hand it back with
-/// [`LocalStore::start`] when the request goes, or [`LocalStore::cancel`] if it never does.
+/// [`LocalStore::try_start`] when the request goes, or [`LocalStore::cancel`] if it never does.
 #[derive(Debug, Clone)]
 pub struct Grant {
-    /// When the request may leave.
+    /// When the request may leave (as booked; a pause may move a queued grant later,
+    /// see [`LocalStore::slot`]).
     pub at: Instant,
     tick: Tick,
     keys: Vec<BucketKey>,
-    queued: bool,
+    waiter: Option<(u64, Arc<Waiter>)>,
 }
 
 impl Grant {
     /// Whether the request has to wait for its slot.
     pub fn is_queued(&self) -> bool {
-        self.queued
+        self.waiter.is_some()
     }
 }
 
@@ -47,6 +83,8 @@ impl Grant {
 pub struct LocalStore {
     epoch: Instant,
     buckets: DashMap<BucketKey, Arc<Mutex<Bucket>>>,
+    /// Arrival order of queued reservations.
+    seq: AtomicU64,
 }
 
 impl Default for LocalStore {
@@ -62,7 +100,7 @@ fn lock(b: &Mutex<Bucket>) -> MutexGuard<'_, Bucket> {
 impl LocalStore {
     /// An empty store whose clock starts now.
     pub fn new() -> Self {
-        LocalStore { epoch: Instant::now(), buckets: DashMap::new() }
+        LocalStore { epoch: Instant::now(), buckets: DashMap::new(), seq: AtomicU64::new(0) }
     }
 
     fn tick(&self, at: Instant) -> Tick {
@@ -71,6 +109,20 @@ impl LocalStore {
 
     fn instant(&self, tick: Tick) -> Instant {
         self.epoch + Duration::from_micros(tick)
+    }
+
+    /// Locks the buckets of `keys` (sorted, deduplicated) in that order, creating the
+    /// missing ones; looks again if the sweeper removed one meanwhile.
+    fn with_locked<T>(&self, keys: &[BucketKey], f: impl FnOnce(&mut [MutexGuard<'_, Bucket>]) -> T) -> T {
+        loop {
+            let handles: Vec<Arc<Mutex<Bucket>>> =
+                keys.iter().map(|k| self.buckets.entry(*k).or_default().clone()).collect();
+            let mut guards: Vec<MutexGuard<'_, Bucket>> = handles.iter().map(|h| lock(h)).collect();
+            if guards.iter().any(|g| g.removed) {
+                continue;
+            }
+            return f(&mut guards);
+        }
     }
 
     /// Reserves one token in every window of every demanded bucket at the earliest
@@ -83,63 +135,64 @@ impl LocalStore {
         deadline: Instant,
         max_depth: u32,
     ) -> Result<Grant, Denied> {
-        let mut demands: Vec<&Demand> = demands.iter().collect();
+        let mut demands: Vec<Demand> = demands.to_vec();
         // A fixed lock order keeps two multi-bucket requests from deadlocking.
         demands.sort_by_key(|d| d.key);
         demands.dedup_by_key(|d| d.key);
-        loop {
-            let handles: Vec<Arc<Mutex<Bucket>>> =
-                demands.iter().map(|d| self.buckets.entry(d.key).or_default().clone()).collect();
-            let mut guards: Vec<MutexGuard<'_, Bucket>> = handles.iter().map(|h| lock(h)).collect();
-            if guards.iter().any(|g| g.removed) {
-                continue;
+        let keys: Vec<BucketKey> = demands.iter().map(|d| d.key).collect();
+        self.with_locked(&keys, |guards| {
+            let now_t = self.tick(now);
+            let idx: Vec<usize> = (0..guards.len()).collect();
+            let t = self.earliest(&demands, guards, &idx, now_t);
+            let queued = t > now_t;
+            if queued {
+                let wait = Duration::from_micros(t - now_t);
+                if guards.iter().any(|b| b.waiting.len() >= max_depth as usize) {
+                    return Err(Denied::QueueFull { wait });
+                }
+                if self.instant(t) > deadline {
+                    return Err(Denied::Deadline { wait });
+                }
             }
-            return self.decide(&demands, &mut guards, now, deadline, max_depth);
-        }
+            Ok(self.book(&demands, guards, &idx, t, queued))
+        })
     }
 
-    fn decide(
-        &self,
-        demands: &[&Demand],
-        buckets: &mut [MutexGuard<'_, Bucket>],
-        now: Instant,
-        deadline: Instant,
-        max_depth: u32,
-    ) -> Result<Grant, Denied> {
-        let now_t = self.tick(now);
-        for (d, b) in demands.iter().zip(buckets.iter_mut()) {
-            for (log, spec) in b.logs.iter_mut().zip(d.windows.as_slice()) {
+    /// The earliest tick at or after `now_t` (and every pause) at which the demands,
+    /// whose buckets are `guards[idx[i]]`, all have a token.
+    fn earliest(&self, demands: &[Demand], guards: &mut [MutexGuard<'_, Bucket>], idx: &[usize], now_t: Tick) -> Tick {
+        for (d, &i) in demands.iter().zip(idx) {
+            for (log, spec) in guards[i].logs.iter_mut().zip(d.windows.as_slice()) {
                 log.prune(now_t, spec.period);
             }
         }
-        let pauses = buckets.iter().map(|b| b.paused_until).max().unwrap_or(0);
-        let t = earliest_all(
+        let pauses = idx.iter().map(|&i| guards[i].paused_until).max().unwrap_or(0);
+        let guards: &[MutexGuard<'_, Bucket>] = guards;
+        earliest_all(
             now_t.max(pauses),
-            demands
-                .iter()
-                .zip(buckets.iter())
-                .flat_map(|(d, b)| b.logs.iter().zip(d.windows.as_slice().iter().copied())),
-        );
-        let queued = t > now_t;
-        if queued {
-            let wait = Duration::from_micros(t - now_t);
-            if buckets.iter().any(|b| b.queued >= max_depth) {
-                return Err(Denied::QueueFull { wait });
-            }
-            if self.instant(t) > deadline {
-                return Err(Denied::Deadline { wait });
+            demands.iter().zip(idx).flat_map(|(d, &i)| guards[i].logs.iter().zip(d.windows.as_slice().iter().copied())),
+        )
+    }
+
+    fn book(
+        &self,
+        demands: &[Demand],
+        guards: &mut [MutexGuard<'_, Bucket>],
+        idx: &[usize],
+        t: Tick,
+        queued: bool,
+    ) -> Grant {
+        let waiter = queued.then(|| {
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+            (seq, Arc::new(Waiter { tick: AtomicU64::new(t), demands: demands.to_vec() }))
+        });
+        for (d, &i) in demands.iter().zip(idx) {
+            guards[i].take(d, t);
+            if let Some((seq, w)) = &waiter {
+                guards[i].waiting.insert(*seq, w.clone());
             }
         }
-        for (d, b) in demands.iter().zip(buckets.iter_mut()) {
-            let windows = d.windows.as_slice();
-            for log in &mut b.logs[..windows.len()] {
-                log.record(t);
-            }
-            let longest = windows.iter().map(|w| w.period).max().unwrap_or(0);
-            b.expires = b.expires.max(t.saturating_add(longest));
-            b.queued += u32::from(queued);
-        }
-        Ok(Grant { at: self.instant(t), tick: t, keys: demands.iter().map(|d| d.key).collect(), queued })
+        Grant { at: self.instant(t), tick: t, keys: demands.iter().map(|d| d.key).collect(), waiter }
     }
 
     fn each_bucket(&self, keys: &[BucketKey], mut f: impl FnMut(&mut Bucket)) {
@@ -151,29 +204,166 @@ impl LocalStore {
         }
     }
 
-    /// Marks a queued reservation as started: it leaves the queue, keeps its tokens.
+    /// The grant's current slot (later than [`Grant::at`] when a pause moved it).
+    pub fn slot(&self, grant: &Grant) -> Instant {
+        match &grant.waiter {
+            Some((_, w)) => self.instant(w.tick.load(Ordering::Acquire)),
+            None => grant.at,
+        }
+    }
+
+    /// Starts a reservation whose slot has come: it leaves the queue and keeps its
+    /// tokens. `Err(slot)` when a pause has moved the slot past `now`: wait until then
+    /// and try again.
+    pub fn try_start(&self, grant: &Grant, now: Instant) -> Result<(), Instant> {
+        let Some((seq, waiter)) = &grant.waiter else { return Ok(()) };
+        let now_t = self.tick(now);
+        self.with_locked(&grant.keys, |guards| {
+            let t = waiter.tick.load(Ordering::Acquire);
+            if t > now_t {
+                return Err(self.instant(t));
+            }
+            for g in guards.iter_mut() {
+                g.waiting.remove(seq);
+            }
+            Ok(())
+        })
+    }
+
+    /// Marks a queued reservation as started without checking its slot.
     pub fn start(&self, grant: &Grant) {
-        if grant.queued {
-            self.each_bucket(&grant.keys, |b| b.queued = b.queued.saturating_sub(1));
+        if let Some((seq, _)) = &grant.waiter {
+            self.each_bucket(&grant.keys, |b| {
+                b.waiting.remove(seq);
+            });
         }
     }
 
     /// Gives a reservation's tokens back (the request never left).
     pub fn cancel(&self, grant: &Grant) {
-        self.each_bucket(&grant.keys, |b| {
-            for log in &mut b.logs {
-                log.remove(grant.tick);
+        match &grant.waiter {
+            None => self.each_bucket(&grant.keys, |b| b.give_back(grant.tick)),
+            Some((seq, waiter)) => self.with_locked(&grant.keys, |guards| {
+                let t = waiter.tick.load(Ordering::Acquire);
+                for g in guards.iter_mut() {
+                    // Only a grant still waiting holds tokens here; a started one has left.
+                    if g.waiting.remove(seq).is_some() {
+                        g.give_back(t);
+                    }
+                }
+            }),
+        }
+    }
+
+    /// Pauses every demanded bucket until `until` (an upstream 429's `Retry-After`) and
+    /// books the request that met the 429 again at the head of the queue: first after
+    /// the pause, before every request already queued in those buckets, which are
+    /// booked again behind it in their original order. No request of a paused bucket
+    /// leaves before `until`. Returns the requeued request's grant, or how long it would
+    /// wait if that is past `deadline` (it then holds no token).
+    pub fn pause_and_requeue(
+        &self,
+        demands: &[Demand],
+        until: Instant,
+        now: Instant,
+        deadline: Instant,
+    ) -> Result<Grant, Denied> {
+        let mut demands: Vec<Demand> = demands.to_vec();
+        demands.sort_by_key(|d| d.key);
+        demands.dedup_by_key(|d| d.key);
+        let paused: BTreeSet<BucketKey> = demands.iter().map(|d| d.key).collect();
+        let until_t = self.tick(until);
+        let now_t = self.tick(now);
+        // The waiters of the paused buckets may hold other buckets too: lock them all,
+        // in key order, and look again if the set grew meanwhile.
+        let mut keys = paused.clone();
+        loop {
+            let key_list: Vec<BucketKey> = keys.iter().copied().collect();
+            let outcome = self.with_locked(&key_list, |guards| {
+                let pos = |k: &BucketKey| key_list.binary_search(k).expect("locked key");
+                let mut moved: BTreeMap<u64, Arc<Waiter>> = BTreeMap::new();
+                for k in &paused {
+                    moved.extend(guards[pos(k)].waiting.iter().map(|(s, w)| (*s, w.clone())));
+                }
+                let needed: BTreeSet<BucketKey> = moved
+                    .values()
+                    .flat_map(|w| w.demands.iter().map(|d| d.key))
+                    .chain(paused.iter().copied())
+                    .collect();
+                if !needed.is_subset(&keys) {
+                    return Err(needed);
+                }
+                for k in &paused {
+                    let b = &mut guards[pos(k)];
+                    b.paused_until = b.paused_until.max(until_t);
+                }
+                // Take the queued requests out, then book the requeued one first and
+                // the others behind it in arrival order.
+                for w in moved.values() {
+                    let t = w.tick.load(Ordering::Acquire);
+                    for d in &w.demands {
+                        guards[pos(&d.key)].give_back(t);
+                    }
+                }
+                let idx: Vec<usize> = demands.iter().map(|d| pos(&d.key)).collect();
+                let t = self.earliest(&demands, guards, &idx, now_t);
+                let head = if self.instant(t) > deadline {
+                    Err(Denied::Deadline { wait: Duration::from_micros(t.saturating_sub(now_t)) })
+                } else {
+                    Ok(self.book(&demands, guards, &idx, t, t > now_t))
+                };
+                for w in moved.values() {
+                    let idx: Vec<usize> = w.demands.iter().map(|d| pos(&d.key)).collect();
+                    let t = self.earliest(&w.demands, guards, &idx, now_t);
+                    for (d, &i) in w.demands.iter().zip(&idx) {
+                        guards[i].take(d, t);
+                    }
+                    w.tick.store(t, Ordering::Release);
+                }
+                Ok(head)
+            });
+            match outcome {
+                Ok(head) => return head,
+                Err(needed) => keys = needed,
             }
-            if grant.queued {
-                b.queued = b.queued.saturating_sub(1);
+        }
+    }
+
+    /// Lowers the proxy's view of a bucket's steady window to what the upstream reports
+    /// (`RateLimit-Remaining`): when it has fewer tokens left than the proxy believes,
+    /// another consumer spends the quota, and the difference is booked as phantom takes.
+    /// Returns how many were added.
+    pub fn observe_remaining(&self, demand: &Demand, remaining: u32, now: Instant) -> u32 {
+        let Some(&steady) = demand.windows.as_slice().get(1) else { return 0 };
+        let now_t = self.tick(now);
+        self.with_locked(&[demand.key], |guards| {
+            let b = &mut guards[0];
+            let log = &mut b.logs[1];
+            log.prune(now_t, steady.period);
+            let believed = u64::from(steady.limit).saturating_sub(log.in_use(now_t, steady));
+            let phantoms = believed.saturating_sub(u64::from(remaining));
+            // Takes are recorded in order, so phantoms go after any booked slot: they
+            // then come back a little later than Klaviyo's, which errs on the safe side.
+            let at = log.last().map_or(now_t, |l| l.max(now_t));
+            for _ in 0..phantoms {
+                log.record(at);
             }
-        });
+            b.expires = b.expires.max(at.saturating_add(steady.period));
+            phantoms as u32
+        })
+    }
+
+    /// When the bucket's pause ends, if it is paused at `now`.
+    pub fn paused_until(&self, key: &BucketKey, now: Instant) -> Option<Instant> {
+        let handle = self.buckets.get(key).map(|h| h.clone())?;
+        let t = lock(&handle).paused_until;
+        (t > self.tick(now)).then(|| self.instant(t))
     }
 
     /// Requests waiting in a bucket's queue.
     pub fn queued(&self, key: &BucketKey) -> u32 {
         let handle = self.buckets.get(key).map(|h| h.clone());
-        handle.map_or(0, |h| lock(&h).queued)
+        handle.map_or(0, |h| lock(&h).waiting.len() as u32)
     }
 
     /// Number of buckets held.
@@ -192,7 +382,7 @@ impl LocalStore {
         let now_t = self.tick(now);
         self.buckets.retain(|_, handle| {
             let mut b = lock(handle);
-            let idle = b.expires <= now_t && b.queued == 0 && b.paused_until <= now_t;
+            let idle = b.expires <= now_t && b.waiting.is_empty() && b.paused_until <= now_t;
             b.removed = idle;
             !idle
         });
@@ -275,5 +465,58 @@ mod tests {
         assert_eq!(store.len(), 1);
         store.sweep(now + Duration::from_secs(2));
         assert_eq!(store.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pause_requeues_head_first_and_moves_every_waiter() {
+        let store = LocalStore::new();
+        let d = [demand(1, BucketId::Endpoint(0), 2, 1000)];
+        let now = Instant::now();
+        let far = now + Duration::from_secs(60);
+        let _a = store.reserve(&d, now, far, 10).unwrap();
+        let _b = store.reserve(&d, now, far, 10).unwrap();
+        let queued: Vec<Grant> = (0..3).map(|_| store.reserve(&d, now, far, 10).unwrap()).collect();
+        assert_eq!(queued[0].at, now + Duration::from_secs(1));
+        let until = now + Duration::from_secs(5);
+        let head = store.pause_and_requeue(&d, until, now, far).unwrap();
+        assert_eq!(store.slot(&head), until);
+        let slots: Vec<Instant> = queued.iter().map(|g| store.slot(g)).collect();
+        assert_eq!(slots, [until, until + Duration::from_secs(1), until + Duration::from_secs(1)]);
+        assert_eq!(store.queued(&d[0].key), 4);
+        // A waiter that wakes at its old slot is told to wait for the new one.
+        let later = now + Duration::from_secs(1);
+        assert_eq!(store.try_start(&queued[0], later), Err(until));
+        assert_eq!(store.try_start(&queued[0], until), Ok(()));
+        // New arrivals queue behind everyone, after the pause.
+        let late = store.reserve(&d, later, far, 10).unwrap();
+        assert_eq!(late.at, until + Duration::from_secs(2));
+        // A requeue whose slot is past its deadline is refused and books nothing.
+        let refused = store.pause_and_requeue(&d, until, now, now + Duration::from_secs(1)).unwrap_err();
+        assert!(matches!(refused, Denied::Deadline { wait } if wait >= Duration::from_secs(5)));
+        assert_eq!(store.paused_until(&d[0].key, now), Some(until));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn remaining_below_belief_adds_phantom_takes() {
+        let store = LocalStore::new();
+        let d = Demand {
+            key: BucketKey { account: Account(1), bucket: BucketId::Endpoint(0) },
+            windows: Windows::new(&[
+                WindowSpec { limit: 10, period: 1_000_000 },
+                WindowSpec { limit: 20, period: 60_000_000 },
+            ]),
+        };
+        let now = Instant::now() + Duration::from_secs(1);
+        store.reserve(&[d], now, now, 10).unwrap();
+        // The proxy believes 19 are left; Klaviyo says 5: 14 phantoms.
+        assert_eq!(store.observe_remaining(&d, 5, now), 14);
+        assert_eq!(store.observe_remaining(&d, 5, now), 0, "already in line with Klaviyo");
+        assert_eq!(store.observe_remaining(&d, 50, now), 0, "never raised");
+        let far = now + Duration::from_secs(120);
+        for _ in 0..5 {
+            assert!(store.reserve(&[d], now, far, 100).unwrap().at < now + Duration::from_secs(2));
+        }
+        // The steady window is now full until the first take returns.
+        assert_eq!(store.reserve(&[d], now, far, 100).unwrap().at, now + Duration::from_secs(60));
     }
 }
