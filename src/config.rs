@@ -234,6 +234,10 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Waiting for a token.
     pub queue: QueueConfig,
+    /// Repeating failed requests.
+    pub retry: RetryConfig,
+    /// The upstream circuit breaker.
+    pub breaker: BreakerConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -254,6 +258,8 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Time allowed to read a request's head and body.
     pub client_read_timeout_ms: u64,
+    /// At SIGTERM/SIGINT, how long in-flight and queued requests may take to finish.
+    pub drain_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -265,6 +271,7 @@ impl Default for ServerConfig {
             max_body_bytes: 5 * 1024 * 1024,
             max_header_bytes: 64 * 1024,
             client_read_timeout_ms: 30_000,
+            drain_timeout_ms: 30_000,
         }
     }
 }
@@ -287,6 +294,9 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout_ms: u64,
     /// Idle pooled connections kept per host.
     pub pool_max_idle_per_host: usize,
+    /// The kill switch: `false` answers every request 503 `proxy_disabled` at once
+    /// (`KLAVIYO_ENABLED=false` sets it).
+    pub enabled: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -299,6 +309,7 @@ impl Default for UpstreamConfig {
             request_timeout_ms: 60_000,
             pool_idle_timeout_ms: 90_000,
             pool_max_idle_per_host: 64,
+            enabled: true,
         }
     }
 }
@@ -411,6 +422,94 @@ impl Default for QueueConfig {
     }
 }
 
+/// `[retry]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts in all for a 5xx, timeout or connection error, the first included.
+    pub max_attempts: NonZeroU32,
+    /// Backoff ceiling of the first retry; it doubles per retry (full jitter).
+    pub base_ms: u64,
+    /// Backoff ceiling never exceeded.
+    pub cap_ms: u64,
+    /// Retries allowed per first attempt over the budget window.
+    pub budget_ratio: f64,
+    /// Retries allowed per second regardless of traffic.
+    pub budget_floor_per_second: u32,
+    /// The budget's rolling window.
+    pub budget_window_ms: u64,
+    /// An upstream `Retry-After` longer than this is cut to it.
+    pub retry_after_cap_ms: u64,
+    /// Add a `unique_id` to created events that lack one, so repeats are deduplicated.
+    pub add_unique_id: bool,
+    /// Per operation: `always` (safe to repeat) or `never` (only when never sent).
+    pub operations: BTreeMap<OperationName, crate::retry::RetryOverride>,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: nz(5),
+            base_ms: 100,
+            cap_ms: 5_000,
+            budget_ratio: 0.3,
+            budget_floor_per_second: 1,
+            budget_window_ms: 10_000,
+            retry_after_cap_ms: 120_000,
+            add_unique_id: true,
+            operations: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[breaker]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    /// Off: every request is tried, however the upstream fares.
+    pub enabled: bool,
+    /// Rolling window for the failure ratio.
+    pub window_ms: u64,
+    /// Requests in the window before the ratio counts.
+    pub min_requests: u32,
+    /// Failure ratio (5xx, timeouts, connection errors) that opens the breaker.
+    pub failure_ratio: Share,
+    /// Consecutive connection failures that open it at once.
+    pub consecutive_connect_failures: NonZeroU32,
+    /// Time open before probing.
+    pub cool_down_ms: u64,
+    /// Probes while half-open; all must succeed to close.
+    pub probes: NonZeroU32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            enabled: true,
+            window_ms: 10_000,
+            min_requests: 20,
+            failure_ratio: Share(0.5),
+            consecutive_connect_failures: nz(5),
+            cool_down_ms: 5_000,
+            probes: nz(3),
+        }
+    }
+}
+
+impl BreakerConfig {
+    /// The breaker's settings.
+    pub fn settings(&self) -> crate::breaker::BreakerSettings {
+        crate::breaker::BreakerSettings {
+            window: Duration::from_millis(self.window_ms),
+            min_requests: self.min_requests,
+            failure_ratio: self.failure_ratio.get(),
+            consecutive_connect_failures: self.consecutive_connect_failures.get(),
+            cool_down: Duration::from_millis(self.cool_down_ms),
+            probes: self.probes.get(),
+        }
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -515,6 +614,9 @@ impl Config {
             let f: f64 = from_str("KLAVIYO_PROXY_SHARE", &v, "a number")?;
             self.limits.share = Share::try_from(f)
                 .map_err(|message| ConfigError::Env { var: "KLAVIYO_PROXY_SHARE".into(), message })?;
+        }
+        if let Some(v) = env("KLAVIYO_ENABLED") {
+            self.upstream.enabled = from_str("KLAVIYO_ENABLED", &v, "true or false")?;
         }
         if let Some(v) = env("KLAVIYO_PROXY_LOG_LEVEL") {
             self.log.level = v;

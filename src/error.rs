@@ -80,6 +80,26 @@ pub enum ProxyError {
     /// The upstream did not answer in time.
     #[error("the upstream did not answer within {}s", .0.as_secs())]
     UpstreamTimeout(Duration),
+    /// Klaviyo answered 429 and the pause it asked for ends after the request's deadline.
+    #[error("Klaviyo throttled {operation}; it could go in {}s", secs(*.retry_after))]
+    UpstreamThrottled {
+        /// Operation label.
+        operation: &'static str,
+        /// When the request could go.
+        retry_after: Duration,
+    },
+    /// The circuit breaker is open: Klaviyo is failing, requests fail fast.
+    #[error("Klaviyo is failing; the proxy will try again in {}s", secs(*.retry_after))]
+    CircuitOpen {
+        /// The cool-down left.
+        retry_after: Duration,
+    },
+    /// The kill switch is on (`KLAVIYO_ENABLED=false`).
+    #[error("forwarding to Klaviyo is switched off on this proxy")]
+    Disabled,
+    /// The proxy is shutting down and could not finish the request in time.
+    #[error("the proxy is shutting down")]
+    Draining,
     /// A bug or resource failure inside the proxy.
     #[error("internal proxy error")]
     Internal,
@@ -95,7 +115,8 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         use ProxyError::*;
         match self {
-            QueueFull { .. } | QueueTimeout { .. } => StatusCode::TOO_MANY_REQUESTS,
+            QueueFull { .. } | QueueTimeout { .. } | UpstreamThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            CircuitOpen { .. } | Disabled | Draining => StatusCode::SERVICE_UNAVAILABLE,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             BodyRead | BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -115,6 +136,10 @@ impl ProxyError {
         match self {
             QueueFull { .. } => "proxy_queue_full",
             QueueTimeout { .. } => "proxy_queue_timeout",
+            UpstreamThrottled { .. } => "proxy_upstream_throttled",
+            CircuitOpen { .. } => "proxy_circuit_open",
+            Disabled => "proxy_disabled",
+            Draining => "proxy_draining",
             BodyTooLarge { .. } => "proxy_body_too_large",
             ClientTimeout(_) => "proxy_client_timeout",
             BodyRead => "proxy_body_unreadable",
@@ -134,7 +159,12 @@ impl ProxyError {
     pub fn title(&self) -> &'static str {
         use ProxyError::*;
         match self {
-            QueueFull { .. } | QueueTimeout { .. } => "Request was throttled by klaviyo-proxy.",
+            QueueFull { .. } | QueueTimeout { .. } | UpstreamThrottled { .. } => {
+                "Request was throttled by klaviyo-proxy."
+            }
+            CircuitOpen { .. } => "Klaviyo is unavailable.",
+            Disabled => "Forwarding is switched off.",
+            Draining => "The proxy is shutting down.",
             BodyTooLarge { .. } => "Request body too large.",
             ClientTimeout(_) => "Request timed out.",
             BodyRead | BadRequest(_) => "Invalid request.",
@@ -151,7 +181,9 @@ impl ProxyError {
     pub fn origin(&self) -> Origin {
         use ProxyError::*;
         match self {
-            UpstreamUnreachable | UpstreamTimeout(_) => Origin::Upstream,
+            UpstreamUnreachable | UpstreamTimeout(_) | UpstreamThrottled { .. } | CircuitOpen { .. } => {
+                Origin::Upstream
+            }
             Internal => Origin::Internal,
             _ => Origin::Client,
         }
@@ -160,9 +192,10 @@ impl ProxyError {
     /// The wait to advertise in `Retry-After`, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            ProxyError::QueueFull { retry_after, .. } | ProxyError::QueueTimeout { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            ProxyError::QueueFull { retry_after, .. }
+            | ProxyError::QueueTimeout { retry_after, .. }
+            | ProxyError::UpstreamThrottled { retry_after, .. }
+            | ProxyError::CircuitOpen { retry_after } => Some(*retry_after),
             _ => None,
         }
     }
@@ -219,6 +252,14 @@ mod tests {
             (ProxyError::ForeignHost, 403, None),
             (ProxyError::Connect, 405, None),
             (ProxyError::UpstreamUnreachable, 502, None),
+            (ProxyError::CircuitOpen { retry_after: Duration::from_millis(2500) }, 503, Some("3")),
+            (
+                ProxyError::UpstreamThrottled { operation: "get_accounts", retry_after: Duration::from_secs(9) },
+                429,
+                Some("9"),
+            ),
+            (ProxyError::Disabled, 503, None),
+            (ProxyError::Draining, 503, None),
         ];
         for (err, status, retry) in cases {
             let code = err.code();

@@ -13,10 +13,12 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::body::ProxyBody;
+use crate::breaker::{self, Breaker};
 use crate::config::{is_beta_revision, AuthMode, Config};
 use crate::error::ProxyError;
-use crate::limiter::LocalStore;
+use crate::limiter::{Denied, Grant, LocalStore};
 use crate::queue;
+use crate::retry::{self, Backoff, Repeat, RetryBudget};
 use crate::route::{Route, Router};
 use crate::upstream::{self, Upstream, UpstreamError, MAX_WAIT_HEADER};
 
@@ -34,6 +36,11 @@ pub struct Proxy {
     /// `Klaviyo-API-Key <key>`, marked sensitive, in inject mode.
     injected_auth: Option<HeaderValue>,
     client_token: Option<HeaderValue>,
+    breaker: Breaker,
+    budget: RetryBudget,
+    backoff: Backoff,
+    /// A fixed instant for the retry budget's clock.
+    started: Instant,
 }
 
 /// Why a proxy could not be built from a config.
@@ -76,6 +83,17 @@ impl Proxy {
             upstream: Upstream::new(&config.upstream)?,
             injected_auth,
             client_token,
+            breaker: Breaker::new(config.breaker.settings()),
+            budget: RetryBudget::new(
+                config.retry.budget_ratio,
+                config.retry.budget_floor_per_second,
+                Duration::from_millis(config.retry.budget_window_ms),
+            ),
+            backoff: Backoff {
+                base: Duration::from_millis(config.retry.base_ms),
+                cap: Duration::from_millis(config.retry.cap_ms),
+            },
+            started: Instant::now(),
             config,
         })
     }
@@ -88,6 +106,11 @@ impl Proxy {
     /// The config this proxy runs with.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The upstream circuit breaker.
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
     }
 
     /// Serves one client request; never fails at the HTTP level.
@@ -120,6 +143,7 @@ impl Proxy {
             outcome = outcome.error.unwrap_or("forwarded"),
             queue_wait_ms = outcome.waited.as_millis() as u64,
             upstream_ms = outcome.upstream.map(|d| d.as_millis() as u64),
+            attempts = outcome.attempts,
             total_ms = started.elapsed().as_millis() as u64,
             "request"
         );
@@ -140,23 +164,190 @@ impl Proxy {
         // Buffered so the client's upload time never holds a token, and bounded.
         let body = self.read_body(body).await?;
         upstream::outbound_headers(&mut parts.headers, self.config.upstream.revision.as_str());
-        // The limiter: wait for a token in every bucket, or be refused at once.
-        if self.config.limits.enabled {
-            let depth = self.config.queue.max_depth;
-            outcome.waited = queue::wait_for_slot(&self.store, &route.demands, deadline, depth, route.label()).await?;
+        // The kill switch (rollback option): answer at once, touch nothing upstream.
+        if !self.config.upstream.enabled {
+            return Err(ProxyError::Disabled);
         }
-        let sent = Instant::now();
-        let resp = self.upstream.send(&parts, body).await.map_err(|e| {
-            tracing::warn!(operation = route.label(), error = %e, "upstream request failed");
-            match e {
-                UpstreamError::Connect(_) => ProxyError::UpstreamUnreachable,
-                UpstreamError::Timeout(d) => ProxyError::UpstreamTimeout(d),
-            }
-        })?;
-        outcome.upstream = Some(sent.elapsed());
+        // Events get a unique_id, so Klaviyo deduplicates any repeat or replay.
+        let (body, unique_id) = self.with_unique_id(&route, body);
+        let repeat = self.repeat_rule(&parts.method, &route, unique_id.is_some());
+        // While Klaviyo is failing, fail fast instead of queueing for nothing.
+        if let Some(retry_after) = self.breaker_open() {
+            return Err(ProxyError::CircuitOpen { retry_after });
+        }
+        // Limiter, breaker, upstream, and again while a repeat is safe and in time.
+        let resp = self.exchange(&parts, body, &route, deadline, repeat, outcome).await?;
         let (mut parts, body) = resp.into_parts();
         upstream::strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, body.boxed()))
+    }
+
+    /// Sends a request until it gets an answer worth returning: waits for its token,
+    /// asks the breaker, sends; on a 429 pauses the bucket and requeues the request at
+    /// its head; on a 5xx, timeout or connection error backs off and goes again while
+    /// repeating is safe, the budget allows and the deadline is not passed.
+    async fn exchange(
+        &self,
+        parts: &request::Parts,
+        body: Bytes,
+        route: &Route,
+        deadline: Instant,
+        repeat: Repeat,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let label = route.label();
+        let limited = self.config.limits.enabled;
+        let mut requeued: Option<Grant> = None;
+        let mut retries = 0u32;
+        let mut rng = fastrand::Rng::new();
+        self.budget.deposit(Instant::now(), self.started);
+        loop {
+            // The limiter: a token in every bucket; a requeued request keeps its place.
+            let queued = Instant::now();
+            match requeued.take() {
+                Some(grant) => queue::wait_for_grant(&self.store, grant, deadline, label).await?,
+                None if limited => {
+                    let depth = self.config.queue.max_depth;
+                    queue::wait_for_slot(&self.store, &route.demands, deadline, depth, label).await?;
+                }
+                None => {}
+            }
+            outcome.waited += queued.elapsed();
+            // The breaker decides last: it may have opened while the request queued.
+            let permit = match self.config.breaker.enabled {
+                true => Some(
+                    self.breaker
+                        .admit(Instant::now())
+                        .map_err(|retry_after| ProxyError::CircuitOpen { retry_after })?,
+                ),
+                false => None,
+            };
+            let sent = Instant::now();
+            outcome.attempts += 1;
+            let result = self.upstream.send(parts, body.clone()).await;
+            outcome.upstream = Some(sent.elapsed());
+            let now = Instant::now();
+            let (verdict, failure) = match result {
+                Ok(resp) if resp.status() == http::StatusCode::TOO_MANY_REQUESTS => {
+                    self.record(permit, breaker::Outcome::Success);
+                    // Klaviyo's quota is spent (by us or another consumer): the whole
+                    // bucket waits for Retry-After, this request at the head of its queue.
+                    let wait = resp
+                        .headers()
+                        .get(header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| {
+                            let cap = Duration::from_millis(self.config.retry.retry_after_cap_ms);
+                            retry::parse_retry_after(v, std::time::SystemTime::now(), cap)
+                        })
+                        .unwrap_or_else(|| self.backoff.delay(retries, &mut rng).max(Duration::from_secs(1)));
+                    tracing::debug!(operation = label, ?wait, "upstream 429: bucket paused");
+                    if !limited {
+                        return Ok(resp);
+                    }
+                    match self.store.pause_and_requeue(&route.demands, now + wait, now, deadline) {
+                        Ok(grant) => {
+                            requeued = Some(grant);
+                            continue;
+                        }
+                        Err(denied) => {
+                            let (Denied::Deadline { wait: retry_after } | Denied::QueueFull { wait: retry_after }) =
+                                denied;
+                            return Err(ProxyError::UpstreamThrottled { operation: label, retry_after });
+                        }
+                    }
+                }
+                Ok(resp) if resp.status().is_server_error() => {
+                    self.record(permit, breaker::Outcome::Failure);
+                    (Ok(resp), repeat == Repeat::Safe)
+                }
+                Ok(resp) => {
+                    self.record(permit, breaker::Outcome::Success);
+                    self.feedback(route, &resp, now);
+                    return Ok(resp);
+                }
+                Err(e) => {
+                    tracing::warn!(operation = label, error = %e, "upstream request failed");
+                    // A connection that was never made carried nothing: safe to repeat.
+                    let never_sent = matches!(&e, UpstreamError::Connect(c) if c.is_connect());
+                    let kind = match e {
+                        UpstreamError::Connect(_) => breaker::Outcome::ConnectFailure,
+                        UpstreamError::Timeout(_) => breaker::Outcome::Failure,
+                    };
+                    self.record(permit, kind);
+                    let err = match e {
+                        UpstreamError::Connect(_) => ProxyError::UpstreamUnreachable,
+                        UpstreamError::Timeout(d) => ProxyError::UpstreamTimeout(d),
+                    };
+                    (Err(err), repeat == Repeat::Safe || never_sent)
+                }
+            };
+            // Backoff: only a safe repeat, within attempts, budget and deadline.
+            let delay = self.backoff.delay(retries, &mut rng);
+            let may = failure
+                && retries + 1 < self.config.retry.max_attempts.get()
+                && Instant::now() + delay < deadline
+                && self.budget.withdraw(Instant::now(), self.started);
+            if !may {
+                return verdict;
+            }
+            retries += 1;
+            tracing::debug!(operation = label, retry = retries, ?delay, "retrying after upstream failure");
+            drop(verdict);
+            tokio::time::sleep(delay).await;
+            // The breaker may have opened during the backoff.
+            if let Some(retry_after) = self.breaker_open() {
+                return Err(ProxyError::CircuitOpen { retry_after });
+            }
+        }
+    }
+
+    fn record(&self, permit: Option<breaker::Permit<'_>>, outcome: breaker::Outcome) {
+        if let Some(permit) = permit {
+            self.breaker.record(permit, outcome, Instant::now());
+        }
+    }
+
+    fn breaker_open(&self) -> Option<Duration> {
+        if self.config.breaker.enabled {
+            self.breaker.open_for(Instant::now())
+        } else {
+            None
+        }
+    }
+
+    /// Klaviyo's `RateLimit-Remaining` lowers the proxy's view of the bucket when
+    /// another consumer spends the same quota.
+    fn feedback(&self, route: &Route, resp: &Response<Incoming>, now: Instant) {
+        let remaining =
+            resp.headers().get("ratelimit-remaining").and_then(|v| v.to_str().ok()?.trim().parse::<u32>().ok());
+        if let (Some(remaining), Some(demand), true) = (remaining, route.demands.first(), self.config.limits.enabled) {
+            let phantoms = self.store.observe_remaining(demand, remaining, now);
+            if phantoms > 0 {
+                tracing::debug!(
+                    operation = route.label(),
+                    phantoms,
+                    remaining,
+                    "upstream reports less quota than expected"
+                );
+            }
+        }
+    }
+
+    fn with_unique_id(&self, route: &Route, body: Bytes) -> (Bytes, Option<String>) {
+        if !route.operation.is_some_and(retry::is_event_create) {
+            return (body, None);
+        }
+        match retry::ensure_unique_id(&body) {
+            // Not adding ids, only an id the client sent (body unchanged) counts.
+            Some((with_id, id)) if self.config.retry.add_unique_id || with_id == body => (with_id, Some(id)),
+            _ => (body, None),
+        }
+    }
+
+    fn repeat_rule(&self, method: &http::Method, route: &Route, has_unique_id: bool) -> Repeat {
+        let over = self.config.retry.operations.iter().find(|(k, _)| k.as_str() == route.label()).map(|(_, v)| *v);
+        retry::repeat_rule(method, route.operation, has_unique_id, over)
     }
 
     fn check_target(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
@@ -232,6 +423,7 @@ struct Outcome {
     error: Option<&'static str>,
     waited: Duration,
     upstream: Option<Duration>,
+    attempts: u32,
 }
 
 /// Compares secrets without leaking their common prefix length through timing.

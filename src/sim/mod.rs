@@ -157,6 +157,9 @@ pub struct Stats {
     pub buckets: Vec<BucketStats>,
 }
 
+/// Requests arriving this soon after a bucket's first 429 were already on the wire.
+const IN_FLIGHT_GRACE: Duration = Duration::from_millis(50);
+
 /// (account alias, endpoint, condition index).
 type BucketKey = (String, usize, Option<usize>);
 
@@ -174,7 +177,7 @@ struct State {
     events: Mutex<HashMap<String, u32>>,
     /// Per bucket, the end of the last `Retry-After` it announced, and how many
     /// requests came before that end.
-    throttled_until: Mutex<HashMap<BucketKey, Instant>>,
+    throttled_until: Mutex<HashMap<BucketKey, (Instant, Instant)>>,
     early: Mutex<u64>,
 }
 
@@ -337,10 +340,14 @@ impl State {
         }
     }
 
-    /// Counts a request that comes before its bucket's announced `Retry-After` end.
+    /// Counts a request that comes before its bucket's announced `Retry-After` end,
+    /// except in the first [`IN_FLIGHT_GRACE`] after the first 429: requests already on
+    /// the wire then were sent before the client could know.
     fn note_arrival(&self, keys: &[BucketKey], now: Instant) {
         let until = lock(&self.throttled_until);
-        if keys.iter().any(|k| until.get(k).is_some_and(|t| now < *t)) {
+        let early =
+            keys.iter().any(|k| until.get(k).is_some_and(|(from, end)| now > *from + IN_FLIGHT_GRACE && now < *end));
+        if early {
             *lock(&self.early) += 1;
         }
     }
@@ -350,8 +357,12 @@ impl State {
         let end = now + Duration::from_secs(secs);
         let mut until = lock(&self.throttled_until);
         for k in keys {
-            let t = until.entry(k.clone()).or_insert(end);
-            *t = (*t).max(end);
+            match until.get_mut(k) {
+                Some((_, e)) if *e > now => *e = (*e).max(end),
+                _ => {
+                    until.insert(k.clone(), (now, end));
+                }
+            }
         }
     }
 
