@@ -238,6 +238,8 @@ pub struct Config {
     pub retry: RetryConfig,
     /// The upstream circuit breaker.
     pub breaker: BreakerConfig,
+    /// Durable accept-and-forward of deferrable writes.
+    pub spool: SpoolConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -510,6 +512,37 @@ impl BreakerConfig {
     }
 }
 
+/// `[spool]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// The spool file (redb); no file, no spool (`KLAVIYO_PROXY_SPOOL_PATH` sets it).
+    pub path: Option<PathBuf>,
+    /// Operations that may be accepted now (202) and delivered later.
+    pub deferrable: Vec<OperationName>,
+    /// Spool deferrable writes while the kill switch is on, instead of refusing them.
+    pub when_disabled: bool,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        let ops = [
+            "create_event",
+            "create_client_event",
+            "create_or_update_profile",
+            "create_client_profile",
+            "create_client_subscription",
+            "bulk_subscribe_profiles",
+            "bulk_import_profiles",
+        ];
+        SpoolConfig {
+            path: None,
+            deferrable: ops.iter().map(|o| OperationName(o.to_string())).collect(),
+            when_disabled: true,
+        }
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -614,6 +647,9 @@ impl Config {
             let f: f64 = from_str("KLAVIYO_PROXY_SHARE", &v, "a number")?;
             self.limits.share = Share::try_from(f)
                 .map_err(|message| ConfigError::Env { var: "KLAVIYO_PROXY_SHARE".into(), message })?;
+        }
+        if let Some(v) = env("KLAVIYO_PROXY_SPOOL_PATH") {
+            self.spool.path = Some(v.into());
         }
         if let Some(v) = env("KLAVIYO_ENABLED") {
             self.upstream.enabled = from_str("KLAVIYO_ENABLED", &v, "true or false")?;

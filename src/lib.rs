@@ -18,6 +18,7 @@ pub mod retry;
 pub mod route;
 pub mod server;
 pub mod sim;
+pub mod spool;
 pub mod upstream;
 
 use std::future::Future;
@@ -29,6 +30,9 @@ use tokio::net::TcpListener;
 use config::Config;
 use proxy::{BuildError, Proxy};
 use server::ConnLimits;
+
+/// Time between the proxy answering what is left at shutdown and cutting connections.
+const DRAIN_MARGIN: Duration = Duration::from_millis(500);
 
 /// How often idle buckets are dropped.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
@@ -53,10 +57,24 @@ impl App {
     /// Serves clients on `listener` until `shutdown` completes, then drains.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         let config = self.proxy.config();
+        let drain = Duration::from_millis(config.server.drain_timeout_ms);
         let limits = ConnLimits {
             max_header_bytes: config.server.max_header_bytes,
             header_read_timeout: config.client_read_timeout(),
-            drain_timeout: Duration::from_secs(30),
+            // The proxy answers what is left a little before the connections are cut.
+            drain_timeout: drain + DRAIN_MARGIN,
+        };
+        // Spooled writes go out in the background once Klaviyo is healthy.
+        let replayer = tokio::spawn(self.proxy.clone().replay());
+        // At shutdown: stop accepting, finish what is in flight and queued until the
+        // drain time is up, then spool deferrable writes and answer the rest 503.
+        let shutdown = {
+            let proxy = self.proxy.clone();
+            async move {
+                shutdown.await;
+                tracing::info!(drain_ms = drain.as_millis() as u64, "draining");
+                proxy.begin_drain(tokio::time::Instant::now() + drain);
+            }
         };
         let sweeper = {
             let proxy = self.proxy.clone();
@@ -72,5 +90,6 @@ impl App {
         let service = hyper::service::service_fn(move |req| proxy.clone().handle(req));
         server::serve(listener, None, limits, service, shutdown).await;
         sweeper.abort();
+        replayer.abort();
     }
 }
