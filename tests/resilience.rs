@@ -374,3 +374,42 @@ async fn ten_second_outage_opens_the_breaker_and_recovers() {
     assert!(during <= probe_budget, "{during} upstream requests during the outage");
     assert!(recovered <= Duration::from_millis(cfg.cool_down_ms + 1000), "{recovered:?}");
 }
+
+/// Shutdown drains: queued requests that can go within the drain time are served,
+/// the rest get 503 `proxy_draining` when it runs out, and serving then ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_queued_requests_then_answers_the_rest() {
+    let mut run = start(Faults::default(), |c| c.server.drain_timeout_ms = 1500).await;
+    // get_accounts is 1/s: four requests queue at 0, 1, 2 and 3 s.
+    let proxy = run.proxy;
+    let client = run.client.clone();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = Request::builder()
+                .uri(format!("http://{proxy}/api/accounts"))
+                .header("authorization", KEY)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let resp = client.request(req).await.unwrap();
+            let code = resp.headers().get("x-klaviyo-proxy-error").map(|v| v.to_str().unwrap().to_string());
+            (resp.status(), code)
+        }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    run.stop.take().unwrap().send(()).unwrap();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    let ok = answers.iter().filter(|(s, _)| *s == StatusCode::OK).count();
+    let draining = answers.iter().filter(|(_, c)| c.as_deref() == Some("proxy_draining")).count();
+    assert_eq!((ok, draining), (2, 2), "{answers:?}");
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    // No new connections once draining.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(tokio::net::TcpStream::connect(proxy).await.is_err(), "the listener is closed");
+}

@@ -116,6 +116,8 @@ async fn outage_spools_then_replays_in_order_once() {
     let want: BTreeSet<String> = (0..50).map(|n| format!("ev-{n}")).collect();
     assert_eq!(events.ids.iter().cloned().collect::<BTreeSet<_>>(), want);
     assert_eq!(events.duplicates, 0);
+    let order: Vec<String> = (0..50).map(|n| format!("ev-{n}")).collect();
+    assert_eq!(events.arrival, order, "replayed in the order accepted");
     let dead = spool.list_dead(10).unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(Some(dead[0].id), bad);
@@ -260,10 +262,26 @@ async fn kill_9_during_outage_loses_and_duplicates_nothing() {
     );
     assert!(delivered, "every acknowledged event is delivered");
     assert_eq!(events.duplicates, 0, "no event delivered twice");
-    // A live request queued behind a 1/s bucket, then SIGTERM: it is answered and the
-    // process exits 0.
+    // Two live requests on a 1/s bucket (the second queued for 1 s), then SIGTERM:
+    // both are answered within the 2 s drain and the process exits 0.
+    let mut live = Vec::new();
+    for _ in 0..2 {
+        let (client, addr) = (client.clone(), proxy.addr);
+        live.push(tokio::spawn(async move {
+            let req = Request::builder()
+                .uri(format!("http://{addr}/api/accounts"))
+                .header("authorization", KEY)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            client.request(req).await.map(|r| r.status()).ok()
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let status = Command::new("kill").args(["-TERM", &proxy.child.id().to_string()]).status().unwrap();
     assert!(status.success());
+    for l in live {
+        assert_eq!(l.await.unwrap(), Some(StatusCode::OK), "queued request served during the drain");
+    }
     let exit = tokio::task::spawn_blocking(move || {
         let s = proxy.child.wait().unwrap();
         drop(proxy);
@@ -272,5 +290,39 @@ async fn kill_9_during_outage_loses_and_duplicates_nothing() {
     .await
     .unwrap();
     assert!(exit.success(), "{exit:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The kill switch refuses live requests at once but still accepts deferrable writes
+/// into the spool, and nothing is sent upstream while it is on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_switch_spools_deferrable_writes() {
+    let sim = Simulator::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), SimOptions::default()).unwrap();
+    let dir = temp_dir("spool-killswitch");
+    let mut config = Config::default();
+    config.upstream.url = UpstreamUrl::try_from(sim.url.clone()).unwrap();
+    config.spool.path = Some(dir.join("spool.redb"));
+    config.upstream.enabled = false;
+    let app = App::build(config).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.clone().serve(listener, async {
+        let _ = stopped.await;
+    }));
+    let client = client();
+    let (status, id) = send_event(&client, addr, "/api/events", "ks-1").await.unwrap();
+    assert_eq!((status, id.is_some()), (StatusCode::ACCEPTED, true));
+    let req = Request::builder()
+        .uri(format!("http://{addr}/api/lists"))
+        .header("authorization", KEY)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers()["x-klaviyo-proxy-error"], "proxy_disabled");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sim.stats().requests, 0);
+    assert_eq!(app.proxy().spool().unwrap().pending_len().unwrap(), 1);
     std::fs::remove_dir_all(dir).unwrap();
 }

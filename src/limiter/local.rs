@@ -519,4 +519,53 @@ mod tests {
         // The steady window is now full until the first take returns.
         assert_eq!(store.reserve(&[d], now, far, 100).unwrap().at, now + Duration::from_secs(60));
     }
+
+    proptest::proptest! {
+        /// Whatever mix of arrivals and upstream 429s: no window ever holds more than
+        /// its limit, and no reservation is left inside a pause (between the 429 and
+        /// its Retry-After), however it was booked.
+        #[test]
+        fn pauses_keep_windows_and_hold_everything(
+            ops in proptest::collection::vec((0u64..1500, proptest::bool::weighted(0.2), 1u64..4000), 1..80)
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+            rt.block_on(async {
+                let store = LocalStore::new();
+                let specs = [WindowSpec { limit: 2, period: 1_000_000 }, WindowSpec { limit: 5, period: 4_000_000 }];
+                let d = [Demand {
+                    key: BucketKey { account: Account(1), bucket: BucketId::Endpoint(0) },
+                    windows: Windows::new(&specs),
+                }];
+                let t0 = Instant::now();
+                let far = t0 + Duration::from_secs(1_000_000);
+                let mut now = t0;
+                let mut grants = Vec::new();
+                let mut pauses = Vec::new();
+                for (dt, pause, len) in ops {
+                    now += Duration::from_millis(dt);
+                    if pause {
+                        let until = now + Duration::from_millis(len);
+                        grants.push(store.pause_and_requeue(&d, until, now, far).unwrap());
+                        pauses.push((now, until));
+                    } else {
+                        grants.push(store.reserve(&d, now, far, u32::MAX).unwrap());
+                    }
+                }
+                let mut slots: Vec<Instant> = grants.iter().map(|g| store.slot(g)).collect();
+                for (at, until) in &pauses {
+                    for s in &slots {
+                        proptest::prop_assert!(!(at < s && s < until), "a slot inside a pause");
+                    }
+                }
+                slots.sort();
+                for spec in specs {
+                    let n = spec.limit as usize;
+                    for w in slots.windows(n + 1) {
+                        proptest::prop_assert!(w[n].duration_since(w[0]) >= Duration::from_micros(spec.period));
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
 }

@@ -173,8 +173,10 @@ struct State {
     /// The faults in force and when they were set.
     faults: Mutex<(Faults, Instant)>,
     gate: watch::Sender<Gate>,
-    /// Deliveries per event `unique_id` (Klaviyo deduplicates on it).
+    /// Deliveries per event `unique_id` (Klaviyo deduplicates on it), and the ids in
+    /// order of first arrival.
     events: Mutex<HashMap<String, u32>>,
+    arrival: Mutex<Vec<String>>,
     /// Per bucket, the end of the last `Retry-After` it announced, and how many
     /// requests came before that end.
     throttled_until: Mutex<HashMap<BucketKey, (Instant, Instant)>>,
@@ -194,6 +196,8 @@ pub struct EventStats {
     pub without_id: u64,
     /// The ids, sorted.
     pub ids: Vec<String>,
+    /// The ids in the order they first arrived.
+    pub arrival: Vec<String>,
 }
 
 /// A running simulator.
@@ -233,6 +237,7 @@ impl Simulator {
             totals: Mutex::new((0, 0)),
             gate,
             events: Mutex::new(HashMap::new()),
+            arrival: Mutex::new(Vec::new()),
             throttled_until: Mutex::new(HashMap::new()),
             early: Mutex::new(0),
         });
@@ -337,6 +342,7 @@ impl State {
             duplicates: deliveries - ids.len() as u64,
             without_id: events.get("").map_or(0, |n| u64::from(*n)),
             ids,
+            arrival: lock(&self.arrival).clone(),
         }
     }
 
@@ -504,7 +510,12 @@ impl State {
             .ok()
             .and_then(|v| v["data"]["attributes"]["unique_id"].as_str().map(str::to_string))
             .unwrap_or_default();
-        *lock(&self.events).entry(id).or_insert(0) += 1;
+        let mut events = lock(&self.events);
+        let seen = events.entry(id.clone()).or_insert(0);
+        *seen += 1;
+        if *seen == 1 && !id.is_empty() {
+            lock(&self.arrival).push(id);
+        }
     }
 }
 
