@@ -1,0 +1,222 @@
+//! Accept now, deliver later: writing a deferrable request to the spool, and the
+//! replayer that sends spooled writes once Klaviyo is healthy, in order, through the
+//! same limiter and breaker, below live traffic.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{request, Request, Response};
+use tokio::time::Instant;
+
+use super::Proxy;
+use crate::body::ProxyBody;
+use crate::breaker;
+use crate::error::ProxyError;
+use crate::limiter::Denied;
+use crate::retry;
+use crate::route::Route;
+use crate::spool::{self, Spool};
+use crate::upstream::UpstreamError;
+
+impl Proxy {
+    /// Writes the request to the spool (synced to disk) and answers 202 with its id.
+    pub(super) async fn defer(
+        &self,
+        parts: &request::Parts,
+        body: Bytes,
+        route: &Route,
+        unique_id: Option<String>,
+        why: &'static str,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let spool = self.spool.as_ref().ok_or(ProxyError::Internal)?;
+        let entry = spool::Entry {
+            id: 0,
+            operation: route.label().to_string(),
+            method: parts.method.to_string(),
+            path_and_query: parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_string(), |p| p.to_string()),
+            headers: parts.headers.iter().map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec())).collect(),
+            body: body.to_vec(),
+            unique_id,
+            accepted_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            last_error: None,
+        };
+        let id = spool.append_async(entry).await.map_err(|e| {
+            tracing::error!(operation = route.label(), error = %e, "spool write failed");
+            ProxyError::Internal
+        })?;
+        self.spooled.notify_one();
+        tracing::debug!(operation = route.label(), spool_id = id, why, "write spooled");
+        let mut resp = Response::new(crate::body::full(Bytes::new()));
+        *resp.status_mut() = http::StatusCode::ACCEPTED;
+        resp.headers_mut().insert(spool::SPOOL_ID_HEADER, HeaderValue::from(id));
+        resp.headers_mut().insert(crate::error::PROXY_ERROR_HEADER, HeaderValue::from_static("proxy_spooled"));
+        Ok(resp)
+    }
+
+    /// Replays spooled writes in order, one at a time, through the same limiter and
+    /// breaker, taking only tokens no live request waits for. Runs until dropped.
+    pub async fn replay(self: Arc<Self>) {
+        let Some(spool) = self.spool.clone() else { return };
+        let mut rng = fastrand::Rng::new();
+        let mut failures = 0u32;
+        loop {
+            let pause = match self.replay_one(&spool).await {
+                Replay::Delivered => {
+                    failures = 0;
+                    continue;
+                }
+                Replay::Idle => {
+                    // Woken by the next spooled write, or look again in a while.
+                    let _ = tokio::time::timeout(Duration::from_millis(500), self.spooled.notified()).await;
+                    continue;
+                }
+                Replay::Wait(d) => d,
+                Replay::Failed => {
+                    failures += 1;
+                    self.backoff.delay(failures.min(10), &mut rng).max(Duration::from_millis(50))
+                }
+            };
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    async fn replay_one(&self, spool: &Spool) -> Replay {
+        if !self.config.upstream.enabled {
+            return Replay::Wait(Duration::from_secs(1));
+        }
+        let reader = spool.clone();
+        let entry = match tokio::task::spawn_blocking(move || reader.first_pending()).await {
+            Ok(Ok(Some(entry))) => entry,
+            Ok(Ok(None)) => return Replay::Idle,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "spool read failed");
+                return Replay::Wait(Duration::from_secs(1));
+            }
+            Err(_) => return Replay::Wait(Duration::from_secs(1)),
+        };
+        let Some(parts) = entry_parts(&entry) else {
+            let _ = spool.dead_letter(entry.id, "unreadable spooled request");
+            return Replay::Delivered;
+        };
+        let route = self.route(&parts);
+        let now = Instant::now();
+        if let Some(wait) = self.breaker_open() {
+            return Replay::Wait(wait.min(Duration::from_secs(1)));
+        }
+        // Below live traffic: only when no live request queues in its buckets, and
+        // only a token free right now.
+        let mut grant = None;
+        if self.config.limits.enabled {
+            if route.demands.iter().any(|d| self.store.queued(&d.key) > 0) {
+                return Replay::Wait(Duration::from_millis(50));
+            }
+            match self.store.reserve(&route.demands, now, now, 0) {
+                Ok(g) => grant = Some(g),
+                Err(Denied::Deadline { wait } | Denied::QueueFull { wait }) => {
+                    return Replay::Wait(wait.clamp(Duration::from_millis(10), Duration::from_secs(1)))
+                }
+            }
+        }
+        let permit = if self.config.breaker.enabled {
+            match self.breaker.admit(Instant::now()) {
+                Ok(p) => Some(p),
+                Err(wait) => {
+                    if let Some(g) = grant {
+                        self.store.cancel(&g);
+                    }
+                    return Replay::Wait(wait.min(Duration::from_secs(1)));
+                }
+            }
+        } else {
+            None
+        };
+        let result = self.upstream.send(&parts, Bytes::from(entry.body.clone())).await;
+        let now = Instant::now();
+        let finish = |outcome| self.record(permit, outcome);
+        match result {
+            Ok(resp) if resp.status() == http::StatusCode::TOO_MANY_REQUESTS => {
+                finish(breaker::Outcome::Success);
+                let cap = Duration::from_millis(self.config.retry.retry_after_cap_ms);
+                let wait = resp
+                    .headers()
+                    .get(header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| retry::parse_retry_after(v, std::time::SystemTime::now(), cap))
+                    .unwrap_or(Duration::from_secs(1));
+                if self.config.limits.enabled {
+                    // Pause the bucket for live traffic too; the replay goes again later.
+                    if let Ok(g) = self.store.pause_and_requeue(&route.demands, now + wait, now, now + wait) {
+                        self.store.cancel(&g);
+                    }
+                }
+                Replay::Wait(wait)
+            }
+            Ok(resp) if resp.status().is_server_error() => {
+                finish(breaker::Outcome::Failure);
+                Replay::Failed
+            }
+            Ok(resp) => {
+                finish(breaker::Outcome::Success);
+                self.feedback(&route, &resp, now);
+                let status = resp.status();
+                let id = entry.id;
+                let spool = spool.clone();
+                let done = tokio::task::spawn_blocking(move || {
+                    if status.is_client_error() {
+                        spool.dead_letter(id, &format!("upstream answered {}", status.as_u16()))
+                    } else {
+                        spool.delivered(id)
+                    }
+                })
+                .await;
+                if !matches!(done, Ok(Ok(()))) {
+                    tracing::error!(spool_id = id, "spool update after replay failed");
+                    return Replay::Wait(Duration::from_secs(1));
+                }
+                tracing::debug!(
+                    spool_id = id,
+                    operation = route.label(),
+                    status = status.as_u16(),
+                    "spooled write replayed"
+                );
+                Replay::Delivered
+            }
+            Err(e) => {
+                finish(match e {
+                    UpstreamError::Connect(_) => breaker::Outcome::ConnectFailure,
+                    UpstreamError::Timeout(_) => breaker::Outcome::Failure,
+                });
+                Replay::Failed
+            }
+        }
+    }
+}
+
+/// How one replay attempt went.
+enum Replay {
+    /// Delivered (or dead-lettered): go on with the next.
+    Delivered,
+    /// Nothing to replay.
+    Idle,
+    /// Try again after this long.
+    Wait(Duration),
+    /// The upstream failed: back off.
+    Failed,
+}
+
+/// The request head of a spooled entry.
+fn entry_parts(entry: &spool::Entry) -> Option<request::Parts> {
+    let (mut parts, ()) =
+        Request::builder().method(entry.method.as_str()).uri(entry.path_and_query.as_str()).body(()).ok()?.into_parts();
+    for (name, value) in &entry.headers {
+        let name = http::HeaderName::from_bytes(name.as_bytes()).ok()?;
+        let mut value = HeaderValue::from_bytes(value).ok()?;
+        value.set_sensitive(name == header::AUTHORIZATION);
+        parts.headers.append(name, value);
+    }
+    Some(parts)
+}
