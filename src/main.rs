@@ -82,6 +82,9 @@ struct FaultArgs {
     /// An outage from the start: none, unavailable (503s), reset or refused.
     #[arg(long, default_value = "none")]
     outage: String,
+    /// The outage ends by itself after this many ms (0: it lasts).
+    #[arg(long, default_value_t = 0)]
+    outage_ms: u64,
     /// "Another consumer": every request gets 429 for this many ms from the start.
     #[arg(long, default_value_t = 0)]
     throttle_for_ms: u64,
@@ -113,6 +116,7 @@ impl FaultArgs {
             error_statuses: self.error_statuses,
             latency_ms: 0,
             outage,
+            outage_ms: self.outage_ms,
             throttle_for_ms: self.throttle_for_ms,
             throttle_rate: self.throttle_rate,
             retry_after: self.retry_after,

@@ -413,3 +413,40 @@ async fn shutdown_drains_queued_requests_then_answers_the_rest() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(tokio::net::TcpStream::connect(proxy).await.is_err(), "the listener is closed");
 }
+
+/// The simulator's control endpoint scripts faults at run time; a timed outage ends
+/// by itself (a refused listener cannot be told to).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulator_control_endpoint_scripts_faults() {
+    let sim = Simulator::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), SimOptions::default()).unwrap();
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let call = |method: &str, path: &str, body: &str| {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", sim.url))
+            .header("authorization", KEY)
+            .header("revision", "2026-07-15")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let client = client.clone();
+        async move { client.request(req).await.map(|r| r.status()) }
+    };
+    assert_eq!(call("POST", "/__sim/faults", r#"{"error_rate": 5}"#).await.unwrap(), StatusCode::BAD_REQUEST);
+    assert_eq!(call("POST", "/__sim/faults", r#"{"bogus": 1}"#).await.unwrap(), StatusCode::BAD_REQUEST);
+    let body = r#"{"error_rate": 1.0, "error_statuses": [502]}"#;
+    assert_eq!(call("POST", "/__sim/faults", body).await.unwrap(), StatusCode::OK);
+    assert_eq!(sim.faults().error_statuses, [502]);
+    assert_eq!(call("GET", "/api/lists", "").await.unwrap(), StatusCode::BAD_GATEWAY);
+    let body = r#"{"outage": "refused", "outage_ms": 300}"#;
+    assert_eq!(call("POST", "/__sim/faults", body).await.unwrap(), StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(tokio::net::TcpStream::connect(sim.addr).await.is_err(), "refused");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(call("GET", "/api/lists", "").await.unwrap(), StatusCode::OK);
+    let body = r#"{"outage": "reset", "outage_ms": 300}"#;
+    assert_eq!(call("POST", "/__sim/faults", body).await.unwrap(), StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(call("GET", "/api/lists", "").await.is_err(), "reset");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(call("GET", "/api/lists", "").await.unwrap(), StatusCode::OK);
+}

@@ -46,6 +46,9 @@ pub struct Faults {
     pub latency_ms: u64,
     /// An outage.
     pub outage: Outage,
+    /// The outage ends by itself after this many milliseconds (0: until changed).
+    /// Needed for `reset` and `refused`, which also cut off the control endpoint.
+    pub outage_ms: u64,
     /// "Another consumer": for this many milliseconds from when the faults are set,
     /// the account's quota is spent elsewhere and every API request gets a 429 whose
     /// `Retry-After` is the (integer, rounded up) time left.
@@ -69,6 +72,7 @@ impl Default for Faults {
             error_statuses: vec![500, 502, 503, 504],
             latency_ms: 0,
             outage: Outage::None,
+            outage_ms: 0,
             throttle_for_ms: 0,
             throttle_rate: 0.0,
             retry_after: None,

@@ -173,6 +173,8 @@ struct State {
     /// The faults in force and when they were set.
     faults: Mutex<(Faults, Instant)>,
     gate: watch::Sender<Gate>,
+    /// Bumped by every change of faults, so a timed outage ends only its own.
+    generation: std::sync::atomic::AtomicU64,
     /// Deliveries per event `unique_id` (Klaviyo deduplicates on it), and the ids in
     /// order of first arrival.
     events: Mutex<HashMap<String, u32>>,
@@ -236,11 +238,14 @@ impl Simulator {
             buckets: Mutex::new(HashMap::new()),
             totals: Mutex::new((0, 0)),
             gate,
+            generation: std::sync::atomic::AtomicU64::new(0),
             events: Mutex::new(HashMap::new()),
             arrival: Mutex::new(Vec::new()),
             throttled_until: Mutex::new(HashMap::new()),
             early: Mutex::new(0),
         });
+        // Through set_faults, so a timed outage given at start also ends by itself.
+        state.set_faults(state.options.faults.clone()).map_err(SimError::Faults)?;
         let (stop, stopped) = oneshot::channel::<()>();
         let svc_state = state.clone();
         let service = hyper::service::service_fn(move |req| handle(svc_state.clone(), req));
@@ -323,11 +328,29 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl State {
-    fn set_faults(&self, faults: Faults) -> Result<(), String> {
+    fn set_faults(self: &Arc<Self>, faults: Faults) -> Result<(), String> {
         faults.check()?;
         let gate = faults.outage.gate();
-        *lock(&self.faults) = (faults, Instant::now());
+        let ends =
+            (faults.outage != Outage::None && faults.outage_ms > 0).then(|| Duration::from_millis(faults.outage_ms));
+        let generation = {
+            let mut current = lock(&self.faults);
+            *current = (faults, Instant::now());
+            self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
+        };
         self.gate.send_replace(gate);
+        // A timed outage ends by itself: a reset or refused listener cannot be told to.
+        if let Some(after) = ends {
+            let state = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let mut current = lock(&state.faults);
+                if state.generation.load(std::sync::atomic::Ordering::SeqCst) == generation {
+                    current.0.outage = Outage::None;
+                    state.gate.send_replace(Gate::Open);
+                }
+            });
+        }
         Ok(())
     }
 
@@ -519,7 +542,7 @@ impl State {
     }
 }
 
-async fn control(state: &State, method: &Method, path: &str, body: &[u8]) -> Response<ProxyBody> {
+async fn control(state: &Arc<State>, method: &Method, path: &str, body: &[u8]) -> Response<ProxyBody> {
     match (method.as_str(), path) {
         ("GET", "/__sim/stats") => {
             json_response(StatusCode::OK, &serde_json::to_value(state.stats()).unwrap_or_default())
@@ -541,7 +564,7 @@ async fn control(state: &State, method: &Method, path: &str, body: &[u8]) -> Res
     }
 }
 
-async fn respond(state: &State, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Response<ProxyBody> {
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let path = parts.uri.path().to_string();
