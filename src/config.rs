@@ -602,6 +602,7 @@ impl Config {
         };
         config.apply_env(env)?;
         config.resolve_key(env)?;
+        config.check_resilience()?;
         Ok(config)
     }
 
@@ -686,6 +687,25 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Checks the retry and breaker values that serde's types cannot.
+    pub fn check_resilience(&self) -> Result<(), ConfigError> {
+        let r = &self.retry;
+        let problem = if r.base_ms == 0 {
+            Some("retry.base_ms must be > 0 (retries would not back off)".to_string())
+        } else if r.cap_ms < r.base_ms {
+            Some(format!("retry.cap_ms ({}) must be at least retry.base_ms ({})", r.cap_ms, r.base_ms))
+        } else if !(r.budget_ratio.is_finite() && r.budget_ratio >= 0.0) {
+            Some(format!("retry.budget_ratio ({}) must be a number >= 0", r.budget_ratio))
+        } else if r.budget_window_ms < 1000 {
+            Some("retry.budget_window_ms must be at least 1000".to_string())
+        } else if self.breaker.window_ms < 100 {
+            Some("breaker.window_ms must be at least 100".to_string())
+        } else {
+            None
+        };
+        problem.map_or(Ok(()), |p| Err(ConfigError::Conflict(p)))
     }
 
     /// Checks that apply only when serving: a listener off loopback needs a client
@@ -785,6 +805,35 @@ mod tests {
         assert_eq!(c.upstream.url.uri().port_u16(), Some(1234));
         let bad = |k: &str| (k == "KLAVIYO_PROXY_LISTEN").then(|| "nope".to_string());
         assert!(c.apply_env(&bad).unwrap_err().to_string().contains("KLAVIYO_PROXY_LISTEN"));
+    }
+
+    #[test]
+    fn resilience_values_are_checked() {
+        Config::default().check_resilience().unwrap();
+        let cases = [
+            ("[retry]\nbase_ms = 0\n", "retry.base_ms"),
+            ("[retry]\nbase_ms = 500\ncap_ms = 100\n", "retry.cap_ms"),
+            ("[retry]\nbudget_ratio = -1.0\n", "retry.budget_ratio"),
+            ("[breaker]\nwindow_ms = 1\n", "breaker.window_ms"),
+        ];
+        for (src, key) in cases {
+            let e = Config::parse(src, "t").unwrap().check_resilience().unwrap_err().to_string();
+            assert!(e.contains(key), "{src:?}: {e}");
+        }
+        assert!(err("[breaker]\nfailure_ratio = 0.0\n").contains("breaker.failure_ratio"));
+        assert!(err("[retry]\nmax_attempts = 0\n").contains("retry.max_attempts"));
+        assert!(err("[retry.operations]\nget_profiles = \"sometimes\"\n").contains("retry.operations"));
+        assert!(err("[spool]\ndeferrable = [\"no_such_op\"]\n").contains("spool.deferrable"));
+        let mut c = Config::default();
+        c.apply_env(&|k| match k {
+            "KLAVIYO_ENABLED" => Some("false".into()),
+            "KLAVIYO_PROXY_SPOOL_PATH" => Some("/tmp/s.redb".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert!(!c.upstream.enabled);
+        assert_eq!(c.spool.path.as_deref(), Some(Path::new("/tmp/s.redb")));
+        assert!(c.apply_env(&|k| (k == "KLAVIYO_ENABLED").then(|| "nope".into())).is_err());
     }
 
     #[test]

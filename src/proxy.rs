@@ -181,19 +181,24 @@ impl Proxy {
         // Events get a unique_id, so Klaviyo deduplicates any repeat or replay.
         let (body, unique_id) = self.with_unique_id(&route, body);
         let repeat = self.repeat_rule(&parts.method, &route, unique_id.is_some());
-        // Writes that may be accepted now and delivered later, when there is a spool.
-        let deferrable = self.spool.is_some() && self.is_deferrable(&route);
+        // Writes that may be accepted now and delivered later: with a spool, and only
+        // where a later delivery cannot make them happen twice.
+        let deferrable = self.spool.is_some() && self.is_deferrable(&route) && repeat == Repeat::Safe;
         // The kill switch (rollback option): answer at once, touch nothing upstream.
         if !self.config.upstream.enabled {
             if deferrable && self.config.spool.when_disabled {
-                return self.defer(&parts, body, &route, unique_id, "kill switch").await;
+                if let Some(accepted) = self.defer(&parts, &body, &route, unique_id, outcome).await {
+                    return Ok(accepted);
+                }
             }
             return Err(ProxyError::Disabled);
         }
         // While Klaviyo is failing, fail fast instead of queueing for nothing.
         if let Some(retry_after) = self.breaker_open() {
             if deferrable {
-                return self.defer(&parts, body, &route, unique_id, "circuit open").await;
+                if let Some(accepted) = self.defer(&parts, &body, &route, unique_id, outcome).await {
+                    return Ok(accepted);
+                }
             }
             return Err(ProxyError::CircuitOpen { retry_after });
         }
@@ -203,17 +208,17 @@ impl Proxy {
             result = self.exchange(&parts, body.clone(), &route, deadline, repeat, outcome) => result,
             () = self.drain_ends() => Err(ProxyError::Draining),
         };
-        // A deferrable write that cannot be delivered now is accepted for later, where
-        // that cannot make it happen twice.
-        let resp = match result {
-            Ok(resp) if deferrable && resp.status().is_server_error() && repeat == Repeat::Safe => {
-                return self.defer(&parts, body, &route, unique_id, "upstream 5xx").await;
-            }
-            Err(e) if deferrable && may_defer(&e, repeat) => {
-                return self.defer(&parts, body, &route, unique_id, e.code()).await;
-            }
-            result => result?,
+        // A deferrable write that cannot be delivered now is accepted for later.
+        let undelivered = match &result {
+            Ok(resp) => resp.status().is_server_error(),
+            Err(e) => may_defer(e),
         };
+        if deferrable && undelivered {
+            if let Some(accepted) = self.defer(&parts, &body, &route, unique_id, outcome).await {
+                return Ok(accepted);
+            }
+        }
+        let resp = result?;
         let (mut parts, body) = resp.into_parts();
         upstream::strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, body.boxed()))
@@ -476,19 +481,19 @@ impl Proxy {
     }
 }
 
-/// Whether a failed deferrable write may be accepted for later: always when it never
-/// reached Klaviyo, otherwise only when repeating it is safe.
-fn may_defer(e: &ProxyError, repeat: Repeat) -> bool {
-    match e {
+/// Whether a deferrable write that failed this way may be accepted for later: it did
+/// not reach Klaviyo, or Klaviyo failed it (deferrable writes are safe to repeat).
+fn may_defer(e: &ProxyError) -> bool {
+    matches!(
+        e,
         ProxyError::CircuitOpen { .. }
-        | ProxyError::QueueFull { .. }
-        | ProxyError::QueueTimeout { .. }
-        | ProxyError::UpstreamThrottled { .. } => true,
-        ProxyError::UpstreamUnreachable | ProxyError::UpstreamTimeout(_) | ProxyError::Draining => {
-            repeat == Repeat::Safe
-        }
-        _ => false,
-    }
+            | ProxyError::QueueFull { .. }
+            | ProxyError::QueueTimeout { .. }
+            | ProxyError::UpstreamThrottled { .. }
+            | ProxyError::UpstreamUnreachable
+            | ProxyError::UpstreamTimeout(_)
+            | ProxyError::Draining
+    )
 }
 
 /// What happened to a request, for its log line.

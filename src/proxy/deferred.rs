@@ -10,10 +10,9 @@ use http::header::{self, HeaderValue};
 use http::{request, Request, Response};
 use tokio::time::Instant;
 
-use super::Proxy;
+use super::{Outcome, Proxy};
 use crate::body::ProxyBody;
 use crate::breaker;
-use crate::error::ProxyError;
 use crate::limiter::Denied;
 use crate::retry;
 use crate::route::Route;
@@ -21,16 +20,17 @@ use crate::spool::{self, Spool};
 use crate::upstream::UpstreamError;
 
 impl Proxy {
-    /// Writes the request to the spool (synced to disk) and answers 202 with its id.
+    /// Writes the request to the spool (synced to disk) and answers 202 with its id;
+    /// `None` when the spool cannot take it (the caller then answers as it would have).
     pub(super) async fn defer(
         &self,
         parts: &request::Parts,
-        body: Bytes,
+        body: &Bytes,
         route: &Route,
         unique_id: Option<String>,
-        why: &'static str,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        let spool = self.spool.as_ref().ok_or(ProxyError::Internal)?;
+        outcome: &mut Outcome,
+    ) -> Option<Response<ProxyBody>> {
+        let spool = self.spool.as_ref()?;
         let entry = spool::Entry {
             id: 0,
             operation: route.label().to_string(),
@@ -44,17 +44,20 @@ impl Proxy {
                 .map_or(0, |d| d.as_millis() as u64),
             last_error: None,
         };
-        let id = spool.append_async(entry).await.map_err(|e| {
-            tracing::error!(operation = route.label(), error = %e, "spool write failed");
-            ProxyError::Internal
-        })?;
+        let id = match spool.append_async(entry).await {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::error!(operation = route.label(), error = %e, "spool write failed");
+                return None;
+            }
+        };
         self.spooled.notify_one();
-        tracing::debug!(operation = route.label(), spool_id = id, why, "write spooled");
+        outcome.error = Some("proxy_spooled");
         let mut resp = Response::new(crate::body::full(Bytes::new()));
         *resp.status_mut() = http::StatusCode::ACCEPTED;
         resp.headers_mut().insert(spool::SPOOL_ID_HEADER, HeaderValue::from(id));
         resp.headers_mut().insert(crate::error::PROXY_ERROR_HEADER, HeaderValue::from_static("proxy_spooled"));
-        Ok(resp)
+        Some(resp)
     }
 
     /// Replays spooled writes in order, one at a time, through the same limiter and
