@@ -384,10 +384,11 @@ impl Proxy {
     /// Klaviyo's `RateLimit-Remaining` lowers the proxy's view of the bucket when
     /// another consumer spends the same quota.
     fn feedback(&self, route: &Route, resp: &Response<Incoming>, now: Instant) {
-        let remaining =
-            resp.headers().get("ratelimit-remaining").and_then(|v| v.to_str().ok()?.trim().parse::<u32>().ok());
+        let number = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+        let remaining = number("ratelimit-remaining").and_then(|r| u32::try_from(r).ok());
+        let reset = number("ratelimit-reset").map(Duration::from_secs);
         if let (Some(remaining), Some(demand), true) = (remaining, route.demands.first(), self.config.limits.enabled) {
-            let phantoms = self.store.observe_remaining(demand, remaining, now);
+            let phantoms = self.store.observe_remaining(demand, remaining, reset, now);
             if phantoms > 0 {
                 tracing::debug!(
                     operation = route.label(),

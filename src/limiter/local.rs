@@ -332,8 +332,9 @@ impl LocalStore {
     /// Lowers the proxy's view of a bucket's steady window to what the upstream reports
     /// (`RateLimit-Remaining`): when it has fewer tokens left than the proxy believes,
     /// another consumer spends the quota, and the difference is booked as phantom takes.
-    /// Returns how many were added.
-    pub fn observe_remaining(&self, demand: &Demand, remaining: u32, now: Instant) -> u32 {
+    /// With `RateLimit-Reset` they leave the window when Klaviyo's window resets;
+    /// without it, a whole window from now. Returns how many were added.
+    pub fn observe_remaining(&self, demand: &Demand, remaining: u32, reset: Option<Duration>, now: Instant) -> u32 {
         let Some(&steady) = demand.windows.as_slice().get(1) else { return 0 };
         let now_t = self.tick(now);
         self.with_locked(&[demand.key], |guards| {
@@ -342,12 +343,10 @@ impl LocalStore {
             log.prune(now_t, steady.period);
             let believed = u64::from(steady.limit).saturating_sub(log.in_use(now_t, steady));
             let phantoms = believed.saturating_sub(u64::from(remaining));
-            // Takes are recorded in order, so phantoms go after any booked slot: they
-            // then come back a little later than Klaviyo's, which errs on the safe side.
-            let at = log.last().map_or(now_t, |l| l.max(now_t));
-            for _ in 0..phantoms {
-                log.record(at);
-            }
+            let reset = reset.map_or(steady.period, |r| ticks(r).clamp(1_000_000, steady.period));
+            // Inside the window as `in_use` counts it, so the next answer finds them.
+            let at = (now_t + reset).saturating_sub(steady.period).max(now_t.saturating_sub(steady.period) + 1);
+            log.insert(at, phantoms);
             b.expires = b.expires.max(at.saturating_add(steady.period));
             phantoms as u32
         })
@@ -506,17 +505,24 @@ mod tests {
                 WindowSpec { limit: 20, period: 60_000_000 },
             ]),
         };
-        let now = Instant::now() + Duration::from_secs(1);
+        let now = Instant::now() + Duration::from_secs(100);
         store.reserve(&[d], now, now, 10).unwrap();
-        // The proxy believes 19 are left; Klaviyo says 5: 14 phantoms.
-        assert_eq!(store.observe_remaining(&d, 5, now), 14);
-        assert_eq!(store.observe_remaining(&d, 5, now), 0, "already in line with Klaviyo");
-        assert_eq!(store.observe_remaining(&d, 50, now), 0, "never raised");
+        // The proxy believes 19 are left; Klaviyo says 5: 14 phantoms, leaving when
+        // Klaviyo's window resets in 10 s.
+        let reset = Some(Duration::from_secs(10));
+        assert_eq!(store.observe_remaining(&d, 5, reset, now), 14);
+        assert_eq!(store.observe_remaining(&d, 5, reset, now), 0, "already in line with Klaviyo");
+        assert_eq!(store.observe_remaining(&d, 50, reset, now), 0, "never raised");
         let far = now + Duration::from_secs(120);
         for _ in 0..5 {
             assert!(store.reserve(&[d], now, far, 100).unwrap().at < now + Duration::from_secs(2));
         }
-        // The steady window is now full until the first take returns.
+        // The steady window is full until Klaviyo's resets and the phantoms leave.
+        assert_eq!(store.reserve(&[d], now, far, 100).unwrap().at, now + Duration::from_secs(10));
+        // Without a reset, the phantoms stay a whole window.
+        let store = LocalStore::new();
+        store.reserve(&[d], now, now, 10).unwrap();
+        assert_eq!(store.observe_remaining(&d, 0, None, now), 19);
         assert_eq!(store.reserve(&[d], now, far, 100).unwrap().at, now + Duration::from_secs(60));
     }
 

@@ -99,6 +99,24 @@ impl WindowLog {
         }
     }
 
+    /// Records `n` takes at any `tick`, even before later ones: takes that are not the
+    /// proxy's (another consumer's, learned from `RateLimit-Remaining`), placed so they
+    /// leave the window when Klaviyo's does. Adding takes only makes later decisions
+    /// wait longer, so the invariant holds for the proxy's own takes.
+    pub fn insert(&mut self, tick: Tick, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let idx = self.runs.partition_point(|r| r.tick < tick);
+        let before = if idx == 0 { self.base } else { self.runs[idx - 1].end };
+        if self.runs.get(idx).is_none_or(|r| r.tick != tick) {
+            self.runs.insert(idx, Run { tick, end: before });
+        }
+        for run in self.runs.range_mut(idx..) {
+            run.end += n;
+        }
+    }
+
     /// Removes one take at `tick` (a cancelled reservation). Removing only lowers
     /// counts, so the invariant holds for every remaining take. Returns whether a take
     /// was found.
@@ -289,5 +307,28 @@ mod tests {
         assert_eq!(log.earliest(5, spec), 5);
         log.prune(105, spec.period);
         assert!(log.is_empty());
+    }
+
+    #[test]
+    fn insert_places_takes_in_order() {
+        let spec = WindowSpec { limit: 3, period: 100 };
+        let mut log = WindowLog::default();
+        log.record(50);
+        log.record(80);
+        log.insert(10, 2);
+        log.insert(80, 1);
+        log.insert(200, 1);
+        assert_eq!(log.len(), 6);
+        assert_eq!(log.in_use(100, spec), 5);
+        assert_eq!(log.in_use(60, spec), 3);
+        // The 3rd most recent take is at 80 (allows 180), but takes stay in order: 200.
+        assert_eq!(log.earliest(150, spec), 200);
+        let mut past = WindowLog::default();
+        past.record(90);
+        past.insert(20, 2);
+        // Three takes by 90; the 3rd most recent is at 20: the next may go at 120.
+        assert_eq!(past.earliest(95, spec), 120);
+        log.prune(120, 100);
+        assert_eq!(log.len(), 4, "the two takes at 10 have left the window");
     }
 }
