@@ -1,6 +1,7 @@
 //! Resilience against a misbehaving upstream: the real simulator with scripted faults
 //! and the proxy, both in-process on 127.0.0.1:0.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -300,7 +301,15 @@ async fn kill_switch_answers_503_proxy_disabled() {
 /// cool-down plus one probe after the outage ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_second_outage_opens_the_breaker_and_recovers() {
-    let run = Arc::new(start(Faults::default(), |c| c.breaker.cool_down_ms = 2000).await);
+    let spool_dir = std::env::temp_dir().join(format!("kp-outage-{}-{}", std::process::id(), fastrand::u64(..)));
+    let spool_path = spool_dir.join("spool.redb");
+    let run = Arc::new(
+        start(Faults::default(), |c| {
+            c.breaker.cool_down_ms = 2000;
+            c.spool.path = Some(spool_path);
+        })
+        .await,
+    );
     let cfg = run.app.proxy().config().breaker.clone();
     let t0 = Instant::now();
     let outage_at = Duration::from_secs(1);
@@ -321,6 +330,24 @@ async fn ten_second_outage_opens_the_breaker_and_recovers() {
             }
         }));
     }
+    // And 20 events/s, each with its own unique_id: acknowledged ones must arrive once.
+    let acked = Arc::new(std::sync::Mutex::new(BTreeSet::<String>::new()));
+    let events = {
+        let (r, acked) = (run.clone(), acked.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            let mut n = 0;
+            while t0.elapsed() < stop_at {
+                tick.tick().await;
+                n += 1;
+                let id = format!("outage-{n}");
+                let body = event(n).replace(r#""properties""#, &format!(r#""unique_id":"{id}","properties""#));
+                if r.send("POST", "/api/events", &body, None).await.status.is_success() {
+                    acked.lock().unwrap().insert(id);
+                }
+            }
+        })
+    };
     tokio::time::sleep_until(t0 + outage_at).await;
     let before = run.sim.stats().requests;
     run.sim.set_faults(Faults { outage: Outage::Unavailable, ..Faults::default() }).unwrap();
@@ -345,6 +372,21 @@ async fn ten_second_outage_opens_the_breaker_and_recovers() {
     for c in clients {
         c.await.unwrap();
     }
+    events.await.unwrap();
+    let spool = run.app.proxy().spool().unwrap().clone();
+    let drained = tokio::time::timeout(Duration::from_secs(20), async {
+        while spool.pending_len().unwrap() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the spool drains after the outage");
+    let acked = acked.lock().unwrap().clone();
+    let delivered = run.sim.events();
+    let ids: BTreeSet<String> = delivered.ids.iter().cloned().collect();
+    assert_eq!(acked.difference(&ids).count(), 0, "every acknowledged event delivered");
+    assert_eq!(delivered.duplicates, 0, "no event delivered twice");
+    std::fs::remove_dir_all(spool_dir).unwrap();
     let log = log.lock().unwrap().clone();
     let opened_after = opened_after.expect("the breaker opened");
     let recovered = log
@@ -355,7 +397,8 @@ async fn ten_second_outage_opens_the_breaker_and_recovers() {
         .expect("traffic recovered");
     let in_outage = log.iter().filter(|(at, _)| *at >= outage_at && *at < outage_end).count();
     println!(
-        "FIGURES outage: breaker opened after {opened_after} upstream requests; {during} upstream requests for {in_outage} client requests during 10 s; fail-fast p50 {:?} p99 {:?} max {:?} over {}; recovered {:?} after the outage ended",
+        "FIGURES outage: {} events acknowledged, all delivered once; breaker opened after {opened_after} upstream requests; {during} upstream requests for {in_outage} client requests during 10 s; fail-fast p50 {:?} p99 {:?} max {:?} over {}; recovered {:?} after the outage ended",
+        acked.len(),
         percentile(fast.clone(), 0.5),
         percentile(fast.clone(), 0.99),
         percentile(fast.clone(), 1.0),
