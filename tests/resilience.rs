@@ -553,3 +553,33 @@ async fn futures_join<F: std::future::Future<Output = bool> + Send + 'static>(fu
     }
     out
 }
+
+/// Refused connections open the breaker after `consecutive_connect_failures` in a row,
+/// without waiting for the failure ratio's volume; it closes again after the outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connections_open_the_breaker_fast() {
+    let run = start(Faults::default(), |c| c.breaker.cool_down_ms = 1000).await;
+    assert_eq!(run.get("/api/lists").await.status, StatusCode::OK);
+    run.sim.set_faults(Faults { outage: Outage::Refused, outage_ms: 1500, ..Faults::default() }).unwrap();
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    loop {
+        let a = run.get("/api/lists").await;
+        let open = a.code.as_deref() == Some("proxy_circuit_open");
+        answers.push(a);
+        if open || answers.len() > 10 {
+            break;
+        }
+    }
+    let codes: Vec<Option<String>> = answers.iter().map(|a| a.code.clone()).collect();
+    // Each request is tried up to max_attempts (nothing was sent), so the fifth
+    // refused connection comes within the second client request.
+    assert!(answers.len() <= 3, "{codes:?}");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    let last = answers.last().unwrap();
+    assert!(last.took < Duration::from_millis(5), "{:?}", last.took);
+    // After the outage (1.5 s) and the cool-down, a probe closes it.
+    tokio::time::sleep_until(started + Duration::from_millis(2600)).await;
+    let a = run.get("/api/lists").await;
+    assert_eq!(a.status, StatusCode::OK, "{a:?}");
+}
