@@ -451,7 +451,7 @@ pub struct RetryConfig {
 impl Default for RetryConfig {
     fn default() -> Self {
         RetryConfig {
-            max_attempts: nz(5),
+            max_attempts: nz(6),
             base_ms: 100,
             cap_ms: 5_000,
             budget_ratio: 0.3,

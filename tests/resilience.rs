@@ -558,28 +558,37 @@ async fn futures_join<F: std::future::Future<Output = bool> + Send + 'static>(fu
 /// without waiting for the failure ratio's volume; it closes again after the outage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_connections_open_the_breaker_fast() {
-    let run = start(Faults::default(), |c| c.breaker.cool_down_ms = 1000).await;
+    use klaviyo_proxy::breaker::Phase;
+    let run = Arc::new(start(Faults::default(), |c| c.breaker.cool_down_ms = 2000).await);
     assert_eq!(run.get("/api/lists").await.status, StatusCode::OK);
-    run.sim.set_faults(Faults { outage: Outage::Refused, outage_ms: 1500, ..Faults::default() }).unwrap();
+    run.sim.set_faults(Faults { outage: Outage::Refused, outage_ms: 3000, ..Faults::default() }).unwrap();
     let started = Instant::now();
-    let mut answers = Vec::new();
-    loop {
-        let a = run.get("/api/lists").await;
-        let open = a.code.as_deref() == Some("proxy_circuit_open");
-        answers.push(a);
-        if open || answers.len() > 10 {
-            break;
-        }
+    // The simulator's tasks close the listener and open connections a moment later.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // One client request: nothing reaches Klaviyo, so it is tried again and again.
+    let first = {
+        let r = run.clone();
+        tokio::spawn(async move { r.get("/api/lists").await })
+    };
+    while run.app.proxy().breaker().phase() != Phase::Open {
+        assert!(started.elapsed() < Duration::from_secs(2), "the breaker did not open");
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let codes: Vec<Option<String>> = answers.iter().map(|a| a.code.clone()).collect();
-    // Each request is tried up to max_attempts (nothing was sent), so the fifth
-    // refused connection comes within the second client request.
-    assert!(answers.len() <= 3, "{codes:?}");
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
-    let last = answers.last().unwrap();
-    assert!(last.took < Duration::from_millis(5), "{:?}", last.took);
-    // After the outage (1.5 s) and the cool-down, a probe closes it.
-    tokio::time::sleep_until(started + Duration::from_millis(2600)).await;
+    let opened = started.elapsed();
+    // Open: the next request fails fast, with the cool-down left as Retry-After.
+    let next = run.get("/api/lists").await;
+    assert_eq!(next.code.as_deref(), Some("proxy_circuit_open"));
+    assert_eq!(next.retry_after.as_deref(), Some("2"));
+    assert!(next.took < Duration::from_millis(5), "{:?}", next.took);
+    let first = first.await.unwrap();
+    println!("FIGURES refused: breaker open {opened:?} after the outage began; first request {first:?}");
+    // After the outage (3 s) and the cool-down, a probe closes it.
+    tokio::time::sleep_until(started + Duration::from_millis(5200)).await;
     let a = run.get("/api/lists").await;
     assert_eq!(a.status, StatusCode::OK, "{a:?}");
+    assert_eq!(run.app.proxy().breaker().phase(), Phase::HalfOpen, "one probe of three so far");
+    for _ in 0..2 {
+        assert_eq!(run.get("/api/lists").await.status, StatusCode::OK);
+    }
+    assert_eq!(run.app.proxy().breaker().phase(), Phase::Closed);
 }
