@@ -326,3 +326,60 @@ async fn kill_switch_spools_deferrable_writes() {
     assert_eq!(app.proxy().spool().unwrap().pending_len().unwrap(), 1);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// At shutdown, deferrable writes still queued when the drain time runs out are
+/// spooled (202) rather than refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_spools_queued_deferrable_writes() {
+    let sim = Simulator::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), SimOptions::default()).unwrap();
+    let dir = temp_dir("spool-drain");
+    let mut config = Config::default();
+    config.upstream.url = UpstreamUrl::try_from(sim.url.clone()).unwrap();
+    config.spool.path = Some(dir.join("spool.redb"));
+    config.server.drain_timeout_ms = 1000;
+    // One profile upsert per second through the proxy, so they queue.
+    config.limits = Config::parse(
+        "[limits.operations.create_or_update_profile]\nburst_per_second = 1\nsteady_per_minute = 60\n",
+        "t",
+    )
+    .unwrap()
+    .limits;
+    let app = App::build(config).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(app.clone().serve(listener, async {
+        let _ = stopped.await;
+    }));
+    let client = client();
+    let mut tasks = Vec::new();
+    for n in 0..4 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let body = format!(r#"{{"data":{{"type":"profile","attributes":{{"email":"d{n}@example.com"}}}}}}"#);
+            let req = Request::builder()
+                .method("POST")
+                .uri(format!("http://{addr}/api/profile-import"))
+                .header("authorization", KEY)
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            let resp = client.request(req).await.unwrap();
+            (resp.status(), resp.headers().contains_key(SPOOL_ID_HEADER))
+        }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.send(()).unwrap();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    served.await.unwrap();
+    // Slots at 0 and 1 s are served within the 1 s drain; those at 2 and 3 s are spooled.
+    let forwarded = answers.iter().filter(|(s, spooled)| s.is_success() && !spooled).count();
+    let spooled = answers.iter().filter(|(s, spooled)| *s == StatusCode::ACCEPTED && *spooled).count();
+    assert_eq!((forwarded, spooled), (2, 2), "{answers:?}");
+    assert_eq!(app.proxy().spool().unwrap().pending_len().unwrap(), 2);
+    assert_eq!(sim.stats().requests, 2);
+    std::fs::remove_dir_all(dir).unwrap();
+}
