@@ -375,3 +375,28 @@ async fn the_steady_window_holds_end_to_end() {
     assert!(b.max_sliding["steady"] <= 6 && b.max_sliding["burst"] <= 5, "{b:?}");
     assert_eq!(stats.throttled, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_heads_and_slow_clients_are_cut_off() {
+    let sim = sim(SimOptions::default()).await;
+    let proxy = proxy(config(&sim.url, "[server]\nmax_header_bytes = 16384\nclient_read_timeout_ms = 300\n")).await;
+    let big =
+        format!("GET /api/accounts HTTP/1.1\r\nhost: x\r\nx-big: {}\r\nconnection: close\r\n\r\n", "a".repeat(40_000));
+    let reply = raw(proxy.addr, &big).await;
+    assert!(reply.is_empty() || reply.starts_with("HTTP/1.1 431"), "{reply}");
+    // A client that never finishes its head is disconnected after the read timeout.
+    let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
+    slow.write_all(b"GET /api/accounts HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "connection still open after 5 s");
+    // A body that is never finished gets 408 in the JSON:API shape.
+    let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!("POST /api/events HTTP/1.1\r\nhost: x\r\nauthorization: Klaviyo-API-Key {KEY_A}\r\ncontent-length: 100\r\n\r\n{{");
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf)).await.unwrap().unwrap();
+    let reply = String::from_utf8_lossy(&buf[..n]);
+    assert!(reply.starts_with("HTTP/1.1 408") && reply.contains("proxy_client_timeout"), "{reply}");
+    assert_eq!(sim.stats().requests, 0);
+}
