@@ -2,6 +2,8 @@
 //! small HTTP client. Every server started here stops when its handle is dropped.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
