@@ -236,6 +236,47 @@ pub struct Config {
     pub queue: QueueConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The admin listener: metrics, health, readiness, reload.
+    pub admin: AdminConfig,
+    /// The `preflight` command.
+    pub preflight: PreflightConfig,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Listen address of `/metrics`, `/health`, `/ready`, `/live`, `/admin/reload`;
+    /// loopback by default.
+    pub listen: SocketAddr,
+    /// How long a `/health` probe of Klaviyo is reused (its `GET /api/accounts` is XS tier).
+    pub health_cache_ms: u64,
+    /// Longest the probe waits for a token before `/health` reports rate-limited.
+    pub health_max_wait_ms: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            health_cache_ms: 30_000,
+            health_max_wait_ms: 2_000,
+        }
+    }
+}
+
+/// `[preflight]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PreflightConfig {
+    /// Klaviyo's status page, statuspage.io `api/v2/status.json` format.
+    pub status_url: String,
+}
+
+impl Default for PreflightConfig {
+    fn default() -> Self {
+        PreflightConfig { status_url: "https://status.klaviyo.com/api/v2/status.json".into() }
+    }
 }
 
 /// `[server]`
@@ -516,6 +557,9 @@ impl Config {
             self.limits.share = Share::try_from(f)
                 .map_err(|message| ConfigError::Env { var: "KLAVIYO_PROXY_SHARE".into(), message })?;
         }
+        if let Some(v) = env("KLAVIYO_PROXY_ADMIN_LISTEN") {
+            self.admin.listen = from_str("KLAVIYO_PROXY_ADMIN_LISTEN", &v, "an address like 127.0.0.1:9090")?;
+        }
         if let Some(v) = env("KLAVIYO_PROXY_LOG_LEVEL") {
             self.log.level = v;
         }
@@ -553,6 +597,9 @@ impl Config {
     /// Checks that apply only when serving: a listener off loopback needs a client
     /// token unless explicitly opted out.
     pub fn check_serve(&self) -> Result<(), ConfigError> {
+        if !self.admin.listen.ip().is_loopback() && self.server.client_token.is_none() {
+            tracing::warn!(listen = %self.admin.listen, "the admin listener is not on loopback: /admin/reload and /metrics are open to that network");
+        }
         let ip = self.server.listen.ip();
         if !ip.is_loopback() && self.server.client_token.is_none() && !self.server.allow_unauthenticated_remote {
             return Err(ConfigError::Conflict(format!(
