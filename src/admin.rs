@@ -10,7 +10,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::Mutex;
@@ -97,8 +96,13 @@ impl Admin {
         Admin { proxy, ready, reloader, probe: Mutex::new(None), account_id: std::sync::Mutex::new(None) }
     }
 
-    /// Serves one admin request.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    /// Whether the app has started and is not draining.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Serves one admin request (no endpoint reads a body).
+    pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Result<Response<ProxyBody>, Infallible> {
         let resp = match (req.method(), req.uri().path()) {
             (&Method::GET, "/metrics") => {
                 let text = self.proxy.metrics().encode(self.proxy.store());
@@ -111,7 +115,7 @@ impl Admin {
                 json(status, &serde_json::to_value(&report).unwrap_or_default())
             }
             (&Method::GET, "/ready") => {
-                let ready = self.ready.load(Ordering::SeqCst);
+                let ready = self.is_ready();
                 let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
                 json(status, &serde_json::json!({ "ready": ready }))
             }
