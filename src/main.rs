@@ -270,8 +270,14 @@ async fn serve(
         });
     }
     tracing::info!(%addr, admin = %admin_addr, upstream = %upstream_url, "klaviyo-proxy listening");
-    println!("klaviyo-proxy listening on http://{addr}");
-    println!("admin listening on http://{admin_addr}");
+    // Written without panicking: a caller may stop reading stdout after the first line.
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "klaviyo-proxy listening on http://{addr}");
+        let _ = writeln!(out, "admin listening on http://{admin_addr}");
+        let _ = out.flush();
+    }
     app.serve_with_admin(listener, Some(admin_listener), shutdown_signal()).await;
     if let Some(sim) = simulator {
         sim.stop().await;

@@ -241,9 +241,11 @@ impl Proxy {
             request_id = %request_id,
             %method,
             operation = outcome.operation,
+            tier = outcome.tier,
             status = resp.status().as_u16(),
             outcome = outcome.error.unwrap_or(outcome.kind.as_str()),
             queue_wait_ms = outcome.waited.as_millis() as u64,
+            attempts = outcome.attempts,
             upstream_ms = outcome.upstream.map(|d| d.as_millis() as u64),
             total_ms = started.elapsed().as_millis() as u64,
             "request"
@@ -277,6 +279,7 @@ impl Proxy {
             }
         }
         let sent = Instant::now();
+        outcome.attempts += 1;
         let resp = self.upstream.send(&parts, body).await.map_err(|e| {
             tracing::warn!(operation = route.label(), error = %e, "upstream request failed");
             upstream_error(e)
@@ -374,6 +377,8 @@ struct Outcome {
     operation: &'static str,
     tier: &'static str,
     kind: RequestOutcome,
+    /// Times the request was sent upstream (retries add to it).
+    attempts: u32,
     error: Option<&'static str>,
     waited: Duration,
     upstream: Option<Duration>,
@@ -385,6 +390,7 @@ impl Default for Outcome {
             operation: "unknown",
             tier: "unknown",
             kind: RequestOutcome::Forwarded,
+            attempts: 0,
             error: None,
             waited: Duration::ZERO,
             upstream: None,

@@ -42,14 +42,23 @@ impl Reloader {
     pub fn reload(&self, proxy: &Proxy) -> Result<(), String> {
         let result = self.try_reload(proxy);
         proxy.metrics().config_reload(result.is_ok());
-        match &result {
-            Ok(()) => tracing::info!("config reloaded"),
-            Err(error) => tracing::error!(%error, "config reload rejected; keeping the running config"),
+        match result {
+            Ok(level) => {
+                // Logged before the new level applies, so a quieter level still shows it.
+                tracing::info!(log_level = %level, "config reloaded");
+                match &self.log_level {
+                    Some(hook) => hook(&level),
+                    None => Ok(()),
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "config reload rejected; keeping the running config");
+                Err(error)
+            }
         }
-        result
     }
 
-    fn try_reload(&self, proxy: &Proxy) -> Result<(), String> {
+    fn try_reload(&self, proxy: &Proxy) -> Result<String, String> {
         let new = (self.source)().map_err(|e| e.to_string())?;
         new.check_serve().map_err(|e| e.to_string())?;
         let level = new.log.level.clone();
@@ -58,9 +67,6 @@ impl Reloader {
             return Err(format!("log.level `{level}`: {e}"));
         }
         proxy.reload(new).map_err(|e| e.to_string())?;
-        if let Some(hook) = &self.log_level {
-            hook(&level)?;
-        }
-        Ok(())
+        Ok(level)
     }
 }
