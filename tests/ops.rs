@@ -294,17 +294,20 @@ async fn reload_keeps_queued_requests_and_rejects_a_bad_file() {
     let sim = sim(SimOptions::default()).await;
     let dir = tempdir("reload");
     let file = dir.join("proxy.toml");
+    let key_file = dir.join("key");
+    write(&key_file, KEY_A);
     let base = format!(
-        "[upstream]\nurl = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[auth]\nmode = \"inject\"\n",
-        sim.url
+        "[upstream]\nurl = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[auth]\nmode = \"inject\"\nkey_file = \"{}\"\n",
+        sim.url,
+        key_file.display()
     );
     let limits =
         |burst: u32| format!("[limits.operations.get_profiles]\nburst_per_second = {burst}\nsteady_per_minute = 100\n");
     write(&file, &format!("{base}{}", limits(1)));
-    let env = |k: &str| (k == "KLAVIYO_PRIVATE_KEY").then(|| KEY_A.to_string());
-    let config = Config::load(Some(&file), &env).unwrap();
+    let no_env = |_: &str| None;
+    let config = Config::load(Some(&file), &no_env).unwrap();
     let source_file = file.clone();
-    let reloader = Reloader::new(Arc::new(move || Config::load(Some(&source_file), &env)));
+    let reloader = Reloader::new(Arc::new(move || Config::load(Some(&source_file), &no_env)));
     let ops = Ops::start(App::build(config).unwrap().with_reloader(reloader)).await;
     let c = client();
     let url = format!("{}/api/profiles", ops.url);
@@ -319,13 +322,24 @@ async fn reload_keeps_queued_requests_and_rejects_a_bad_file() {
     assert_eq!(sample(&ops.metrics().await, r#"klaviyo_proxy_queue_depth{operation="get_profiles""#), Some(2.0));
 
     // A new limit and a new key arrive while two requests wait.
+    let key_b = "pk_rotated_key_b_0123456789abcdef";
+    write(&key_file, key_b);
     write(&file, &format!("{base}{}[queue]\nmax_wait_ms = 20000\n", limits(5)));
     let r = send(&c, Method::POST, &format!("{}/admin/reload", ops.admin), &[], "").await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
-    assert_eq!(ops.app.proxy().config().queue.max_wait_ms, 20_000);
+    let config = ops.app.proxy().config();
+    assert_eq!(config.queue.max_wait_ms, 20_000);
+    assert_eq!(config.limits.operations.values().next().unwrap().burst_per_second.get(), 5);
     for w in waiting {
         assert_eq!(w.await.unwrap().status, StatusCode::OK, "a queued request was dropped by the reload");
     }
+    // Requests from now on carry the rotated key.
+    assert_eq!(send(&c, Method::GET, &url, &[], "").await.status, StatusCode::OK);
+    let per_account = |key: &str| {
+        let alias = klaviyo_proxy::sim::account_alias(&format!("Klaviyo-API-Key {key}"));
+        sim.stats().buckets.iter().filter(|b| b.account == alias).map(|b| b.requests).sum::<u64>()
+    };
+    assert_eq!((per_account(KEY_A), per_account(key_b)), (3, 1));
 
     // A bad file is refused, and the running config stays.
     write(&file, &format!("{base}[limits]\nshare = 7\n"));

@@ -256,3 +256,61 @@ fn sighup_reloads_and_a_bad_file_is_kept_out() {
     assert!(!logs.iter().any(|l| l.contains("after-reload") || l.contains("after-bad-reload")), "{logs:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The simulator as its own process, stopped by its PID when dropped.
+struct Sim(Child, String);
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn simulate() -> Sim {
+    let mut child = Command::new(BIN)
+        .args(["simulate", "--listen", "127.0.0.1:0", "--seed", "5"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    Sim(child, url)
+}
+
+#[test]
+fn preflight_command_exit_code_table_and_json() {
+    let sim = simulate();
+    let status_url = format!("{}{}", sim.1, klaviyo_proxy::sim::STATUS_PATH);
+    let run = |extra: &[&str], key: &str| {
+        let out = Command::new(BIN)
+            .args(["preflight", "--upstream", &sim.1, "--status-url", &status_url])
+            .args(extra)
+            .env("KLAVIYO_PRIVATE_KEY", key)
+            .env_remove("KLAVIYO_PROXY_UPSTREAM")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, table) = run(&[], KEY);
+    assert_eq!(code, Some(0), "{table}");
+    assert!(table.starts_with("CHECK") && table.contains("api auth") && table.contains("preflight passed"), "{table}");
+    assert!(!table.contains(KEY));
+
+    // A source tree with a hardcoded key: exit 1, and JSON names the file, not the key.
+    let dir = tempdir("scan");
+    std::fs::write(dir.join("settings.py"), format!("KLAVIYO = '{CLIENT_KEY}'\n")).unwrap();
+    let (code, json) = run(&["--scan", dir.to_str().unwrap(), "--json"], KEY);
+    assert_eq!(code, Some(1), "{json}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["passed"], false);
+    let scan = v["checks"].as_array().unwrap().iter().find(|c| c["name"] == "key scan").unwrap();
+    assert_eq!(scan["result"], "fail");
+    assert!(scan["detail"].as_str().unwrap().contains("settings.py:1"));
+    assert!(!json.contains(CLIENT_KEY) && !json.contains(KEY));
+    let _ = std::fs::remove_dir_all(&dir);
+}
