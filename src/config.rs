@@ -597,7 +597,7 @@ impl Config {
     /// Checks that apply only when serving: a listener off loopback needs a client
     /// token unless explicitly opted out.
     pub fn check_serve(&self) -> Result<(), ConfigError> {
-        if !self.admin.listen.ip().is_loopback() && self.server.client_token.is_none() {
+        if !self.admin.listen.ip().is_loopback() {
             tracing::warn!(listen = %self.admin.listen, "the admin listener is not on loopback: /admin/reload and /metrics are open to that network");
         }
         let ip = self.server.listen.ip();

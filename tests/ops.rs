@@ -75,6 +75,18 @@ fn sample(metrics: &str, prefix: &str) -> Option<f64> {
     metrics.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
+/// Waits (bounded) until `operation`'s queue holds `n` requests.
+async fn wait_for_depth(ops: &Ops, operation: &str, n: f64) {
+    let prefix = format!("klaviyo_proxy_queue_depth{{operation=\"{operation}\"");
+    for _ in 0..200 {
+        if sample(&ops.metrics().await, &prefix) == Some(n) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{operation}'s queue never held {n}");
+}
+
 fn has_line(metrics: &str, line: &str) -> bool {
     metrics.lines().any(|l| l == line)
 }
@@ -96,7 +108,7 @@ async fn metrics_count_scripted_traffic_exactly() {
             tokio::spawn(async move { send(&c, Method::GET, &url, &[], "").await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_for_depth(&ops, "get_profiles", 1.0).await;
     // Meanwhile the burst window is full: a request that may not wait is refused.
     let refused = send(&c, Method::GET, &profiles, &[("x-proxy-max-wait-ms", "0")], "").await;
     assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
@@ -264,11 +276,18 @@ async fn ready_until_drain_and_live() {
         let url = url.clone();
         async move { send(&c, Method::GET, &url, &[], "").await }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_for_depth(&ops, "get_accounts", 1.0).await;
     let _ = ops.stop.take().unwrap().send(());
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let r = ops.admin_get("/ready").await;
+    let mut r = ops.admin_get("/ready").await;
+    for _ in 0..100 {
+        if r.status != StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        r = ops.admin_get("/ready").await;
+    }
     assert_eq!((r.status, r.json()["ready"].as_bool()), (StatusCode::SERVICE_UNAVAILABLE, Some(false)));
+    assert!(!slow.is_finished(), "the drain outlasts the readiness flip");
     assert_eq!(ops.admin_get("/live").await.status, StatusCode::OK);
     // The waiting request still completes.
     assert_eq!(slow.await.unwrap().status, StatusCode::OK);
@@ -318,8 +337,7 @@ async fn reload_keeps_queued_requests_and_rejects_a_bad_file() {
             tokio::spawn(async move { send(&c, Method::GET, &url, &[], "").await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(sample(&ops.metrics().await, r#"klaviyo_proxy_queue_depth{operation="get_profiles""#), Some(2.0));
+    wait_for_depth(&ops, "get_profiles", 2.0).await;
 
     // A new limit and a new key arrive while two requests wait.
     let key_b = "pk_rotated_key_b_0123456789abcdef";
