@@ -191,6 +191,37 @@ impl From<Share> for f64 {
     }
 }
 
+/// A name for an account in metrics and logs: 1 to 32 of `A-Z a-z 0-9 _ -`, so it
+/// can never carry a key.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct AccountName(String);
+
+impl AccountName {
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for AccountName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let ok = (1..=32).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if ok && !s.starts_with("pk_") {
+            Ok(AccountName(s))
+        } else {
+            Err("must be 1 to 32 letters, digits, `_` or `-` (and not a key)".into())
+        }
+    }
+}
+
+impl From<AccountName> for String {
+    fn from(n: AccountName) -> String {
+        n.0
+    }
+}
+
 /// An `operationId` from the catalog.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
 #[serde(try_from = "String", into = "String")]
@@ -368,6 +399,8 @@ pub struct AuthConfig {
     /// Secret for the keyed hash that names accounts in bucket keys. Random per start
     /// when unset; replicas sharing limits must share it.
     pub account_hash_key: Option<Secret>,
+    /// A name for the injected key's account in metrics (otherwise its hash alias).
+    pub account_name: Option<AccountName>,
     /// The resolved private key (never read from the file's `[auth]` table directly).
     #[serde(skip_deserializing)]
     pub private_key: Option<Secret>,
@@ -380,6 +413,7 @@ impl Default for AuthConfig {
             key_file: None,
             allow_client_keys: true,
             account_hash_key: None,
+            account_name: None,
             private_key: None,
         }
     }
@@ -668,6 +702,8 @@ mod tests {
             ),
             ("[limits]\nshare = 1.5\n", "line 2", "limits.share"),
             ("[upstream]\nrevision = \"yesterday\"\n", "line 2", "upstream.revision"),
+            ("[auth]\naccount_name = \"a b\"\n", "line 2", "auth.account_name"),
+            ("[auth]\naccount_name = \"pk_abc\"\n", "line 2", "auth.account_name"),
         ];
         for (src, line, key) in cases {
             let e = err(src);

@@ -13,7 +13,7 @@
 //! gauges, and stay at zero until then.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -213,6 +213,8 @@ pub struct Metrics {
     config_reloads: Family<ResultLabel, Counter>,
     /// Klaviyo's last `RateLimit-Remaining` per (account, endpoint), with when it came.
     reported: Mutex<HashMap<(Account, usize), (i64, Instant)>>,
+    /// Configured names of accounts; the others show as their hash alias.
+    account_names: RwLock<HashMap<Account, String>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -324,7 +326,19 @@ impl Metrics {
             health_probes,
             config_reloads,
             reported: Mutex::new(HashMap::new()),
+            account_names: RwLock::new(HashMap::new()),
         }
+    }
+
+    /// Sets the configured account names (at start and on reload).
+    pub fn set_account_names(&self, names: HashMap<Account, String>) {
+        *self.account_names.write().unwrap_or_else(PoisonError::into_inner) = names;
+    }
+
+    /// An account as a label: its configured name, else its hash alias.
+    pub fn account_label(&self, account: Account) -> String {
+        let names = self.account_names.read().unwrap_or_else(PoisonError::into_inner);
+        names.get(&account).cloned().unwrap_or_else(|| account.alias())
     }
 
     /// Counts a finished client request.
@@ -352,10 +366,12 @@ impl Metrics {
             .inc();
         self.upstream_latency.get_or_create(&OpLabels { operation, tier }).observe(secs(latency));
         if status == 401 || status == 403 {
-            self.auth_failures.get_or_create(&AuthLabels { operation, account: route.account.alias(), status }).inc();
+            self.auth_failures
+                .get_or_create(&AuthLabels { operation, account: self.account_label(route.account), status })
+                .inc();
         }
         if let (Some(remaining), Some(op)) = (remaining, route.operation) {
-            let mut reported = self.reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut reported = self.reported.lock().unwrap_or_else(PoisonError::into_inner);
             reported.insert((route.account, op.endpoint), (remaining, Instant::now()));
         }
     }
@@ -422,7 +438,7 @@ impl Metrics {
             if bucket == "endpoint" {
                 *depth.entry(OpLabels { operation, tier }).or_default() += i64::from(view.queued);
             }
-            let account = view.key.account.alias();
+            let account = self.account_label(view.key.account);
             for (window, (spec, in_use)) in ["burst", "steady", "daily"].into_iter().zip(view.windows) {
                 let left = u64::from(spec.limit).saturating_sub(in_use);
                 self.tokens_left
@@ -433,11 +449,14 @@ impl Metrics {
         for (labels, n) in depth {
             self.queue_depth.get_or_create(&labels).set(n);
         }
-        let mut reported = self.reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut reported = self.reported.lock().unwrap_or_else(PoisonError::into_inner);
         reported.retain(|_, (_, at)| now.duration_since(*at) < REPORTED_TTL);
         for ((account, endpoint), (remaining, _)) in reported.iter() {
             self.reported_remaining
-                .get_or_create(&ReportedLabels { account: account.alias(), operation: endpoint_label(*endpoint) })
+                .get_or_create(&ReportedLabels {
+                    account: self.account_label(*account),
+                    operation: endpoint_label(*endpoint),
+                })
                 .set(*remaining);
         }
     }

@@ -1,6 +1,7 @@
 //! The request path, top to bottom: refuse what is not ours to forward, authorize,
 //! route, buffer the body, wait for a token, forward, stream the answer back.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
@@ -15,7 +16,7 @@ use tokio::time::Instant;
 use crate::body::ProxyBody;
 use crate::config::{is_beta_revision, AuthMode, Config};
 use crate::error::{Origin, ProxyError};
-use crate::limiter::LocalStore;
+use crate::limiter::{Account, LocalStore};
 use crate::metrics::{Metrics, RequestOutcome};
 use crate::queue;
 use crate::route::{Route, Router};
@@ -72,6 +73,15 @@ impl Live {
             config: Arc::new(config),
         })
     }
+
+    /// Configured account names, for metrics: the injected key's account.
+    fn account_names(&self) -> HashMap<Account, String> {
+        let mut names = HashMap::new();
+        if let (Some(auth), Some(name)) = (&self.injected_auth, &self.config.auth.account_name) {
+            names.insert(self.router.account("auth", auth.as_bytes()), name.as_str().to_string());
+        }
+        names
+    }
 }
 
 /// Why a reload was refused (the running config stays).
@@ -121,13 +131,9 @@ impl Proxy {
         let fallback_hash_key: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
         let upstream = Upstream::new(&config.upstream)?;
         let live = Live::new(config, &fallback_hash_key)?;
-        Ok(Proxy {
-            live: RwLock::new(Arc::new(live)),
-            fallback_hash_key,
-            store: LocalStore::new(),
-            upstream,
-            metrics: Arc::new(Metrics::new()),
-        })
+        let metrics = Arc::new(Metrics::new());
+        metrics.set_account_names(live.account_names());
+        Ok(Proxy { live: RwLock::new(Arc::new(live)), fallback_hash_key, store: LocalStore::new(), upstream, metrics })
     }
 
     fn live(&self) -> Arc<Live> {
@@ -175,6 +181,7 @@ impl Proxy {
             return Err(ReloadError::NeedsRestart("log.format"));
         }
         let live = Arc::new(Live::new(new, &self.fallback_hash_key)?);
+        self.metrics.set_account_names(live.account_names());
         *self.live.write().unwrap_or_else(PoisonError::into_inner) = live;
         Ok(())
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use klaviyo_proxy::config::Config;
+use klaviyo_proxy::metrics::BreakerState;
 use klaviyo_proxy::preflight::{self, names, PreflightOptions, Verdict};
 use klaviyo_proxy::reload::Reloader;
 use klaviyo_proxy::sim::{SimOptions, Simulator};
@@ -96,8 +97,10 @@ async fn metrics_count_scripted_traffic_exactly() {
     let sim = sim(SimOptions::default()).await;
     let revoked = "pk_revoked_key_0123456789abcdefghij";
     sim.revoke(&format!("Klaviyo-API-Key {revoked}"));
-    let config =
-        inject_config(&sim, "[limits.operations.get_profiles]\nburst_per_second = 2\nsteady_per_minute = 100\n");
+    let config = inject_config(
+        &sim,
+        "[auth]\naccount_name = \"main\"\n[limits.operations.get_profiles]\nburst_per_second = 2\nsteady_per_minute = 100\n",
+    );
     let ops = Ops::start(App::build(config).unwrap()).await;
     let c = client();
     let profiles = format!("{}/api/profiles", ops.url);
@@ -149,12 +152,18 @@ async fn metrics_count_scripted_traffic_exactly() {
     let alias = auth_line.split("account=\"").nth(1).unwrap().split('"').next().unwrap();
     assert!(alias.len() == 8 && alias.chars().all(|c| c.is_ascii_hexdigit()), "{alias}");
     // Tokens: three of the steady window's 100 are spent; Klaviyo's own count is shown.
+    // The injected key's account appears by its configured name.
     assert!(
-        m.lines().any(|l| l.starts_with("klaviyo_proxy_tokens_left{")
-            && l.contains(r#"operation="get_profiles",bucket="endpoint",window="steady"} 97"#)),
+        has_line(
+            &m,
+            r#"klaviyo_proxy_tokens_left{account="main",operation="get_profiles",bucket="endpoint",window="steady"} 97"#
+        ),
         "{m}"
     );
-    assert!(sample(&m, "klaviyo_proxy_upstream_ratelimit_remaining{").is_some(), "{m}");
+    assert!(
+        sample(&m, r#"klaviyo_proxy_upstream_ratelimit_remaining{account="main",operation="get_profiles"}"#).is_some(),
+        "{m}"
+    );
     assert!(!m.contains(KEY_A) && !m.contains(revoked) && !m.contains("/api/"), "{m}");
 }
 
@@ -256,6 +265,17 @@ async fn health_is_cached() {
     assert_eq!(sim.stats().requests, 1);
     let m = ops.metrics().await;
     assert!(has_line(&m, r#"klaviyo_proxy_health_probes_total{result="healthy"} 1"#), "{m}");
+    // The breaker's state is always current, cached probe or not.
+    let metrics = ops.app.proxy().metrics();
+    metrics.breaker_transition(BreakerState::Closed, BreakerState::HalfOpen);
+    let r = ops.admin_get("/health").await;
+    assert_eq!((r.status, r.json()["status"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("degraded")));
+    metrics.breaker_transition(BreakerState::HalfOpen, BreakerState::Open);
+    let r = ops.admin_get("/health").await;
+    assert_eq!((r.status, r.json()["status"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("down")));
+    metrics.breaker_transition(BreakerState::Open, BreakerState::Closed);
+    assert_eq!(ops.admin_get("/health").await.status, StatusCode::OK);
+    assert_eq!(sim.stats().requests, 1);
 }
 
 #[tokio::test]
