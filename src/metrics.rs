@@ -25,7 +25,7 @@ use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use crate::catalog;
-use crate::limiter::{Account, BucketId, LocalStore};
+use crate::limiter::{Account, BucketId, BucketView, LocalStore};
 
 /// Requests by operation, tier and outcome (counter).
 pub const REQUESTS: &str = "klaviyo_proxy_requests";
@@ -61,6 +61,13 @@ pub const SPOOL_DEAD_LETTERS: &str = "klaviyo_proxy_spool_dead_letters";
 pub const HEALTH_PROBES: &str = "klaviyo_proxy_health_probes";
 /// Config reloads by result: `ok` or `rejected` (counter).
 pub const CONFIG_RELOADS: &str = "klaviyo_proxy_config_reloads";
+
+/// Active buckets held by the limiter (gauge, read at scrape).
+pub const ACTIVE_BUCKETS: &str = "klaviyo_proxy_active_buckets";
+
+/// Most buckets given their own [`TOKENS_LEFT`] / [`UPSTREAM_RATELIMIT_REMAINING`]
+/// series, so a proxy serving many accounts keeps a bounded scrape.
+pub const MAX_BUCKET_SERIES: usize = 256;
 
 /// How long a reported `RateLimit-Remaining` counts as current.
 const REPORTED_TTL: Duration = Duration::from_secs(60);
@@ -197,6 +204,7 @@ pub struct Metrics {
     upstream_latency: HistogramFamily,
     queue_wait: HistogramFamily,
     queue_depth: Family<OpLabels, Gauge>,
+    active_buckets: Gauge,
     tokens_left: Family<TokenLabels, Gauge>,
     reported_remaining: Family<ReportedLabels, Gauge>,
     retries: Family<RetryLabels, Counter>,
@@ -276,6 +284,8 @@ impl Metrics {
         registry.register(QUEUE_WAIT, "Time requests waited for their slot", queue_wait.clone());
         let queue_depth = Family::default();
         registry.register(QUEUE_DEPTH, "Requests waiting for their slot now", queue_depth.clone());
+        let active_buckets = Gauge::default();
+        registry.register(ACTIVE_BUCKETS, "Buckets the limiter holds now", active_buckets.clone());
         let tokens_left = Family::default();
         registry.register(TOKENS_LEFT, "Tokens left now per window of each active bucket", tokens_left.clone());
         let reported_remaining = Family::default();
@@ -314,6 +324,7 @@ impl Metrics {
             upstream_latency,
             queue_wait,
             queue_depth,
+            active_buckets,
             tokens_left,
             reported_remaining,
             retries,
@@ -425,7 +436,20 @@ impl Metrics {
         self.tokens_left.clear();
         self.reported_remaining.clear();
         let mut depth: HashMap<OpLabels, i64> = HashMap::new();
-        for view in store.snapshot(now) {
+        let mut views = store.snapshot(now);
+        self.active_buckets.set(i64::try_from(views.len()).unwrap_or(i64::MAX));
+        // Per-bucket series are bounded: the most constrained buckets (least share of a
+        // window left) are the ones worth seeing.
+        let share_left = |v: &BucketView| {
+            v.windows
+                .iter()
+                .map(|(spec, used)| 1.0 - (*used as f64 / f64::from(spec.limit.max(1))))
+                .fold(f64::INFINITY, f64::min)
+        };
+        if views.len() > MAX_BUCKET_SERIES {
+            views.sort_by(|a, b| share_left(a).total_cmp(&share_left(b)));
+        }
+        for (n, view) in views.into_iter().enumerate() {
             let (operation, tier, bucket) = match view.key.bucket {
                 BucketId::Endpoint(e) => {
                     let op = endpoint_label(usize::from(e));
@@ -437,6 +461,9 @@ impl Metrics {
             // A request with a conditional limit waits in two queues; count it once.
             if bucket == "endpoint" {
                 *depth.entry(OpLabels { operation, tier }).or_default() += i64::from(view.queued);
+            }
+            if n >= MAX_BUCKET_SERIES {
+                continue;
             }
             let account = self.account_label(view.key.account);
             for (window, (spec, in_use)) in ["burst", "steady", "daily"].into_iter().zip(view.windows) {
@@ -451,13 +478,15 @@ impl Metrics {
         }
         let mut reported = self.reported.lock().unwrap_or_else(PoisonError::into_inner);
         reported.retain(|_, (_, at)| now.duration_since(*at) < REPORTED_TTL);
-        for ((account, endpoint), (remaining, _)) in reported.iter() {
+        let mut lowest: Vec<_> = reported.iter().map(|(k, (remaining, _))| (*remaining, *k)).collect();
+        lowest.sort_unstable();
+        for (remaining, (account, endpoint)) in lowest.into_iter().take(MAX_BUCKET_SERIES) {
             self.reported_remaining
                 .get_or_create(&ReportedLabels {
-                    account: self.account_label(*account),
-                    operation: endpoint_label(*endpoint),
+                    account: self.account_label(account),
+                    operation: endpoint_label(endpoint),
                 })
-                .set(*remaining);
+                .set(remaining);
         }
     }
 }
@@ -505,6 +534,24 @@ mod tests {
         // Reported numbers older than a window are no longer "active".
         tokio::time::advance(REPORTED_TTL).await;
         assert!(!metrics.encode(&store).contains("klaviyo_proxy_upstream_ratelimit_remaining{"));
+        // Many accounts: the series stay bounded, the most constrained bucket shown.
+        let hot = router.route("GET", "/api/profiles", None, false, Some(b"Klaviyo-API-Key pk_hot"));
+        for _ in 0..75 {
+            store.reserve(&hot.demands, Instant::now(), Instant::now(), 10).unwrap();
+        }
+        for n in 0..400u32 {
+            let key = format!("Klaviyo-API-Key pk_{n}");
+            let r = router.route("GET", "/api/profiles", None, false, Some(key.as_bytes()));
+            store.reserve(&r.demands, Instant::now(), Instant::now(), 10).unwrap();
+        }
+        let text = metrics.encode(&store);
+        assert!(text.contains("klaviyo_proxy_active_buckets 402"), "{text}");
+        let series = text.lines().filter(|l| l.starts_with("klaviyo_proxy_tokens_left{")).count();
+        assert_eq!(series, MAX_BUCKET_SERIES * 2);
+        assert!(text.contains(&format!(
+            "klaviyo_proxy_tokens_left{{account=\"{}\",operation=\"get_profiles\",bucket=\"endpoint\",window=\"burst\"}} 0",
+            hot.account.alias()
+        )));
         metrics.breaker_transition(BreakerState::Closed, BreakerState::Open);
         let text = metrics.encode(&store);
         assert!(text.contains("klaviyo_proxy_breaker_state 2"));
