@@ -21,6 +21,9 @@ use crate::metrics::BreakerState;
 use crate::proxy::{Probe, Proxy};
 use crate::reload::Reloader;
 
+/// Longest a health probe waits for Klaviyo's answer once it has its token.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Content type of `/metrics` (the encoder writes OpenMetrics text).
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -174,7 +177,19 @@ impl Admin {
     async fn probe_now(&self, max_wait: Duration) -> ServiceHealth {
         let authenticated = self.proxy.has_injected_key();
         let known_id = || self.account_id.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-        let probe = match self.proxy.probe(max_wait).await {
+        // A health check must answer quickly even when Klaviyo hangs.
+        let probe = match tokio::time::timeout(max_wait + PROBE_TIMEOUT, self.proxy.probe(max_wait)).await {
+            Err(_) => {
+                return ServiceHealth {
+                    status: Status::Down,
+                    latency_ms: None,
+                    account_id: known_id(),
+                    error: Some(format!("Klaviyo did not answer within {}s", PROBE_TIMEOUT.as_secs())),
+                }
+            }
+            Ok(r) => r,
+        };
+        let probe = match probe {
             Ok(probe) => probe,
             Err(e @ (ProxyError::QueueFull { .. } | ProxyError::QueueTimeout { .. })) => {
                 return ServiceHealth {

@@ -557,4 +557,37 @@ mod tests {
         assert!(text.contains("klaviyo_proxy_breaker_state 2"));
         assert!(text.contains("klaviyo_proxy_breaker_transitions_total{from=\"closed\",to=\"open\"} 1"));
     }
+
+    /// Scrape cost with many active buckets; run with
+    /// `cargo test --release --lib scrape_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn scrape_cost() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        rt.block_on(async {
+            let metrics = Metrics::new();
+            let store = LocalStore::new();
+            let router = Router::new(&Config::default().limits, b"k");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            for n in 0..100_000u32 {
+                let key = format!("Klaviyo-API-Key pk_{n}");
+                let r = router.route("GET", "/api/profiles", None, false, Some(key.as_bytes()));
+                store.reserve(&r.demands, Instant::now(), Instant::now(), 10).unwrap();
+                metrics.upstream_response(&r, 200, Duration::from_millis(5), Some(749));
+            }
+            for _ in 0..2 {
+                let started = std::time::Instant::now();
+                let text = metrics.encode(&store);
+                eprintln!("scrape of 100000 buckets: {:?}, {} bytes", started.elapsed(), text.len());
+            }
+            let route = router.route("GET", "/api/profiles", None, false, Some(b"Klaviyo-API-Key pk_x"));
+            let started = std::time::Instant::now();
+            for _ in 0..1_000_000 {
+                metrics.request(route.label(), route.tier(), RequestOutcome::Forwarded);
+                metrics.queue_wait(route.label(), route.tier(), Duration::ZERO);
+                metrics.upstream_response(&route, 200, Duration::from_millis(5), Some(700));
+            }
+            eprintln!("per-request metrics: {:?}", started.elapsed() / 1_000_000);
+        });
+    }
 }
