@@ -443,7 +443,7 @@ pub struct Finding {
     pub masked: String,
 }
 
-/// Finds `pk_` followed by at least [`MIN_KEY_CHARS`] letters and digits, not inside
+/// Finds `pk_` followed by at least 20 letters and digits, not inside
 /// a longer word, in one text; returns (line, masked key) pairs.
 pub fn find_keys(text: &str) -> Vec<(usize, String)> {
     let mut found = Vec::new();
