@@ -223,6 +223,8 @@ pub struct Metrics {
     reported: Mutex<HashMap<(Account, usize), (i64, Instant)>>,
     /// Configured names of accounts; the others show as their hash alias.
     account_names: RwLock<HashMap<Account, String>>,
+    /// One scrape at a time: a scrape clears and refills the limiter gauges.
+    scrape: Mutex<()>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -338,6 +340,7 @@ impl Metrics {
             config_reloads,
             reported: Mutex::new(HashMap::new()),
             account_names: RwLock::new(HashMap::new()),
+            scrape: Mutex::new(()),
         }
     }
 
@@ -422,6 +425,7 @@ impl Metrics {
     /// Refreshes the gauges read from the limiter, then encodes every metric in the
     /// OpenMetrics text format.
     pub fn encode(&self, store: &LocalStore) -> String {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(PoisonError::into_inner);
         self.refresh(store);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String never fails");
