@@ -540,3 +540,49 @@ fn promtool_accepts_the_alert_rules() {
         Err(e) => panic!("promtool is required in CI: {e}"),
     }
 }
+
+/// A stand-in for Klaviyo in an outage: every request gets 503.
+async fn failing_upstream() -> (String, oneshot::Sender<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let service = hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+        let mut resp = http::Response::new(klaviyo_proxy::body::full("{\"errors\":[]}"));
+        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        Ok::<_, std::convert::Infallible>(resp)
+    });
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(klaviyo_proxy::server::serve(listener, None, Default::default(), service, async {
+        let _ = stopped.await;
+    }));
+    (url, stop)
+}
+
+#[tokio::test]
+async fn upstream_5xx_is_counted_and_health_is_down() {
+    let (url, _stop) = failing_upstream().await;
+    let mut config = support::config(&url, "[admin]\nhealth_cache_ms = 0\n");
+    config.auth.mode = klaviyo_proxy::config::AuthMode::Inject;
+    config.auth.private_key = Some(klaviyo_proxy::config::Secret::new(KEY_A));
+    let ops = Ops::start(App::build(config).unwrap()).await;
+    let c = client();
+    for _ in 0..3 {
+        let r = send(&c, Method::GET, &format!("{}/api/profiles", ops.url), &[], "").await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let r = ops.admin_get("/health").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    let v = r.json();
+    assert_eq!(
+        (v["status"].as_str(), v["services"]["klaviyo"]["error"].as_str()),
+        (Some("down"), Some("Klaviyo answered 503"))
+    );
+    let m = ops.metrics().await;
+    for line in [
+        r#"klaviyo_proxy_upstream_responses_total{operation="get_profiles",tier="L",status="503",class="5xx"} 3"#,
+        r#"klaviyo_proxy_upstream_responses_total{operation="get_accounts",tier="XS",status="503",class="5xx"} 1"#,
+        r#"klaviyo_proxy_requests_total{operation="get_profiles",tier="L",outcome="forwarded"} 3"#,
+        r#"klaviyo_proxy_health_probes_total{result="down"} 1"#,
+    ] {
+        assert!(has_line(&m, line), "missing {line}\n{m}");
+    }
+}
