@@ -61,12 +61,23 @@ pub enum Phase {
     HalfOpen,
 }
 
+/// Told of every transition (from, to), e.g. to keep a metric.
+type Observer = Box<dyn Fn(Phase, Phase) + Send + Sync>;
+
 /// The upstream circuit breaker.
-#[derive(Debug)]
 pub struct Breaker {
     settings: BreakerSettings,
     epoch: Instant,
     state: Mutex<State>,
+    observer: Option<Observer>,
+}
+
+impl std::fmt::Debug for Breaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // try_lock: formatting must never wait on (or deadlock with) the breaker's lock.
+        let state = self.state.try_lock().map(|s| format!("{:?}", *s)).unwrap_or_else(|_| "(locked)".into());
+        f.debug_struct("Breaker").field("settings", &self.settings).field("state", &state).finish()
+    }
 }
 
 /// Leave to send one request upstream; report how it went with [`Breaker::record`].
@@ -105,6 +116,19 @@ impl Breaker {
             settings,
             epoch: Instant::now(),
             state: Mutex::new(State::Closed { slots: Vec::new(), consecutive: 0 }),
+            observer: None,
+        }
+    }
+
+    /// Calls `observer(from, to)` at every transition, under the breaker's lock.
+    pub fn observed(mut self, observer: impl Fn(Phase, Phase) + Send + Sync + 'static) -> Self {
+        self.observer = Some(Box::new(observer));
+        self
+    }
+
+    fn transition(&self, from: Phase, to: Phase) {
+        if let Some(observer) = &self.observer {
+            observer(from, to);
         }
     }
 
@@ -147,6 +171,7 @@ impl Breaker {
         };
         if !matches!(*state, State::HalfOpen { .. }) {
             tracing::info!(from = "open", to = "half_open", probes = self.settings.probes, "circuit breaker");
+            self.transition(Phase::Open, Phase::HalfOpen);
         }
         *state = next;
         let State::HalfOpen { in_flight, .. } = &mut *state else { unreachable!("half-open set above") };
@@ -186,6 +211,7 @@ impl Breaker {
                         cool_down_ms = s.cool_down.as_millis() as u64,
                         "circuit breaker"
                     );
+                    self.transition(Phase::Closed, Phase::Open);
                     Some(State::Open { until: now + s.cool_down })
                 } else {
                     None
@@ -198,6 +224,7 @@ impl Breaker {
                     cool_down_ms = s.cool_down.as_millis() as u64,
                     "circuit breaker"
                 );
+                self.transition(Phase::HalfOpen, Phase::Open);
                 Some(State::Open { until: now + s.cool_down })
             }
             (State::HalfOpen { in_flight, succeeded }, Outcome::Success) if permit.probe => {
@@ -205,6 +232,7 @@ impl Breaker {
                 *succeeded += 1;
                 if *succeeded >= s.probes {
                     tracing::info!(from = "half_open", to = "closed", probes = *succeeded, "circuit breaker");
+                    self.transition(Phase::HalfOpen, Phase::Closed);
                     Some(State::Closed { slots: Vec::new(), consecutive: 0 })
                 } else {
                     None

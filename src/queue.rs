@@ -34,6 +34,9 @@ pub async fn wait_for_slot(
 ) -> Result<Duration, ProxyError> {
     let now = Instant::now();
     let grant = store.reserve(demands, now, deadline, max_depth).map_err(|denied| denied_error(denied, operation))?;
+    if !grant.is_queued() {
+        return Ok(Duration::ZERO);
+    }
     wait_for_grant(store, grant, deadline, operation).await?;
     Ok(now.elapsed())
 }

@@ -194,6 +194,11 @@ impl Spool {
         self.read(|tx| Ok(tx.open_table(PENDING)?.len()?))
     }
 
+    /// Number of dead letters.
+    pub fn dead_len(&self) -> Result<u64, SpoolError> {
+        self.read(|tx| Ok(tx.open_table(DEAD)?.len()?))
+    }
+
     /// Removes a write that was delivered.
     pub fn delivered(&self, id: u64) -> Result<(), SpoolError> {
         self.write(|tx| {
@@ -273,7 +278,7 @@ pub fn admin(spool: &Spool, method: &http::Method, path: &str) -> Option<(http::
     let parts: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     let result = match (method, parts.as_slice()) {
         (&Method::GET, []) => spool.list_pending(100).and_then(|pending| {
-            Ok(json!({"pending": spool.pending_len()?, "dead": spool.list_dead(usize::MAX)?.len(), "oldest_pending": pending}))
+            Ok(json!({"pending": spool.pending_len()?, "dead": spool.dead_len()?, "oldest_pending": pending}))
         }),
         (&Method::GET, ["dead"]) => spool.list_dead(1000).map(|dead| json!({"dead": dead})),
         (&Method::POST, ["dead", id, "requeue"]) => match id.parse() {

@@ -575,6 +575,7 @@ async fn refused_connections_open_the_breaker_fast() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let opened = started.elapsed();
+    assert_eq!(run.app.proxy().metrics().breaker_state(), 2, "the metric follows the breaker");
     // Open: the next request fails fast, with the cool-down left as Retry-After.
     let next = run.get("/api/lists").await;
     assert_eq!(next.code.as_deref(), Some("proxy_circuit_open"));
@@ -591,4 +592,5 @@ async fn refused_connections_open_the_breaker_fast() {
         assert_eq!(run.get("/api/lists").await.status, StatusCode::OK);
     }
     assert_eq!(run.app.proxy().breaker().phase(), Phase::Closed);
+    assert_eq!(run.app.proxy().metrics().breaker_state(), 0);
 }

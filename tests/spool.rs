@@ -110,6 +110,7 @@ async fn outage_spools_then_replays_in_order_once() {
     assert_eq!(status, StatusCode::ACCEPTED);
     let spool = app.proxy().spool().unwrap().clone();
     assert_eq!(spool.pending_len().unwrap(), 51);
+    assert_eq!(app.proxy().metrics().spool_depth.get(), 51);
     sim.set_faults(Faults::default()).unwrap();
     assert!(wait_until(Duration::from_secs(20), || spool.pending_len().unwrap() == 0).await, "replayed");
     let events = sim.events();
@@ -120,6 +121,7 @@ async fn outage_spools_then_replays_in_order_once() {
     assert_eq!(events.arrival, order, "replayed in the order accepted");
     let dead = spool.list_dead(10).unwrap();
     assert_eq!(dead.len(), 1);
+    assert_eq!((app.proxy().metrics().spool_depth.get(), app.proxy().metrics().spool_dead_letters.get()), (0, 1));
     assert_eq!(Some(dead[0].id), bad);
     assert_eq!(dead[0].last_error.as_deref(), Some("upstream answered 400"));
     let (status, _) = spool::admin(&spool, &http::Method::DELETE, &format!("/spool/dead/{}", dead[0].id)).unwrap();

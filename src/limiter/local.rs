@@ -16,8 +16,8 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::time::Instant;
 
-use super::window::{earliest_all, Tick, WindowLog};
-use super::{ticks, BucketKey, Demand, Denied};
+use super::window::{earliest_all, Tick, WindowLog, WindowSpec};
+use super::{ticks, BucketKey, Demand, Denied, Windows};
 
 /// A queued reservation's slot, shared between its waiter and the buckets it holds,
 /// so a pause can move it.
@@ -40,6 +40,19 @@ struct Bucket {
     expires: Tick,
     /// Set by the sweeper under the lock; a holder of a stale handle looks again.
     removed: bool,
+    /// The windows of the latest decision, for [`LocalStore::snapshot`].
+    windows: Option<Windows>,
+}
+
+/// One bucket as the metrics see it.
+#[derive(Debug, Clone)]
+pub struct BucketView {
+    /// The bucket.
+    pub key: BucketKey,
+    /// Requests waiting in its queue.
+    pub queued: u32,
+    /// Per window (burst, steady, daily): its spec and the takes inside it now.
+    pub windows: Vec<(WindowSpec, u64)>,
 }
 
 impl Bucket {
@@ -50,6 +63,7 @@ impl Bucket {
         }
         let longest = windows.iter().map(|w| w.period).max().unwrap_or(0);
         self.expires = self.expires.max(t.saturating_add(longest)).max(self.paused_until);
+        self.windows = Some(d.windows);
     }
 
     fn give_back(&mut self, t: Tick) {
@@ -67,14 +81,22 @@ pub struct Grant {
     /// see [`LocalStore::slot`]).
     pub at: Instant,
     tick: Tick,
-    keys: Vec<BucketKey>,
+    keys: [Option<BucketKey>; MAX_DEMANDS],
     waiter: Option<(u64, Arc<Waiter>)>,
 }
+
+/// Most buckets one request takes from: its endpoint's and up to two conditional
+/// limits (`get_profile` with `include=lists,segments`).
+pub const MAX_DEMANDS: usize = 3;
 
 impl Grant {
     /// Whether the request has to wait for its slot.
     pub fn is_queued(&self) -> bool {
         self.waiter.is_some()
+    }
+
+    fn key_list(&self) -> Vec<BucketKey> {
+        self.keys.iter().flatten().copied().collect()
     }
 }
 
@@ -192,11 +214,15 @@ impl LocalStore {
                 guards[i].waiting.insert(*seq, w.clone());
             }
         }
-        Grant { at: self.instant(t), tick: t, keys: demands.iter().map(|d| d.key).collect(), waiter }
+        let mut keys = [None; MAX_DEMANDS];
+        for (slot, d) in keys.iter_mut().zip(demands) {
+            *slot = Some(d.key);
+        }
+        Grant { at: self.instant(t), tick: t, keys, waiter }
     }
 
-    fn each_bucket(&self, keys: &[BucketKey], mut f: impl FnMut(&mut Bucket)) {
-        for key in keys {
+    fn each_bucket(&self, keys: &[Option<BucketKey>], mut f: impl FnMut(&mut Bucket)) {
+        for key in keys.iter().flatten() {
             let handle = self.buckets.get(key).map(|h| h.clone());
             if let Some(handle) = handle {
                 f(&mut lock(&handle));
@@ -218,7 +244,7 @@ impl LocalStore {
     pub fn try_start(&self, grant: &Grant, now: Instant) -> Result<(), Instant> {
         let Some((seq, waiter)) = &grant.waiter else { return Ok(()) };
         let now_t = self.tick(now);
-        self.with_locked(&grant.keys, |guards| {
+        self.with_locked(&grant.key_list(), |guards| {
             let t = waiter.tick.load(Ordering::Acquire);
             if t > now_t {
                 return Err(self.instant(t));
@@ -243,7 +269,7 @@ impl LocalStore {
     pub fn cancel(&self, grant: &Grant) {
         match &grant.waiter {
             None => self.each_bucket(&grant.keys, |b| b.give_back(grant.tick)),
-            Some((seq, waiter)) => self.with_locked(&grant.keys, |guards| {
+            Some((seq, waiter)) => self.with_locked(&grant.key_list(), |guards| {
                 let t = waiter.tick.load(Ordering::Acquire);
                 for g in guards.iter_mut() {
                     // Only a grant still waiting holds tokens here; a started one has left.
@@ -363,6 +389,27 @@ impl LocalStore {
     pub fn queued(&self, key: &BucketKey) -> u32 {
         let handle = self.buckets.get(key).map(|h| h.clone());
         handle.map_or(0, |h| lock(&h).waiting.len() as u32)
+    }
+
+    /// Every bucket held, with its queue and the tokens in use at `now`.
+    pub fn snapshot(&self, now: Instant) -> Vec<BucketView> {
+        let now_t = self.tick(now);
+        let handles: Vec<(BucketKey, Arc<Mutex<Bucket>>)> =
+            self.buckets.iter().map(|e| (*e.key(), e.value().clone())).collect();
+        handles
+            .into_iter()
+            .filter_map(|(key, handle)| {
+                let b = lock(&handle);
+                let windows = b.windows?;
+                let windows = windows
+                    .as_slice()
+                    .iter()
+                    .zip(&b.logs)
+                    .map(|(spec, log)| (*spec, log.in_use(now_t, *spec)))
+                    .collect();
+                Some(BucketView { key, queued: b.waiting.len() as u32, windows })
+            })
+            .collect()
     }
 
     /// Number of buckets held.

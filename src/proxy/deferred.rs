@@ -14,7 +14,9 @@ use super::{Outcome, Proxy};
 use crate::body::ProxyBody;
 use crate::breaker;
 use crate::limiter::Denied;
+use crate::metrics::RequestOutcome;
 use crate::retry;
+use crate::retry::Backoff;
 use crate::route::Route;
 use crate::spool::{self, Spool};
 use crate::upstream::UpstreamError;
@@ -52,7 +54,8 @@ impl Proxy {
             }
         };
         self.spooled.notify_one();
-        outcome.error = Some("proxy_spooled");
+        self.refresh_spool_gauges();
+        outcome.kind = RequestOutcome::Spooled;
         let mut resp = Response::new(crate::body::full(Bytes::new()));
         *resp.status_mut() = http::StatusCode::ACCEPTED;
         resp.headers_mut().insert(spool::SPOOL_ID_HEADER, HeaderValue::from(id));
@@ -80,7 +83,12 @@ impl Proxy {
                 Replay::Wait(d) => d,
                 Replay::Failed => {
                     failures += 1;
-                    self.backoff.delay(failures.min(10), &mut rng).max(Duration::from_millis(50))
+                    let retry = &self.live().config.retry;
+                    let backoff = Backoff {
+                        base: Duration::from_millis(retry.base_ms),
+                        cap: Duration::from_millis(retry.cap_ms),
+                    };
+                    backoff.delay(failures.min(10), &mut rng).max(Duration::from_millis(50))
                 }
             };
             tokio::time::sleep(pause).await;
@@ -88,7 +96,10 @@ impl Proxy {
     }
 
     async fn replay_one(&self, spool: &Spool) -> Replay {
-        if !self.config.upstream.enabled {
+        // One view of the config per replay, like a request.
+        let live = self.live();
+        let config = &live.config;
+        if !config.upstream.enabled {
             return Replay::Wait(Duration::from_secs(1));
         }
         let reader = spool.clone();
@@ -105,15 +116,15 @@ impl Proxy {
             let _ = spool.dead_letter(entry.id, "unreadable spooled request");
             return Replay::Delivered;
         };
-        let route = self.route(&parts);
+        let route = self.route(&live, &parts);
         let now = Instant::now();
-        if let Some(wait) = self.breaker_open() {
+        if let Some(wait) = self.breaker_open(&live) {
             return Replay::Wait(wait.min(Duration::from_secs(1)));
         }
         // Below live traffic: only when no live request queues in its buckets, and
         // only a token free right now.
         let mut grant = None;
-        if self.config.limits.enabled {
+        if config.limits.enabled {
             if route.demands.iter().any(|d| self.store.queued(&d.key) > 0) {
                 return Replay::Wait(Duration::from_millis(50));
             }
@@ -124,7 +135,7 @@ impl Proxy {
                 }
             }
         }
-        let permit = if self.config.breaker.enabled {
+        let permit = if config.breaker.enabled {
             match self.breaker.admit(Instant::now()) {
                 Ok(p) => Some(p),
                 Err(wait) => {
@@ -143,14 +154,14 @@ impl Proxy {
         match result {
             Ok(resp) if resp.status() == http::StatusCode::TOO_MANY_REQUESTS => {
                 finish(breaker::Outcome::Success);
-                let cap = Duration::from_millis(self.config.retry.retry_after_cap_ms);
+                let cap = Duration::from_millis(config.retry.retry_after_cap_ms);
                 let wait = resp
                     .headers()
                     .get(header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| retry::parse_retry_after(v, std::time::SystemTime::now(), cap))
                     .unwrap_or(Duration::from_secs(1));
-                if self.config.limits.enabled {
+                if config.limits.enabled {
                     // Pause the bucket for live traffic too; the replay goes again later.
                     if let Ok(g) = self.store.pause_and_requeue(&route.demands, now + wait, now, now + wait) {
                         self.store.cancel(&g);
@@ -164,7 +175,7 @@ impl Proxy {
             }
             Ok(resp) => {
                 finish(breaker::Outcome::Success);
-                self.feedback(&route, &resp, now);
+                self.feedback(&live, &route, &resp, now);
                 let status = resp.status();
                 let id = entry.id;
                 let spool = spool.clone();
@@ -176,6 +187,7 @@ impl Proxy {
                     }
                 })
                 .await;
+                self.refresh_spool_gauges();
                 if !matches!(done, Ok(Ok(()))) {
                     tracing::error!(spool_id = id, "spool update after replay failed");
                     return Replay::Wait(Duration::from_secs(1));
@@ -222,4 +234,22 @@ fn entry_parts(entry: &spool::Entry) -> Option<request::Parts> {
         parts.headers.append(name, value);
     }
     Some(parts)
+}
+
+impl Proxy {
+    /// Sets the spool gauges: depth, dead letters, age of the oldest pending write.
+    pub(super) fn refresh_spool_gauges(&self) {
+        let Some(spool) = &self.spool else { return };
+        let m = &self.metrics;
+        if let Ok(n) = spool.pending_len() {
+            m.spool_depth.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        if let Ok(n) = spool.dead_len() {
+            m.spool_dead_letters.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let age = spool.first_pending().ok().flatten().map_or(0, |e| now_ms.saturating_sub(e.accepted_at_ms) / 1000);
+        m.spool_oldest_age_seconds.set(i64::try_from(age).unwrap_or(i64::MAX));
+    }
 }
