@@ -104,6 +104,21 @@ impl Admin {
         self.ready.load(Ordering::SeqCst)
     }
 
+    /// The spool's dead-letter routes under `/admin/spool` (see [`crate::spool::admin`]).
+    async fn spool(&self, method: Method, path: String) -> Response<ProxyBody> {
+        let Some(spool) = self.proxy.spool().cloned() else {
+            return json(StatusCode::NOT_FOUND, &serde_json::json!({"error": "no spool configured (spool.path)"}));
+        };
+        // redb reads and fsyncs block: off the async threads.
+        let answer = tokio::task::spawn_blocking(move || crate::spool::admin(&spool, &method, &path)).await;
+        self.proxy.spool_changed();
+        match answer {
+            Ok(Some((status, body))) => json(status, &body),
+            Ok(None) => json(StatusCode::NOT_FOUND, &serde_json::json!({"error": "not found"})),
+            Err(_) => json(StatusCode::INTERNAL_SERVER_ERROR, &serde_json::json!({"error": "spool task failed"})),
+        }
+    }
+
     /// Serves one admin request (no endpoint reads a body).
     pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Result<Response<ProxyBody>, Infallible> {
         let resp = match (req.method(), req.uri().path()) {
@@ -135,6 +150,9 @@ impl Admin {
                     }
                 },
             },
+            (method, path) if path == "/admin/spool" || path.starts_with("/admin/spool/") => {
+                self.spool(method.clone(), path.trim_start_matches("/admin").to_string()).await
+            }
             (_, "/metrics" | "/health" | "/ready" | "/live" | "/admin/reload") => {
                 json(StatusCode::METHOD_NOT_ALLOWED, &serde_json::json!({"error": "method not allowed"}))
             }

@@ -124,8 +124,30 @@ async fn outage_spools_then_replays_in_order_once() {
     assert_eq!((app.proxy().metrics().spool_depth.get(), app.proxy().metrics().spool_dead_letters.get()), (0, 1));
     assert_eq!(Some(dead[0].id), bad);
     assert_eq!(dead[0].last_error.as_deref(), Some("upstream answered 400"));
-    let (status, _) = spool::admin(&spool, &http::Method::DELETE, &format!("/spool/dead/{}", dead[0].id)).unwrap();
+    // Through the admin listener's handler: list, requeue (it fails again), drop.
+    let admin = app.admin();
+    let call = |method: &str, path: String| {
+        let admin = admin.clone();
+        let req = Request::builder().method(method).uri(path).body(Full::new(Bytes::new())).unwrap();
+        async move {
+            let resp = admin.handle(req).await.unwrap();
+            let status = resp.status();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, serde_json::from_slice::<serde_json::Value>(&body).unwrap())
+        }
+    };
+    let (status, listed) = call("GET", "/admin/spool/dead".into()).await;
     assert_eq!(status, StatusCode::OK);
+    assert_eq!(listed["dead"][0]["id"], dead[0].id);
+    assert!(!listed.to_string().contains("pk_spool_test"), "no credentials in listings");
+    let (status, _) = call("POST", format!("/admin/spool/dead/{}/requeue", dead[0].id)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(wait_until(Duration::from_secs(10), || spool.list_dead(10).unwrap().len() == 1).await, "refused again");
+    let (status, _) = call("DELETE", format!("/admin/spool/dead/{}", dead[0].id)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, summary) = call("GET", "/admin/spool".into()).await;
+    assert_eq!((status, summary["pending"].as_u64(), summary["dead"].as_u64()), (StatusCode::OK, Some(0), Some(0)));
+    assert_eq!(app.proxy().metrics().spool_dead_letters.get(), 0);
     std::fs::remove_dir_all(dir).unwrap();
 }
 

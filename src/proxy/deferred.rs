@@ -237,6 +237,13 @@ fn entry_parts(entry: &spool::Entry) -> Option<request::Parts> {
 }
 
 impl Proxy {
+    /// After an operator changed the spool (requeue, drop): refresh its gauges and
+    /// wake the replayer.
+    pub fn spool_changed(&self) {
+        self.refresh_spool_gauges();
+        self.spooled.notify_one();
+    }
+
     /// Sets the spool gauges: depth, dead letters, age of the oldest pending write.
     pub(super) fn refresh_spool_gauges(&self) {
         let Some(spool) = &self.spool else { return };
