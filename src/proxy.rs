@@ -13,9 +13,10 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::body::ProxyBody;
-use crate::config::{is_beta_revision, AuthMode, Config};
+use crate::config::{is_beta_revision, AuthMode, Config, ConfigError, StoreKind};
 use crate::error::ProxyError;
-use crate::limiter::LocalStore;
+use crate::limiter::redis::{RedisStore, RedisStoreError};
+use crate::limiter::{Limiter, LocalStore, SharedStore};
 use crate::queue;
 use crate::route::{Route, Router};
 use crate::upstream::{self, Upstream, UpstreamError, MAX_WAIT_HEADER};
@@ -29,7 +30,7 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 pub struct Proxy {
     config: Config,
     router: Router,
-    store: LocalStore,
+    limiter: Limiter,
     upstream: Upstream,
     /// `Klaviyo-API-Key <key>`, marked sensitive, in inject mode.
     injected_auth: Option<HeaderValue>,
@@ -45,6 +46,26 @@ pub enum BuildError {
     /// A key or token cannot be sent as a header.
     #[error("{0} contains characters not allowed in an HTTP header")]
     BadSecret(&'static str),
+    /// The limiter settings do not work together.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The Redis URL cannot be used.
+    #[error(transparent)]
+    Redis(#[from] RedisStoreError),
+}
+
+/// The bucket store `limiter.store` asks for.
+fn limiter(config: &Config) -> Result<Limiter, BuildError> {
+    let cfg = &config.limiter;
+    config.check_limiter()?;
+    match (cfg.store, &cfg.redis_url) {
+        (StoreKind::Redis, Some(url)) => {
+            let timeout = Duration::from_millis(cfg.timeout_ms);
+            let redis = RedisStore::new(url.expose(), &cfg.key_prefix, timeout)?;
+            Ok(Limiter::Shared(Box::new(SharedStore::new(redis, cfg.replicas.map(|r| r.get())))))
+        }
+        _ => Ok(Limiter::Local(LocalStore::new())),
+    }
 }
 
 fn sensitive(value: String, what: &'static str) -> Result<HeaderValue, BuildError> {
@@ -72,7 +93,7 @@ impl Proxy {
         };
         Ok(Proxy {
             router: Router::new(&config.limits, &hash_key),
-            store: LocalStore::new(),
+            limiter: limiter(&config)?,
             upstream: Upstream::new(&config.upstream)?,
             injected_auth,
             client_token,
@@ -80,9 +101,14 @@ impl Proxy {
         })
     }
 
-    /// The bucket store (for the sweeper and tests).
+    /// The local bucket store: the only one, or the Redis store's fallback (for tests).
     pub fn store(&self) -> &LocalStore {
-        &self.store
+        self.limiter.local()
+    }
+
+    /// The limiter: its state (`local`, `redis`, `degraded`) is for `/health` and metrics.
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
     }
 
     /// The config this proxy runs with.
@@ -143,7 +169,7 @@ impl Proxy {
         // The limiter: wait for a token in every bucket, or be refused at once.
         if self.config.limits.enabled {
             let depth = self.config.queue.max_depth;
-            outcome.waited = queue::wait_for_slot(&self.store, &route.demands, deadline, depth, route.label()).await?;
+            outcome.waited = queue::wait(&self.limiter, &route.demands, deadline, depth, route.label()).await?;
         }
         let sent = Instant::now();
         let resp = self.upstream.send(&parts, body).await.map_err(|e| {

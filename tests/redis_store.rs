@@ -1,0 +1,193 @@
+//! The Redis store's Lua scripts against a real `redis-server`: they decide like the
+//! local window logic, pauses and corrections reach every replica.
+
+mod redis_support;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use klaviyo_proxy::limiter::redis::{Decision, RedisStore};
+use klaviyo_proxy::limiter::window::{earliest_all, WindowLog};
+use klaviyo_proxy::limiter::{Account, BucketId, BucketKey, Demand, Tick, WindowSpec, Windows};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use redis_support::RedisServer;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+fn demand(account: u128, bucket: BucketId, specs: &[WindowSpec]) -> Demand {
+    Demand { key: BucketKey { account: Account(account), bucket }, windows: Windows::new(specs) }
+}
+
+fn spec() -> impl Strategy<Value = WindowSpec> {
+    (1u32..12, 1u64..2_000).prop_map(|(limit, period)| WindowSpec { limit, period })
+}
+
+/// Same arrivals, same decisions: the Lua script (run by Redis, on an explicit clock)
+/// and `limiter::window` agree on every grant and every wait, for one or two buckets
+/// of up to three windows, and on the predicted slot of a request behind others.
+#[test]
+fn lua_decides_like_the_local_window_logic() {
+    let server = RedisServer::start();
+    let rt = runtime();
+    let store = rt.block_on(async { RedisStore::new(&server.url(), "prop", Duration::from_secs(5)).unwrap() });
+    let accounts = AtomicU64::new(1);
+    let mut runner = TestRunner::new(Config { cases: 96, ..Config::default() });
+    let strategy = (
+        proptest::collection::vec(spec(), 1..4),
+        proptest::collection::vec(spec(), 1..3),
+        proptest::collection::vec((0u64..400, 0u8..3, 0u32..4), 1..200),
+    );
+    runner
+        .run(&strategy, |(specs_a, specs_b, arrivals)| {
+            let account = u128::from(accounts.fetch_add(1, Ordering::Relaxed));
+            let demands = [
+                demand(account, BucketId::Endpoint(1), &specs_a),
+                demand(account, BucketId::Condition(1, 0), &specs_b),
+            ];
+            let mut logs: [Vec<WindowLog>; 2] =
+                [vec![WindowLog::default(); specs_a.len()], vec![WindowLog::default(); specs_b.len()]];
+            let mut now: Tick = 10_000_000;
+            rt.block_on(async {
+                for (gap, which, ahead) in arrivals {
+                    now += gap;
+                    let wanted: &[usize] = match which {
+                        0 => &[0],
+                        1 => &[1],
+                        _ => &[0, 1],
+                    };
+                    for &b in wanted {
+                        for (log, s) in logs[b].iter_mut().zip(demands[b].windows.as_slice()) {
+                            log.prune(now, s.period);
+                        }
+                    }
+                    let asked: Vec<Demand> = wanted.iter().map(|&b| demands[b]).collect();
+                    // A request behind `ahead` local ones: where would it go?
+                    if ahead > 0 {
+                        let mut sim = logs.clone();
+                        let mut t = now;
+                        for _ in 0..=ahead {
+                            t = earliest_all(
+                                t,
+                                wanted
+                                    .iter()
+                                    .flat_map(|&b| sim[b].iter().zip(demands[b].windows.as_slice().iter().copied())),
+                            );
+                            for &b in wanted {
+                                sim[b].iter_mut().for_each(|l| l.record(t));
+                            }
+                        }
+                        let got = store.decide_at(&asked, ahead, Some(now)).await.unwrap();
+                        prop_assert_eq!(
+                            got,
+                            Decision::Wait(Duration::from_micros(t - now)),
+                            "prediction, ahead {}",
+                            ahead
+                        );
+                    }
+                    let t = earliest_all(
+                        now,
+                        wanted.iter().flat_map(|&b| logs[b].iter().zip(demands[b].windows.as_slice().iter().copied())),
+                    );
+                    let got = store.decide_at(&asked, 0, Some(now)).await.unwrap();
+                    if t == now {
+                        prop_assert_eq!(got, Decision::Granted, "at {}", now);
+                        for &b in wanted {
+                            logs[b].iter_mut().for_each(|l| l.record(now));
+                        }
+                    } else {
+                        prop_assert_eq!(got, Decision::Wait(Duration::from_micros(t - now)), "at {}", now);
+                    }
+                }
+                Ok(())
+            })
+        })
+        .unwrap();
+}
+
+/// Two replicas (two stores on one Redis): one decision takes from every bucket or
+/// from none, and the burst limit holds over both together.
+#[test]
+fn all_or_nothing_across_replicas() {
+    let server = RedisServer::start();
+    let rt = runtime();
+    rt.block_on(async {
+        let a = RedisStore::new(&server.url(), "aon", Duration::from_secs(1)).unwrap();
+        let b = RedisStore::new(&server.url(), "aon", Duration::from_secs(1)).unwrap();
+        let second = WindowSpec { limit: 3, period: 10_000_000 };
+        let own = demand(9, BucketId::Endpoint(4), &[second]);
+        let cond = demand(9, BucketId::Condition(4, 0), &[WindowSpec { limit: 1, period: 10_000_000 }]);
+        assert_eq!(a.decide(&[own, cond], 0).await.unwrap(), Decision::Granted);
+        // The conditional bucket is spent: refused, and the endpoint bucket untouched.
+        assert!(matches!(b.decide(&[own, cond], 0).await.unwrap(), Decision::Wait(w) if w > Duration::from_secs(9)));
+        assert_eq!(b.decide(&[own], 0).await.unwrap(), Decision::Granted);
+        assert_eq!(a.decide(&[own], 0).await.unwrap(), Decision::Granted);
+        assert!(matches!(b.decide(&[own], 0).await.unwrap(), Decision::Wait(_)));
+    });
+}
+
+/// A pause set through one replica holds every replica, on Redis' clock.
+#[test]
+fn pause_reaches_every_replica() {
+    let server = RedisServer::start();
+    let rt = runtime();
+    rt.block_on(async {
+        let a = RedisStore::new(&server.url(), "pause", Duration::from_secs(1)).unwrap();
+        let b = RedisStore::new(&server.url(), "pause", Duration::from_secs(1)).unwrap();
+        let d = demand(5, BucketId::Endpoint(2), &[WindowSpec { limit: 100, period: 1_000_000 }]);
+        a.pause(&[d.key], Duration::from_secs(3)).await.unwrap();
+        // A shorter pause never shortens a longer one.
+        a.pause(&[d.key], Duration::from_millis(10)).await.unwrap();
+        match b.decide(&[d], 0).await.unwrap() {
+            Decision::Wait(w) => assert!(w > Duration::from_millis(2_900) && w <= Duration::from_secs(3), "{w:?}"),
+            other => panic!("expected a pause, got {other:?}"),
+        }
+        let at: Tick = 1_000_000_000;
+        b.pause_at(&[d.key], Duration::from_millis(1), Some(at)).await.unwrap();
+        // An explicit clock past every pause: the bucket is open again.
+        assert_eq!(b.decide_at(&[d], 0, Some(u64::MAX / 4096)).await.unwrap(), Decision::Granted);
+    });
+}
+
+/// `RateLimit-Remaining: 0` with a reset 400 ms away: no replica sends before then.
+#[test]
+fn correction_holds_until_the_reset() {
+    let server = RedisServer::start();
+    let rt = runtime();
+    rt.block_on(async {
+        let a = RedisStore::new(&server.url(), "corr", Duration::from_secs(1)).unwrap();
+        let b = RedisStore::new(&server.url(), "corr", Duration::from_secs(1)).unwrap();
+        let burst = WindowSpec { limit: 10, period: 1_050_000 };
+        let steady = WindowSpec { limit: 150, period: 60_250_000 };
+        let d = demand(6, BucketId::Endpoint(3), &[burst, steady]);
+        assert_eq!(a.decide(&[d], 0).await.unwrap(), Decision::Granted);
+        let added = a.correct(&d, 1, 0, Duration::from_millis(400)).await.unwrap();
+        assert_eq!(added, 149);
+        match b.decide(&[d], 0).await.unwrap() {
+            Decision::Wait(w) => assert!(w > Duration::from_millis(300) && w <= Duration::from_millis(400), "{w:?}"),
+            other => panic!("expected a wait, got {other:?}"),
+        }
+        // Remaining larger than what the store believes: nothing to correct.
+        assert_eq!(a.correct(&d, 1, 149, Duration::from_secs(30)).await.unwrap(), 0);
+    });
+}
+
+/// Keys carry the account hash tag and expire by themselves.
+#[test]
+fn keys_are_hash_tagged_and_expire() {
+    let server = RedisServer::start();
+    let rt = runtime();
+    rt.block_on(async {
+        let store = RedisStore::new(&server.url(), "exp", Duration::from_secs(1)).unwrap();
+        let d = demand(0xabc, BucketId::Endpoint(7), &[WindowSpec { limit: 5, period: 1_000_000 }]);
+        assert_eq!(store.decide(&[d], 0).await.unwrap(), Decision::Granted);
+        let stem = store.bucket_key(&d.key);
+        assert!(stem.starts_with("{exp:00000000000000000000000000000abc}:"), "{stem}");
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let ttl: i64 = redis::cmd("PTTL").arg(format!("{stem}:w0")).query_async(&mut conn).await.unwrap();
+        assert!(ttl > 0 && ttl <= 2_000, "ttl {ttl}");
+    });
+}
