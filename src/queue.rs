@@ -55,52 +55,66 @@ async fn wait_shared(
     let Some(gate) = shared.gate(demands).filter(|_| !shared.is_degraded()) else {
         return wait_fallback(shared, demands, deadline, max_depth, operation, started).await;
     };
+    match wait_in_line(shared, &gate, demands, deadline, max_depth, operation, started).await {
+        Ok(waited) => Ok(waited),
+        // Out of the line (and its head) first, so the fallback queue runs in parallel.
+        Err(Failed::Redis(e)) => {
+            shared.mark_down(&e);
+            drop(gate);
+            wait_fallback(shared, demands, deadline, max_depth, operation, started).await
+        }
+        Err(Failed::Refused(e)) => Err(e),
+    }
+}
+
+enum Failed {
+    Redis(RedisStoreError),
+    Refused(ProxyError),
+}
+
+async fn wait_in_line(
+    shared: &SharedStore,
+    gate: &Gate,
+    demands: &[Demand],
+    deadline: Instant,
+    max_depth: u32,
+    operation: &'static str,
+    started: Instant,
+) -> Result<Duration, Failed> {
     let ahead = gate.waiting.fetch_add(1, Ordering::AcqRel);
-    let _in_line = InLine(&gate);
-    let timeout = |wait| ProxyError::QueueTimeout { operation, retry_after: wait };
+    let _in_line = InLine(gate);
+    let timeout = |wait| Failed::Refused(ProxyError::QueueTimeout { operation, retry_after: wait });
+    let mut predicted = Duration::ZERO;
     if ahead > 0 {
         // Behind others of this replica: refuse at once if this one could not go in time.
-        match shared.redis().decide(demands, ahead).await {
-            Ok(Decision::Wait(wait)) if ahead >= max_depth => {
-                return Err(ProxyError::QueueFull { operation, retry_after: wait })
+        match shared.redis().decide(demands, ahead).await.map_err(Failed::Redis)? {
+            Decision::Wait(wait) if ahead >= max_depth => {
+                return Err(Failed::Refused(ProxyError::QueueFull { operation, retry_after: wait }))
             }
-            Ok(Decision::Wait(wait)) if started + wait > deadline => return Err(timeout(wait)),
-            Ok(_) => {}
-            Err(e) => return fall_back(shared, &e, demands, deadline, max_depth, operation, started).await,
+            Decision::Wait(wait) if started + wait > deadline => return Err(timeout(wait)),
+            Decision::Wait(wait) => predicted = wait,
+            Decision::Granted => {}
         }
     }
+    // Other replicas took slots this one predicted: still in line at the deadline.
     let Ok(_head) = tokio::time::timeout_at(deadline, gate.head.lock()).await else {
-        return Err(timeout(Duration::from_secs(1)));
+        return Err(timeout(predicted.saturating_sub(started.elapsed()).max(Duration::from_secs(1))));
     };
     loop {
-        match shared.redis().decide(demands, 0).await {
-            Ok(Decision::Granted) => {
+        match shared.redis().decide(demands, 0).await.map_err(Failed::Redis)? {
+            Decision::Granted => {
                 shared.mirror(demands);
                 return Ok(started.elapsed());
             }
-            Ok(Decision::Wait(wait)) => {
+            Decision::Wait(wait) => {
                 let at = Instant::now() + wait;
                 if at > deadline {
                     return Err(timeout(wait));
                 }
                 tokio::time::sleep_until(at).await;
             }
-            Err(e) => return fall_back(shared, &e, demands, deadline, max_depth, operation, started).await,
         }
     }
-}
-
-async fn fall_back(
-    shared: &SharedStore,
-    error: &RedisStoreError,
-    demands: &[Demand],
-    deadline: Instant,
-    max_depth: u32,
-    operation: &'static str,
-    started: Instant,
-) -> Result<Duration, ProxyError> {
-    shared.mark_down(error);
-    Box::pin(wait_fallback(shared, demands, deadline, max_depth, operation, started)).await
 }
 
 /// Redis is away: this replica's share of the quota, from the local store.

@@ -61,6 +61,22 @@ impl Limiter {
         }
     }
 
+    /// Applies `RateLimit-Remaining` / `RateLimit-Reset` from a response to the steady
+    /// window of the request's first bucket, so that no replica believes it has more
+    /// left than Klaviyo says. Returns the phantom takes added.
+    pub async fn correct(
+        &self,
+        demand: &Demand,
+        remaining: u32,
+        reset: Duration,
+    ) -> Result<u64, redis::RedisStoreError> {
+        match self {
+            // The local correction belongs to the local store.
+            Limiter::Local(_) => Ok(0),
+            Limiter::Shared(s) => s.redis().correct(demand, 1, remaining, reset).await.inspect_err(|e| s.mark_down(e)),
+        }
+    }
+
     /// Drops idle buckets.
     pub fn sweep(&self, now: Instant) {
         match self {

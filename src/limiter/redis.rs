@@ -10,8 +10,11 @@
 //!
 //! Keys are `{prefix:account}:b:<bucket>:w<i>` (windows) and `...:p` (pause): the hash
 //! tag puts all of an account's keys, and so all of one decision's keys, on one Redis
-//! Cluster slot.
+//! Cluster slot. `<bucket>` names the endpoint by its first `operationId` (not by its
+//! index in the catalog), so replicas of different versions still agree during a
+//! rolling upgrade.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -19,6 +22,7 @@ use redis::{Client, Script};
 
 use super::window::Tick;
 use super::{ticks, BucketId, BucketKey, Demand};
+use crate::catalog;
 
 /// One decision. KEYS: per demand, its pause key then one key per window. ARGV: how
 /// many local requests are ahead (0 = take now if possible), a clock override (0 =
@@ -211,11 +215,25 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
+/// The name of each endpoint in keys: the `operationId` of its first operation.
+fn endpoint_name(endpoint: u16) -> &'static str {
+    static NAMES: OnceLock<Vec<&'static str>> = OnceLock::new();
+    let names = NAMES.get_or_init(|| {
+        let count = catalog::OPERATIONS.iter().map(|o| o.endpoint + 1).max().unwrap_or(0);
+        let mut names = vec![""; count];
+        for op in catalog::OPERATIONS.iter().rev() {
+            names[op.endpoint] = op.id;
+        }
+        names
+    });
+    names.get(usize::from(endpoint)).copied().unwrap_or("?")
+}
+
 fn bucket_part(bucket: BucketId) -> String {
     match bucket {
-        BucketId::Endpoint(e) => format!("e{e}"),
-        BucketId::Condition(e, c) => format!("c{e}.{c}"),
-        BucketId::Unknown => "u".into(),
+        BucketId::Endpoint(e) => endpoint_name(e).to_string(),
+        BucketId::Condition(e, c) => format!("{}.c{c}", endpoint_name(e)),
+        BucketId::Unknown => "unknown".into(),
     }
 }
 

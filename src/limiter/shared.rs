@@ -10,7 +10,7 @@
 //! because Redis is down.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -74,6 +74,7 @@ pub struct SharedStore {
     configured_replicas: Option<u32>,
     learned_replicas: AtomicU32,
     degraded: AtomicBool,
+    degradations: AtomicU64,
     /// Serialises the way back to Redis (one hand-over of local takes at a time).
     recovering: tokio::sync::Mutex<()>,
     gates: DashMap<BucketKey, Arc<Gate>>,
@@ -89,6 +90,7 @@ impl SharedStore {
             configured_replicas: replicas,
             learned_replicas: AtomicU32::new(1),
             degraded: AtomicBool::new(false),
+            degradations: AtomicU64::new(0),
             recovering: tokio::sync::Mutex::new(()),
             gates: DashMap::new(),
             taken_while_degraded: Mutex::new(HashMap::new()),
@@ -117,6 +119,11 @@ impl SharedStore {
     /// Whether Redis is away and this replica counts locally.
     pub fn is_degraded(&self) -> bool {
         self.degraded.load(Ordering::Acquire)
+    }
+
+    /// How many times this replica has lost Redis (a counter for the metrics).
+    pub fn degradations(&self) -> u64 {
+        self.degradations.load(Ordering::Relaxed)
     }
 
     /// The replicas the quota is split over while degraded: configured, else learned
@@ -154,6 +161,7 @@ impl SharedStore {
     /// transition.
     pub fn mark_down(&self, error: &RedisStoreError) {
         if !self.degraded.swap(true, Ordering::AcqRel) {
+            self.degradations.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 %error,
                 replicas = self.replicas(),
