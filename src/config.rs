@@ -495,6 +495,8 @@ pub struct LimiterConfig {
     pub store: StoreKind,
     /// `redis://[:password@]host:port/db` or `rediss://...` for TLS.
     pub redis_url: Option<RedisUrl>,
+    /// PEM CA certificates to trust for `rediss://` instead of the webpki roots.
+    pub redis_ca_file: Option<PathBuf>,
     /// Prefix of every Redis key, so several deployments can share one Redis.
     pub key_prefix: String,
     /// A Redis call slower than this counts as Redis being down.
@@ -509,6 +511,7 @@ impl Default for LimiterConfig {
         LimiterConfig {
             store: StoreKind::Local,
             redis_url: None,
+            redis_ca_file: None,
             key_prefix: "klaviyo-proxy".into(),
             timeout_ms: 100,
             replicas: None,

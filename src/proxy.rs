@@ -52,6 +52,14 @@ pub enum BuildError {
     /// The Redis URL cannot be used.
     #[error(transparent)]
     Redis(#[from] RedisStoreError),
+    /// `limiter.redis_ca_file` cannot be read.
+    #[error("cannot read limiter.redis_ca_file {path}: {source}")]
+    RedisCa {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// The bucket store `limiter.store` asks for.
@@ -61,7 +69,13 @@ fn limiter(config: &Config) -> Result<Limiter, BuildError> {
     match (cfg.store, &cfg.redis_url) {
         (StoreKind::Redis, Some(url)) => {
             let timeout = Duration::from_millis(cfg.timeout_ms);
-            let redis = RedisStore::new(url.expose(), &cfg.key_prefix, timeout)?;
+            let ca = match &cfg.redis_ca_file {
+                Some(path) => {
+                    Some(std::fs::read(path).map_err(|source| BuildError::RedisCa { path: path.clone(), source })?)
+                }
+                None => None,
+            };
+            let redis = RedisStore::with_ca(url.expose(), &cfg.key_prefix, timeout, ca)?;
             Ok(Limiter::Shared(Box::new(SharedStore::new(redis, cfg.replicas.map(|r| r.get())))))
         }
         _ => Ok(Limiter::Local(LocalStore::new())),

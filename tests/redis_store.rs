@@ -191,3 +191,58 @@ fn keys_are_hash_tagged_and_expire() {
         assert!(ttl > 0 && ttl <= 2_000, "ttl {ttl}");
     });
 }
+
+/// `rediss://` to a TLS-only `redis-server` whose certificate a private CA signed.
+#[test]
+fn rediss_with_a_private_ca() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let dir = std::env::temp_dir().join(format!("kp-redis-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let (cert_file, key_file) = (dir.join("server.pem"), dir.join("server.key"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let server = RedisServer::start_tls(cert_file.to_str().unwrap(), key_file.to_str().unwrap());
+    let url = format!("rediss://127.0.0.1:{}/1", server.port);
+    let rt = runtime();
+    rt.block_on(async {
+        let d = demand(1, BucketId::Endpoint(1), &[WindowSpec { limit: 1, period: 1_000_000 }]);
+        let store = RedisStore::with_ca(&url, "tls", Duration::from_secs(2), Some(ca.pem().into_bytes())).unwrap();
+        assert_eq!(store.decide(&[d], 0).await.unwrap(), Decision::Granted);
+        assert!(matches!(store.decide(&[d], 0).await.unwrap(), Decision::Wait(_)));
+        // Without the CA (webpki roots only) the certificate is refused.
+        let untrusted = RedisStore::new(&url, "tls", Duration::from_secs(2)).unwrap();
+        assert!(untrusted.decide(&[d], 0).await.is_err());
+    });
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A password and a database number in the URL are honoured.
+#[test]
+fn password_and_database_from_the_url() {
+    let server = RedisServer::start_with_password("s3cret-pw");
+    let rt = runtime();
+    rt.block_on(async {
+        let d = demand(2, BucketId::Endpoint(1), &[WindowSpec { limit: 5, period: 1_000_000 }]);
+        let url = format!("redis://:s3cret-pw@127.0.0.1:{}/3", server.port);
+        let store = RedisStore::new(&url, "auth", Duration::from_secs(1)).unwrap();
+        assert_eq!(store.decide(&[d], 0).await.unwrap(), Decision::Granted);
+        let client = redis::Client::open(url).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.unwrap();
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        let wrong =
+            RedisStore::new(&format!("redis://127.0.0.1:{}/3", server.port), "auth", Duration::from_secs(1)).unwrap();
+        let err = wrong.decide(&[d], 0).await.unwrap_err().to_string();
+        assert!(!err.contains("s3cret-pw"), "{err}");
+    });
+}

@@ -241,7 +241,23 @@ impl RedisStore {
     /// A store on `url` (`redis://` or `rediss://`). Connects lazily, so a proxy
     /// starts even while Redis is down; `timeout` bounds every call.
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, RedisStoreError> {
-        let client = Client::open(url)?;
+        Self::with_ca(url, prefix, timeout, None)
+    }
+
+    /// [`RedisStore::new`] trusting only the CA certificates in `ca_pem` for
+    /// `rediss://` (a private CA) instead of the webpki roots.
+    pub fn with_ca(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+        ca_pem: Option<Vec<u8>>,
+    ) -> Result<Self, RedisStoreError> {
+        let client = match ca_pem {
+            Some(pem) => {
+                Client::build_with_tls(url, redis::TlsCertificates { client_tls: None, root_cert: Some(pem) })?
+            }
+            None => Client::open(url)?,
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))

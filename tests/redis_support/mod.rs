@@ -29,10 +29,28 @@ impl RedisServer {
 
     /// Starts a server on `port` (to restart one that was stopped).
     pub fn start_on(port: u16) -> RedisServer {
+        RedisServer::start_with(port, &["--port", &port.to_string()])
+    }
+
+    /// Starts a server that wants `password` (the default user's).
+    pub fn start_with_password(password: &str) -> RedisServer {
+        let port = free_port();
+        RedisServer::start_with(port, &["--port", &port.to_string(), "--requirepass", password])
+    }
+
+    /// Starts a server speaking only TLS on a free port, with this certificate and key.
+    pub fn start_tls(cert_file: &str, key_file: &str) -> RedisServer {
+        let port = free_port();
+        let args = ["--port", "0", "--tls-port", &port.to_string(), "--tls-cert-file", cert_file];
+        RedisServer::start_with(port, &[&args[..], &["--tls-key-file", key_file, "--tls-auth-clients", "no"]].concat())
+    }
+
+    fn start_with(port: u16, listen: &[&str]) -> RedisServer {
         let dir = std::env::temp_dir().join(format!("kp-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(listen)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&dir)
             .stdout(Stdio::null())
