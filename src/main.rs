@@ -181,7 +181,7 @@ async fn serve(config_path: Option<PathBuf>, listen: Option<SocketAddr>, upstrea
     let addr = listener.local_addr()?;
     let upstream_url: String = config.upstream.url.clone().into();
     let app = App::build(config)?;
-    tracing::info!(%addr, upstream = %upstream_url, "klaviyo-proxy listening");
+    tracing::info!(%addr, upstream = %upstream_url, store = app.proxy().limiter().state().as_str(), "klaviyo-proxy listening");
     println!("klaviyo-proxy listening on http://{addr}");
     app.serve(listener, shutdown_signal()).await;
     if let Some(sim) = simulator {
