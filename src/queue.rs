@@ -59,7 +59,9 @@ async fn wait_shared(
         Ok(waited) => Ok(waited),
         // Out of the line (and its head) first, so the fallback queue runs in parallel.
         Err(Failed::Redis(e)) => {
-            shared.mark_down(&e);
+            if let Some(e) = e {
+                shared.mark_down(&e);
+            }
             drop(gate);
             wait_fallback(shared, demands, deadline, max_depth, operation, started).await
         }
@@ -68,8 +70,18 @@ async fn wait_shared(
 }
 
 enum Failed {
-    Redis(RedisStoreError),
+    /// Redis failed this request (`Some`) or had failed another one (`None`).
+    Redis(Option<RedisStoreError>),
     Refused(ProxyError),
+}
+
+/// Asks Redis, unless another request already found it down: the others in line then
+/// go to the fallback at once instead of each waiting out a timeout.
+async fn decide(shared: &SharedStore, demands: &[Demand], ahead: u32) -> Result<Decision, Failed> {
+    if shared.is_degraded() {
+        return Err(Failed::Redis(None));
+    }
+    shared.redis().decide(demands, ahead).await.map_err(|e| Failed::Redis(Some(e)))
 }
 
 async fn wait_in_line(
@@ -87,7 +99,7 @@ async fn wait_in_line(
     let mut predicted = Duration::ZERO;
     if ahead > 0 {
         // Behind others of this replica: refuse at once if this one could not go in time.
-        match shared.redis().decide(demands, ahead).await.map_err(Failed::Redis)? {
+        match decide(shared, demands, ahead).await? {
             Decision::Wait(wait) if ahead >= max_depth => {
                 return Err(Failed::Refused(ProxyError::QueueFull { operation, retry_after: wait }))
             }
@@ -101,7 +113,7 @@ async fn wait_in_line(
         return Err(timeout(predicted.saturating_sub(started.elapsed()).max(Duration::from_secs(1))));
     };
     loop {
-        match shared.redis().decide(demands, 0).await.map_err(Failed::Redis)? {
+        match decide(shared, demands, 0).await? {
             Decision::Granted => {
                 shared.mirror(demands);
                 return Ok(started.elapsed());
