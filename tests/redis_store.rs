@@ -38,7 +38,7 @@ fn lua_decides_like_the_local_window_logic() {
     let strategy = (
         proptest::collection::vec(spec(), 1..4),
         proptest::collection::vec(spec(), 1..3),
-        proptest::collection::vec((0u64..400, 0u8..3, 0u32..4), 1..200),
+        proptest::collection::vec((0u64..400, 0u8..3, 0u32..8), 1..200),
     );
     runner
         .run(&strategy, |(specs_a, specs_b, arrivals)| {

@@ -71,22 +71,30 @@ if ahead == 0 then
   return { 1, 0 }
 end
 -- A prediction: the slots of the requests ahead and of this one, as if no other
--- replica took anything meanwhile.
+-- replica took anything meanwhile. The j-th next take is measured against take
+-- n + j - limit: an existing one (fetched, at most ahead + 1 per window) or an
+-- earlier predicted one.
 for _, w in ipairs(wins) do
-  local r = redis.call('ZRANGE', w.key, -w.limit, -1, 'WITHSCORES')
-  w.ts = {}
-  for i = 2, #r, 2 do w.ts[#w.ts + 1] = tonumber(r[i]) end
+  w.ex = {}
+  local lo, hi = math.max(1, w.n - w.limit + 1), math.min(w.n, w.n - w.limit + ahead + 1)
+  if lo <= hi then
+    local r = redis.call('ZRANGE', w.key, lo - 1, hi - 1, 'WITHSCORES')
+    for i = 2, #r, 2 do w.ex[lo + i / 2 - 1] = tonumber(r[i]) end
+  end
 end
 local t = at
-for _ = 0, ahead do
+local fut = {}
+for j = 1, ahead + 1 do
   for _, w in ipairs(wins) do
-    local len = #w.ts
-    if len >= w.limit then
-      local s = w.ts[len - w.limit + 1] + w.period
+    local q = w.n + j - w.limit
+    if q >= 1 then
+      local s
+      if q <= w.n then s = w.ex[q] else s = fut[q - w.n] end
+      s = s + w.period
       if s > t then t = s end
     end
   end
-  for _, w in ipairs(wins) do w.ts[#w.ts + 1] = t end
+  fut[j] = t
 end
 return { 0, t - now }
 "#;
