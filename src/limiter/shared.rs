@@ -237,3 +237,47 @@ impl SharedStore {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Account, BucketId};
+    use super::*;
+
+    fn store(replicas: Option<u32>) -> SharedStore {
+        // Never connected: these tests only look at the local side.
+        let redis = RedisStore::new("redis://127.0.0.1:1/0", "t", Duration::from_millis(10)).unwrap();
+        SharedStore::new(redis, replicas)
+    }
+
+    #[tokio::test]
+    async fn fallback_is_quota_over_replicas_never_zero() {
+        let s = store(Some(3));
+        let d = Demand {
+            key: BucketKey { account: Account(1), bucket: BucketId::Endpoint(0) },
+            windows: Windows::new(&[
+                WindowSpec { limit: 10, period: 1_050_000 },
+                WindowSpec { limit: 150, period: 60_250_000 },
+                WindowSpec { limit: 2, period: 86_460_000_000 },
+            ]),
+        };
+        let local = s.fallback_demands(&[d]);
+        let limits: Vec<u32> = local[0].windows.as_slice().iter().map(|w| w.limit).collect();
+        assert_eq!(limits, [3, 50, 1]);
+        assert_eq!(local[0].windows.as_slice()[1].period, 60_250_000);
+        assert_eq!(store(None).replicas(), 1);
+    }
+
+    #[tokio::test]
+    async fn one_warning_per_transition() {
+        let s = store(Some(2));
+        assert_eq!(s.state(), StoreState::Redis);
+        for _ in 0..3 {
+            s.mark_down(&RedisStoreError::Timeout(Duration::from_millis(10)));
+        }
+        assert_eq!(s.state(), StoreState::Degraded);
+        assert_eq!(s.degradations(), 1);
+        // Redis still away: the heartbeat keeps the replica degraded.
+        assert_eq!(s.beat().await, StoreState::Degraded);
+        assert_eq!(s.degradations(), 1);
+    }
+}
