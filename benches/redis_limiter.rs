@@ -2,7 +2,8 @@
 //! store, in one run. Starts its own `redis-server` (it must be installed).
 //!
 //! `cargo bench --bench redis_limiter` prints, per store: p50 / p99 / max latency of
-//! one decision made alone, and decisions per second with 64 requests in flight.
+//! one decision made alone, and decisions per second with 64 requests in flight; for
+//! Redis also the prediction a request queued behind 20 others asks for.
 
 #[path = "../tests/redis_support/mod.rs"]
 mod redis_support;
@@ -42,14 +43,14 @@ fn report(name: &str, mut lat: Vec<Duration>, per_sec: f64) {
     );
 }
 
-async fn redis_bench(store: &RedisStore, name: &str, demands: fn(u64) -> [Demand; 1]) {
+async fn redis_bench(store: &RedisStore, name: &str, demands: fn(u64) -> [Demand; 1], ahead: u32) {
     for i in 0..1_000 {
-        store.decide(&demands(i), 0).await.unwrap();
+        store.decide(&demands(i), ahead).await.unwrap();
     }
     let mut lat = Vec::with_capacity(SAMPLES);
     for i in 0..SAMPLES as u64 {
         let t = Instant::now();
-        store.decide(&demands(i), 0).await.unwrap();
+        store.decide(&demands(i), ahead).await.unwrap();
         lat.push(t.elapsed());
     }
     let done = Arc::new(AtomicU64::new(0));
@@ -60,7 +61,7 @@ async fn redis_bench(store: &RedisStore, name: &str, demands: fn(u64) -> [Demand
         tasks.spawn(async move {
             let mut i = w * 1_000_000;
             while Instant::now() < end {
-                store.decide(&demands(i), 0).await.unwrap();
+                store.decide(&demands(i), ahead).await.unwrap();
                 done.fetch_add(1, Ordering::Relaxed);
                 i += 1;
             }
@@ -111,7 +112,8 @@ fn main() {
     local_bench("local (dashmap)");
     rt.block_on(async {
         let store = RedisStore::new(&server.url(), "bench", Duration::from_secs(1)).unwrap();
-        redis_bench(&store, "redis, 5000 accounts", demand).await;
-        redis_bench(&store, "redis, one saturated bucket", hot).await;
+        redis_bench(&store, "redis, 5000 accounts", demand, 0).await;
+        redis_bench(&store, "redis, one saturated bucket", hot, 0).await;
+        redis_bench(&store, "redis, prediction, 20 ahead", hot, 20).await;
     });
 }

@@ -119,7 +119,7 @@ return 1
 "#;
 
 /// Takes recorded without a decision: takes this replica made while Redis was away, or
-/// phantom takes for a `RateLimit-Remaining` correction. KEYS[1]: a window key. ARGV:
+/// phantom takes for a `RateLimit-Remaining` correction. `KEYS[1]`: a window key. ARGV:
 /// period (µs), clock override, then the age (µs before now) of each take. Returns the
 /// number recorded.
 pub const RECORD: &str = r#"
@@ -147,7 +147,7 @@ return added
 
 /// A `RateLimit-Remaining` correction: Klaviyo says only `remaining` of `limit` are
 /// left in a window that resets in `reset`; phantom takes make the window hold at least
-/// `limit - remaining`, dated so they return when Klaviyo's window resets. KEYS[1]: the
+/// `limit - remaining`, dated so they return when Klaviyo's window resets. `KEYS[1]`: the
 /// window key. ARGV: limit, period, remaining, reset (µs), clock override.
 pub const CORRECT: &str = r#"
 local now = tonumber(ARGV[5])
@@ -170,7 +170,7 @@ redis.call('PEXPIRE', KEYS[1], string.format('%d', math.ceil(period / 1000) + 10
 return missing
 "#;
 
-/// A replica's heartbeat: KEYS[1] the replica set, ARGV: replica id, ttl (µs).
+/// A replica's heartbeat: `KEYS[1]` the replica set, ARGV: replica id, ttl (µs).
 /// Returns how many replicas beat within the ttl.
 pub const HEARTBEAT: &str = r#"
 local t = redis.call('TIME')
