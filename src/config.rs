@@ -497,6 +497,8 @@ pub struct LimiterConfig {
     pub redis_url: Option<RedisUrl>,
     /// PEM CA certificates to trust for `rediss://` instead of the webpki roots.
     pub redis_ca_file: Option<PathBuf>,
+    /// `redis_url` is a node of a Redis Cluster (keys are hash-tagged per account).
+    pub redis_cluster: bool,
     /// Prefix of every Redis key, so several deployments can share one Redis.
     pub key_prefix: String,
     /// A Redis call slower than this counts as Redis being down.
@@ -512,6 +514,7 @@ impl Default for LimiterConfig {
             store: StoreKind::Local,
             redis_url: None,
             redis_ca_file: None,
+            redis_cluster: false,
             key_prefix: "klaviyo-proxy".into(),
             timeout_ms: 100,
             replicas: None,

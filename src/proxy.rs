@@ -75,7 +75,11 @@ fn limiter(config: &Config) -> Result<Limiter, BuildError> {
                 }
                 None => None,
             };
-            let redis = RedisStore::with_ca(url.expose(), &cfg.key_prefix, timeout, ca)?;
+            let redis = if cfg.redis_cluster {
+                RedisStore::cluster(url.expose(), &cfg.key_prefix, timeout, ca)?
+            } else {
+                RedisStore::with_ca(url.expose(), &cfg.key_prefix, timeout, ca)?
+            };
             Ok(Limiter::Shared(Box::new(SharedStore::new(redis, cfg.replicas.map(|r| r.get())))))
         }
         _ => Ok(Limiter::Local(LocalStore::new())),

@@ -246,3 +246,39 @@ fn password_and_database_from_the_url() {
         assert!(!err.contains("s3cret-pw"), "{err}");
     });
 }
+
+/// On a Redis Cluster of three primaries, one decision's keys (two buckets, several
+/// windows) share the account's hash tag, so the script runs on one slot; accounts
+/// spread over the nodes.
+#[test]
+fn redis_cluster_runs_each_decision_on_one_slot() {
+    let cluster = redis_support::RedisCluster::start(3);
+    let rt = runtime();
+    rt.block_on(async {
+        let store = RedisStore::cluster(&cluster.url(), "cl", Duration::from_secs(2), None).unwrap();
+        let burst = WindowSpec { limit: 2, period: 10_000_000 };
+        let steady = WindowSpec { limit: 3, period: 60_000_000 };
+        for account in 1..=30u128 {
+            let own = demand(account, BucketId::Endpoint(1), &[burst, steady]);
+            let cond = demand(account, BucketId::Condition(1, 0), &[burst]);
+            assert_eq!(store.decide(&[own, cond], 0).await.unwrap(), Decision::Granted);
+            assert_eq!(store.decide(&[own, cond], 0).await.unwrap(), Decision::Granted);
+            assert!(matches!(store.decide(&[own], 0).await.unwrap(), Decision::Wait(_)));
+            assert!(matches!(store.decide(&[own], 3).await.unwrap(), Decision::Wait(_)));
+        }
+        store
+            .pause(&[BucketKey { account: Account(1), bucket: BucketId::Endpoint(1) }], Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(store.heartbeat(Duration::from_secs(5)).await.unwrap(), 1);
+        // The accounts' keys are spread over more than one node.
+        let mut used = 0;
+        for node in &cluster.nodes {
+            let client = redis::Client::open(node.url()).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let n: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+            used += u32::from(n > 0);
+        }
+        assert!(used > 1, "all keys on one node");
+    });
+}

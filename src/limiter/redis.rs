@@ -14,11 +14,14 @@
 //! index in the catalog), so replicas of different versions still agree during a
 //! rolling upgrade.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use redis::{Client, Script};
+use tokio::sync::OnceCell;
 
 use super::window::Tick;
 use super::{ticks, BucketId, BucketKey, Demand};
@@ -203,10 +206,19 @@ pub enum RedisStoreError {
     Timeout(Duration),
 }
 
+/// How the store reaches Redis.
+#[derive(Clone)]
+enum Conn {
+    /// One server (or a proxy in front of several); reconnects by itself.
+    Single(ConnectionManager),
+    /// Redis Cluster: routes each script to the slot of its keys' hash tag.
+    Cluster(Arc<(ClusterClient, OnceCell<ClusterConnection>)>),
+}
+
 /// Buckets in Redis, shared by every replica using the same prefix.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     prefix: String,
     timeout: Duration,
     id: String,
@@ -237,6 +249,10 @@ fn endpoint_name(endpoint: u16) -> &'static str {
     names.get(usize::from(endpoint)).copied().unwrap_or("?")
 }
 
+fn certs(pem: Vec<u8>) -> redis::TlsCertificates {
+    redis::TlsCertificates { client_tls: None, root_cert: Some(pem) }
+}
+
 fn bucket_part(bucket: BucketId) -> String {
     match bucket {
         BucketId::Endpoint(e) => endpoint_name(e).to_string(),
@@ -261,9 +277,7 @@ impl RedisStore {
         ca_pem: Option<Vec<u8>>,
     ) -> Result<Self, RedisStoreError> {
         let client = match ca_pem {
-            Some(pem) => {
-                Client::build_with_tls(url, redis::TlsCertificates { client_tls: None, root_cert: Some(pem) })?
-            }
+            Some(pem) => Client::build_with_tls(url, certs(pem))?,
             None => Client::open(url)?,
         };
         let config = ConnectionManagerConfig::new()
@@ -271,8 +285,28 @@ impl RedisStore {
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(RedisStore {
+        let conn = Conn::Single(ConnectionManager::new_lazy_with_config(client, config)?);
+        Ok(Self::build(conn, prefix, timeout))
+    }
+
+    /// A store on a Redis Cluster, found through `url` (any node). Connects on first
+    /// use, and again after a failed attempt.
+    pub fn cluster(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+        ca_pem: Option<Vec<u8>>,
+    ) -> Result<Self, RedisStoreError> {
+        let mut builder = ClusterClient::builder(vec![url]).connection_timeout(timeout).response_timeout(timeout);
+        if let Some(pem) = ca_pem {
+            builder = builder.certs(certs(pem));
+        }
+        let conn = Conn::Cluster(Arc::new((builder.build()?, OnceCell::new())));
+        Ok(Self::build(conn, prefix, timeout))
+    }
+
+    fn build(conn: Conn, prefix: &str, timeout: Duration) -> Self {
+        RedisStore {
             conn,
             prefix: prefix.to_string(),
             timeout,
@@ -282,7 +316,7 @@ impl RedisStore {
             record: Script::new(RECORD),
             correct: Script::new(CORRECT),
             heartbeat: Script::new(HEARTBEAT),
-        })
+        }
     }
 
     /// The key stem of a bucket: `{prefix:account}:b:<bucket>`.
@@ -291,8 +325,17 @@ impl RedisStore {
     }
 
     async fn run<T: redis::FromRedisValue>(&self, inv: redis::ScriptInvocation<'_>) -> Result<T, RedisStoreError> {
-        let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
+        let call = async {
+            match &self.conn {
+                Conn::Single(manager) => inv.invoke_async(&mut manager.clone()).await,
+                Conn::Cluster(cluster) => {
+                    let (client, cell) = &**cluster;
+                    let conn = cell.get_or_try_init(|| client.get_async_connection()).await?;
+                    inv.invoke_async(&mut conn.clone()).await
+                }
+            }
+        };
+        match tokio::time::timeout(self.timeout, call).await {
             Ok(r) => Ok(r?),
             Err(_) => Err(RedisStoreError::Timeout(self.timeout)),
         }

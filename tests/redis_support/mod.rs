@@ -32,6 +32,16 @@ impl RedisServer {
         RedisServer::start_with(port, &["--port", &port.to_string()])
     }
 
+    /// Starts a node of a Redis Cluster (not yet joined to the others).
+    pub fn start_cluster_node() -> RedisServer {
+        let port = free_port();
+        let conf = format!("nodes-{port}.conf");
+        RedisServer::start_with(
+            port,
+            &["--port", &port.to_string(), "--cluster-enabled", "yes", "--cluster-config-file", &conf],
+        )
+    }
+
     /// Starts a server that wants `password` (the default user's).
     pub fn start_with_password(password: &str) -> RedisServer {
         let port = free_port();
@@ -87,5 +97,45 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis Cluster of `n` primaries on loopback, made with `redis-cli --cluster create`.
+pub struct RedisCluster {
+    /// The nodes; stopped (by PID) when the cluster is dropped.
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts `n` nodes, joins them and waits until every slot is served.
+    pub fn start(n: usize) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..n).map(|_| RedisServer::start_cluster_node()).collect();
+        let addrs: Vec<String> = nodes.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli (Debian package redis-tools, installed with redis-server)");
+        assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        let until = Instant::now() + Duration::from_secs(20);
+        for node in &nodes {
+            loop {
+                let info =
+                    Command::new("redis-cli").args(["-p", &node.port.to_string(), "cluster", "info"]).output().unwrap();
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < until, "cluster not ready within 20 s");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        RedisCluster { nodes }
+    }
+
+    /// A node's URL: the client finds the others from it.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.nodes[0].port)
     }
 }
