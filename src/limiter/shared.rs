@@ -132,18 +132,19 @@ impl SharedStore {
         self.configured_replicas.unwrap_or_else(|| self.learned_replicas.load(Ordering::Relaxed)).max(1)
     }
 
-    /// The demands at this replica's share of the quota (never below 1 per window).
+    /// The demands at this replica's share of the quota: `limit / replicas` per
+    /// window, or, when that is below one, one take per as many windows as it takes for
+    /// the replicas' shares to add up to at most the limit.
     pub fn fallback_demands(&self, demands: &[Demand]) -> Vec<Demand> {
         let n = self.replicas();
+        let share = |w: &WindowSpec| match w.limit / n {
+            0 => WindowSpec { limit: 1, period: w.period.saturating_mul(u64::from(n.div_ceil(w.limit))) },
+            limit => WindowSpec { limit, period: w.period },
+        };
         demands
             .iter()
             .map(|d| {
-                let specs: Vec<WindowSpec> = d
-                    .windows
-                    .as_slice()
-                    .iter()
-                    .map(|w| WindowSpec { limit: (w.limit / n).max(1), period: w.period })
-                    .collect();
+                let specs: Vec<WindowSpec> = d.windows.as_slice().iter().map(share).collect();
                 Demand { key: d.key, windows: Windows::new(&specs) }
             })
             .collect()
@@ -250,7 +251,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn fallback_is_quota_over_replicas_never_zero() {
+    async fn fallback_is_quota_over_replicas() {
         let s = store(Some(3));
         let d = Demand {
             key: BucketKey { account: Account(1), bucket: BucketId::Endpoint(0) },
@@ -261,9 +262,9 @@ mod tests {
             ]),
         };
         let local = s.fallback_demands(&[d]);
-        let limits: Vec<u32> = local[0].windows.as_slice().iter().map(|w| w.limit).collect();
-        assert_eq!(limits, [3, 50, 1]);
-        assert_eq!(local[0].windows.as_slice()[1].period, 60_250_000);
+        let specs: Vec<(u32, u64)> = local[0].windows.as_slice().iter().map(|w| (w.limit, w.period)).collect();
+        // 2 a day over 3 replicas: one every two days each, never 3 a day together.
+        assert_eq!(specs, [(3, 1_050_000), (50, 60_250_000), (1, 2 * 86_460_000_000)]);
         assert_eq!(store(None).replicas(), 1);
     }
 
