@@ -81,7 +81,7 @@ fn main() {
     let concurrency: usize = std::env::var("BENCH_CONCURRENCY").ok().and_then(|v| v.parse().ok()).unwrap_or(32);
     let (_sim, sim_url) = start(&["simulate", "--listen", "127.0.0.1:0", "--unlimited"], &[]);
     let (_proxy, proxy_url) = start(
-        &["serve", "--listen", "127.0.0.1:0", "--upstream", &sim_url],
+        &["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--upstream", &sim_url],
         &[("KLAVIYO_PROXY_LIMITS_ENABLED", "false"), ("KLAVIYO_PROXY_LOG_LEVEL", "warn")],
     );
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();

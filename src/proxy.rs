@@ -15,9 +15,10 @@ use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::breaker::{self, Breaker, Phase};
-use crate::config::{is_beta_revision, AuthMode, Config};
+use crate::config::{is_beta_revision, AuthMode, Config, ConfigError, StoreKind};
 use crate::error::{Origin, ProxyError};
-use crate::limiter::{Account, Denied, Grant, LocalStore};
+use crate::limiter::redis::{RedisStore, RedisStoreError};
+use crate::limiter::{Account, BucketKey, Demand, Denied, Grant, Limiter, LocalStore, SharedStore};
 use crate::metrics::{BreakerState, Metrics, RequestOutcome};
 use crate::queue;
 use crate::retry::{self, Backoff, Repeat, RetryBudget};
@@ -40,7 +41,7 @@ pub struct Proxy {
     /// The account hash key used when the config names none: random per start, kept
     /// across reloads so buckets keep their accounts.
     fallback_hash_key: Vec<u8>,
-    store: LocalStore,
+    limiter: Limiter,
     upstream: Upstream,
     metrics: Arc<Metrics>,
     /// The upstream's circuit breaker and the retry budget: like the store, they
@@ -137,6 +138,44 @@ pub enum BuildError {
     /// The spool file cannot be opened.
     #[error(transparent)]
     Spool(#[from] spool::SpoolError),
+    /// The limiter settings do not work together.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The Redis URL cannot be used.
+    #[error(transparent)]
+    Redis(#[from] RedisStoreError),
+    /// `limiter.redis_ca_file` cannot be read.
+    #[error("cannot read limiter.redis_ca_file {path}: {source}")]
+    RedisCa {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The bucket store `limiter.store` asks for.
+fn limiter(config: &Config) -> Result<Limiter, BuildError> {
+    let cfg = &config.limiter;
+    config.check_limiter()?;
+    match (cfg.store, &cfg.redis_url) {
+        (StoreKind::Redis, Some(url)) => {
+            let timeout = Duration::from_millis(cfg.timeout_ms);
+            let ca = match &cfg.redis_ca_file {
+                Some(path) => {
+                    Some(std::fs::read(path).map_err(|source| BuildError::RedisCa { path: path.clone(), source })?)
+                }
+                None => None,
+            };
+            let redis = if cfg.redis_cluster {
+                RedisStore::cluster(url.expose(), &cfg.key_prefix, timeout, ca)?
+            } else {
+                RedisStore::with_ca(url.expose(), &cfg.key_prefix, timeout, ca)?
+            };
+            Ok(Limiter::Shared(Box::new(SharedStore::new(redis, cfg.replicas.map(|r| r.get())))))
+        }
+        _ => Ok(Limiter::Local(LocalStore::new())),
+    }
 }
 
 fn sensitive(value: String, what: &'static str) -> Result<HeaderValue, BuildError> {
@@ -150,6 +189,7 @@ impl Proxy {
     pub fn new(config: Config) -> Result<Self, BuildError> {
         let fallback_hash_key: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
         let upstream = Upstream::new(&config.upstream)?;
+        let limiter = limiter(&config)?;
         let metrics = Arc::new(Metrics::new());
         let observer = metrics.clone();
         let breaker = Breaker::new(config.breaker.settings())
@@ -165,7 +205,7 @@ impl Proxy {
         let proxy = Proxy {
             live: RwLock::new(Arc::new(live)),
             fallback_hash_key,
-            store: LocalStore::new(),
+            limiter,
             upstream,
             metrics,
             breaker,
@@ -183,9 +223,14 @@ impl Proxy {
         self.live.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// The bucket store (for the sweeper and tests).
+    /// The local bucket store: the only one, or the Redis store's fallback (for tests).
     pub fn store(&self) -> &LocalStore {
-        &self.store
+        self.limiter.local()
+    }
+
+    /// The limiter: its state (`local`, `redis`, `degraded`) is for `/health` and metrics.
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
     }
 
     /// The config this proxy runs with now.
@@ -253,6 +298,13 @@ impl Proxy {
         if new.breaker != old.breaker {
             return Err(ReloadError::NeedsRestart("breaker"));
         }
+        if new.limiter != old.limiter {
+            return Err(ReloadError::NeedsRestart("limiter"));
+        }
+        if new.limiter.store == StoreKind::Redis && new.auth.account_hash_key != old.auth.account_hash_key {
+            // Replicas must hash accounts alike; one replica changing alone splits buckets.
+            return Err(ReloadError::NeedsRestart("auth.account_hash_key (with the redis store)"));
+        }
         let live = Arc::new(Live::new(new, &self.fallback_hash_key)?);
         self.metrics.set_account_names(live.account_names());
         *self.live.write().unwrap_or_else(PoisonError::into_inner) = live;
@@ -272,8 +324,7 @@ impl Proxy {
         upstream::outbound_headers(&mut parts.headers, live.config.upstream.revision.as_str());
         if live.config.limits.enabled {
             let deadline = Instant::now() + max_wait;
-            queue::wait_for_slot(&self.store, &route.demands, deadline, live.config.queue.max_depth, route.label())
-                .await?;
+            queue::wait(&self.limiter, &route.demands, deadline, live.config.queue.max_depth, route.label()).await?;
         }
         let sent = Instant::now();
         let resp = self.upstream.send(&parts, Bytes::new()).await.map_err(upstream_error)?;
@@ -426,12 +477,12 @@ impl Proxy {
             let waited = match requeued.take() {
                 Some(grant) => {
                     let queued = Instant::now();
-                    queue::wait_for_grant(&self.store, grant, deadline, label).await?;
+                    queue::wait_for_grant(self.limiter.local(), grant, deadline, label).await?;
                     queued.elapsed()
                 }
                 None if limited => {
                     let depth = config.queue.max_depth;
-                    queue::wait_for_slot(&self.store, &route.demands, deadline, depth, label).await?
+                    queue::wait(&self.limiter, &route.demands, deadline, depth, label).await?
                 }
                 None => Duration::ZERO,
             };
@@ -478,10 +529,10 @@ impl Proxy {
                     if !limited {
                         return Ok(resp);
                     }
-                    match self.store.pause_and_requeue(&route.demands, now + wait, now, deadline) {
+                    match self.pause(&route.demands, now + wait, now, deadline).await {
                         Ok(grant) => {
                             self.metrics.retry(label, "throttled");
-                            requeued = Some(grant);
+                            requeued = grant;
                             continue;
                         }
                         Err(denied) => {
@@ -497,7 +548,7 @@ impl Proxy {
                 }
                 Ok(resp) => {
                     self.record(permit, breaker::Outcome::Success);
-                    self.feedback(live, route, &resp, now);
+                    self.feedback(live, route, &resp, now).await;
                     return Ok(resp);
                 }
                 Err(e) => {
@@ -548,22 +599,62 @@ impl Proxy {
         }
     }
 
+    /// Pauses the request's buckets until `until` (an upstream 429). The local store
+    /// requeues the request at the head of its bucket's queue and returns its grant;
+    /// with Redis every replica pauses (and the local fallback too, should Redis go
+    /// away meanwhile) and the request simply asks again. `Err` when the pause ends
+    /// after `deadline`, with the wait.
+    async fn pause(
+        &self,
+        demands: &[Demand],
+        until: Instant,
+        now: Instant,
+        deadline: Instant,
+    ) -> Result<Option<Grant>, Denied> {
+        match &self.limiter {
+            Limiter::Local(store) => store.pause_and_requeue(demands, until, now, deadline).map(Some),
+            Limiter::Shared(_) => {
+                let keys: Vec<BucketKey> = demands.iter().map(|d| d.key).collect();
+                if let Err(e) = self.limiter.pause(&keys, until).await {
+                    tracing::warn!(error = %e, "could not share an upstream pause through Redis");
+                }
+                let fallback = self.limiter.local();
+                if let Ok(head) = fallback.pause_and_requeue(demands, until, now, until) {
+                    fallback.cancel(&head);
+                }
+                if until > deadline {
+                    Err(Denied::Deadline { wait: until.saturating_duration_since(now) })
+                } else {
+                    Ok(None)
+                }
+            }
+        }
+    }
+
     /// Klaviyo's `RateLimit-Remaining` lowers the proxy's view of the bucket when
     /// another consumer spends the same quota.
-    fn feedback(&self, live: &Live, route: &Route, resp: &Response<Incoming>, now: Instant) {
+    async fn feedback(&self, live: &Live, route: &Route, resp: &Response<Incoming>, now: Instant) {
         let remaining = header_int(resp.headers(), "ratelimit-remaining").and_then(|r| u32::try_from(r).ok());
         let reset =
             header_int(resp.headers(), "ratelimit-reset").and_then(|r| u64::try_from(r).ok()).map(Duration::from_secs);
-        if let (Some(remaining), Some(demand), true) = (remaining, route.demands.first(), live.config.limits.enabled) {
-            let phantoms = self.store.observe_remaining(demand, remaining, reset, now);
-            if phantoms > 0 {
-                tracing::debug!(
-                    operation = route.label(),
-                    phantoms,
-                    remaining,
-                    "upstream reports less quota than expected"
-                );
+        let (Some(remaining), Some(demand), true) = (remaining, route.demands.first(), live.config.limits.enabled)
+        else {
+            return;
+        };
+        let phantoms = match &self.limiter {
+            Limiter::Local(store) => u64::from(store.observe_remaining(demand, remaining, reset, now)),
+            Limiter::Shared(_) => {
+                let reset = reset.unwrap_or(Duration::from_secs(60));
+                self.limiter.correct(demand, remaining, reset).await.unwrap_or(0)
             }
+        };
+        if phantoms > 0 {
+            tracing::debug!(
+                operation = route.label(),
+                phantoms,
+                remaining,
+                "upstream reports less quota than expected"
+            );
         }
     }
 

@@ -18,6 +18,8 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+mod redis_support;
+
 const KEY: &str = "Klaviyo-API-Key pk_resilience_test";
 
 struct Running {
@@ -593,4 +595,70 @@ async fn refused_connections_open_the_breaker_fast() {
     }
     assert_eq!(run.app.proxy().breaker().phase(), Phase::Closed);
     assert_eq!(run.app.proxy().metrics().breaker_state(), 0);
+}
+
+/// With the shared (Redis) store, a 429 one replica meets pauses the bucket for every
+/// replica: "another consumer" 429s reach no client, and after the first answer no
+/// replica sends before the Retry-After has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_consumer_429s_pause_every_replica_through_redis() {
+    let redis = redis_support::RedisServer::start();
+    let sim = Simulator::start(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        SimOptions {
+            seed: Some(7),
+            faults: Faults { throttle_for_ms: 3000, ..Faults::default() },
+            ..SimOptions::default()
+        },
+    )
+    .unwrap();
+    let shared =
+        Config::parse(&format!("[limiter]\nstore = \"redis\"\nredis_url = \"{}\"\nreplicas = 2\n", redis.url()), "t")
+            .unwrap()
+            .limiter;
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let mut config = Config::default();
+        config.upstream.url = UpstreamUrl::try_from(sim.url.clone()).unwrap();
+        config.limiter = shared.clone();
+        config.auth.account_hash_key = Some(klaviyo_proxy::config::Secret::new("shared-hash-key"));
+        let app = App::build(config).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(app.clone().serve(listener, async {
+            let _ = stopped.await;
+        }));
+        replicas.push((addr, stop));
+    }
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for n in 0..10 {
+        let (client, addr) = (client.clone(), replicas[n % 2].0);
+        tasks.push(tokio::spawn(async move {
+            let req = Request::builder()
+                .uri(format!("http://{addr}/api/lists"))
+                .header("authorization", KEY)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            client.request(req).await.unwrap().status()
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    let stats = sim.stats();
+    println!(
+        "FIGURES redis pause: {} upstream requests, {} throttled, {} early, took {:?}",
+        stats.requests,
+        stats.throttled,
+        sim.early_requests(),
+        started.elapsed()
+    );
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    assert_eq!(sim.early_requests(), 0, "a replica sent before the shared Retry-After");
+    assert!(stats.throttled <= 2, "only requests on the wire before the first 429 meet one: {}", stats.throttled);
+    drop(replicas);
 }

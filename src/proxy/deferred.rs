@@ -13,8 +13,8 @@ use tokio::time::Instant;
 use super::{Outcome, Proxy};
 use crate::body::ProxyBody;
 use crate::breaker;
-use crate::limiter::Denied;
 use crate::metrics::RequestOutcome;
+use crate::queue;
 use crate::retry;
 use crate::retry::Backoff;
 use crate::route::Route;
@@ -121,33 +121,25 @@ impl Proxy {
         if let Some(wait) = self.breaker_open(&live) {
             return Replay::Wait(wait.min(Duration::from_secs(1)));
         }
-        // Below live traffic: only when no live request queues in its buckets, and
-        // only a token free right now.
-        let mut grant = None;
-        if config.limits.enabled {
-            if route.demands.iter().any(|d| self.store.queued(&d.key) > 0) {
-                return Replay::Wait(Duration::from_millis(50));
-            }
-            match self.store.reserve(&route.demands, now, now, 0) {
-                Ok(g) => grant = Some(g),
-                Err(Denied::Deadline { wait } | Denied::QueueFull { wait }) => {
-                    return Replay::Wait(wait.clamp(Duration::from_millis(10), Duration::from_secs(1)))
-                }
-            }
-        }
         let permit = if config.breaker.enabled {
-            match self.breaker.admit(Instant::now()) {
+            match self.breaker.admit(now) {
                 Ok(p) => Some(p),
-                Err(wait) => {
-                    if let Some(g) = grant {
-                        self.store.cancel(&g);
-                    }
-                    return Replay::Wait(wait.min(Duration::from_secs(1)));
-                }
+                Err(wait) => return Replay::Wait(wait.min(Duration::from_secs(1))),
             }
         } else {
             None
         };
+        // Below live traffic: only when no live request queues in its buckets here, and
+        // only a token free right now (a probe permit dropped unused is given back).
+        if config.limits.enabled {
+            if route.demands.iter().any(|d| self.store().queued(&d.key) > 0) {
+                return Replay::Wait(Duration::from_millis(50));
+            }
+            if let Err(e) = queue::wait(&self.limiter, &route.demands, now, 0, route.label()).await {
+                let wait = e.retry_after().unwrap_or(Duration::from_secs(1));
+                return Replay::Wait(wait.clamp(Duration::from_millis(10), Duration::from_secs(1)));
+            }
+        }
         let result = self.upstream.send(&parts, Bytes::from(entry.body.clone())).await;
         let now = Instant::now();
         let finish = |outcome| self.record(permit, outcome);
@@ -163,8 +155,8 @@ impl Proxy {
                     .unwrap_or(Duration::from_secs(1));
                 if config.limits.enabled {
                     // Pause the bucket for live traffic too; the replay goes again later.
-                    if let Ok(g) = self.store.pause_and_requeue(&route.demands, now + wait, now, now + wait) {
-                        self.store.cancel(&g);
+                    if let Ok(Some(head)) = self.pause(&route.demands, now + wait, now, now + wait).await {
+                        self.store().cancel(&head);
                     }
                 }
                 Replay::Wait(wait)
@@ -175,7 +167,7 @@ impl Proxy {
             }
             Ok(resp) => {
                 finish(breaker::Outcome::Success);
-                self.feedback(&live, &route, &resp, now);
+                self.feedback(&live, &route, &resp, now).await;
                 let status = resp.status();
                 let id = entry.id;
                 let spool = spool.clone();
