@@ -280,8 +280,10 @@ impl Proxy {
         let old = self.config();
         let mut upstream = new.upstream.clone();
         upstream.revision = old.upstream.revision.clone();
+        // The kill switch flips on a reload: rolling back must not need a restart.
+        upstream.enabled = old.upstream.enabled;
         if upstream != old.upstream {
-            return Err(ReloadError::NeedsRestart("upstream (other than revision)"));
+            return Err(ReloadError::NeedsRestart("upstream (other than revision and enabled)"));
         }
         if new.server.listen != old.server.listen {
             return Err(ReloadError::NeedsRestart("server.listen"));

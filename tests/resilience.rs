@@ -296,6 +296,11 @@ async fn kill_switch_answers_503_proxy_disabled() {
     assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(a.code.as_deref(), Some("proxy_disabled"));
     assert_eq!(run.sim.stats().requests, 0);
+    // A reload (SIGHUP, POST /admin/reload) flips it back without a restart.
+    let mut on = (*run.app.proxy().config()).clone();
+    on.upstream.enabled = true;
+    run.app.proxy().reload(on).unwrap();
+    assert_eq!(run.get("/api/lists").await.status, StatusCode::OK);
 }
 
 /// A 10 s outage: the breaker opens within its minimum volume, requests fail fast
