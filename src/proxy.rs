@@ -521,11 +521,7 @@ impl Proxy {
                     // Klaviyo's quota is spent (by us or another consumer): the whole
                     // bucket waits for Retry-After, this request at the head of its queue.
                     let cap = Duration::from_millis(config.retry.retry_after_cap_ms);
-                    let wait = resp
-                        .headers()
-                        .get(header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| retry::parse_retry_after(v, std::time::SystemTime::now(), cap))
+                    let wait = retry::retry_after_of(resp.headers(), cap)
                         .unwrap_or_else(|| backoff.delay(retries, &mut rng).max(Duration::from_secs(1)));
                     tracing::debug!(operation = label, ?wait, "upstream 429: bucket paused");
                     if !limited {

@@ -16,6 +16,13 @@ use tokio::time::Instant;
 
 use crate::catalog::Operation;
 
+/// The wait a response's `Retry-After` header asks for (see [`parse_retry_after`]),
+/// or `None` when it is missing or unusable.
+pub fn retry_after_of(headers: &http::HeaderMap, cap: Duration) -> Option<Duration> {
+    let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
+    parse_retry_after(value, SystemTime::now(), cap)
+}
+
 /// Parses an upstream `Retry-After` value into a wait, capped at `cap`.
 ///
 /// Accepted forms (RFC 9110 §10.2.3):

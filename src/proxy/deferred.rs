@@ -147,12 +147,7 @@ impl Proxy {
             Ok(resp) if resp.status() == http::StatusCode::TOO_MANY_REQUESTS => {
                 finish(breaker::Outcome::Success);
                 let cap = Duration::from_millis(config.retry.retry_after_cap_ms);
-                let wait = resp
-                    .headers()
-                    .get(header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| retry::parse_retry_after(v, std::time::SystemTime::now(), cap))
-                    .unwrap_or(Duration::from_secs(1));
+                let wait = retry::retry_after_of(resp.headers(), cap).unwrap_or(Duration::from_secs(1));
                 if config.limits.enabled {
                     // Pause the bucket for live traffic too; the replay goes again later.
                     if let Ok(Some(head)) = self.pause(&route.demands, now + wait, now, now + wait).await {
