@@ -13,8 +13,6 @@
 //! Env: `BENCH_PARTS` (default `abc`), `BENCH_SECS`, `BENCH_CONCURRENCY` (a),
 //! `BENCH_BATCH` (b, default 30), `BENCH_QUEUED` (c, default 50000).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,21 +24,11 @@ use hyper_util::rt::TokioExecutor;
 
 const BIN: &str = env!("CARGO_BIN_EXE_klaviyo-proxy");
 
-struct Running(Child);
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+#[path = "../tests/support/process.rs"]
+mod process;
 
-fn start(args: &[&str], envs: &[(&str, &str)]) -> (Running, String) {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args).envs(envs.iter().copied()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
-    let mut child = cmd.spawn().expect("start klaviyo-proxy");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    (Running(child), line.trim().rsplit(' ').next().unwrap().to_string())
+fn start(args: &[&str], envs: &[(&str, &str)]) -> (process::Running, String) {
+    process::start(BIN, args, envs)
 }
 
 struct Result {

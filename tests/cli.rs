@@ -1,35 +1,15 @@
 //! The real binary: simulator and proxy as separate processes, and the config commands.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_klaviyo-proxy");
 
-/// A child process killed (by its PID) when dropped.
-struct Running(Child);
+#[path = "support/process.rs"]
+mod process;
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts the binary and returns it with the URL from its "listening on" line.
-fn start(args: &[&str], envs: &[(&str, &str)]) -> (Running, String) {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("start klaviyo-proxy");
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let url = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(url.starts_with("http"), "unexpected first line {line:?}");
-    (Running(child), url)
+fn start(args: &[&str], envs: &[(&str, &str)]) -> (process::Running, String) {
+    process::start(BIN, args, envs)
 }
 
 fn curl_like(url: &str, headers: &[(&str, &str)]) -> (u16, String) {

@@ -299,3 +299,104 @@ async fn client_token_guards_remote_listeners() {
     .await;
     assert_eq!(r.status, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_arrivals_never_exceed_a_window_at_the_simulator() {
+    let sim = sim(SimOptions::default()).await;
+    let proxy = proxy(config(&sim.url, "")).await;
+    let client = client();
+    // Ninety requests at seeded random times over ~2.5 s, over an S-tier operation
+    // (3/s), an M-tier one (10/s) and a conditional limit (1/s) on an L-tier one.
+    let mut rng = fastrand::Rng::with_seed(42);
+    let plan: Vec<(u64, &str)> = (0..90)
+        .map(|i| {
+            let path = match i % 6 {
+                0 | 1 => "/api/flows",
+                2..=4 => "/api/metrics",
+                _ => "/api/profiles/01XYZ?include=lists",
+            };
+            (rng.u64(..2500), path)
+        })
+        .collect();
+    let started = Instant::now();
+    let replies = futures(plan.len(), |i| {
+        let (client, (at, path)) = (client.clone(), plan[i]);
+        let url = format!("{}{path}", proxy.url());
+        async move {
+            tokio::time::sleep_until(started + Duration::from_millis(at)).await;
+            get(&client, &url, KEY_A).await
+        }
+    })
+    .await;
+    for r in &replies {
+        assert_eq!(r.status, StatusCode::OK, "all wait their turn (30 s deadline): {:?}", r.body);
+    }
+    let stats = sim.stats();
+    assert_eq!(stats.throttled, 0);
+    for b in &stats.buckets {
+        for (window, max) in &b.max_sliding {
+            assert!(max <= &b.limits[window], "{} {} {window}: {max} > {}", b.operation, b.bucket, b.limits[window]);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_steady_window_holds_end_to_end() {
+    let sim = sim(SimOptions::default()).await;
+    // A tight override so the steady window binds within one test: 5/s and 6/min
+    // (get_campaigns allows 10/s and 150/min at Klaviyo).
+    let overrides =
+        "[limits.operations.get_campaigns]\nburst_per_second = 5\nsteady_per_minute = 6\n[queue]\nmax_wait_ms = 70000\n";
+    let proxy = proxy(config(&sim.url, overrides)).await;
+    let client = client();
+    let url = format!("{}/api/campaigns?filter=x", proxy.url());
+    let started = Instant::now();
+    let done = futures(8, |_| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let r = get(&client, &url, KEY_A).await;
+            (r.status, started.elapsed())
+        }
+    })
+    .await;
+    let mut times: Vec<Duration> = done
+        .iter()
+        .map(|(s, t)| {
+            assert_eq!(*s, StatusCode::OK);
+            *t
+        })
+        .collect();
+    times.sort();
+    // Six go in the first burst windows; the seventh only a full minute after the first.
+    assert!(times[5] < Duration::from_secs(5), "{times:?}");
+    assert!(times[6] >= Duration::from_millis(60_250), "{times:?}");
+    let stats = sim.stats();
+    let b = &bucket(&stats, "get_campaigns", "endpoint")[0];
+    assert!(b.max_sliding["steady"] <= 6 && b.max_sliding["burst"] <= 5, "{b:?}");
+    assert_eq!(stats.throttled, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_heads_and_slow_clients_are_cut_off() {
+    let sim = sim(SimOptions::default()).await;
+    let proxy = proxy(config(&sim.url, "[server]\nmax_header_bytes = 16384\nclient_read_timeout_ms = 300\n")).await;
+    let big =
+        format!("GET /api/accounts HTTP/1.1\r\nhost: x\r\nx-big: {}\r\nconnection: close\r\n\r\n", "a".repeat(40_000));
+    let reply = raw(proxy.addr, &big).await;
+    assert!(reply.is_empty() || reply.starts_with("HTTP/1.1 431"), "{reply}");
+    // A client that never finishes its head is disconnected after the read timeout.
+    let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
+    slow.write_all(b"GET /api/accounts HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "connection still open after 5 s");
+    // A body that is never finished gets 408 in the JSON:API shape.
+    let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!("POST /api/events HTTP/1.1\r\nhost: x\r\nauthorization: Klaviyo-API-Key {KEY_A}\r\ncontent-length: 100\r\n\r\n{{");
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf)).await.unwrap().unwrap();
+    let reply = String::from_utf8_lossy(&buf[..n]);
+    assert!(reply.starts_with("HTTP/1.1 408") && reply.contains("proxy_client_timeout"), "{reply}");
+    assert_eq!(sim.stats().requests, 0);
+}

@@ -31,9 +31,13 @@ pub struct Grant {
     /// When the request may leave.
     pub at: Instant,
     tick: Tick,
-    keys: Vec<BucketKey>,
+    keys: [Option<BucketKey>; MAX_DEMANDS],
     queued: bool,
 }
+
+/// Most buckets one request takes from: its endpoint's and up to two conditional
+/// limits (`get_profile` with `include=lists,segments`).
+pub const MAX_DEMANDS: usize = 3;
 
 impl Grant {
     /// Whether the request has to wait for its slot.
@@ -139,11 +143,15 @@ impl LocalStore {
             b.expires = b.expires.max(t.saturating_add(longest));
             b.queued += u32::from(queued);
         }
-        Ok(Grant { at: self.instant(t), tick: t, keys: demands.iter().map(|d| d.key).collect(), queued })
+        let mut keys = [None; MAX_DEMANDS];
+        for (slot, d) in keys.iter_mut().zip(demands) {
+            *slot = Some(d.key);
+        }
+        Ok(Grant { at: self.instant(t), tick: t, keys, queued })
     }
 
-    fn each_bucket(&self, keys: &[BucketKey], mut f: impl FnMut(&mut Bucket)) {
-        for key in keys {
+    fn each_bucket(&self, keys: &[Option<BucketKey>], mut f: impl FnMut(&mut Bucket)) {
+        for key in keys.iter().flatten() {
             let handle = self.buckets.get(key).map(|h| h.clone());
             if let Some(handle) = handle {
                 f(&mut lock(&handle));

@@ -2,6 +2,8 @@
 //! small HTTP client. Every server started here stops when its handle is dropped.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -116,7 +118,7 @@ pub async fn send(
     }
     let req = req.body(Full::new(Bytes::from(body.to_string()))).unwrap();
     let resp =
-        tokio::time::timeout(Duration::from_secs(60), client.request(req)).await.expect("reply in time").unwrap();
+        tokio::time::timeout(Duration::from_secs(90), client.request(req)).await.expect("reply in time").unwrap();
     let status = resp.status();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.unwrap().to_bytes();

@@ -1,0 +1,86 @@
+//! The simulator answers the way Klaviyo does.
+
+mod support;
+
+use http::{Method, StatusCode};
+use klaviyo_proxy::sim::SimOptions;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_like_klaviyo() {
+    let sim = sim(SimOptions::default()).await;
+    let client = client();
+    let url = format!("{}/api/accounts", sim.url);
+    let auth = format!("Klaviyo-API-Key {KEY_A}");
+    let rev = ("revision", "2026-07-15");
+
+    let r = send(&client, Method::GET, &url, &[("authorization", &auth)], "").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "no revision");
+    let r = send(&client, Method::GET, &url, &[rev], "").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.json()["errors"][0]["code"], "not_authenticated");
+
+    let ok = send(&client, Method::GET, &url, &[rev, ("authorization", &auth)], "").await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert_eq!(ok.header("ratelimit-limit"), Some("15"));
+    assert_eq!(ok.header("ratelimit-remaining"), Some("14"));
+    let reset: u64 = ok.header("ratelimit-reset").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&reset));
+    assert_eq!(ok.json()["data"][0]["type"], "account");
+
+    // get_accounts is 1/s in fixed windows: an immediate second request is throttled
+    // (unless the window happened to turn in between, so allow one more try).
+    let mut throttled = None;
+    for _ in 0..3 {
+        let r = send(&client, Method::GET, &url, &[rev, ("authorization", &auth)], "").await;
+        if r.status == StatusCode::TOO_MANY_REQUESTS {
+            throttled = Some(r);
+            break;
+        }
+    }
+    let r = throttled.expect("a 429 within three immediate requests");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    let e = &r.json()["errors"][0];
+    assert_eq!((e["status"].as_u64(), e["code"].as_str()), (Some(429), Some("throttled")));
+    assert!(e["detail"].as_str().unwrap().contains("Expected available in 1 second"));
+
+    let event =
+        send(&client, Method::POST, &format!("{}/api/events", sim.url), &[rev, ("authorization", &auth)], "{}").await;
+    assert_eq!(event.status, StatusCode::ACCEPTED);
+    let client_event =
+        send(&client, Method::POST, &format!("{}/client/events?company_id=AbC123", sim.url), &[rev], "{}").await;
+    assert_eq!(client_event.status, StatusCode::ACCEPTED);
+    let no_company = send(&client, Method::POST, &format!("{}/client/events", sim.url), &[rev], "{}").await;
+    assert_eq!(no_company.status, StatusCode::BAD_REQUEST);
+
+    let stats = sim.stats();
+    let b = &bucket(&stats, "get_accounts", "endpoint")[0];
+    assert!(b.throttled >= 1 && b.max_fixed["burst"] == 1, "{b:?}");
+    assert!(stats.throttled >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daily_caps_and_unlimited_mode() {
+    let sim = sim(SimOptions::default()).await;
+    let client = client();
+    let auth = format!("Klaviyo-API-Key {KEY_A}");
+    // create_segment: 1/s, 15/min, 100/day — the stats show all three windows.
+    let url = format!("{}/api/segments", sim.url);
+    let r = send(&client, Method::POST, &url, &[("revision", "2026-07-15"), ("authorization", &auth)], "{}").await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let stats = sim.stats();
+    assert_eq!(bucket(&stats, "create_segment", "endpoint")[0].limits["daily"], 100);
+
+    let free = support::sim(SimOptions { unlimited: true, ..SimOptions::default() }).await;
+    for _ in 0..5 {
+        let r = send(
+            &client,
+            Method::GET,
+            &format!("{}/api/accounts", free.url),
+            &[("revision", "2026-07-15"), ("authorization", &auth)],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+}

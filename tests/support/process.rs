@@ -1,0 +1,30 @@
+//! The real binary as a child process, stopped by its PID when dropped. Shared by the
+//! CLI tests and the benches.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+/// A child process killed (by its PID) and reaped when dropped.
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `bin` with `args` and `envs` and returns it with the URL from its first
+/// stdout line (`... listening on URL`).
+pub fn start(bin: &str, args: &[&str], envs: &[(&str, &str)]) -> (Running, String) {
+    let mut cmd = Command::new(bin);
+    cmd.args(args).envs(envs.iter().copied()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut child = cmd.spawn().expect("start klaviyo-proxy");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("first stdout line");
+    let url = line.trim().rsplit(' ').next().unwrap_or_default().to_string();
+    assert!(url.starts_with("http"), "unexpected first line {line:?}");
+    (Running(child), url)
+}
