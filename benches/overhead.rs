@@ -317,7 +317,10 @@ async fn queued_rss(n: usize) {
     }
     // Wait until the proxy's memory settles: every request is in and waiting.
     let (mut last, mut peak, mut steady_for) = (0u64, 0u64, 0);
-    while steady_for < 6 && started.elapsed() < Duration::from_secs(300) {
+    // At least 10 s, then 3 s without a 1% change.
+    while (steady_for < 6 || started.elapsed() < Duration::from_secs(10))
+        && started.elapsed() < Duration::from_secs(300)
+    {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let now = rss_kb(pid);
         peak = peak.max(now);
