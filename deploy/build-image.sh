@@ -38,7 +38,8 @@ esac
 "$BIN" --version
 
 say "image $IMAGE"
-"${BUILDAH[@]}" bud --isolation chroot --layers=false -t "$IMAGE" -f Dockerfile .
+# Docker format: the OCI image config has no HEALTHCHECK.
+"${BUILDAH[@]}" bud --isolation chroot --format docker --layers=false -t "$IMAGE" -f Dockerfile .
 size=$("${BUILDAH[@]}" images --noheading --format '{{.Size}}' "$IMAGE" | head -n1)
 # A scratch image holds exactly these two files.
 bytes=$(du -sb "$BIN" config/klaviyo-proxy.toml | awk '{s+=$1} END {print s}')
@@ -47,6 +48,11 @@ say "image size: $size (binary + config: $((bytes / 1024)) KiB)"
 user=$("${BUILDAH[@]}" inspect --type image --format '{{.OCIv1.Config.User}}' "$IMAGE")
 [ "$user" = "65532:65532" ] || fail "image user is '$user', expected 65532:65532"
 say "user: $user"
+health=$("${BUILDAH[@]}" inspect --type image --format '{{.Docker.Config.Healthcheck.Test}}' "$IMAGE")
+case "$health" in
+  *"healthcheck http://127.0.0.1:9090/live"*) say "healthcheck: $health" ;;
+  *) fail "image health check is '$health'" ;;
+esac
 
 work=$(mktemp -d)
 ctr=""
@@ -66,6 +72,15 @@ max_wait_ms = 5000
 TOML
 chmod 0644 "$work/klaviyo-proxy.toml"
 ctr=$("${BUILDAH[@]}" from "$IMAGE")
+# The mounted file and the environment both reach the effective config.
+effective=$("${BUILDAH[@]}" run --isolation chroot \
+  --volume "$work/klaviyo-proxy.toml:/etc/klaviyo-proxy/klaviyo-proxy.toml:ro" \
+  --env KLAVIYO_PROXY_AUTH_MODE=inject --env KLAVIYO_PRIVATE_KEY=pk_image_check_key \
+  "$ctr" -- /klaviyo-proxy check-config /etc/klaviyo-proxy/klaviyo-proxy.toml 2>/dev/null)
+grep -q '^max_wait_ms = 5000$' <<<"$effective" || fail "the mounted config was not read"
+grep -q '^mode = "inject"$' <<<"$effective" || fail "the environment did not override the config"
+! grep -q pk_image_check_key <<<"$effective" || fail "check-config printed the key"
+say "config: mounted file and env overrides both in effect, key redacted"
 # Its own process group, so the check can stop exactly what it started.
 setsid "${BUILDAH[@]}" run --isolation chroot \
   --volume "$work/klaviyo-proxy.toml:/etc/klaviyo-proxy/klaviyo-proxy.toml:ro" \

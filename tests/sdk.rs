@@ -4,9 +4,9 @@
 //! run are in `tests/sdk/`; each prints one JSON object that these tests check, and
 //! the simulator's `/__sim/stats` says what reached "Klaviyo".
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -16,31 +16,14 @@ use serde_json::Value;
 const BIN: &str = env!("CARGO_BIN_EXE_klaviyo-proxy");
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-/// A child process killed (by its PID) when dropped.
-struct Running(Child);
+#[path = "support/process.rs"]
+mod process;
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use process::Running;
 
-/// Starts the binary and returns it with the URL from its "listening on" line.
+/// Starts the binary (logs at warn) and returns it with the URL from its first line.
 fn start(args: &[&str]) -> (Running, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("KLAVIYO_PROXY_LOG_LEVEL", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start klaviyo-proxy");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(url.starts_with("http://"), "unexpected first line {line:?}");
-    (Running(child), url)
+    process::start(BIN, args, &[("KLAVIYO_PROXY_LOG_LEVEL", "warn")])
 }
 
 /// A simulator and a proxy in front of it; `config` is extra TOML for the proxy.
