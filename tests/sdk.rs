@@ -154,6 +154,8 @@ fn calls_and_burst(sdk: Sdk) {
     let out = sdk.run("calls", &stack.proxy_url, key, None);
     assert_eq!(out["account_id"], "SimAcct1", "{out}");
     assert_eq!(out["profile_email"], "sdk@example.com", "{out}");
+    assert_eq!(out["profiles"], 1, "{out}");
+    assert_eq!(out["first_profile_email"], "sim@example.com", "{out}");
     assert!(out["profile_id"].as_str().is_some_and(|id| !id.is_empty()), "{out}");
     for op in ["get_accounts", "create_event", "get_profiles", "create_or_update_profile"] {
         assert_eq!(stack.counted(op, "endpoint"), (1, 0), "{op} should reach the simulator once, unthrottled");

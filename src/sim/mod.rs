@@ -477,6 +477,17 @@ fn success(op: &Operation, method: &Method, path: &str, body: &[u8]) -> Response
                 "links": {"self": self_link}}], "links": {"self": self_link, "next": null, "prev": null}}),
         );
     }
+    if op.id == "get_profiles" {
+        let profile_link = "https://a.klaviyo.com/api/profiles/01SIMPROFILE0000000000000/";
+        return json_response(
+            StatusCode::OK,
+            &json!({"data": [{"type": "profile", "id": "01SIMPROFILE0000000000000", "attributes": {
+                "email": "sim@example.com", "first_name": "Sim", "last_name": "Ulated",
+                "created": "2026-01-01T00:00:00+00:00", "updated": "2026-01-01T00:00:00+00:00",
+                "properties": {}}, "links": {"self": profile_link}}],
+                "links": {"self": self_link, "next": null, "prev": null}}),
+        );
+    }
     if op.id == "create_event" || op.path.starts_with("/client/") {
         let mut resp = Response::new(full(Bytes::new()));
         *resp.status_mut() = StatusCode::ACCEPTED;

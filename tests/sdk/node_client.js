@@ -77,6 +77,7 @@ async function calls(url, key) {
     account_id: accounts.body.data[0].id,
     event_status: event.response.status,
     profiles: profiles.body.data.length,
+    first_profile_email: profiles.body.data[0].attributes.email,
     profile_id: upsert.body.data.id,
     profile_email: upsert.body.data.attributes.email,
   };

@@ -80,6 +80,7 @@ def calls(url, key):
         "account_id": accounts.data[0].id,
         "event": event,
         "profiles": len(profiles.data),
+        "first_profile_email": profiles.data[0].attributes.email,
         "profile_id": upsert.data.id,
         "profile_email": upsert.data.attributes.email,
     }
