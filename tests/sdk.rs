@@ -222,6 +222,44 @@ fn retries_on_429(sdk: Sdk) {
     assert_eq!(bucket["throttled"], 0, "{bucket}");
 }
 
+/// The proxy's other answers of its own, as the SDKs treat them: 504 (no response head
+/// from Klaviyo in time) is in both SDKs' retry codes, so each call is tried three
+/// times; 502 (Klaviyo unreachable) is not, so it is raised at once. Both carry the
+/// JSON:API body the SDKs parse. (503, the circuit breaker's answer, is in the same
+/// retry codes as 504; the breaker is not on this branch.)
+fn upstream_failures(sdk: Sdk) {
+    // A simulator slower than the proxy's upstream timeout.
+    let (_slow_sim, slow_url) = start(&["simulate", "--listen", "127.0.0.1:0", "--latency-ms", "2000"]);
+    let config = TempFile::new("[upstream]\nrequest_timeout_ms = 200\n");
+    let (_proxy, proxy_url) =
+        start(&["serve", "--listen", "127.0.0.1:0", "--upstream", &slow_url, "--config", config.0.to_str().unwrap()]);
+    let out = sdk.run("failing", &proxy_url, "pk_sdk_test_timeout_0123456789", None);
+    assert_eq!(out["raised"]["status"], 504, "{out}");
+    assert_eq!(out["raised"]["error_code"], "proxy_upstream_timeout", "{out}");
+    let seen = out["seen"].as_array().unwrap();
+    assert_eq!(seen.len(), 3, "the SDK should try a 504 three times: {out}");
+    assert!(seen.iter().all(|s| s["status"] == 504 && s["proxy_error"] == "proxy_upstream_timeout"), "{out}");
+
+    // Nothing listens on the upstream's port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (_proxy, proxy_url) =
+        start(&["serve", "--listen", "127.0.0.1:0", "--upstream", &format!("http://127.0.0.1:{port}")]);
+    let out = sdk.run("failing", &proxy_url, "pk_sdk_test_unreachable_0123456789", None);
+    assert_eq!(out["raised"]["status"], 502, "{out}");
+    assert_eq!(out["raised"]["error_code"], "proxy_upstream_unreachable", "{out}");
+    assert_eq!(out["seen"].as_array().unwrap().len(), 1, "the SDKs do not retry 502: {out}");
+}
+
+#[test]
+fn python_sdk_retries_the_proxys_504_not_its_502() {
+    upstream_failures(Sdk::Python);
+}
+
+#[test]
+fn node_sdk_retries_the_proxys_504_not_its_502() {
+    upstream_failures(Sdk::Node);
+}
+
 #[test]
 fn python_sdk_calls_and_bursts_through_the_proxy() {
     calls_and_burst(Sdk::Python);

@@ -12,6 +12,8 @@
 //   node_client.js throttled URL KEY N   N concurrent getAccounts calls (1/s): first with
 //                                        retries off (the 429s' shape as the SDK throws
 //                                        them), then with the SDK's retry on
+//   node_client.js failing URL KEY       one getAccounts call with the SDK's default retry
+//                                        (3 attempts): what it threw, what it saw
 'use strict';
 
 const axios = require('axios');
@@ -116,9 +118,10 @@ async function tryAccounts(k) {
   } catch (e) {
     if (!e.response) throw e;
     const body = e.response.data;
+    const retryAfter = e.response.headers['retry-after'];
     return {
       status: e.response.status,
-      retry_after: parseInt(e.response.headers['retry-after'], 10),
+      retry_after: retryAfter === undefined ? null : parseInt(retryAfter, 10),
       proxy_error: e.response.headers['x-klaviyo-proxy-error'] ?? null,
       error_status: body.errors[0].status,
       error_code: body.errors[0].code,
@@ -137,12 +140,18 @@ async function throttled(url, key, n) {
   return { raised, statuses, seen };
 }
 
+async function failing(url, key) {
+  const raised = await tryAccounts(apis(url, key, 3));
+  return { raised, seen };
+}
+
 async function main() {
   const [mode, url, key, n] = process.argv.slice(2);
   let out;
   if (mode === 'calls') out = await calls(url, key);
   else if (mode === 'burst') out = await burst(url, key, Number(n));
   else if (mode === 'throttled') out = await throttled(url, key, Number(n));
+  else if (mode === 'failing') out = await failing(url, key);
   else throw new Error(`unknown mode ${mode}`);
   console.log(JSON.stringify(out));
 }

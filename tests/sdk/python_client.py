@@ -11,6 +11,8 @@ JSON object on its last line of stdout; exits non-zero when a call fails.
   python_client.py throttled URL KEY N      N concurrent get_accounts calls (1/s): first
                                             with all retries off (the 429s' shape as the
                                             SDK raises them), then with the SDK's retry on
+  python_client.py failing URL KEY          one get_accounts call with the SDK's default
+                                            retry (3 attempts): what it raised, what it saw
 """
 
 import json
@@ -125,14 +127,24 @@ def _try_accounts(k):
         k.Accounts.get_accounts()
         return None
     except ApiException as e:
-        body = json.loads(e.body)
-        return {
-            "status": e.status,
-            "retry_after": int(e.headers.get("Retry-After")),
-            "proxy_error": e.headers.get("X-Klaviyo-Proxy-Error"),
-            "error_status": body["errors"][0]["status"],
-            "error_code": body["errors"][0]["code"],
-        }
+        return _describe(e)
+
+
+def _describe(e):
+    body = json.loads(e.body)
+    retry_after = e.headers.get("Retry-After")
+    return {
+        "status": e.status,
+        "retry_after": int(retry_after) if retry_after is not None else None,
+        "proxy_error": e.headers.get("X-Klaviyo-Proxy-Error"),
+        "error_status": body["errors"][0]["status"],
+        "error_code": body["errors"][0]["code"],
+    }
+
+
+def failing(url, key):
+    k = client(url, key, retries=3)
+    return {"raised": _try_accounts(k), "seen": SEEN}
 
 
 def main():
@@ -143,6 +155,8 @@ def main():
         out = burst(url, key, int(sys.argv[4]))
     elif mode == "throttled":
         out = throttled(url, key, int(sys.argv[4]))
+    elif mode == "failing":
+        out = failing(url, key)
     else:
         raise SystemExit(f"unknown mode {mode}")
     print(json.dumps(out, default=str))
