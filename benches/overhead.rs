@@ -121,7 +121,7 @@ fn overhead(rt: &tokio::runtime::Runtime) {
     let concurrency: usize = env_or("BENCH_CONCURRENCY", 32);
     let (_sim, sim_url) = start(&["simulate", "--listen", "127.0.0.1:0", "--unlimited"], &[]);
     let (_proxy, proxy_url) = start(
-        &["serve", "--listen", "127.0.0.1:0", "--upstream", &sim_url],
+        &["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--upstream", &sim_url],
         &[("KLAVIYO_PROXY_LIMITS_ENABLED", "false"), ("KLAVIYO_PROXY_LOG_LEVEL", "warn")],
     );
     let path = "/api/profiles?page%5Bsize%5D=20";
@@ -234,7 +234,17 @@ async fn saturation(n: usize) {
     // request for up to 10 minutes.
     let config = config_file("saturation", "[queue]\nmax_wait_ms = 600000\n");
     let (_proxy, proxy_url) = start(
-        &["serve", "--listen", "127.0.0.1:0", "--upstream", &sim_url, "--config", &config],
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &sim_url,
+            "--config",
+            &config,
+        ],
         &[("KLAVIYO_PROXY_LOG_LEVEL", "warn")],
     );
     let (direct_key, proxied_key) = ("pk_bench_direct", "pk_bench_proxied");
@@ -288,7 +298,17 @@ async fn queued_rss(n: usize) {
     let (_sim, sim_url) = start(&["simulate", "--listen", "127.0.0.1:0"], &[]);
     let config = config_file("queued", &format!("[queue]\nmax_depth = {}\nmax_wait_ms = 604800000\n", n + 1000));
     let (proxy, proxy_url) = start(
-        &["serve", "--listen", "127.0.0.1:0", "--upstream", &sim_url, "--config", &config],
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &sim_url,
+            "--config",
+            &config,
+        ],
         &[("KLAVIYO_PROXY_LOG_LEVEL", "error")],
     );
     let pid = proxy.0.id();

@@ -86,18 +86,21 @@ setsid "${BUILDAH[@]}" run --isolation chroot \
   --volume "$work/klaviyo-proxy.toml:/etc/klaviyo-proxy/klaviyo-proxy.toml:ro" \
   --env KLAVIYO_PROXY_AUTH_MODE=inject --env KLAVIYO_PRIVATE_KEY=pk_image_check_key \
   --env KLAVIYO_PROXY_LOG_LEVEL=warn \
-  "$ctr" -- /klaviyo-proxy serve --config /etc/klaviyo-proxy/klaviyo-proxy.toml --upstream sim --listen 127.0.0.1:0 \
+  "$ctr" -- /klaviyo-proxy serve --config /etc/klaviyo-proxy/klaviyo-proxy.toml --upstream sim \
+  --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
   > "$work/stdout" 2> "$work/stderr" &
 server_pid=$!
 url=""
+admin=""
 for _ in $(seq 1 100); do
   url=$(sed -n 's/^klaviyo-proxy listening on //p' "$work/stdout" | head -n1)
-  [ -n "$url" ] && break
+  admin=$(sed -n 's/^admin listening on //p' "$work/stdout" | head -n1)
+  [ -n "$url" ] && [ -n "$admin" ] && break
   kill -0 "$server_pid" 2>/dev/null || { cat "$work/stderr" >&2; fail "the proxy exited"; }
   sleep 0.1
 done
 [ -n "$url" ] || { cat "$work/stderr" >&2; fail "the proxy did not start in 10 s"; }
-say "proxy listening on $url"
+say "proxy listening on $url, admin on $admin"
 
 uid=$(for p in $(pgrep -g "$server_pid" 2>/dev/null || true); do
   if [ "$(readlink "/proc/$p/exe" 2>/dev/null)" != "" ] && grep -q klaviyo-proxy "/proc/$p/comm" 2>/dev/null; then
@@ -109,10 +112,10 @@ say "running as uid $uid"
 # in-process simulator, with the key injected from the environment.
 "${BUILDAH[@]}" run --isolation chroot "$ctr" -- /klaviyo-proxy healthcheck "$url/api/accounts" \
   || fail "the proxy did not answer 2xx"
-# Its admin listener, when the build has one (the HEALTHCHECK's target).
-if "${BUILDAH[@]}" run --isolation chroot "$ctr" -- /klaviyo-proxy healthcheck http://127.0.0.1:9090/live 2>/dev/null; then
-  say "admin /live answers"
-else
-  say "admin /live does not answer (no admin listener in this build)"
-fi
+# The probes the HEALTHCHECK and the Kubernetes examples run (there on 127.0.0.1:9090,
+# here on a free port, since this network namespace is the host's).
+for path in /live /ready; do
+  "${BUILDAH[@]}" run --isolation chroot "$ctr" -- /klaviyo-proxy healthcheck "$admin$path" \
+    || fail "admin $path did not answer 2xx"
+done
 say "OK: $IMAGE is static, non-root, under $MAX_MB MB, and serves"

@@ -191,6 +191,37 @@ impl From<Share> for f64 {
     }
 }
 
+/// A name for an account in metrics and logs: 1 to 32 of `A-Z a-z 0-9 _ -`, so it
+/// can never carry a key.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct AccountName(String);
+
+impl AccountName {
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for AccountName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let ok = (1..=32).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if ok && !s.starts_with("pk_") {
+            Ok(AccountName(s))
+        } else {
+            Err("must be 1 to 32 letters, digits, `_` or `-` (and not a key)".into())
+        }
+    }
+}
+
+impl From<AccountName> for String {
+    fn from(n: AccountName) -> String {
+        n.0
+    }
+}
+
 /// An `operationId` from the catalog.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
 #[serde(try_from = "String", into = "String")]
@@ -236,6 +267,47 @@ pub struct Config {
     pub queue: QueueConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The admin listener: metrics, health, readiness, reload.
+    pub admin: AdminConfig,
+    /// The `preflight` command.
+    pub preflight: PreflightConfig,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Listen address of `/metrics`, `/health`, `/ready`, `/live`, `/admin/reload`;
+    /// loopback by default.
+    pub listen: SocketAddr,
+    /// How long a `/health` probe of Klaviyo is reused (its `GET /api/accounts` is XS tier).
+    pub health_cache_ms: u64,
+    /// Longest the probe waits for a token before `/health` reports rate-limited.
+    pub health_max_wait_ms: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            health_cache_ms: 30_000,
+            health_max_wait_ms: 2_000,
+        }
+    }
+}
+
+/// `[preflight]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PreflightConfig {
+    /// Klaviyo's status page, statuspage.io `api/v2/status.json` format.
+    pub status_url: String,
+}
+
+impl Default for PreflightConfig {
+    fn default() -> Self {
+        PreflightConfig { status_url: "https://status.klaviyo.com/api/v2/status.json".into() }
+    }
 }
 
 /// `[server]`
@@ -327,6 +399,8 @@ pub struct AuthConfig {
     /// Secret for the keyed hash that names accounts in bucket keys. Random per start
     /// when unset; replicas sharing limits must share it.
     pub account_hash_key: Option<Secret>,
+    /// A name for the injected key's account in metrics (otherwise its hash alias).
+    pub account_name: Option<AccountName>,
     /// The resolved private key (never read from the file's `[auth]` table directly).
     #[serde(skip_deserializing)]
     pub private_key: Option<Secret>,
@@ -339,6 +413,7 @@ impl Default for AuthConfig {
             key_file: None,
             allow_client_keys: true,
             account_hash_key: None,
+            account_name: None,
             private_key: None,
         }
     }
@@ -516,6 +591,9 @@ impl Config {
             self.limits.share = Share::try_from(f)
                 .map_err(|message| ConfigError::Env { var: "KLAVIYO_PROXY_SHARE".into(), message })?;
         }
+        if let Some(v) = env("KLAVIYO_PROXY_ADMIN_LISTEN") {
+            self.admin.listen = from_str("KLAVIYO_PROXY_ADMIN_LISTEN", &v, "an address like 127.0.0.1:9090")?;
+        }
         if let Some(v) = env("KLAVIYO_PROXY_LOG_LEVEL") {
             self.log.level = v;
         }
@@ -553,6 +631,9 @@ impl Config {
     /// Checks that apply only when serving: a listener off loopback needs a client
     /// token unless explicitly opted out.
     pub fn check_serve(&self) -> Result<(), ConfigError> {
+        if !self.admin.listen.ip().is_loopback() {
+            tracing::warn!(listen = %self.admin.listen, "the admin listener is not on loopback: /admin/reload and /metrics are open to that network");
+        }
         let ip = self.server.listen.ip();
         if !ip.is_loopback() && self.server.client_token.is_none() && !self.server.allow_unauthenticated_remote {
             return Err(ConfigError::Conflict(format!(
@@ -621,6 +702,8 @@ mod tests {
             ),
             ("[limits]\nshare = 1.5\n", "line 2", "limits.share"),
             ("[upstream]\nrevision = \"yesterday\"\n", "line 2", "upstream.revision"),
+            ("[auth]\naccount_name = \"a b\"\n", "line 2", "auth.account_name"),
+            ("[auth]\naccount_name = \"pk_abc\"\n", "line 2", "auth.account_name"),
         ];
         for (src, line, key) in cases {
             let e = err(src);

@@ -6,26 +6,33 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod body;
 pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod limiter;
+pub mod metrics;
+pub mod preflight;
 pub mod proxy;
 pub mod queue;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod sim;
 pub mod upstream;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use admin::Admin;
 use config::Config;
 use proxy::{BuildError, Proxy};
+use reload::Reloader;
 use server::ConnLimits;
 
 /// How often idle buckets are dropped.
@@ -35,12 +42,33 @@ const SWEEP_EVERY: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct App {
     proxy: Arc<Proxy>,
+    ready: Arc<AtomicBool>,
+    reloader: Option<Reloader>,
 }
 
 impl App {
     /// Builds the proxy from a checked config.
     pub fn build(config: Config) -> Result<App, BuildError> {
-        Ok(App { proxy: Arc::new(Proxy::new(config)?) })
+        Ok(App { proxy: Arc::new(Proxy::new(config)?), ready: Arc::new(AtomicBool::new(false)), reloader: None })
+    }
+
+    /// Lets `POST /admin/reload` (and [`App::reload`]) read a new config from `reloader`.
+    pub fn with_reloader(mut self, reloader: Reloader) -> Self {
+        self.reloader = Some(reloader);
+        self
+    }
+
+    /// Reloads the config (SIGHUP); an invalid one is refused and the running one kept.
+    pub fn reload(&self) -> Result<(), String> {
+        match &self.reloader {
+            Some(r) => r.reload(&self.proxy),
+            None => Err("this proxy was started without a config source".into()),
+        }
+    }
+
+    /// The admin endpoints of this app (for tests and for serving them elsewhere).
+    pub fn admin(&self) -> Arc<Admin> {
+        Arc::new(Admin::new(self.proxy.clone(), self.ready.clone(), self.reloader.clone()))
     }
 
     /// The request path (for tests and benches).
@@ -50,6 +78,34 @@ impl App {
 
     /// Serves clients on `listener` until `shutdown` completes, then drains.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        self.serve_with_admin(listener, None, shutdown).await
+    }
+
+    /// Serves clients on `listener` and the admin endpoints on `admin` until `shutdown`
+    /// completes. `/ready` is true from here until the drain starts; the admin listener
+    /// keeps answering through the drain.
+    pub async fn serve_with_admin(
+        self,
+        listener: TcpListener,
+        admin: Option<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        let admin_task = admin.map(|admin_listener| {
+            let admin = self.admin();
+            let service = hyper::service::service_fn(move |req| admin.clone().handle(req));
+            let limits = ConnLimits { drain_timeout: Duration::from_secs(1), ..ConnLimits::default() };
+            tokio::spawn(server::serve(admin_listener, None, limits, service, async {
+                let _ = admin_stopped.await;
+            }))
+        });
+        let ready = self.ready.clone();
+        ready.store(true, Ordering::SeqCst);
+        let shutdown = async move {
+            shutdown.await;
+            // Orchestrators stop sending new work while open requests drain.
+            ready.store(false, Ordering::SeqCst);
+        };
         let config = self.proxy.config();
         let limits = ConnLimits {
             max_header_bytes: config.server.max_header_bytes,
@@ -70,5 +126,9 @@ impl App {
         let service = hyper::service::service_fn(move |req| proxy.clone().handle(req));
         server::serve(listener, None, limits, service, shutdown).await;
         sweeper.abort();
+        let _ = admin_stop.send(());
+        if let Some(task) = admin_task {
+            let _ = task.await;
+        }
     }
 }

@@ -2,12 +2,15 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use klaviyo_proxy::catalog;
 use klaviyo_proxy::config::{Config, LogFormat, UpstreamUrl};
+use klaviyo_proxy::preflight::{self, PreflightOptions};
+use klaviyo_proxy::reload::{ConfigSource, LogLevelHook, Reloader};
 use klaviyo_proxy::sim::{SimOptions, Simulator};
 use klaviyo_proxy::App;
 use tokio::net::TcpListener;
@@ -36,6 +39,28 @@ enum Command {
         /// Upstream URL, overriding the config; `sim` runs the simulator in-process.
         #[arg(long)]
         upstream: Option<String>,
+        /// Admin listen address (/metrics, /health, /ready, /live, /admin/reload),
+        /// overriding the config.
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
+    },
+    /// Check that this machine, config and key are ready for production.
+    Preflight {
+        /// Config file (TOML); the embedded default when absent.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Upstream URL, overriding the config.
+        #[arg(long)]
+        upstream: Option<String>,
+        /// Status page URL (statuspage `api/v2/status.json`), overriding the config.
+        #[arg(long)]
+        status_url: Option<String>,
+        /// Also scan this source tree for hardcoded private keys (`pk_...`).
+        #[arg(long)]
+        scan: Option<PathBuf>,
+        /// Print the results as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Validate a config file and print the effective config, secrets redacted.
     CheckConfig {
@@ -81,14 +106,25 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-fn init_logs(level: &str, format: LogFormat) {
+/// Starts logging to stderr; returns the hook a reload uses to change the level.
+fn init_logs(level: &str, format: LogFormat) -> LogLevelHook {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter =
         tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    // Colours only for a terminal: files and log collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
     match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Human => builder.init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
+        LogFormat::Human => registry.with(fmt).init(),
     }
+    Arc::new(move |level: &str| {
+        let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| format!("log.level `{level}`: {e}"))?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
 }
 
 async fn shutdown_signal() {
@@ -110,7 +146,19 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Serve { config, listen, upstream } => serve(config, listen, upstream).await,
+        Command::Serve { config, listen, upstream, admin_listen } => {
+            serve(config, listen, upstream, admin_listen).await
+        }
+        Command::Preflight { config, upstream, status_url, scan, json } => {
+            let options = PreflightOptions { config, upstream, status_url, scan };
+            let report = preflight::run(&options, &env).await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            std::process::exit(if report.passed() { 0 } else { 1 });
+        }
         Command::CheckConfig { file } => {
             let config = Config::load(Some(&file), &env)?;
             config.check_serve()?;
@@ -153,7 +201,7 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Simulate { listen, seed, tls, ca_out, latency_ms, unlimited } => {
-            init_logs("info", LogFormat::Human);
+            let _ = init_logs("info", LogFormat::Human);
             let listener = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
             let options = SimOptions { seed, tls, latency: Duration::from_millis(latency_ms), unlimited };
             let sim = Simulator::start(listener, options)?;
@@ -168,12 +216,20 @@ async fn main() -> Result<()> {
     }
 }
 
-async fn serve(config_path: Option<PathBuf>, listen: Option<SocketAddr>, upstream: Option<String>) -> Result<()> {
+async fn serve(
+    config_path: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    upstream: Option<String>,
+    admin_listen: Option<SocketAddr>,
+) -> Result<()> {
     let mut config = Config::load(config_path.as_deref(), &env)?;
     if let Some(listen) = listen {
         config.server.listen = listen;
     }
-    init_logs(&config.log.level, config.log.format);
+    if let Some(admin) = admin_listen {
+        config.admin.listen = admin;
+    }
+    let log_level = init_logs(&config.log.level, config.log.format);
     // Load-test mode: the simulator runs in this process and is the only upstream.
     let mut simulator = None;
     match upstream.as_deref() {
@@ -197,11 +253,52 @@ async fn serve(config_path: Option<PathBuf>, listen: Option<SocketAddr>, upstrea
     let listener =
         TcpListener::bind(config.server.listen).await.with_context(|| format!("bind {}", config.server.listen))?;
     let addr = listener.local_addr()?;
+    let admin_listener =
+        TcpListener::bind(config.admin.listen).await.with_context(|| format!("bind {}", config.admin.listen))?;
+    let admin_addr = admin_listener.local_addr()?;
     let upstream_url: String = config.upstream.url.clone().into();
-    let app = App::build(config)?;
-    tracing::info!(%addr, upstream = %upstream_url, "klaviyo-proxy listening");
-    println!("klaviyo-proxy listening on http://{addr}");
-    app.serve(listener, shutdown_signal()).await;
+    // A reload reads the same file and env again and re-applies the command line, so
+    // only what the operator changed in the file differs.
+    let source: ConfigSource = {
+        let path = config_path.clone();
+        let upstream_flag = upstream.is_some().then(|| config.upstream.url.clone());
+        Arc::new(move || {
+            let mut c = Config::load(path.as_deref(), &env)?;
+            if let Some(listen) = listen {
+                c.server.listen = listen;
+            }
+            if let Some(admin) = admin_listen {
+                c.admin.listen = admin;
+            }
+            if let Some(url) = &upstream_flag {
+                c.upstream.url = url.clone();
+            }
+            Ok(c)
+        })
+    };
+    let app = App::build(config)?.with_reloader(Reloader::new(source).with_log_level(log_level));
+    #[cfg(unix)]
+    {
+        let app = app.clone();
+        let mut hup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("SIGHUP handler")?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the config");
+                let _ = app.reload();
+            }
+        });
+    }
+    tracing::info!(%addr, admin = %admin_addr, upstream = %upstream_url, "klaviyo-proxy listening");
+    // Written without panicking: a caller may stop reading stdout after the first line.
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "klaviyo-proxy listening on http://{addr}");
+        let _ = writeln!(out, "admin listening on http://{admin_addr}");
+        let _ = out.flush();
+    }
+    app.serve_with_admin(listener, Some(admin_listener), shutdown_signal()).await;
     if let Some(sim) = simulator {
         sim.stop().await;
     }

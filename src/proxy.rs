@@ -1,21 +1,23 @@
 //! The request path, top to bottom: refuse what is not ours to forward, authorize,
 //! route, buffer the body, wait for a token, forward, stream the answer back.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{request, Method, Request, Response};
+use http::{request, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::config::{is_beta_revision, AuthMode, Config};
-use crate::error::ProxyError;
-use crate::limiter::LocalStore;
+use crate::error::{Origin, ProxyError};
+use crate::limiter::{Account, LocalStore};
+use crate::metrics::{Metrics, RequestOutcome};
 use crate::queue;
 use crate::route::{Route, Router};
 use crate::upstream::{self, Upstream, UpstreamError, MAX_WAIT_HEADER};
@@ -24,16 +26,86 @@ use crate::upstream::{self, Upstream, UpstreamError, MAX_WAIT_HEADER};
 /// and returned on every response.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
-/// Everything the request path needs, built once from a config.
+/// Everything the request path needs. The part a reload may change (config, routes,
+/// credentials) sits behind one swappable pointer; the bucket store, the upstream pool
+/// and the metrics live as long as the proxy, so queued requests survive a reload.
 #[derive(Debug)]
 pub struct Proxy {
-    config: Config,
-    router: Router,
+    live: RwLock<Arc<Live>>,
+    /// The account hash key used when the config names none: random per start, kept
+    /// across reloads so buckets keep their accounts.
+    fallback_hash_key: Vec<u8>,
     store: LocalStore,
     upstream: Upstream,
+    metrics: Arc<Metrics>,
+}
+
+/// The reloadable part: a request reads it once and keeps that view to the end.
+#[derive(Debug)]
+struct Live {
+    config: Arc<Config>,
+    router: Router,
     /// `Klaviyo-API-Key <key>`, marked sensitive, in inject mode.
     injected_auth: Option<HeaderValue>,
     client_token: Option<HeaderValue>,
+}
+
+impl Live {
+    fn new(config: Config, fallback_hash_key: &[u8]) -> Result<Live, BuildError> {
+        let hash_key = match &config.auth.account_hash_key {
+            Some(k) => k.expose().as_bytes(),
+            None => fallback_hash_key,
+        };
+        let injected_auth = match (&config.auth.mode, &config.auth.private_key) {
+            (AuthMode::Inject, Some(key)) => {
+                Some(sensitive(format!("Klaviyo-API-Key {}", key.expose()), "the private key")?)
+            }
+            _ => None,
+        };
+        let client_token = match &config.server.client_token {
+            Some(t) => Some(sensitive(format!("Bearer {}", t.expose()), "server.client_token")?),
+            None => None,
+        };
+        Ok(Live {
+            router: Router::new(&config.limits, hash_key),
+            injected_auth,
+            client_token,
+            config: Arc::new(config),
+        })
+    }
+
+    /// Configured account names, for metrics: the injected key's account.
+    fn account_names(&self) -> HashMap<Account, String> {
+        let mut names = HashMap::new();
+        if let (Some(auth), Some(name)) = (&self.injected_auth, &self.config.auth.account_name) {
+            names.insert(self.router.account("auth", auth.as_bytes()), name.as_str().to_string());
+        }
+        names
+    }
+}
+
+/// Why a reload was refused (the running config stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new config cannot be used.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// A key changed that only a restart can apply.
+    #[error("{0} cannot change without a restart")]
+    NeedsRestart(&'static str),
+}
+
+/// What a health probe of Klaviyo got.
+#[derive(Debug)]
+pub struct Probe {
+    /// The upstream's status.
+    pub status: StatusCode,
+    /// The upstream's body.
+    pub body: Bytes,
+    /// Time from sending to the response head.
+    pub latency: Duration,
+    /// The upstream's `Retry-After` on a 429, in seconds.
+    pub retry_after: Option<u64>,
 }
 
 /// Why a proxy could not be built from a config.
@@ -56,28 +128,16 @@ fn sensitive(value: String, what: &'static str) -> Result<HeaderValue, BuildErro
 impl Proxy {
     /// Builds the proxy: routes, buckets and the pooled upstream client.
     pub fn new(config: Config) -> Result<Self, BuildError> {
-        let hash_key = match &config.auth.account_hash_key {
-            Some(k) => k.expose().as_bytes().to_vec(),
-            None => (0..32).map(|_| fastrand::u8(..)).collect(),
-        };
-        let injected_auth = match (&config.auth.mode, &config.auth.private_key) {
-            (AuthMode::Inject, Some(key)) => {
-                Some(sensitive(format!("Klaviyo-API-Key {}", key.expose()), "the private key")?)
-            }
-            _ => None,
-        };
-        let client_token = match &config.server.client_token {
-            Some(t) => Some(sensitive(format!("Bearer {}", t.expose()), "server.client_token")?),
-            None => None,
-        };
-        Ok(Proxy {
-            router: Router::new(&config.limits, &hash_key),
-            store: LocalStore::new(),
-            upstream: Upstream::new(&config.upstream)?,
-            injected_auth,
-            client_token,
-            config,
-        })
+        let fallback_hash_key: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
+        let upstream = Upstream::new(&config.upstream)?;
+        let live = Live::new(config, &fallback_hash_key)?;
+        let metrics = Arc::new(Metrics::new());
+        metrics.set_account_names(live.account_names());
+        Ok(Proxy { live: RwLock::new(Arc::new(live)), fallback_hash_key, store: LocalStore::new(), upstream, metrics })
+    }
+
+    fn live(&self) -> Arc<Live> {
+        self.live.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// The bucket store (for the sweeper and tests).
@@ -85,9 +145,76 @@ impl Proxy {
         &self.store
     }
 
-    /// The config this proxy runs with.
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The config this proxy runs with now.
+    pub fn config(&self) -> Arc<Config> {
+        self.live().config.clone()
+    }
+
+    /// Whether the proxy adds its own key (inject mode).
+    pub fn has_injected_key(&self) -> bool {
+        self.live().injected_auth.is_some()
+    }
+
+    /// This proxy's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Swaps in a new config: limits, keys and tokens apply to requests arriving from
+    /// now on. Requests already queued keep their reservations (the store is not
+    /// touched). Keys that shape the listeners or the upstream connection need a
+    /// restart; a config changing them is refused whole.
+    pub fn reload(&self, new: Config) -> Result<(), ReloadError> {
+        let old = self.config();
+        let mut upstream = new.upstream.clone();
+        upstream.revision = old.upstream.revision.clone();
+        if upstream != old.upstream {
+            return Err(ReloadError::NeedsRestart("upstream (other than revision)"));
+        }
+        if new.server.listen != old.server.listen {
+            return Err(ReloadError::NeedsRestart("server.listen"));
+        }
+        if new.admin.listen != old.admin.listen {
+            return Err(ReloadError::NeedsRestart("admin.listen"));
+        }
+        if new.log.format != old.log.format {
+            return Err(ReloadError::NeedsRestart("log.format"));
+        }
+        let live = Arc::new(Live::new(new, &self.fallback_hash_key)?);
+        self.metrics.set_account_names(live.account_names());
+        *self.live.write().unwrap_or_else(PoisonError::into_inner) = live;
+        Ok(())
+    }
+
+    /// Probes Klaviyo with `GET /api/accounts` the way a client request would go:
+    /// with the injected key (if any), through the limiter, waiting at most `max_wait`.
+    pub async fn probe(&self, max_wait: Duration) -> Result<Probe, ProxyError> {
+        let live = self.live();
+        let mut req = Request::get("/api/accounts").body(()).expect("static request");
+        if let Some(auth) = &live.injected_auth {
+            req.headers_mut().insert(header::AUTHORIZATION, auth.clone());
+        }
+        let (mut parts, ()) = req.into_parts();
+        let route = self.route(&live, &parts);
+        upstream::outbound_headers(&mut parts.headers, live.config.upstream.revision.as_str());
+        if live.config.limits.enabled {
+            let deadline = Instant::now() + max_wait;
+            queue::wait_for_slot(&self.store, &route.demands, deadline, live.config.queue.max_depth, route.label())
+                .await?;
+        }
+        let sent = Instant::now();
+        let resp = self.upstream.send(&parts, Bytes::new()).await.map_err(upstream_error)?;
+        let latency = sent.elapsed();
+        let status = resp.status();
+        self.metrics.upstream_response(
+            &route,
+            status.as_u16(),
+            latency,
+            header_int(resp.headers(), "ratelimit-remaining"),
+        );
+        let retry_after = header_int(resp.headers(), "retry-after").and_then(|v| u64::try_from(v).ok());
+        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        Ok(Probe { status, body, latency, retry_after })
     }
 
     /// Serves one client request; never fails at the HTTP level.
@@ -106,9 +233,14 @@ impl Proxy {
             Ok(resp) => resp,
             Err(err) => {
                 outcome.error = Some(err.code());
+                outcome.kind = match err.origin() {
+                    Origin::Client => RequestOutcome::Rejected,
+                    Origin::Upstream | Origin::Internal => RequestOutcome::Failed,
+                };
                 err.into_response(&request_id)
             }
         };
+        self.metrics.request(outcome.operation, outcome.tier, outcome.kind);
         if let Ok(v) = HeaderValue::from_str(&request_id) {
             resp.headers_mut().insert(REQUEST_ID_HEADER, v);
         }
@@ -116,9 +248,11 @@ impl Proxy {
             request_id = %request_id,
             %method,
             operation = outcome.operation,
+            tier = outcome.tier,
             status = resp.status().as_u16(),
-            outcome = outcome.error.unwrap_or("forwarded"),
+            outcome = outcome.error.unwrap_or(outcome.kind.as_str()),
             queue_wait_ms = outcome.waited.as_millis() as u64,
+            attempts = outcome.attempts,
             upstream_ms = outcome.upstream.map(|d| d.as_millis() as u64),
             total_ms = started.elapsed().as_millis() as u64,
             "request"
@@ -127,33 +261,41 @@ impl Proxy {
     }
 
     async fn forward(&self, req: Request<Incoming>, outcome: &mut Outcome) -> Result<Response<ProxyBody>, ProxyError> {
+        // One view of the config for the whole request, even if a reload lands meanwhile.
+        let live = self.live();
         // Never an open relay: only our upstream, only Klaviyo's API paths.
         self.check_target(&req)?;
         // Off loopback, clients prove they may use the proxy.
-        self.check_client_token(req.headers())?;
+        check_client_token(&live, req.headers())?;
         let (mut parts, body) = req.into_parts();
         // The credential that goes upstream decides whose quota is spent.
-        self.authorize(&mut parts.headers)?;
-        let route = self.route(&parts);
-        outcome.operation = route.label();
-        let deadline = self.deadline(&parts.headers);
+        authorize(&live, &mut parts.headers)?;
+        let route = self.route(&live, &parts);
+        (outcome.operation, outcome.tier) = (route.label(), route.tier());
+        let deadline = deadline(&live, &parts.headers);
         // Buffered so the client's upload time never holds a token, and bounded.
-        let body = self.read_body(body).await?;
-        upstream::outbound_headers(&mut parts.headers, self.config.upstream.revision.as_str());
+        let body = read_body(&live, body).await?;
+        upstream::outbound_headers(&mut parts.headers, live.config.upstream.revision.as_str());
         // The limiter: wait for a token in every bucket, or be refused at once.
-        if self.config.limits.enabled {
-            let depth = self.config.queue.max_depth;
+        if live.config.limits.enabled {
+            let depth = live.config.queue.max_depth;
             outcome.waited = queue::wait_for_slot(&self.store, &route.demands, deadline, depth, route.label()).await?;
+            self.metrics.queue_wait(outcome.operation, outcome.tier, outcome.waited);
+            if !outcome.waited.is_zero() {
+                outcome.kind = RequestOutcome::Queued;
+            }
         }
         let sent = Instant::now();
+        outcome.attempts += 1;
         let resp = self.upstream.send(&parts, body).await.map_err(|e| {
             tracing::warn!(operation = route.label(), error = %e, "upstream request failed");
-            match e {
-                UpstreamError::Connect(_) => ProxyError::UpstreamUnreachable,
-                UpstreamError::Timeout(d) => ProxyError::UpstreamTimeout(d),
-            }
+            upstream_error(e)
         })?;
-        outcome.upstream = Some(sent.elapsed());
+        let latency = sent.elapsed();
+        outcome.upstream = Some(latency);
+        // Operators see Klaviyo's answers and its own count of what is left.
+        let remaining = header_int(resp.headers(), "ratelimit-remaining");
+        self.metrics.upstream_response(&route, resp.status().as_u16(), latency, remaining);
         let (mut parts, body) = resp.into_parts();
         upstream::strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, body.boxed()))
@@ -175,65 +317,94 @@ impl Proxy {
         Ok(())
     }
 
-    fn check_client_token(&self, headers: &HeaderMap) -> Result<(), ProxyError> {
-        match &self.client_token {
-            None => Ok(()),
-            Some(token) => {
-                let given = headers.get(header::PROXY_AUTHORIZATION).map(HeaderValue::as_bytes).unwrap_or_default();
-                if constant_time_eq(given, token.as_bytes()) {
-                    Ok(())
-                } else {
-                    Err(ProxyError::ProxyAuthRequired)
-                }
-            }
-        }
-    }
-
-    fn authorize(&self, headers: &mut HeaderMap) -> Result<(), ProxyError> {
-        let Some(ours) = &self.injected_auth else { return Ok(()) };
-        if headers.contains_key(header::AUTHORIZATION) {
-            if !self.config.auth.allow_client_keys {
-                return Err(ProxyError::ClientKeyForbidden);
-            }
-        } else {
-            headers.insert(header::AUTHORIZATION, ours.clone());
-        }
-        Ok(())
-    }
-
-    fn route(&self, parts: &request::Parts) -> Route {
+    fn route(&self, live: &Live, parts: &request::Parts) -> Route {
         let revision = parts.headers.get("revision").and_then(|v| v.to_str().ok());
-        let beta = is_beta_revision(revision.unwrap_or(self.config.upstream.revision.as_str()));
+        let beta = is_beta_revision(revision.unwrap_or(live.config.upstream.revision.as_str()));
         let credential = parts.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
-        self.router.route(parts.method.as_str(), parts.uri.path(), parts.uri.query(), beta, credential)
+        live.router.route(parts.method.as_str(), parts.uri.path(), parts.uri.query(), beta, credential)
     }
+}
 
-    fn deadline(&self, headers: &HeaderMap) -> Instant {
-        let configured = self.config.queue.max_wait_ms;
-        let asked =
-            headers.get(MAX_WAIT_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
-        Instant::now() + Duration::from_millis(asked.map_or(configured, |a| a.min(configured)))
+fn upstream_error(e: UpstreamError) -> ProxyError {
+    match e {
+        UpstreamError::Connect(_) => ProxyError::UpstreamUnreachable,
+        UpstreamError::Timeout(d) => ProxyError::UpstreamTimeout(d),
     }
+}
 
-    async fn read_body(&self, body: Incoming) -> Result<Bytes, ProxyError> {
-        let limit = self.config.server.max_body_bytes;
-        let timeout = self.config.client_read_timeout();
-        match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
-            Err(_) => Err(ProxyError::ClientTimeout(timeout)),
-            Ok(Ok(collected)) => Ok(collected.to_bytes()),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
-            Ok(Err(_)) => Err(ProxyError::BodyRead),
+/// An integer header such as `RateLimit-Remaining` or `Retry-After` (seconds form).
+fn header_int(headers: &HeaderMap, name: &str) -> Option<i64> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+fn check_client_token(live: &Live, headers: &HeaderMap) -> Result<(), ProxyError> {
+    match &live.client_token {
+        None => Ok(()),
+        Some(token) => {
+            let given = headers.get(header::PROXY_AUTHORIZATION).map(HeaderValue::as_bytes).unwrap_or_default();
+            if constant_time_eq(given, token.as_bytes()) {
+                Ok(())
+            } else {
+                Err(ProxyError::ProxyAuthRequired)
+            }
         }
     }
 }
 
+fn authorize(live: &Live, headers: &mut HeaderMap) -> Result<(), ProxyError> {
+    let Some(ours) = &live.injected_auth else { return Ok(()) };
+    if headers.contains_key(header::AUTHORIZATION) {
+        if !live.config.auth.allow_client_keys {
+            return Err(ProxyError::ClientKeyForbidden);
+        }
+    } else {
+        headers.insert(header::AUTHORIZATION, ours.clone());
+    }
+    Ok(())
+}
+
+fn deadline(live: &Live, headers: &HeaderMap) -> Instant {
+    let configured = live.config.queue.max_wait_ms;
+    let asked = headers.get(MAX_WAIT_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    Instant::now() + Duration::from_millis(asked.map_or(configured, |a| a.min(configured)))
+}
+
+async fn read_body(live: &Live, body: Incoming) -> Result<Bytes, ProxyError> {
+    let limit = live.config.server.max_body_bytes;
+    let timeout = live.config.client_read_timeout();
+    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(ProxyError::ClientTimeout(timeout)),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
+        Ok(Err(_)) => Err(ProxyError::BodyRead),
+    }
+}
+
 /// What happened to a request, for its log line.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Outcome {
     operation: &'static str,
+    tier: &'static str,
+    kind: RequestOutcome,
+    /// Times the request was sent upstream (retries add to it).
+    attempts: u32,
     error: Option<&'static str>,
     waited: Duration,
     upstream: Option<Duration>,
+}
+
+impl Default for Outcome {
+    fn default() -> Self {
+        Outcome {
+            operation: "unknown",
+            tier: "unknown",
+            kind: RequestOutcome::Forwarded,
+            attempts: 0,
+            error: None,
+            waited: Duration::ZERO,
+            upstream: None,
+        }
+    }
 }
 
 /// Compares secrets without leaking their common prefix length through timing.

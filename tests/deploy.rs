@@ -12,12 +12,13 @@ use serde_yaml::Value;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-/// The admin listener's defaults. The admin listener (issue 4) puts /live, /ready and
-/// /health on 127.0.0.1:9090 by default; when it is merged, read these from
-/// `Config::default().admin`.
-const ADMIN_ADDR: &str = "127.0.0.1:9090";
+/// The admin listener's paths (its address is `Config::default().admin.listen`).
 const LIVE: &str = "/live";
 const READY: &str = "/ready";
+
+fn admin_addr() -> String {
+    Config::default().admin.listen.to_string()
+}
 
 /// How long the proxy drains at shutdown before giving up (server.rs / lib.rs: 30 s;
 /// `server.drain_timeout_ms` once resilience is merged).
@@ -76,7 +77,7 @@ fn check_proxy_pods(path: &str) -> usize {
                 let cmd = exec(&c[probe]);
                 assert_eq!(
                     cmd,
-                    ["/klaviyo-proxy", "healthcheck", &format!("http://{ADMIN_ADDR}{expected}")],
+                    ["/klaviyo-proxy", "healthcheck", &format!("http://{}{expected}", admin_addr())],
                     "{name} {probe}"
                 );
             }
@@ -84,7 +85,7 @@ fn check_proxy_pods(path: &str) -> usize {
             let ports: Vec<u64> =
                 c["ports"].as_sequence().unwrap().iter().map(|p| p["containerPort"].as_u64().unwrap()).collect();
             assert!(ports.contains(&u64::from(defaults.server.listen.port())), "{name}: ports {ports:?}");
-            assert!(ports.contains(&9090), "{name}: ports {ports:?}");
+            assert!(ports.contains(&u64::from(defaults.admin.listen.port())), "{name}: ports {ports:?}");
             // The key comes from a Secret, never a literal.
             let key = env(c, "KLAVIYO_PRIVATE_KEY").unwrap_or_else(|| panic!("{name}: no KLAVIYO_PRIVATE_KEY"));
             assert!(key["value"].is_null(), "{name}: the key must not be a literal");
@@ -218,7 +219,7 @@ fn dockerfile_is_static_scratch_non_root_with_a_health_check() {
     assert_eq!(from, [&"FROM scratch"], "no stage may pull an image");
     let user = lines.iter().find_map(|l| l.strip_prefix("USER ")).unwrap();
     assert!(user.split(':').all(|id| id.parse::<u32>().is_ok_and(|id| id != 0)), "USER {user}: numeric, not root");
-    assert!(file.contains(&format!("\"healthcheck\", \"http://{ADMIN_ADDR}{LIVE}\"")), "HEALTHCHECK target");
+    assert!(file.contains(&format!("\"healthcheck\", \"http://{}{LIVE}\"", admin_addr())), "HEALTHCHECK target");
     assert!(file.contains("COPY target/x86_64-unknown-linux-gnu/release/klaviyo-proxy /klaviyo-proxy"));
     assert!(file.contains("COPY config/klaviyo-proxy.toml /etc/klaviyo-proxy/klaviyo-proxy.toml"));
     let script = read("deploy/build-image.sh");

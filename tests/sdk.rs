@@ -38,7 +38,7 @@ struct Stack {
 fn stack(config: Option<&str>) -> Stack {
     let (sim, sim_url) = start(&["simulate", "--listen", "127.0.0.1:0", "--seed", "11"]);
     let config = config.map(TempFile::new);
-    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--upstream", &sim_url];
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--upstream", &sim_url];
     if let Some(file) = &config {
         args.extend(["--config", file.0.to_str().unwrap()]);
     }
@@ -231,8 +231,17 @@ fn upstream_failures(sdk: Sdk) {
     // A simulator slower than the proxy's upstream timeout.
     let (_slow_sim, slow_url) = start(&["simulate", "--listen", "127.0.0.1:0", "--latency-ms", "2000"]);
     let config = TempFile::new("[upstream]\nrequest_timeout_ms = 200\n");
-    let (_proxy, proxy_url) =
-        start(&["serve", "--listen", "127.0.0.1:0", "--upstream", &slow_url, "--config", config.0.to_str().unwrap()]);
+    let (_proxy, proxy_url) = start(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &slow_url,
+        "--config",
+        config.0.to_str().unwrap(),
+    ]);
     let out = sdk.run("failing", &proxy_url, "pk_sdk_test_timeout_0123456789", None);
     assert_eq!(out["raised"]["status"], 504, "{out}");
     assert_eq!(out["raised"]["error_code"], "proxy_upstream_timeout", "{out}");
@@ -242,8 +251,15 @@ fn upstream_failures(sdk: Sdk) {
 
     // Nothing listens on the upstream's port.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let (_proxy, proxy_url) =
-        start(&["serve", "--listen", "127.0.0.1:0", "--upstream", &format!("http://127.0.0.1:{port}")]);
+    let (_proxy, proxy_url) = start(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &format!("http://127.0.0.1:{port}"),
+    ]);
     let out = sdk.run("failing", &proxy_url, "pk_sdk_test_unreachable_0123456789", None);
     assert_eq!(out["raised"]["status"], 502, "{out}");
     assert_eq!(out["raised"]["error_code"], "proxy_upstream_unreachable", "{out}");

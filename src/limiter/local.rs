@@ -8,8 +8,8 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::time::Instant;
 
-use super::window::{earliest_all, Tick, WindowLog};
-use super::{ticks, BucketKey, Demand, Denied};
+use super::window::{earliest_all, Tick, WindowLog, WindowSpec};
+use super::{ticks, BucketKey, Demand, Denied, Windows};
 
 #[derive(Debug, Default)]
 struct Bucket {
@@ -22,6 +22,19 @@ struct Bucket {
     expires: Tick,
     /// Set by the sweeper under the lock; a holder of a stale handle looks again.
     removed: bool,
+    /// The windows of the latest decision, for [`LocalStore::snapshot`].
+    windows: Option<Windows>,
+}
+
+/// One bucket as the metrics see it.
+#[derive(Debug, Clone)]
+pub struct BucketView {
+    /// The bucket.
+    pub key: BucketKey,
+    /// Requests waiting in its queue.
+    pub queued: u32,
+    /// Per window (burst, steady, daily): its spec and the takes inside it now.
+    pub windows: Vec<(WindowSpec, u64)>,
 }
 
 /// A reservation: the request may leave at `at`. Hand it back with
@@ -142,6 +155,7 @@ impl LocalStore {
             let longest = windows.iter().map(|w| w.period).max().unwrap_or(0);
             b.expires = b.expires.max(t.saturating_add(longest));
             b.queued += u32::from(queued);
+            b.windows = Some(d.windows);
         }
         let mut keys = [None; MAX_DEMANDS];
         for (slot, d) in keys.iter_mut().zip(demands) {
@@ -182,6 +196,27 @@ impl LocalStore {
     pub fn queued(&self, key: &BucketKey) -> u32 {
         let handle = self.buckets.get(key).map(|h| h.clone());
         handle.map_or(0, |h| lock(&h).queued)
+    }
+
+    /// Every bucket held, with its queue and the tokens in use at `now`.
+    pub fn snapshot(&self, now: Instant) -> Vec<BucketView> {
+        let now_t = self.tick(now);
+        let handles: Vec<(BucketKey, Arc<Mutex<Bucket>>)> =
+            self.buckets.iter().map(|e| (*e.key(), e.value().clone())).collect();
+        handles
+            .into_iter()
+            .filter_map(|(key, handle)| {
+                let b = lock(&handle);
+                let windows = b.windows?;
+                let windows = windows
+                    .as_slice()
+                    .iter()
+                    .zip(&b.logs)
+                    .map(|(spec, log)| (*spec, log.in_use(now_t, *spec)))
+                    .collect();
+                Some(BucketView { key, queued: b.queued, windows })
+            })
+            .collect()
     }
 
     /// Number of buckets held.

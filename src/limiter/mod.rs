@@ -7,7 +7,7 @@ pub mod window;
 
 use std::time::Duration;
 
-pub use local::{Grant, LocalStore, MAX_DEMANDS};
+pub use local::{BucketView, Grant, LocalStore, MAX_DEMANDS};
 pub use window::{Tick, WindowSpec};
 
 /// The account a bucket belongs to: a keyed hash of the credential (or of the

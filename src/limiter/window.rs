@@ -116,8 +116,12 @@ impl WindowLog {
 
     /// Counts this window's takes in `(now - spec.period, now]`: the tokens in use.
     pub fn in_use(&self, now: Tick, spec: WindowSpec) -> u64 {
-        let from = now.saturating_sub(spec.period);
-        let lo = self.runs.partition_point(|r| r.tick <= from);
+        // Before a whole period has passed since the epoch, every take is in use
+        // (including one at tick 0, which `tick <= now - period` would wrongly drop).
+        let lo = match now.checked_sub(spec.period) {
+            Some(from) => self.runs.partition_point(|r| r.tick <= from),
+            None => 0,
+        };
         let hi = self.runs.partition_point(|r| r.tick <= now);
         let end = |i: usize| if i == 0 { self.base } else { self.runs[i - 1].end };
         end(hi) - end(lo)
@@ -282,6 +286,7 @@ mod tests {
         assert_eq!(log.earliest(5, spec), 105);
         log.record(105);
         assert_eq!(log.pending_after(5), 1);
+        assert_eq!(log.in_use(5, spec), 3, "takes at the epoch count too");
         assert!(log.remove(105));
         assert!(!log.remove(105));
         assert_eq!(log.earliest(5, spec), 105);

@@ -162,7 +162,14 @@ struct State {
     rng: Mutex<fastrand::Rng>,
     buckets: Mutex<HashMap<BucketKey, Bucket>>,
     totals: Mutex<(u64, u64)>,
+    /// The status page's `indicator` (`none`, `minor`, `major`, `critical`).
+    status_indicator: Mutex<String>,
+    /// Aliases of credentials answered 401 (revoked keys).
+    revoked: Mutex<std::collections::HashSet<String>>,
 }
+
+/// The status page path: Klaviyo's is a statuspage.io page, `api/v2/status.json`.
+pub const STATUS_PATH: &str = "/__sim/status/api/v2/status.json";
 
 /// A running simulator.
 #[derive(Debug)]
@@ -196,6 +203,8 @@ impl Simulator {
             rng: Mutex::new(fastrand::Rng::with_seed(seed)),
             buckets: Mutex::new(HashMap::new()),
             totals: Mutex::new((0, 0)),
+            status_indicator: Mutex::new("none".into()),
+            revoked: Mutex::new(Default::default()),
         });
         let (stop, stopped) = oneshot::channel::<()>();
         let svc_state = state.clone();
@@ -217,6 +226,21 @@ impl Simulator {
     /// What it has seen so far.
     pub fn stats(&self) -> Stats {
         self.state.stats()
+    }
+
+    /// The status page URL (statuspage `api/v2/status.json` format).
+    pub fn status_url(&self) -> String {
+        format!("{}{STATUS_PATH}", self.url)
+    }
+
+    /// Sets the status page's indicator: `none`, `minor`, `major` or `critical`.
+    pub fn set_status(&self, indicator: &str) {
+        *lock(&self.state.status_indicator) = indicator.to_string();
+    }
+
+    /// From now on, answers 401 to this `Authorization` value (a revoked key).
+    pub fn revoke(&self, authorization: &str) {
+        lock(&self.state.revoked).insert(account_alias(authorization));
     }
 
     /// Stops serving and waits for open connections to close.
@@ -379,6 +403,20 @@ async fn respond(state: &State, req: Request<Incoming>) -> Response<ProxyBody> {
     if path == "/__sim/stats" {
         return json_response(StatusCode::OK, &serde_json::to_value(state.stats()).unwrap_or_default());
     }
+    if path == STATUS_PATH {
+        let indicator = lock(&state.status_indicator).clone();
+        let description = match indicator.as_str() {
+            "none" => "All Systems Operational",
+            "minor" => "Minor Service Outage",
+            "major" => "Partial System Outage",
+            _ => "Major Service Outage",
+        };
+        return json_response(
+            StatusCode::OK,
+            &json!({"page": {"id": "sim", "name": "Klaviyo (simulated)", "url": state_url(&parts)},
+                    "status": {"indicator": indicator, "description": description}}),
+        );
+    }
     if !(path.starts_with("/api/") || path.starts_with("/client/")) {
         return klaviyo_error(StatusCode::NOT_FOUND, "not_found", "Not found.", "No such path.");
     }
@@ -406,6 +444,14 @@ async fn respond(state: &State, req: Request<Incoming>) -> Response<ProxyBody> {
         }
     } else {
         match parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+            Some(a) if lock(&state.revoked).contains(&account_alias(a)) => {
+                return klaviyo_error(
+                    StatusCode::UNAUTHORIZED,
+                    "authentication_failed",
+                    "Incorrect authentication credentials.",
+                    "Incorrect authentication credentials.",
+                )
+            }
             Some(a) if a.starts_with("Klaviyo-API-Key ") || a.starts_with("Bearer ") => account_alias(a),
             _ => {
                 return klaviyo_error(
@@ -449,6 +495,10 @@ async fn respond(state: &State, req: Request<Incoming>) -> Response<ProxyBody> {
             resp
         }
     }
+}
+
+fn state_url(parts: &http::request::Parts) -> String {
+    parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map_or_else(String::new, |h| format!("http://{h}"))
 }
 
 /// A plausible JSON:API answer for a successful request.

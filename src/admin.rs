@@ -1,0 +1,284 @@
+//! The admin listener, on its own port (loopback by default): `/metrics` (Prometheus),
+//! `/health` (the production checklist's shape, with a cached Klaviyo probe that goes
+//! through the limiter), `/ready` and `/live` for orchestrators, and
+//! `POST /admin/reload`.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::body::{full, ProxyBody};
+use crate::error::ProxyError;
+use crate::metrics::BreakerState;
+use crate::proxy::{Probe, Proxy};
+use crate::reload::Reloader;
+
+/// Longest a health probe waits for Klaviyo's answer once it has its token.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Content type of `/metrics` (the encoder writes OpenMetrics text).
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A service's (or the whole proxy's) health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Working.
+    Healthy,
+    /// Working but limited: rate-limited, or the breaker is probing.
+    Degraded,
+    /// Not working.
+    Down,
+}
+
+impl Status {
+    fn as_str(self) -> &'static str {
+        match self {
+            Status::Healthy => "healthy",
+            Status::Degraded => "degraded",
+            Status::Down => "down",
+        }
+    }
+}
+
+/// `services.klaviyo` in the `/health` body.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceHealth {
+    /// Klaviyo's health as the probe saw it.
+    pub status: Status,
+    /// The probe's upstream latency, when it got an answer.
+    pub latency_ms: Option<u64>,
+    /// The account the configured key belongs to (Klaviyo's public account id).
+    pub account_id: Option<String>,
+    /// Why it is not healthy (never a key).
+    pub error: Option<String>,
+}
+
+/// The `/health` body: `{"status","services":{"klaviyo":{..}},"timestamp"}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HealthReport {
+    /// The proxy's overall status.
+    pub status: Status,
+    /// Per dependency.
+    pub services: Services,
+    /// When this report was made (RFC 3339, UTC).
+    pub timestamp: String,
+}
+
+/// The dependencies `/health` reports on.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Services {
+    /// Klaviyo's API.
+    pub klaviyo: ServiceHealth,
+}
+
+/// Shared state of the admin endpoints.
+#[derive(Debug)]
+pub struct Admin {
+    proxy: Arc<Proxy>,
+    ready: Arc<AtomicBool>,
+    reloader: Option<Reloader>,
+    /// The last probe and when it was made; the lock also makes concurrent `/health`
+    /// calls share one probe.
+    probe: Mutex<Option<(Instant, ServiceHealth)>>,
+    account_id: std::sync::Mutex<Option<String>>,
+}
+
+impl Admin {
+    /// Admin endpoints for `proxy`; `ready` is flipped by the app at start and drain.
+    pub fn new(proxy: Arc<Proxy>, ready: Arc<AtomicBool>, reloader: Option<Reloader>) -> Self {
+        Admin { proxy, ready, reloader, probe: Mutex::new(None), account_id: std::sync::Mutex::new(None) }
+    }
+
+    /// Whether the app has started and is not draining.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Serves one admin request (no endpoint reads a body).
+    pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Result<Response<ProxyBody>, Infallible> {
+        let resp = match (req.method(), req.uri().path()) {
+            (&Method::GET, "/metrics") => {
+                let text = self.proxy.metrics().encode(self.proxy.store());
+                response(StatusCode::OK, METRICS_CONTENT_TYPE, text)
+            }
+            (&Method::GET, "/health") => {
+                let report = self.health().await;
+                let status =
+                    if report.status == Status::Healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                json(status, &serde_json::to_value(&report).unwrap_or_default())
+            }
+            (&Method::GET, "/ready") => {
+                let ready = self.is_ready();
+                let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                json(status, &serde_json::json!({ "ready": ready }))
+            }
+            (&Method::GET, "/live") => json(StatusCode::OK, &serde_json::json!({ "live": true })),
+            (&Method::POST, "/admin/reload") => match &self.reloader {
+                None => json(
+                    StatusCode::NOT_IMPLEMENTED,
+                    &serde_json::json!({"status": "rejected", "error": "this proxy was started without a config source"}),
+                ),
+                Some(reloader) => match reloader.reload(&self.proxy) {
+                    Ok(()) => json(StatusCode::OK, &serde_json::json!({"status": "reloaded"})),
+                    Err(error) => {
+                        json(StatusCode::BAD_REQUEST, &serde_json::json!({"status": "rejected", "error": error}))
+                    }
+                },
+            },
+            (_, "/metrics" | "/health" | "/ready" | "/live" | "/admin/reload") => {
+                json(StatusCode::METHOD_NOT_ALLOWED, &serde_json::json!({"error": "method not allowed"}))
+            }
+            _ => json(StatusCode::NOT_FOUND, &serde_json::json!({"error": "not found"})),
+        };
+        Ok(resp)
+    }
+
+    /// The health report: the cached (or a fresh) Klaviyo probe, overlaid with the
+    /// breaker's state, which is always current.
+    pub async fn health(&self) -> HealthReport {
+        let config = self.proxy.config();
+        let ttl = Duration::from_millis(config.admin.health_cache_ms);
+        let mut klaviyo = {
+            let mut cached = self.probe.lock().await;
+            match &*cached {
+                Some((at, health)) if at.elapsed() < ttl => health.clone(),
+                _ => {
+                    let health = self.probe_now(Duration::from_millis(config.admin.health_max_wait_ms)).await;
+                    self.proxy.metrics().health_probe(health.status.as_str());
+                    *cached = Some((Instant::now(), health.clone()));
+                    health
+                }
+            }
+        };
+        match self.proxy.metrics().breaker_state() {
+            s if s == BreakerState::Open as i64 => {
+                klaviyo.status = Status::Down;
+                klaviyo.error = Some("circuit breaker open: requests fail fast".into());
+            }
+            s if s == BreakerState::HalfOpen as i64 && klaviyo.status == Status::Healthy => {
+                klaviyo.status = Status::Degraded;
+                klaviyo.error = Some("circuit breaker half-open: probing Klaviyo".into());
+            }
+            _ => {}
+        }
+        HealthReport { status: klaviyo.status, services: Services { klaviyo }, timestamp: rfc3339(SystemTime::now()) }
+    }
+
+    async fn probe_now(&self, max_wait: Duration) -> ServiceHealth {
+        let authenticated = self.proxy.has_injected_key();
+        let known_id = || self.account_id.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        // A health check must answer quickly even when Klaviyo hangs.
+        let probe = match tokio::time::timeout(max_wait + PROBE_TIMEOUT, self.proxy.probe(max_wait)).await {
+            Err(_) => {
+                return ServiceHealth {
+                    status: Status::Down,
+                    latency_ms: None,
+                    account_id: known_id(),
+                    error: Some(format!("Klaviyo did not answer within {}s", PROBE_TIMEOUT.as_secs())),
+                }
+            }
+            Ok(r) => r,
+        };
+        let probe = match probe {
+            Ok(probe) => probe,
+            Err(e @ (ProxyError::QueueFull { .. } | ProxyError::QueueTimeout { .. })) => {
+                return ServiceHealth {
+                    status: Status::Degraded,
+                    latency_ms: None,
+                    account_id: known_id(),
+                    error: Some(format!("rate-limited: {e}")),
+                }
+            }
+            Err(e) => {
+                return ServiceHealth {
+                    status: Status::Down,
+                    latency_ms: None,
+                    account_id: known_id(),
+                    error: Some(e.to_string()),
+                }
+            }
+        };
+        let Probe { status, body, latency, retry_after } = probe;
+        let latency_ms = Some(latency.as_millis() as u64);
+        let (status, error) = match status.as_u16() {
+            200..=299 => {
+                let id = serde_json::from_slice::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v["data"][0]["id"].as_str().map(str::to_owned));
+                if id.is_some() {
+                    *self.account_id.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = id;
+                }
+                (Status::Healthy, None)
+            }
+            // In pass-through mode the proxy holds no key: a 401 proves Klaviyo answers.
+            401 if !authenticated => {
+                (Status::Healthy, Some("no private key configured: checked reachability only".to_string()))
+            }
+            429 => {
+                (Status::Degraded, Some(format!("rate-limited by Klaviyo: retry after {}s", retry_after.unwrap_or(1))))
+            }
+            s @ (401 | 403) => (Status::Down, Some(format!("Klaviyo refused the configured key ({s})"))),
+            s @ 500..=599 => (Status::Down, Some(format!("Klaviyo answered {s}"))),
+            s => (Status::Degraded, Some(format!("Klaviyo answered {s}"))),
+        };
+        ServiceHealth { status, latency_ms, account_id: known_id(), error }
+    }
+}
+
+fn response(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn json(status: StatusCode, body: &Value) -> Response<ProxyBody> {
+    response(status, "application/json", body.to_string())
+}
+
+/// Formats a time as RFC 3339 in UTC with millisecond precision.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's days-to-civil, for days since 1970-01-01.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_rfc3339() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_millis(1_709_210_096_789)), "2024-02-29T12:34:56.789Z");
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(1_798_761_599)), "2026-12-31T23:59:59.000Z");
+    }
+}

@@ -1,0 +1,597 @@
+//! Prometheus metrics: one [`Registry`] per app, metric names as constants, and only
+//! bounded labels — operation id, tier, outcome, status and status class, window, and
+//! an account only as the short keyed-hash alias ([`Account::alias`]). Never a raw
+//! path, a key, an `Authorization` value or a `company_id`.
+//!
+//! Counters are named without `_total` here; the OpenMetrics encoder appends it, so
+//! [`REQUESTS`] is scraped as `klaviyo_proxy_requests_total`.
+//!
+//! The retry, breaker and spool metrics are declared and registered here so the alert
+//! rules (`config/alerts.yml`) can name them; they are fed by the resilience work
+//! (`retry.rs`, `breaker.rs`, `spool.rs`) through [`Metrics::retry`],
+//! [`Metrics::retry_budget_exhausted`], [`Metrics::breaker_transition`] and the spool
+//! gauges, and stay at zero until then.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::time::Instant;
+
+use crate::catalog;
+use crate::limiter::{Account, BucketId, BucketView, LocalStore};
+
+/// Requests by operation, tier and outcome (counter).
+pub const REQUESTS: &str = "klaviyo_proxy_requests";
+/// Upstream responses by operation, tier, status code and status class (counter).
+pub const UPSTREAM_RESPONSES: &str = "klaviyo_proxy_upstream_responses";
+/// Upstream 401/403 responses by operation, account alias and status (counter).
+pub const UPSTREAM_AUTH_FAILURES: &str = "klaviyo_proxy_upstream_auth_failures";
+/// Time from sending a request upstream to its response head (histogram, seconds).
+pub const UPSTREAM_LATENCY: &str = "klaviyo_proxy_upstream_latency_seconds";
+/// Time a request waited in its bucket's queue before leaving (histogram, seconds).
+pub const QUEUE_WAIT: &str = "klaviyo_proxy_queue_wait_seconds";
+/// Requests waiting in a queue now, by operation and tier (gauge, read at scrape).
+pub const QUEUE_DEPTH: &str = "klaviyo_proxy_queue_depth";
+/// Tokens left now in each window of each active bucket (gauge, read at scrape).
+pub const TOKENS_LEFT: &str = "klaviyo_proxy_tokens_left";
+/// Klaviyo's last reported `RateLimit-Remaining` per active bucket (gauge).
+pub const UPSTREAM_RATELIMIT_REMAINING: &str = "klaviyo_proxy_upstream_ratelimit_remaining";
+/// Retries by operation and reason (counter; fed by the retry stage).
+pub const RETRIES: &str = "klaviyo_proxy_retries";
+/// Retries not made because the retry budget was spent (counter; fed by the retry stage).
+pub const RETRY_BUDGET_EXHAUSTED: &str = "klaviyo_proxy_retry_budget_exhausted";
+/// Breaker state: 0 closed, 1 half-open, 2 open (gauge; fed by the breaker).
+pub const BREAKER_STATE: &str = "klaviyo_proxy_breaker_state";
+/// Breaker transitions by from/to state (counter; fed by the breaker).
+pub const BREAKER_TRANSITIONS: &str = "klaviyo_proxy_breaker_transitions";
+/// Requests held in the spool (gauge; fed by the spool).
+pub const SPOOL_DEPTH: &str = "klaviyo_proxy_spool_depth";
+/// Age of the oldest spooled request (gauge, seconds; fed by the spool).
+pub const SPOOL_OLDEST_AGE: &str = "klaviyo_proxy_spool_oldest_age_seconds";
+/// Requests in the dead-letter list (gauge; fed by the spool).
+pub const SPOOL_DEAD_LETTERS: &str = "klaviyo_proxy_spool_dead_letters";
+/// Health probes of Klaviyo by result (counter).
+pub const HEALTH_PROBES: &str = "klaviyo_proxy_health_probes";
+/// Config reloads by result: `ok` or `rejected` (counter).
+pub const CONFIG_RELOADS: &str = "klaviyo_proxy_config_reloads";
+
+/// Active buckets held by the limiter (gauge, read at scrape).
+pub const ACTIVE_BUCKETS: &str = "klaviyo_proxy_active_buckets";
+
+/// Most buckets given their own [`TOKENS_LEFT`] / [`UPSTREAM_RATELIMIT_REMAINING`]
+/// series, so a proxy serving many accounts keeps a bounded scrape.
+pub const MAX_BUCKET_SERIES: usize = 256;
+
+/// How long a reported `RateLimit-Remaining` counts as current.
+const REPORTED_TTL: Duration = Duration::from_secs(60);
+
+/// What became of a request, the `outcome` label of [`REQUESTS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RequestOutcome {
+    /// Sent upstream without waiting (whatever the upstream answered).
+    Forwarded,
+    /// Sent upstream after waiting in its bucket's queue.
+    Queued,
+    /// Answered by the proxy itself: queue full or too long, bad request, auth.
+    Rejected,
+    /// Accepted into the spool (202) for later replay.
+    Spooled,
+    /// The upstream could not be reached or did not answer, or the proxy failed.
+    Failed,
+}
+
+impl RequestOutcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestOutcome::Forwarded => "forwarded",
+            RequestOutcome::Queued => "queued",
+            RequestOutcome::Rejected => "rejected",
+            RequestOutcome::Spooled => "spooled",
+            RequestOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// Breaker states as [`BREAKER_STATE`] encodes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Requests flow.
+    Closed = 0,
+    /// A few requests probe.
+    HalfOpen = 1,
+    /// Requests fail fast.
+    Open = 2,
+}
+
+impl BreakerState {
+    fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::HalfOpen => "half_open",
+            BreakerState::Open => "open",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    operation: &'static str,
+    tier: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    operation: &'static str,
+    tier: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResponseLabels {
+    operation: &'static str,
+    tier: &'static str,
+    status: u16,
+    class: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthLabels {
+    operation: &'static str,
+    account: String,
+    status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    account: String,
+    operation: &'static str,
+    bucket: &'static str,
+    window: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReportedLabels {
+    account: String,
+    operation: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabels {
+    operation: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabel {
+    operation: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransitionLabels {
+    from: &'static str,
+    to: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+type HistogramFamily = Family<OpLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
+}
+
+fn wait_histogram() -> Histogram {
+    Histogram::new([0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
+}
+
+/// Every metric of one app and the registry that encodes them.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    upstream_responses: Family<ResponseLabels, Counter>,
+    auth_failures: Family<AuthLabels, Counter>,
+    upstream_latency: HistogramFamily,
+    queue_wait: HistogramFamily,
+    queue_depth: Family<OpLabels, Gauge>,
+    active_buckets: Gauge,
+    tokens_left: Family<TokenLabels, Gauge>,
+    reported_remaining: Family<ReportedLabels, Gauge>,
+    retries: Family<RetryLabels, Counter>,
+    retry_budget_exhausted: Family<OperationLabel, Counter>,
+    breaker_state: Gauge,
+    breaker_transitions: Family<TransitionLabels, Counter>,
+    /// Requests held in the spool (set by the spool).
+    pub spool_depth: Gauge,
+    /// Age in seconds of the oldest spooled request (set by the spool).
+    pub spool_oldest_age_seconds: Gauge,
+    /// Requests in the dead-letter list (set by the spool).
+    pub spool_dead_letters: Gauge,
+    health_probes: Family<ResultLabel, Counter>,
+    config_reloads: Family<ResultLabel, Counter>,
+    /// Klaviyo's last `RateLimit-Remaining` per (account, endpoint), with when it came.
+    reported: Mutex<HashMap<(Account, usize), (i64, Instant)>>,
+    /// Configured names of accounts; the others show as their hash alias.
+    account_names: RwLock<HashMap<Account, String>>,
+    /// One scrape at a time: a scrape clears and refills the limiter gauges.
+    scrape: Mutex<()>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// The operation that names an endpoint's bucket in labels (its first catalog row).
+fn endpoint_label(endpoint: usize) -> &'static str {
+    catalog::OPERATIONS.iter().find(|o| o.endpoint == endpoint).map_or("unknown", |o| o.id)
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered (at zero).
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::default();
+        registry.register(REQUESTS, "Client requests by operation, tier and outcome", requests.clone());
+        let upstream_responses = Family::default();
+        registry.register(
+            UPSTREAM_RESPONSES,
+            "Upstream responses by operation, tier, status and status class",
+            upstream_responses.clone(),
+        );
+        let auth_failures = Family::default();
+        registry.register(
+            UPSTREAM_AUTH_FAILURES,
+            "Upstream 401 and 403 responses by operation and account alias",
+            auth_failures.clone(),
+        );
+        let upstream_latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        registry.register(
+            UPSTREAM_LATENCY,
+            "Time from sending a request upstream to its response head",
+            upstream_latency.clone(),
+        );
+        let queue_wait: HistogramFamily = Family::new_with_constructor(wait_histogram);
+        registry.register(QUEUE_WAIT, "Time requests waited for their slot", queue_wait.clone());
+        let queue_depth = Family::default();
+        registry.register(QUEUE_DEPTH, "Requests waiting for their slot now", queue_depth.clone());
+        let active_buckets = Gauge::default();
+        registry.register(ACTIVE_BUCKETS, "Buckets the limiter holds now", active_buckets.clone());
+        let tokens_left = Family::default();
+        registry.register(TOKENS_LEFT, "Tokens left now per window of each active bucket", tokens_left.clone());
+        let reported_remaining = Family::default();
+        registry.register(
+            UPSTREAM_RATELIMIT_REMAINING,
+            "Klaviyo's last RateLimit-Remaining per active bucket (steady window)",
+            reported_remaining.clone(),
+        );
+        let retries = Family::default();
+        registry.register(RETRIES, "Upstream retries by operation and reason", retries.clone());
+        let retry_budget_exhausted = Family::default();
+        registry.register(
+            RETRY_BUDGET_EXHAUSTED,
+            "Retries not made because the retry budget was spent",
+            retry_budget_exhausted.clone(),
+        );
+        let breaker_state = Gauge::default();
+        registry.register(BREAKER_STATE, "Circuit breaker state: 0 closed, 1 half-open, 2 open", breaker_state.clone());
+        let breaker_transitions = Family::default();
+        registry.register(BREAKER_TRANSITIONS, "Circuit breaker transitions", breaker_transitions.clone());
+        let spool_depth = Gauge::default();
+        registry.register(SPOOL_DEPTH, "Requests held in the spool", spool_depth.clone());
+        let spool_oldest_age_seconds = Gauge::default();
+        registry.register(SPOOL_OLDEST_AGE, "Age of the oldest spooled request", spool_oldest_age_seconds.clone());
+        let spool_dead_letters = Gauge::default();
+        registry.register(SPOOL_DEAD_LETTERS, "Requests in the dead-letter list", spool_dead_letters.clone());
+        let health_probes = Family::default();
+        registry.register(HEALTH_PROBES, "Klaviyo health probes by result", health_probes.clone());
+        let config_reloads = Family::default();
+        registry.register(CONFIG_RELOADS, "Config reloads by result", config_reloads.clone());
+        Metrics {
+            registry,
+            requests,
+            upstream_responses,
+            auth_failures,
+            upstream_latency,
+            queue_wait,
+            queue_depth,
+            active_buckets,
+            tokens_left,
+            reported_remaining,
+            retries,
+            retry_budget_exhausted,
+            breaker_state,
+            breaker_transitions,
+            spool_depth,
+            spool_oldest_age_seconds,
+            spool_dead_letters,
+            health_probes,
+            config_reloads,
+            reported: Mutex::new(HashMap::new()),
+            account_names: RwLock::new(HashMap::new()),
+            scrape: Mutex::new(()),
+        }
+    }
+
+    /// Sets the configured account names (at start and on reload).
+    pub fn set_account_names(&self, names: HashMap<Account, String>) {
+        *self.account_names.write().unwrap_or_else(PoisonError::into_inner) = names;
+    }
+
+    /// An account as a label: its configured name, else its hash alias.
+    pub fn account_label(&self, account: Account) -> String {
+        let names = self.account_names.read().unwrap_or_else(PoisonError::into_inner);
+        names.get(&account).cloned().unwrap_or_else(|| account.alias())
+    }
+
+    /// Counts a finished client request.
+    pub fn request(&self, operation: &'static str, tier: &'static str, outcome: RequestOutcome) {
+        self.requests.get_or_create(&RequestLabels { operation, tier, outcome: outcome.as_str() }).inc();
+    }
+
+    /// Records a request's wait for its slot.
+    pub fn queue_wait(&self, operation: &'static str, tier: &'static str, waited: Duration) {
+        self.queue_wait.get_or_create(&OpLabels { operation, tier }).observe(secs(waited));
+    }
+
+    /// Records an upstream response: status, latency, auth failures and Klaviyo's
+    /// reported `RateLimit-Remaining` for the request's endpoint bucket.
+    pub fn upstream_response(
+        &self,
+        route: &crate::route::Route,
+        status: u16,
+        latency: Duration,
+        remaining: Option<i64>,
+    ) {
+        let (operation, tier) = (route.label(), route.tier());
+        self.upstream_responses
+            .get_or_create(&ResponseLabels { operation, tier, status, class: status_class(status) })
+            .inc();
+        self.upstream_latency.get_or_create(&OpLabels { operation, tier }).observe(secs(latency));
+        if status == 401 || status == 403 {
+            self.auth_failures
+                .get_or_create(&AuthLabels { operation, account: self.account_label(route.account), status })
+                .inc();
+        }
+        if let (Some(remaining), Some(op)) = (remaining, route.operation) {
+            let mut reported = self.reported.lock().unwrap_or_else(PoisonError::into_inner);
+            reported.insert((route.account, op.endpoint), (remaining, Instant::now()));
+        }
+    }
+
+    /// Counts a retry (fed by the retry stage); `reason` is a fixed word such as
+    /// `throttled`, `server_error`, `timeout` or `connect`.
+    pub fn retry(&self, operation: &'static str, reason: &'static str) {
+        self.retries.get_or_create(&RetryLabels { operation, reason }).inc();
+    }
+
+    /// Counts a retry refused by the budget (fed by the retry stage).
+    pub fn retry_budget_exhausted(&self, operation: &'static str) {
+        self.retry_budget_exhausted.get_or_create(&OperationLabel { operation }).inc();
+    }
+
+    /// Records a breaker transition and its new state (fed by the breaker).
+    pub fn breaker_transition(&self, from: BreakerState, to: BreakerState) {
+        self.breaker_transitions.get_or_create(&TransitionLabels { from: from.as_str(), to: to.as_str() }).inc();
+        self.breaker_state.set(to as i64);
+    }
+
+    /// The breaker state as last reported ([`BreakerState`] as a number).
+    pub fn breaker_state(&self) -> i64 {
+        self.breaker_state.get()
+    }
+
+    /// Counts a health probe by its result (`healthy`, `degraded`, `down`).
+    pub fn health_probe(&self, result: &'static str) {
+        self.health_probes.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// Counts a config reload (`ok` or `rejected`).
+    pub fn config_reload(&self, ok: bool) {
+        self.config_reloads.get_or_create(&ResultLabel { result: if ok { "ok" } else { "rejected" } }).inc();
+    }
+
+    /// Refreshes the gauges read from the limiter, then encodes every metric in the
+    /// OpenMetrics text format.
+    pub fn encode(&self, store: &LocalStore) -> String {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(PoisonError::into_inner);
+        self.refresh(store);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String never fails");
+        out
+    }
+
+    /// The gauges that describe the limiter now: queue depth, tokens left and the
+    /// upstream's reported remaining, for active buckets only.
+    fn refresh(&self, store: &LocalStore) {
+        let now = Instant::now();
+        self.queue_depth.clear();
+        self.tokens_left.clear();
+        self.reported_remaining.clear();
+        let mut depth: HashMap<OpLabels, i64> = HashMap::new();
+        let mut views = store.snapshot(now);
+        self.active_buckets.set(i64::try_from(views.len()).unwrap_or(i64::MAX));
+        // Per-bucket series are bounded: the most constrained buckets (least share of a
+        // window left) are the ones worth seeing.
+        let share_left = |v: &BucketView| {
+            v.windows
+                .iter()
+                .map(|(spec, used)| 1.0 - (*used as f64 / f64::from(spec.limit.max(1))))
+                .fold(f64::INFINITY, f64::min)
+        };
+        if views.len() > MAX_BUCKET_SERIES {
+            views.sort_by(|a, b| share_left(a).total_cmp(&share_left(b)));
+        }
+        for (n, view) in views.into_iter().enumerate() {
+            let (operation, tier, bucket) = match view.key.bucket {
+                BucketId::Endpoint(e) => {
+                    let op = endpoint_label(usize::from(e));
+                    (op, catalog::by_id(op).map_or("unknown", |o| o.tier.as_str()), "endpoint")
+                }
+                BucketId::Condition(e, _) => (endpoint_label(usize::from(e)), "condition", "condition"),
+                BucketId::Unknown => ("unknown", "unknown", "endpoint"),
+            };
+            // A request with a conditional limit waits in two queues; count it once.
+            if bucket == "endpoint" {
+                *depth.entry(OpLabels { operation, tier }).or_default() += i64::from(view.queued);
+            }
+            if n >= MAX_BUCKET_SERIES {
+                continue;
+            }
+            let account = self.account_label(view.key.account);
+            for (window, (spec, in_use)) in ["burst", "steady", "daily"].into_iter().zip(view.windows) {
+                let left = u64::from(spec.limit).saturating_sub(in_use);
+                self.tokens_left
+                    .get_or_create(&TokenLabels { account: account.clone(), operation, bucket, window })
+                    .set(i64::try_from(left).unwrap_or(i64::MAX));
+            }
+        }
+        for (labels, n) in depth {
+            self.queue_depth.get_or_create(&labels).set(n);
+        }
+        let mut reported = self.reported.lock().unwrap_or_else(PoisonError::into_inner);
+        reported.retain(|_, (_, at)| now.duration_since(*at) < REPORTED_TTL);
+        let mut lowest: Vec<_> = reported.iter().map(|(k, (remaining, _))| (*remaining, *k)).collect();
+        lowest.sort_unstable();
+        for (remaining, (account, endpoint)) in lowest.into_iter().take(MAX_BUCKET_SERIES) {
+            self.reported_remaining
+                .get_or_create(&ReportedLabels {
+                    account: self.account_label(account),
+                    operation: endpoint_label(endpoint),
+                })
+                .set(remaining);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::route::Router;
+
+    #[tokio::test(start_paused = true)]
+    async fn encodes_counters_gauges_and_active_buckets() {
+        let metrics = Metrics::new();
+        let store = LocalStore::new();
+        let router = Router::new(&Config::default().limits, b"k");
+        let route = router.route("GET", "/api/accounts", None, false, Some(b"Klaviyo-API-Key pk_secret"));
+        // Off the store's epoch tick, where a window's start saturates at zero.
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let now = Instant::now();
+        store.reserve(&route.demands, now, now, 10).unwrap();
+        metrics.request(route.label(), route.tier(), RequestOutcome::Forwarded);
+        metrics.upstream_response(&route, 401, Duration::from_millis(20), Some(14));
+        let text = metrics.encode(&store);
+        let alias = route.account.alias();
+        for line in [
+            "klaviyo_proxy_requests_total{operation=\"get_accounts\",tier=\"XS\",outcome=\"forwarded\"} 1".to_string(),
+            "klaviyo_proxy_upstream_responses_total{operation=\"get_accounts\",tier=\"XS\",status=\"401\",class=\"4xx\"} 1"
+                .to_string(),
+            format!(
+                "klaviyo_proxy_upstream_auth_failures_total{{operation=\"get_accounts\",account=\"{alias}\",status=\"401\"}} 1"
+            ),
+            format!(
+                "klaviyo_proxy_tokens_left{{account=\"{alias}\",operation=\"get_accounts\",bucket=\"endpoint\",window=\"burst\"}} 0"
+            ),
+            format!(
+                "klaviyo_proxy_tokens_left{{account=\"{alias}\",operation=\"get_accounts\",bucket=\"endpoint\",window=\"steady\"}} 14"
+            ),
+            format!("klaviyo_proxy_upstream_ratelimit_remaining{{account=\"{alias}\",operation=\"get_accounts\"}} 14"),
+            "klaviyo_proxy_breaker_state 0".to_string(),
+            "klaviyo_proxy_spool_dead_letters 0".to_string(),
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+        }
+        assert!(!text.contains("pk_secret"));
+        // Reported numbers older than a window are no longer "active".
+        tokio::time::advance(REPORTED_TTL).await;
+        assert!(!metrics.encode(&store).contains("klaviyo_proxy_upstream_ratelimit_remaining{"));
+        // Many accounts: the series stay bounded, the most constrained bucket shown.
+        let hot = router.route("GET", "/api/profiles", None, false, Some(b"Klaviyo-API-Key pk_hot"));
+        for _ in 0..75 {
+            store.reserve(&hot.demands, Instant::now(), Instant::now(), 10).unwrap();
+        }
+        for n in 0..400u32 {
+            let key = format!("Klaviyo-API-Key pk_{n}");
+            let r = router.route("GET", "/api/profiles", None, false, Some(key.as_bytes()));
+            store.reserve(&r.demands, Instant::now(), Instant::now(), 10).unwrap();
+        }
+        let text = metrics.encode(&store);
+        assert!(text.contains("klaviyo_proxy_active_buckets 402"), "{text}");
+        let series = text.lines().filter(|l| l.starts_with("klaviyo_proxy_tokens_left{")).count();
+        assert_eq!(series, MAX_BUCKET_SERIES * 2);
+        assert!(text.contains(&format!(
+            "klaviyo_proxy_tokens_left{{account=\"{}\",operation=\"get_profiles\",bucket=\"endpoint\",window=\"burst\"}} 0",
+            hot.account.alias()
+        )));
+        metrics.breaker_transition(BreakerState::Closed, BreakerState::Open);
+        let text = metrics.encode(&store);
+        assert!(text.contains("klaviyo_proxy_breaker_state 2"));
+        assert!(text.contains("klaviyo_proxy_breaker_transitions_total{from=\"closed\",to=\"open\"} 1"));
+    }
+
+    /// Scrape cost with many active buckets; run with
+    /// `cargo test --release --lib scrape_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn scrape_cost() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        rt.block_on(async {
+            let metrics = Metrics::new();
+            let store = LocalStore::new();
+            let router = Router::new(&Config::default().limits, b"k");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            for n in 0..100_000u32 {
+                let key = format!("Klaviyo-API-Key pk_{n}");
+                let r = router.route("GET", "/api/profiles", None, false, Some(key.as_bytes()));
+                store.reserve(&r.demands, Instant::now(), Instant::now(), 10).unwrap();
+                metrics.upstream_response(&r, 200, Duration::from_millis(5), Some(749));
+            }
+            for _ in 0..2 {
+                let started = std::time::Instant::now();
+                let text = metrics.encode(&store);
+                eprintln!("scrape of 100000 buckets: {:?}, {} bytes", started.elapsed(), text.len());
+            }
+            let route = router.route("GET", "/api/profiles", None, false, Some(b"Klaviyo-API-Key pk_x"));
+            let started = std::time::Instant::now();
+            for _ in 0..1_000_000 {
+                metrics.request(route.label(), route.tier(), RequestOutcome::Forwarded);
+                metrics.queue_wait(route.label(), route.tier(), Duration::ZERO);
+                metrics.upstream_response(&route, 200, Duration::from_millis(5), Some(700));
+            }
+            eprintln!("per-request metrics: {:?}", started.elapsed() / 1_000_000);
+        });
+    }
+}
