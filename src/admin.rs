@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::body::{full, ProxyBody};
 use crate::error::ProxyError;
+use crate::limiter::StoreState;
 use crate::metrics::BreakerState;
 use crate::proxy::{Probe, Proxy};
 use crate::reload::Reloader;
@@ -79,6 +80,18 @@ pub struct HealthReport {
 pub struct Services {
     /// Klaviyo's API.
     pub klaviyo: ServiceHealth,
+    /// The shared-limits store, when `limiter.store = "redis"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limiter: Option<LimiterHealth>,
+}
+
+/// The shared-limits store in `/health`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LimiterHealth {
+    /// `healthy` while Redis decides, `degraded` while counting locally.
+    pub status: Status,
+    /// `redis` or `degraded` (local fallback at quota ÷ replicas).
+    pub store: &'static str,
 }
 
 /// Shared state of the admin endpoints.
@@ -108,6 +121,7 @@ impl Admin {
     pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Result<Response<ProxyBody>, Infallible> {
         let resp = match (req.method(), req.uri().path()) {
             (&Method::GET, "/metrics") => {
+                self.proxy.metrics().limiter_state(self.proxy.limiter().state());
                 let text = self.proxy.metrics().encode(self.proxy.store());
                 response(StatusCode::OK, METRICS_CONTENT_TYPE, text)
             }
@@ -171,7 +185,20 @@ impl Admin {
             }
             _ => {}
         }
-        HealthReport { status: klaviyo.status, services: Services { klaviyo }, timestamp: rfc3339(SystemTime::now()) }
+        // Limits shared through Redis that fell back to local counting still hold
+        // traffic under quota ÷ replicas: degraded, not down.
+        let limiter = match self.proxy.limiter().state() {
+            StoreState::Local => None,
+            state => Some(LimiterHealth {
+                status: if state == StoreState::Degraded { Status::Degraded } else { Status::Healthy },
+                store: state.as_str(),
+            }),
+        };
+        let mut status = klaviyo.status;
+        if limiter.as_ref().is_some_and(|l| l.status == Status::Degraded) && status == Status::Healthy {
+            status = Status::Degraded;
+        }
+        HealthReport { status, services: Services { klaviyo, limiter }, timestamp: rfc3339(SystemTime::now()) }
     }
 
     async fn probe_now(&self, max_wait: Duration) -> ServiceHealth {

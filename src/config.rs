@@ -271,6 +271,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// The `preflight` command.
     pub preflight: PreflightConfig,
+    /// Where buckets live: this process, or Redis shared by every replica.
+    pub limiter: LimiterConfig,
 }
 
 /// `[admin]`
@@ -513,6 +515,88 @@ impl Default for LogConfig {
     }
 }
 
+/// Where the buckets live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// In this process only: each replica counts alone.
+    #[default]
+    Local,
+    /// In Redis (or Valkey), shared by every replica.
+    Redis,
+}
+
+/// A `redis://` or `rediss://` URL. It may hold a password, so it prints redacted.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct RedisUrl(Secret);
+
+impl RedisUrl {
+    /// The URL, for the one place that connects.
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Serialize for RedisUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[redacted]")
+    }
+}
+
+impl TryFrom<String> for RedisUrl {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        // Never echo the value: it may carry a password.
+        if s.starts_with("redis://") || s.starts_with("rediss://") {
+            Ok(RedisUrl(Secret(s)))
+        } else {
+            Err("must start with redis:// or rediss:// (TLS)".into())
+        }
+    }
+}
+
+/// `[limiter]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimiterConfig {
+    /// `local` (default) or `redis`.
+    pub store: StoreKind,
+    /// `redis://[:password@]host:port/db` or `rediss://...` for TLS.
+    pub redis_url: Option<RedisUrl>,
+    /// PEM CA certificates to trust for `rediss://` instead of the webpki roots.
+    pub redis_ca_file: Option<PathBuf>,
+    /// `redis_url` is a node of a Redis Cluster (keys are hash-tagged per account).
+    pub redis_cluster: bool,
+    /// Prefix of every Redis key, so several deployments can share one Redis.
+    pub key_prefix: String,
+    /// A Redis call slower than this counts as Redis being down.
+    pub timeout_ms: u64,
+    /// Replicas sharing the quota, for the fallback share (quota ÷ replicas) while
+    /// Redis is down. Learned from the replicas' heartbeats in Redis when unset.
+    pub replicas: Option<NonZeroU32>,
+}
+
+impl Default for LimiterConfig {
+    fn default() -> Self {
+        LimiterConfig {
+            store: StoreKind::Local,
+            redis_url: None,
+            redis_ca_file: None,
+            redis_cluster: false,
+            key_prefix: "klaviyo-proxy".into(),
+            timeout_ms: 100,
+            replicas: None,
+        }
+    }
+}
+
 fn line_of(src: &str, offset: usize) -> usize {
     src[..offset.min(src.len())].bytes().filter(|&b| b == b'\n').count() + 1
 }
@@ -545,6 +629,7 @@ impl Config {
         };
         config.apply_env(env)?;
         config.resolve_key(env)?;
+        config.check_limiter()?;
         Ok(config)
     }
 
@@ -594,6 +679,27 @@ impl Config {
         if let Some(v) = env("KLAVIYO_PROXY_ADMIN_LISTEN") {
             self.admin.listen = from_str("KLAVIYO_PROXY_ADMIN_LISTEN", &v, "an address like 127.0.0.1:9090")?;
         }
+        if let Some(v) = env("KLAVIYO_PROXY_LIMITER_STORE") {
+            self.limiter.store = match v.as_str() {
+                "local" => StoreKind::Local,
+                "redis" => StoreKind::Redis,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: "KLAVIYO_PROXY_LIMITER_STORE".into(),
+                        message: format!("`{v}` is not local or redis"),
+                    })
+                }
+            };
+        }
+        if let Some(v) = env("KLAVIYO_PROXY_REDIS_URL") {
+            self.limiter.redis_url = Some(
+                RedisUrl::try_from(v)
+                    .map_err(|message| ConfigError::Env { var: "KLAVIYO_PROXY_REDIS_URL".into(), message })?,
+            );
+        }
+        if let Some(v) = env("KLAVIYO_PROXY_ACCOUNT_HASH_KEY") {
+            self.auth.account_hash_key = Some(Secret(v));
+        }
         if let Some(v) = env("KLAVIYO_PROXY_LOG_LEVEL") {
             self.log.level = v;
         }
@@ -608,6 +714,33 @@ impl Config {
                     })
                 }
             };
+        }
+        Ok(())
+    }
+
+    /// Checks that a Redis store has what it needs: a URL, and an account hash key
+    /// so that every replica names an account's buckets alike.
+    pub fn check_limiter(&self) -> Result<(), ConfigError> {
+        if self.limiter.store != StoreKind::Redis {
+            return Ok(());
+        }
+        if self.limiter.redis_url.is_none() {
+            return Err(ConfigError::Conflict(
+                "limiter.store = \"redis\" needs limiter.redis_url (or KLAVIYO_PROXY_REDIS_URL)".into(),
+            ));
+        }
+        if self.auth.account_hash_key.is_none() {
+            return Err(ConfigError::Conflict(
+                "limiter.store = \"redis\" needs auth.account_hash_key (or KLAVIYO_PROXY_ACCOUNT_HASH_KEY), \
+                 the same on every replica, so that replicas name an account's buckets alike"
+                    .into(),
+            ));
+        }
+        if self.limiter.key_prefix.is_empty() || self.limiter.key_prefix.contains(['{', '}']) {
+            return Err(ConfigError::Conflict("limiter.key_prefix must be non-empty, without { or }".into()));
+        }
+        if self.limiter.timeout_ms == 0 {
+            return Err(ConfigError::Conflict("limiter.timeout_ms must be > 0".into()));
         }
         Ok(())
     }
@@ -730,6 +863,28 @@ mod tests {
         assert_eq!(c.upstream.url.uri().port_u16(), Some(1234));
         let bad = |k: &str| (k == "KLAVIYO_PROXY_LISTEN").then(|| "nope".to_string());
         assert!(c.apply_env(&bad).unwrap_err().to_string().contains("KLAVIYO_PROXY_LISTEN"));
+    }
+
+    #[test]
+    fn redis_store_needs_url_and_hash_key() {
+        let c = Config::parse("[limiter]\nstore = \"redis\"\n", "t").unwrap();
+        assert!(c.check_limiter().unwrap_err().to_string().contains("limiter.redis_url"));
+        let c = Config::parse(
+            "[limiter]\nstore = \"redis\"\nredis_url = \"rediss://:hunter2@redis.internal:6380/2\"\n",
+            "t",
+        )
+        .unwrap();
+        let e = c.check_limiter().unwrap_err().to_string();
+        assert!(e.contains("auth.account_hash_key"), "{e}");
+        let mut c = c;
+        c.auth.account_hash_key = Some(Secret::new("shared"));
+        c.check_limiter().unwrap();
+        let printed = c.to_redacted_toml();
+        assert!(!printed.contains("hunter2"), "{printed}");
+        let e = err("[limiter]\nredis_url = \"http://:hunter2@x\"\n");
+        assert!(e.contains("line 2") && e.contains("limiter.redis_url") && !e.contains("hunter2"), "{e}");
+        let e = err("[limiter]\nstore = \"memcached\"\n");
+        assert!(e.contains("limiter.store"), "{e}");
     }
 
     #[test]

@@ -118,9 +118,14 @@ impl App {
                 let mut every = tokio::time::interval(SWEEP_EVERY);
                 loop {
                     every.tick().await;
-                    proxy.store().sweep(tokio::time::Instant::now());
+                    proxy.limiter().sweep(tokio::time::Instant::now());
                 }
             })
+        };
+        // The shared store's heartbeat: replica count, and the way back from degraded.
+        let background = {
+            let proxy = self.proxy.clone();
+            tokio::spawn(async move { proxy.limiter().run_background().await })
         };
         let proxy = self.proxy.clone();
         let service = hyper::service::service_fn(move |req| proxy.clone().handle(req));
@@ -130,5 +135,6 @@ impl App {
         if let Some(task) = admin_task {
             let _ = task.await;
         }
+        background.abort();
     }
 }

@@ -289,7 +289,7 @@ async fn serve(
             }
         });
     }
-    tracing::info!(%addr, admin = %admin_addr, upstream = %upstream_url, "klaviyo-proxy listening");
+    tracing::info!(%addr, admin = %admin_addr, upstream = %upstream_url, store = app.proxy().limiter().state().as_str(), "klaviyo-proxy listening");
     // Written without panicking: a caller may stop reading stdout after the first line.
     {
         use std::io::Write;

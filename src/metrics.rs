@@ -25,7 +25,7 @@ use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use crate::catalog;
-use crate::limiter::{Account, BucketId, BucketView, LocalStore};
+use crate::limiter::{Account, BucketId, BucketView, LocalStore, StoreState};
 
 /// Requests by operation, tier and outcome (counter).
 pub const REQUESTS: &str = "klaviyo_proxy_requests";
@@ -64,6 +64,9 @@ pub const CONFIG_RELOADS: &str = "klaviyo_proxy_config_reloads";
 
 /// Active buckets held by the limiter (gauge, read at scrape).
 pub const ACTIVE_BUCKETS: &str = "klaviyo_proxy_active_buckets";
+/// Where limits are decided: 0 local, 1 Redis, 2 degraded (Redis unreachable, local
+/// fallback at quota ÷ replicas) (gauge, read at scrape).
+pub const LIMITER_STATE: &str = "klaviyo_proxy_limiter_state";
 
 /// Most buckets given their own [`TOKENS_LEFT`] / [`UPSTREAM_RATELIMIT_REMAINING`]
 /// series, so a proxy serving many accounts keeps a bounded scrape.
@@ -205,6 +208,7 @@ pub struct Metrics {
     queue_wait: HistogramFamily,
     queue_depth: Family<OpLabels, Gauge>,
     active_buckets: Gauge,
+    limiter_state: Gauge,
     tokens_left: Family<TokenLabels, Gauge>,
     reported_remaining: Family<ReportedLabels, Gauge>,
     retries: Family<RetryLabels, Counter>,
@@ -288,6 +292,12 @@ impl Metrics {
         registry.register(QUEUE_DEPTH, "Requests waiting for their slot now", queue_depth.clone());
         let active_buckets = Gauge::default();
         registry.register(ACTIVE_BUCKETS, "Buckets the limiter holds now", active_buckets.clone());
+        let limiter_state = Gauge::default();
+        registry.register(
+            LIMITER_STATE,
+            "Where limits are decided: 0 local, 1 redis, 2 degraded (local fallback)",
+            limiter_state.clone(),
+        );
         let tokens_left = Family::default();
         registry.register(TOKENS_LEFT, "Tokens left now per window of each active bucket", tokens_left.clone());
         let reported_remaining = Family::default();
@@ -327,6 +337,7 @@ impl Metrics {
             queue_wait,
             queue_depth,
             active_buckets,
+            limiter_state,
             tokens_left,
             reported_remaining,
             retries,
@@ -430,6 +441,15 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String never fails");
         out
+    }
+
+    /// Records where limits are decided now (read at scrape, before [`Metrics::encode`]).
+    pub fn limiter_state(&self, state: StoreState) {
+        self.limiter_state.set(match state {
+            StoreState::Local => 0,
+            StoreState::Redis => 1,
+            StoreState::Degraded => 2,
+        });
     }
 
     /// The gauges that describe the limiter now: queue depth, tokens left and the

@@ -14,9 +14,10 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::body::ProxyBody;
-use crate::config::{is_beta_revision, AuthMode, Config};
+use crate::config::{is_beta_revision, AuthMode, Config, ConfigError, StoreKind};
 use crate::error::{Origin, ProxyError};
-use crate::limiter::{Account, LocalStore};
+use crate::limiter::redis::{RedisStore, RedisStoreError};
+use crate::limiter::{Account, Limiter, LocalStore, SharedStore};
 use crate::metrics::{Metrics, RequestOutcome};
 use crate::queue;
 use crate::route::{Route, Router};
@@ -35,7 +36,7 @@ pub struct Proxy {
     /// The account hash key used when the config names none: random per start, kept
     /// across reloads so buckets keep their accounts.
     fallback_hash_key: Vec<u8>,
-    store: LocalStore,
+    limiter: Limiter,
     upstream: Upstream,
     metrics: Arc<Metrics>,
 }
@@ -117,6 +118,44 @@ pub enum BuildError {
     /// A key or token cannot be sent as a header.
     #[error("{0} contains characters not allowed in an HTTP header")]
     BadSecret(&'static str),
+    /// The limiter settings do not work together.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The Redis URL cannot be used.
+    #[error(transparent)]
+    Redis(#[from] RedisStoreError),
+    /// `limiter.redis_ca_file` cannot be read.
+    #[error("cannot read limiter.redis_ca_file {path}: {source}")]
+    RedisCa {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The bucket store `limiter.store` asks for.
+fn limiter(config: &Config) -> Result<Limiter, BuildError> {
+    let cfg = &config.limiter;
+    config.check_limiter()?;
+    match (cfg.store, &cfg.redis_url) {
+        (StoreKind::Redis, Some(url)) => {
+            let timeout = Duration::from_millis(cfg.timeout_ms);
+            let ca = match &cfg.redis_ca_file {
+                Some(path) => {
+                    Some(std::fs::read(path).map_err(|source| BuildError::RedisCa { path: path.clone(), source })?)
+                }
+                None => None,
+            };
+            let redis = if cfg.redis_cluster {
+                RedisStore::cluster(url.expose(), &cfg.key_prefix, timeout, ca)?
+            } else {
+                RedisStore::with_ca(url.expose(), &cfg.key_prefix, timeout, ca)?
+            };
+            Ok(Limiter::Shared(Box::new(SharedStore::new(redis, cfg.replicas.map(|r| r.get())))))
+        }
+        _ => Ok(Limiter::Local(LocalStore::new())),
+    }
 }
 
 fn sensitive(value: String, what: &'static str) -> Result<HeaderValue, BuildError> {
@@ -130,19 +169,25 @@ impl Proxy {
     pub fn new(config: Config) -> Result<Self, BuildError> {
         let fallback_hash_key: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
         let upstream = Upstream::new(&config.upstream)?;
+        let limiter = limiter(&config)?;
         let live = Live::new(config, &fallback_hash_key)?;
         let metrics = Arc::new(Metrics::new());
         metrics.set_account_names(live.account_names());
-        Ok(Proxy { live: RwLock::new(Arc::new(live)), fallback_hash_key, store: LocalStore::new(), upstream, metrics })
+        Ok(Proxy { live: RwLock::new(Arc::new(live)), fallback_hash_key, limiter, upstream, metrics })
     }
 
     fn live(&self) -> Arc<Live> {
         self.live.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// The bucket store (for the sweeper and tests).
+    /// The local bucket store: the only one, or the Redis store's fallback (for tests).
     pub fn store(&self) -> &LocalStore {
-        &self.store
+        self.limiter.local()
+    }
+
+    /// The limiter: its state (`local`, `redis`, `degraded`) is for `/health` and metrics.
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
     }
 
     /// The config this proxy runs with now.
@@ -180,6 +225,13 @@ impl Proxy {
         if new.log.format != old.log.format {
             return Err(ReloadError::NeedsRestart("log.format"));
         }
+        if new.limiter != old.limiter {
+            return Err(ReloadError::NeedsRestart("limiter"));
+        }
+        if new.limiter.store == StoreKind::Redis && new.auth.account_hash_key != old.auth.account_hash_key {
+            // Replicas must hash accounts alike; one replica changing alone splits buckets.
+            return Err(ReloadError::NeedsRestart("auth.account_hash_key (with the redis store)"));
+        }
         let live = Arc::new(Live::new(new, &self.fallback_hash_key)?);
         self.metrics.set_account_names(live.account_names());
         *self.live.write().unwrap_or_else(PoisonError::into_inner) = live;
@@ -199,8 +251,7 @@ impl Proxy {
         upstream::outbound_headers(&mut parts.headers, live.config.upstream.revision.as_str());
         if live.config.limits.enabled {
             let deadline = Instant::now() + max_wait;
-            queue::wait_for_slot(&self.store, &route.demands, deadline, live.config.queue.max_depth, route.label())
-                .await?;
+            queue::wait(&self.limiter, &route.demands, deadline, live.config.queue.max_depth, route.label()).await?;
         }
         let sent = Instant::now();
         let resp = self.upstream.send(&parts, Bytes::new()).await.map_err(upstream_error)?;
@@ -279,7 +330,7 @@ impl Proxy {
         // The limiter: wait for a token in every bucket, or be refused at once.
         if live.config.limits.enabled {
             let depth = live.config.queue.max_depth;
-            outcome.waited = queue::wait_for_slot(&self.store, &route.demands, deadline, depth, route.label()).await?;
+            outcome.waited = queue::wait(&self.limiter, &route.demands, deadline, depth, route.label()).await?;
             self.metrics.queue_wait(outcome.operation, outcome.tier, outcome.waited);
             if !outcome.waited.is_zero() {
                 outcome.kind = RequestOutcome::Queued;

@@ -162,6 +162,22 @@ fn redis_manifest_parses_and_names_the_proxy_settings() {
     for var in ["KLAVIYO_PROXY_LIMITER_STORE", "KLAVIYO_PROXY_REDIS_URL", "KLAVIYO_PROXY_ACCOUNT_HASH_KEY"] {
         assert!(text.contains(var), "{var} not documented");
     }
+    // The variables it tells the sidecar to set make a Redis-backed config the proxy accepts.
+    let vars = [
+        ("KLAVIYO_PROXY_LIMITER_STORE", "redis"),
+        ("KLAVIYO_PROXY_REDIS_URL", "redis://:password@klaviyo-proxy-redis:6379/0"),
+        ("KLAVIYO_PROXY_ACCOUNT_HASH_KEY", "c2hhcmVkLWFjcm9zcy1yZXBsaWNhcy0zMi1ieXRlcw=="),
+    ];
+    let lookup = |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string());
+    let sidecar = documents("deploy/kubernetes/sidecar.yaml");
+    let toml = of_kind(&sidecar, "ConfigMap")[0]["data"]["klaviyo-proxy.toml"].as_str().unwrap().to_string();
+    let file = std::env::temp_dir().join(format!("klaviyo-proxy-deploy-{}.toml", std::process::id()));
+    std::fs::write(&file, toml).unwrap();
+    let config = Config::load(Some(&file), &lookup);
+    let _ = std::fs::remove_file(&file);
+    let config = config.unwrap();
+    config.check_serve().unwrap();
+    assert_eq!(config.limiter.store, klaviyo_proxy::config::StoreKind::Redis);
 }
 
 #[test]

@@ -164,6 +164,31 @@ impl LocalStore {
         Ok(Grant { at: self.instant(t), tick: t, keys, queued })
     }
 
+    /// Records one take at `now` (or after the latest take) in every window of every
+    /// demanded bucket, whatever the windows allow: a take another authority granted
+    /// (the shared store mirrors its Redis grants here, so that if Redis goes away this
+    /// store already counts what this replica sent).
+    pub fn record(&self, demands: &[Demand], now: Instant) {
+        let now_t = self.tick(now);
+        for d in demands {
+            loop {
+                let handle = self.buckets.entry(d.key).or_default().clone();
+                let mut b = lock(&handle);
+                if b.removed {
+                    continue;
+                }
+                let windows = d.windows.as_slice();
+                for (log, spec) in b.logs.iter_mut().zip(windows) {
+                    log.prune(now_t, spec.period);
+                    log.record(now_t.max(log.last().unwrap_or(0)));
+                }
+                let longest = windows.iter().map(|w| w.period).max().unwrap_or(0);
+                b.expires = b.expires.max(now_t.saturating_add(longest));
+                break;
+            }
+        }
+    }
+
     fn each_bucket(&self, keys: &[Option<BucketKey>], mut f: impl FnMut(&mut Bucket)) {
         for key in keys.iter().flatten() {
             let handle = self.buckets.get(key).map(|h| h.clone());

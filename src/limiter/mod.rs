@@ -1,14 +1,103 @@
-//! Rate limiting: the window math ([`window`]) and the store that holds every bucket
-//! ([`local`]). A decision takes one token from every window of every bucket a request
-//! needs, all at once or none.
+//! Rate limiting: the window math ([`window`]) and the stores that hold the buckets:
+//! [`local`] in this process, or [`redis`] shared by every replica through
+//! [`shared`] (with a local fallback). A decision takes one token from every window of
+//! every bucket a request needs, all at once or none.
 
 pub mod local;
+pub mod redis;
+pub mod shared;
 pub mod window;
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 pub use local::{BucketView, Grant, LocalStore, MAX_DEMANDS};
+pub use shared::{SharedStore, StoreState};
 pub use window::{Tick, WindowSpec};
+
+/// The bucket store a proxy decides with, chosen by `limiter.store`.
+#[derive(Debug)]
+pub enum Limiter {
+    /// This process only.
+    Local(LocalStore),
+    /// Redis, shared by every replica, with a local fallback.
+    Shared(Box<SharedStore>),
+}
+
+impl Limiter {
+    /// Which store decides right now (for `/health` and the metrics).
+    pub fn state(&self) -> StoreState {
+        match self {
+            Limiter::Local(_) => StoreState::Local,
+            Limiter::Shared(s) => s.state(),
+        }
+    }
+
+    /// Whether the shared store has fallen back to counting locally.
+    pub fn is_degraded(&self) -> bool {
+        self.state() == StoreState::Degraded
+    }
+
+    /// The store that decides locally: the only one, or the Redis fallback.
+    pub fn local(&self) -> &LocalStore {
+        match self {
+            Limiter::Local(l) => l,
+            Limiter::Shared(s) => s.fallback(),
+        }
+    }
+
+    /// Pauses buckets until `until` (an upstream `Retry-After`). With Redis, every
+    /// replica pauses; if Redis cannot be told, the error says so and this replica is
+    /// degraded (its caller pauses the local store as for `local`).
+    pub async fn pause(&self, keys: &[BucketKey], until: Instant) -> Result<(), redis::RedisStoreError> {
+        match self {
+            // The local pause belongs to the local store (`Bucket::paused_until`).
+            Limiter::Local(_) => Ok(()),
+            Limiter::Shared(s) => {
+                let delay = until.saturating_duration_since(Instant::now());
+                s.redis().pause(keys, delay).await.inspect_err(|e| s.mark_down(e))
+            }
+        }
+    }
+
+    /// Applies `RateLimit-Remaining` / `RateLimit-Reset` from a response to the steady
+    /// window of the request's first bucket, so that no replica believes it has more
+    /// left than Klaviyo says. Returns the phantom takes added.
+    pub async fn correct(
+        &self,
+        demand: &Demand,
+        remaining: u32,
+        reset: Duration,
+    ) -> Result<u64, redis::RedisStoreError> {
+        match self {
+            // The local correction belongs to the local store.
+            Limiter::Local(_) => Ok(0),
+            Limiter::Shared(s) => s.redis().correct(demand, 1, remaining, reset).await.inspect_err(|e| s.mark_down(e)),
+        }
+    }
+
+    /// Drops idle buckets.
+    pub fn sweep(&self, now: Instant) {
+        match self {
+            Limiter::Local(l) => l.sweep(now),
+            Limiter::Shared(s) => s.sweep(now),
+        }
+    }
+
+    /// Background work of the store, to run for the proxy's lifetime: the shared
+    /// store's heartbeat (replica count, and the way back from degraded). Returns at
+    /// once for the local store.
+    pub async fn run_background(&self) {
+        let Limiter::Shared(s) = self else { return };
+        let mut every = tokio::time::interval(shared::HEARTBEAT_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            s.beat().await;
+        }
+    }
+}
 
 /// The account a bucket belongs to: a keyed hash of the credential (or of the
 /// `company_id` for `/client/` operations), never the credential itself.

@@ -1,0 +1,105 @@
+//! The real binary with the Redis store, configured from the environment: two
+//! `klaviyo-proxy serve` processes share one account's bucket through `redis-server`.
+
+mod redis_support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Empty;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use redis_support::RedisServer;
+
+const BIN: &str = env!("CARGO_BIN_EXE_klaviyo-proxy");
+
+fn proxy(redis: &RedisServer, hash_key: Option<&str>) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--upstream", "sim"])
+        .env("KLAVIYO_PROXY_LIMITER_STORE", "redis")
+        .env("KLAVIYO_PROXY_REDIS_URL", redis.url())
+        .env("KLAVIYO_PROXY_LOG_LEVEL", "warn")
+        .env_remove("KLAVIYO_PROXY_ACCOUNT_HASH_KEY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(k) = hash_key {
+        cmd.env("KLAVIYO_PROXY_ACCOUNT_HASH_KEY", k);
+    }
+    cmd
+}
+
+/// A running proxy process, killed by its PID when dropped.
+struct Running(Child, String);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(redis: &RedisServer) -> Running {
+    let mut child = proxy(redis, Some("cli-shared-hash-key")).stderr(Stdio::null()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr =
+        line.trim().strip_prefix("klaviyo-proxy listening on ").unwrap_or_else(|| panic!("{line:?}")).to_string();
+    Running(child, addr)
+}
+
+#[test]
+fn redis_needs_a_shared_hash_key() {
+    let redis = RedisServer::start();
+    let out = proxy(&redis, None).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("auth.account_hash_key"), "{err}");
+}
+
+#[test]
+fn two_processes_share_one_bucket() {
+    let redis = RedisServer::start();
+    let (a, b) = (start(&redis), start(&redis));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let get = |addr: &str, max_wait_ms: u64| {
+            Request::get(format!("{addr}/api/accounts"))
+                .header("authorization", "Klaviyo-API-Key pk_cli_test")
+                .header("x-proxy-max-wait-ms", max_wait_ms.to_string())
+                .body(Empty::new())
+                .unwrap()
+        };
+        // get_accounts allows one request per second: the first process takes it...
+        assert_eq!(client.request(get(&a.1, 100)).await.unwrap().status(), StatusCode::OK);
+        // ...so the second, asked to wait at most 200 ms, is refused by the proxy.
+        let resp = client.request(get(&b.1, 200)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(resp.headers().contains_key("x-klaviyo-proxy-error"));
+        // Allowed to wait, it goes once the token comes back.
+        let started = tokio::time::Instant::now();
+        assert_eq!(client.request(get(&b.1, 5_000)).await.unwrap().status(), StatusCode::OK);
+        assert!(started.elapsed() > Duration::from_millis(500));
+    });
+}
+
+/// Redis down from the very start: the proxy starts and serves from its local store.
+#[test]
+fn starts_and_serves_without_redis() {
+    let mut redis = RedisServer::start();
+    redis.stop();
+    let p = start(&redis);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let req = Request::get(format!("{}/api/accounts", p.1))
+            .header("authorization", "Klaviyo-API-Key pk_cli_test")
+            .body(Empty::new())
+            .unwrap();
+        assert_eq!(client.request(req).await.unwrap().status(), StatusCode::OK);
+    });
+}
