@@ -69,6 +69,16 @@ enum Command {
     },
     /// List the endpoint catalog: operation, method, path and limits.
     Routes,
+    /// Probe a health URL (for container HEALTHCHECKs and exec probes: the image has no
+    /// shell or curl). Exits 0 when the answer is 2xx within the timeout.
+    Healthcheck {
+        /// The URL to GET (plain HTTP); the default is the admin port's liveness path.
+        #[arg(default_value = "http://127.0.0.1:9090/live")]
+        url: String,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
     /// Run the Klaviyo simulator.
     Simulate {
         /// Listen address.
@@ -241,6 +251,14 @@ async fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Healthcheck { url, timeout_ms } => {
+            let status = tokio::time::timeout(Duration::from_millis(timeout_ms), probe(&url))
+                .await
+                .map_err(|_| anyhow::anyhow!("{url}: no answer within {timeout_ms} ms"))??;
+            anyhow::ensure!((200..300).contains(&status), "{url}: HTTP {status}");
+            println!("{url}: HTTP {status}");
+            Ok(())
+        }
         Command::Simulate { listen, seed, tls, ca_out, latency_ms, unlimited, faults } => {
             let _ = init_logs("info", LogFormat::Human);
             let listener = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
@@ -345,4 +363,31 @@ async fn serve(
         sim.stop().await;
     }
     Ok(())
+}
+
+/// One plain-HTTP/1.1 GET; returns the status code.
+async fn probe(url: &str) -> Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let uri: http::Uri = url.parse().with_context(|| format!("{url}: not a URL"))?;
+    anyhow::ensure!(uri.scheme_str() == Some("http"), "{url}: only http:// URLs are probed");
+    let host = uri.host().context("URL without a host")?;
+    let port = uri.port_u16().unwrap_or(80);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut stream = tokio::net::TcpStream::connect((host, port)).await.with_context(|| format!("{url}: connect"))?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {host}:{port}\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    // The status line is all we need; read at most a small head.
+    let mut head = vec![0u8; 256];
+    let mut len = 0;
+    while len < head.len() && !head[..len].contains(&b'\n') {
+        match stream.read(&mut head[len..]).await? {
+            0 => break,
+            n => len += n,
+        }
+    }
+    let line = String::from_utf8_lossy(&head[..len]);
+    line.split(' ')
+        .nth(1)
+        .and_then(|code| code.trim().parse().ok())
+        .with_context(|| format!("{url}: not an HTTP answer"))
 }

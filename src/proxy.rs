@@ -660,7 +660,9 @@ impl Proxy {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::Connect);
         }
-        if !self.upstream.is_upstream(req.uri()) {
+        // HTTP/2's :authority names the proxy itself (it is HTTP/1's Host), so only an
+        // HTTP/1 absolute-form target can ask for another host.
+        if req.version() < http::Version::HTTP_2 && !self.upstream.is_upstream(req.uri()) {
             return Err(ProxyError::ForeignHost);
         }
         let path = req.uri().path();

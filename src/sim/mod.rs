@@ -725,7 +725,12 @@ fn state_url(parts: &http::request::Parts) -> String {
 /// A plausible JSON:API answer for a successful request.
 fn success(op: &Operation, method: &Method, path: &str, body: &[u8]) -> Response<ProxyBody> {
     let resource = op.path.split('/').nth(2).unwrap_or("resource");
-    let kind = resource.strip_suffix('s').unwrap_or(resource).to_string();
+    // Most resource types are the path's first segment in the singular; the upsert
+    // endpoints answer with the resource they write (the SDKs check the type).
+    let kind = match op.id {
+        "create_or_update_profile" => "profile".to_string(),
+        _ => resource.strip_suffix('s').unwrap_or(resource).to_string(),
+    };
     let id_in_path =
         op.path.ends_with("{id}").then(|| path.trim_end_matches('/').rsplit('/').next().unwrap_or_default());
     let self_link = format!("https://a.klaviyo.com{path}");
@@ -733,9 +738,25 @@ fn success(op: &Operation, method: &Method, path: &str, body: &[u8]) -> Response
         return json_response(
             StatusCode::OK,
             &json!({"data": [{"type": "account", "id": "SimAcct1", "attributes": {
-                "contact_information": {"organization_name": "Simulated Account", "default_sender_email": "sim@example.com"},
-                "industry": "Software", "timezone": "UTC", "preferred_currency": "USD", "public_api_key": "SimAcct1"},
+                "test_account": true,
+                "contact_information": {"organization_name": "Simulated Account", "default_sender_name": "Simulator",
+                    "default_sender_email": "sim@example.com", "website_url": "https://example.com",
+                    "street_address": {"address1": "1 Test Way", "address2": null, "city": "Boston",
+                        "region": "MA", "country": "US", "zip": "02108"}},
+                "industry": "Software", "timezone": "UTC", "preferred_currency": "USD", "public_api_key": "SimAcct1",
+                "locale": "en-US"},
                 "links": {"self": self_link}}], "links": {"self": self_link, "next": null, "prev": null}}),
+        );
+    }
+    if op.id == "get_profiles" {
+        let profile_link = "https://a.klaviyo.com/api/profiles/01SIMPROFILE0000000000000/";
+        return json_response(
+            StatusCode::OK,
+            &json!({"data": [{"type": "profile", "id": "01SIMPROFILE0000000000000", "attributes": {
+                "email": "sim@example.com", "first_name": "Sim", "last_name": "Ulated",
+                "created": "2026-01-01T00:00:00+00:00", "updated": "2026-01-01T00:00:00+00:00",
+                "properties": {}}, "links": {"self": profile_link}}],
+                "links": {"self": self_link, "next": null, "prev": null}}),
         );
     }
     if op.id == "create_event" || op.path.starts_with("/client/") {
