@@ -226,9 +226,13 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Routes => {
-            println!(
-                "{:<52} {:<7} {:<64} {:>6} {:>8} {:>7}  conditions",
-                "operation", "method", "path", "tier", "burst/s", "steady/m"
+            use std::io::Write;
+            // A closed pipe (`routes | head`) ends the listing quietly.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "{:<52} {:<7} {:<64} {:>6} {:>8} {:>8} {:>8}  notes",
+                "operation", "method", "path", "tier", "burst/s", "steady/m", "daily/d"
             );
             for op in catalog::OPERATIONS {
                 let conditions: Vec<String> = op
@@ -236,18 +240,22 @@ async fn main() -> Result<()> {
                     .iter()
                     .map(|c| format!("{}={}:{}/s,{}/m", c.param, c.value, c.burst_per_second, c.steady_per_minute))
                     .collect();
-                println!(
-                    "{:<52} {:<7} {:<64} {:>6} {:>8} {:>7}  {}{}{}",
+                let line = writeln!(
+                    out,
+                    "{:<52} {:<7} {:<64} {:>6} {:>8} {:>8} {:>8}  {}{}",
                     op.id,
                     op.method,
                     op.path,
                     op.tier.as_str(),
                     op.burst_per_second,
                     op.steady_per_minute,
-                    op.daily_per_day.map(|d| format!("daily {d}/d ")).unwrap_or_default(),
+                    op.daily_per_day.map_or_else(|| "-".to_string(), |d| d.to_string()),
                     if op.beta { "beta " } else { "" },
                     conditions.join("; ")
                 );
+                if line.is_err() {
+                    break;
+                }
             }
             Ok(())
         }

@@ -317,6 +317,10 @@ impl Proxy {
     /// with the injected key (if any), through the limiter, waiting at most `max_wait`.
     pub async fn probe(&self, max_wait: Duration) -> Result<Probe, ProxyError> {
         let live = self.live();
+        // The kill switch means nothing goes to Klaviyo, health probes included.
+        if !live.config.upstream.enabled {
+            return Err(ProxyError::Disabled);
+        }
         let mut req = Request::get("/api/accounts").body(()).expect("static request");
         if let Some(auth) = &live.injected_auth {
             req.headers_mut().insert(header::AUTHORIZATION, auth.clone());
@@ -332,12 +336,12 @@ impl Proxy {
         let resp = self.upstream.send(&parts, Bytes::new()).await.map_err(upstream_error)?;
         let latency = sent.elapsed();
         let status = resp.status();
-        self.metrics.upstream_response(
-            &route,
-            status.as_u16(),
-            latency,
-            header_int(resp.headers(), "ratelimit-remaining"),
-        );
+        // Without a key (pass-through mode) the probe's 401 is expected, not an auth
+        // failure worth paging anyone for: only a credentialed probe counts upstream.
+        if live.injected_auth.is_some() {
+            let remaining = header_int(resp.headers(), "ratelimit-remaining");
+            self.metrics.upstream_response(&route, status.as_u16(), latency, remaining);
+        }
         let retry_after = header_int(resp.headers(), "retry-after").and_then(|v| u64::try_from(v).ok());
         let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         Ok(Probe { status, body, latency, retry_after })
@@ -550,7 +554,7 @@ impl Proxy {
                     return Ok(resp);
                 }
                 Err(e) => {
-                    tracing::warn!(operation = label, error = %e, "upstream request failed");
+                    tracing::warn!(operation = label, error = %e.chain(), "upstream request failed");
                     // A connection that was never made carried nothing: safe to repeat.
                     let never_sent = matches!(&e, UpstreamError::Connect(c) if c.is_connect());
                     let (kind, reason) = match e {

@@ -45,6 +45,21 @@ pub enum UpstreamError {
     Timeout(Duration),
 }
 
+impl UpstreamError {
+    /// The error with every cause below it (`upstream connection failed: client error
+    /// (Connect): dns error: ...`), for logs: an operator needs the root cause.
+    pub fn chain(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(e) = cause {
+            text.push_str(": ");
+            text.push_str(&e.to_string());
+            cause = e.source();
+        }
+        text
+    }
+}
+
 /// Headers that belong to one hop and never cross the proxy (RFC 9110 §7.6.1), plus
 /// the proxy's own request headers.
 const HOP_BY_HOP: &[&str] = &[

@@ -279,6 +279,32 @@ async fn health_is_cached() {
 }
 
 #[tokio::test]
+async fn keyless_probe_pages_nobody_and_the_kill_switch_silences_it() {
+    let sim = sim(SimOptions::default()).await;
+    // Pass-through mode: the proxy has no key, so the probe's 401 only proves Klaviyo
+    // answers; it must not count as an auth failure (the P1 alert would fire).
+    let mut config = Config::parse("", "test").unwrap();
+    config.upstream.url = klaviyo_proxy::config::UpstreamUrl::try_from(sim.url.clone()).unwrap();
+    let ops = Ops::start(App::build(config.clone()).unwrap()).await;
+    let r = ops.admin_get("/health").await;
+    assert_eq!((r.status, r.json()["status"].as_str()), (StatusCode::OK, Some("healthy")));
+    let m = ops.metrics().await;
+    assert!(!m.contains("klaviyo_proxy_upstream_auth_failures_total{"), "{m}");
+    assert_eq!(sim.stats().requests, 1);
+    // Kill switch on: nothing goes to Klaviyo, not even the health probe.
+    config.upstream.enabled = false;
+    let off = Ops::start(App::build(config).unwrap()).await;
+    let r = off.admin_get("/health").await;
+    assert_eq!((r.status, r.json()["status"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("down")));
+    assert!(
+        r.json()["services"]["klaviyo"]["error"].as_str().unwrap_or_default().contains("switched off"),
+        "{:?}",
+        r.json()
+    );
+    assert_eq!(sim.stats().requests, 1);
+}
+
+#[tokio::test]
 async fn ready_until_drain_and_live() {
     let sim = sim(SimOptions::default()).await;
     let mut ops = Ops::start(App::build(inject_config(&sim, "")).unwrap()).await;
