@@ -531,7 +531,9 @@ impl Proxy {
                     if !limited {
                         return Ok(resp);
                     }
-                    match self.pause(&route.demands, now + wait, now, deadline).await {
+                    // Boxed, like the feedback below: their Redis calls are large futures that would
+                    // otherwise sit in every queued request's state.
+                    match Box::pin(self.pause(&route.demands, now + wait, now, deadline)).await {
                         Ok(grant) => {
                             self.metrics.retry(label, "throttled");
                             requeued = grant;
@@ -550,7 +552,7 @@ impl Proxy {
                 }
                 Ok(resp) => {
                     self.record(permit, breaker::Outcome::Success);
-                    self.feedback(live, route, &resp, now).await;
+                    Box::pin(self.feedback(live, route, &resp, now)).await;
                     return Ok(resp);
                 }
                 Err(e) => {

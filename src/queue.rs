@@ -28,7 +28,9 @@ pub async fn wait(
 ) -> Result<Duration, ProxyError> {
     match limiter {
         Limiter::Local(store) => wait_for_slot(store, demands, deadline, max_depth, operation).await,
-        Limiter::Shared(shared) => wait_shared(shared, demands, deadline, max_depth, operation).await,
+        // Boxed: the Redis path's state is large, and the local path (the default) should
+        // not carry its size in every queued request.
+        Limiter::Shared(shared) => Box::pin(wait_shared(shared, demands, deadline, max_depth, operation)).await,
     }
 }
 

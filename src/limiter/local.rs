@@ -17,7 +17,7 @@ use dashmap::DashMap;
 use tokio::time::Instant;
 
 use super::window::{earliest_all, Tick, WindowLog, WindowSpec};
-use super::{ticks, BucketKey, Demand, Denied, Windows};
+use super::{ticks, Account, BucketId, BucketKey, Demand, Denied, Windows};
 
 /// A queued reservation's slot, shared between its waiter and the buckets it holds,
 /// so a pause can move it.
@@ -81,7 +81,10 @@ pub struct Grant {
     /// see [`LocalStore::slot`]).
     pub at: Instant,
     tick: Tick,
-    keys: [Option<BucketKey>; MAX_DEMANDS],
+    // One request's buckets all belong to one account: stored once, so a queued
+    // request's grant stays small.
+    account: Account,
+    buckets: [Option<BucketId>; MAX_DEMANDS],
     waiter: Option<(u64, Arc<Waiter>)>,
 }
 
@@ -95,8 +98,12 @@ impl Grant {
         self.waiter.is_some()
     }
 
+    fn keys(&self) -> impl Iterator<Item = BucketKey> + '_ {
+        self.buckets.iter().flatten().map(|&bucket| BucketKey { account: self.account, bucket })
+    }
+
     fn key_list(&self) -> Vec<BucketKey> {
-        self.keys.iter().flatten().copied().collect()
+        self.keys().collect()
     }
 }
 
@@ -157,6 +164,10 @@ impl LocalStore {
         deadline: Instant,
         max_depth: u32,
     ) -> Result<Grant, Denied> {
+        assert!(
+            demands.len() <= MAX_DEMANDS && demands.iter().all(|d| d.key.account == demands[0].key.account),
+            "a request takes from at most {MAX_DEMANDS} buckets, all of one account"
+        );
         let mut demands: Vec<Demand> = demands.to_vec();
         // A fixed lock order keeps two multi-bucket requests from deadlocking.
         demands.sort_by_key(|d| d.key);
@@ -214,11 +225,11 @@ impl LocalStore {
                 guards[i].waiting.insert(*seq, w.clone());
             }
         }
-        let mut keys = [None; MAX_DEMANDS];
-        for (slot, d) in keys.iter_mut().zip(demands) {
-            *slot = Some(d.key);
+        let mut buckets = [None; MAX_DEMANDS];
+        for (slot, d) in buckets.iter_mut().zip(demands) {
+            *slot = Some(d.key.bucket);
         }
-        Grant { at: self.instant(t), tick: t, keys, waiter }
+        Grant { at: self.instant(t), tick: t, account: demands[0].key.account, buckets, waiter }
     }
 
     /// Records one take at `now` (or after the latest take) in every window of every
@@ -246,9 +257,9 @@ impl LocalStore {
         }
     }
 
-    fn each_bucket(&self, keys: &[Option<BucketKey>], mut f: impl FnMut(&mut Bucket)) {
-        for key in keys.iter().flatten() {
-            let handle = self.buckets.get(key).map(|h| h.clone());
+    fn each_bucket(&self, keys: impl Iterator<Item = BucketKey>, mut f: impl FnMut(&mut Bucket)) {
+        for key in keys {
+            let handle = self.buckets.get(&key).map(|h| h.clone());
             if let Some(handle) = handle {
                 f(&mut lock(&handle));
             }
@@ -284,7 +295,7 @@ impl LocalStore {
     /// Marks a queued reservation as started without checking its slot.
     pub fn start(&self, grant: &Grant) {
         if let Some((seq, _)) = &grant.waiter {
-            self.each_bucket(&grant.keys, |b| {
+            self.each_bucket(grant.keys(), |b| {
                 b.waiting.remove(seq);
             });
         }
@@ -293,7 +304,7 @@ impl LocalStore {
     /// Gives a reservation's tokens back (the request never left).
     pub fn cancel(&self, grant: &Grant) {
         match &grant.waiter {
-            None => self.each_bucket(&grant.keys, |b| b.give_back(grant.tick)),
+            None => self.each_bucket(grant.keys(), |b| b.give_back(grant.tick)),
             Some((seq, waiter)) => self.with_locked(&grant.key_list(), |guards| {
                 let t = waiter.tick.load(Ordering::Acquire);
                 for g in guards.iter_mut() {
