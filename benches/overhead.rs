@@ -121,7 +121,7 @@ fn overhead(rt: &tokio::runtime::Runtime) {
     let concurrency: usize = env_or("BENCH_CONCURRENCY", 32);
     let (_sim, sim_url) = start(&["simulate", "--listen", "127.0.0.1:0", "--unlimited"], &[]);
     let (_proxy, proxy_url) = start(
-        &["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--upstream", &sim_url],
+        &process::serve_args(&sim_url, None),
         &[("KLAVIYO_PROXY_LIMITS_ENABLED", "false"), ("KLAVIYO_PROXY_LOG_LEVEL", "warn")],
     );
     let path = "/api/profiles?page%5Bsize%5D=20";
@@ -233,20 +233,8 @@ async fn saturation(n: usize) {
     // A batch job accepts waiting minutes rather than failing: the queue may hold a
     // request for up to 10 minutes.
     let config = config_file("saturation", "[queue]\nmax_wait_ms = 600000\n");
-    let (_proxy, proxy_url) = start(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &sim_url,
-            "--config",
-            &config,
-        ],
-        &[("KLAVIYO_PROXY_LOG_LEVEL", "warn")],
-    );
+    let (_proxy, proxy_url) =
+        start(&process::serve_args(&sim_url, Some(&config)), &[("KLAVIYO_PROXY_LOG_LEVEL", "warn")]);
     let (direct_key, proxied_key) = ("pk_bench_direct", "pk_bench_proxied");
     let path = "/api/accounts";
     let (direct_url, proxied_url) = (format!("{sim_url}{path}"), format!("{proxy_url}{path}"));
@@ -297,20 +285,8 @@ async fn queued_rss(n: usize) {
     const PER_CONN: usize = 100;
     let (_sim, sim_url) = start(&["simulate", "--listen", "127.0.0.1:0"], &[]);
     let config = config_file("queued", &format!("[queue]\nmax_depth = {}\nmax_wait_ms = 604800000\n", n + 1000));
-    let (proxy, proxy_url) = start(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &sim_url,
-            "--config",
-            &config,
-        ],
-        &[("KLAVIYO_PROXY_LOG_LEVEL", "error")],
-    );
+    let (proxy, proxy_url) =
+        start(&process::serve_args(&sim_url, Some(&config)), &[("KLAVIYO_PROXY_LOG_LEVEL", "error")]);
     let pid = proxy.0.id();
     let addr = proxy_url.strip_prefix("http://").unwrap().to_string();
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -36,7 +36,7 @@ fn real_binaries_proxy_to_the_simulator() {
     let (_sim, sim_url) = start(&["simulate", "--listen", "127.0.0.1:0", "--seed", "1"], &[]);
     let key = "pk_cli_test_key_0123456789";
     let (_proxy, proxy_url) = start(
-        &["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--upstream", &sim_url],
+        &process::serve_args(&sim_url, None),
         &[("KLAVIYO_PROXY_AUTH_MODE", "inject"), ("KLAVIYO_PRIVATE_KEY", key)],
     );
     // No key and no revision from the client: the proxy injects both.
@@ -50,8 +50,7 @@ fn real_binaries_proxy_to_the_simulator() {
 
 #[test]
 fn load_test_mode_runs_the_simulator_in_process() {
-    let (_proxy, proxy_url) =
-        start(&["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--upstream", "sim"], &[]);
+    let (_proxy, proxy_url) = start(&process::serve_args("sim", None), &[]);
     let (status, body) = curl_like(&format!("{proxy_url}/api/accounts"), &[("authorization", "Klaviyo-API-Key pk_x")]);
     assert_eq!(status, 200, "{body}");
 }

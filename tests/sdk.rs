@@ -38,11 +38,7 @@ struct Stack {
 fn stack(config: Option<&str>) -> Stack {
     let (sim, sim_url) = start(&["simulate", "--listen", "127.0.0.1:0", "--seed", "11"]);
     let config = config.map(TempFile::new);
-    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--upstream", &sim_url];
-    if let Some(file) = &config {
-        args.extend(["--config", file.0.to_str().unwrap()]);
-    }
-    let (proxy, proxy_url) = start(&args);
+    let (proxy, proxy_url) = start(&process::serve_args(&sim_url, config.as_ref().map(|f| f.0.to_str().unwrap())));
     Stack { sim_url, proxy_url, _proxy: proxy, _sim: sim, _config: config }
 }
 
@@ -231,17 +227,7 @@ fn upstream_failures(sdk: Sdk) {
     // One attempt per client request: the proxy's own retries (which would spend the
     // XS bucket) are tested elsewhere; here the SDK meets the proxy's 504 itself.
     let config = TempFile::new("[upstream]\nrequest_timeout_ms = 200\n[retry]\nmax_attempts = 1\n");
-    let (_proxy, proxy_url) = start(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &slow_url,
-        "--config",
-        config.0.to_str().unwrap(),
-    ]);
+    let (_proxy, proxy_url) = start(&process::serve_args(&slow_url, config.0.to_str()));
     let out = sdk.run("failing", &proxy_url, "pk_sdk_test_timeout_0123456789", None);
     assert_eq!(out["raised"]["status"], 504, "{out}");
     assert_eq!(out["raised"]["error_code"], "proxy_upstream_timeout", "{out}");
@@ -254,17 +240,7 @@ fn upstream_failures(sdk: Sdk) {
     // an integer Retry-After, which both SDKs retry as they retry Klaviyo's own 503.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let config = TempFile::new("[breaker]\ncool_down_ms = 1500\n");
-    let (_proxy, proxy_url) = start(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &format!("http://127.0.0.1:{port}"),
-        "--config",
-        config.0.to_str().unwrap(),
-    ]);
+    let (_proxy, proxy_url) = start(&process::serve_args(&format!("http://127.0.0.1:{port}"), config.0.to_str()));
     // Open the breaker first (the proxy's own retries may otherwise end one request on
     // a 502 before it opens), with plain requests on another account and operation.
     let addr = proxy_url.strip_prefix("http://").unwrap().to_string();

@@ -27,20 +27,32 @@ use super::window::Tick;
 use super::{ticks, BucketId, BucketKey, Demand};
 use crate::catalog;
 
+/// Lua prelude shared by the scripts: `clock(override)` is Redis's own `TIME` in µs
+/// (so replicas with skewed clocks agree), or the override when a test sets one.
+macro_rules! lua_clock {
+    () => {
+        r#"
+local function clock(override)
+  if override ~= 0 then return override end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+"#
+    };
+}
+
 /// One decision. KEYS: per demand, its pause key then one key per window. ARGV: how
 /// many local requests are ahead (0 = take now if possible), a clock override (0 =
 /// Redis `TIME`), the demand count, then per demand its window count followed by
 /// `limit, period` per window. Returns `{1, 0}` when the tokens were taken, else
 /// `{0, wait_us}`: for `ahead > 0`, when the request behind `ahead` others could go
 /// (nothing is taken then).
-pub const DECIDE: &str = r#"
+pub const DECIDE: &str = concat!(
+    lua_clock!(),
+    r#"
 local function fmt(n) return string.format('%d', n) end
 local ahead = tonumber(ARGV[1])
-local now = tonumber(ARGV[2])
-if now == 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+local now = clock(tonumber(ARGV[2]))
 local at = now
 local wins = {}
 local a, k = 4, 1
@@ -100,16 +112,15 @@ for j = 1, ahead + 1 do
   fut[j] = t
 end
 return { 0, t - now }
-"#;
+"#
+);
 
 /// A pause (an upstream `Retry-After`): nothing leaves the buckets before `now + delay`.
 /// KEYS: pause keys. ARGV: delay (µs), clock override (0 = `TIME`). Pauses only grow.
-pub const PAUSE: &str = r#"
-local now = tonumber(ARGV[2])
-if now == 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+pub const PAUSE: &str = concat!(
+    lua_clock!(),
+    r#"
+local now = clock(tonumber(ARGV[2]))
 local delay = tonumber(ARGV[1])
 local untl = now + delay
 for _, key in ipairs(KEYS) do
@@ -119,18 +130,17 @@ for _, key in ipairs(KEYS) do
   end
 end
 return 1
-"#;
+"#
+);
 
 /// Takes recorded without a decision: takes this replica made while Redis was away, or
 /// phantom takes for a `RateLimit-Remaining` correction. `KEYS[1]`: a window key. ARGV:
 /// period (µs), clock override, then the age (µs before now) of each take. Returns the
 /// number recorded.
-pub const RECORD: &str = r#"
-local now = tonumber(ARGV[2])
-if now == 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+pub const RECORD: &str = concat!(
+    lua_clock!(),
+    r#"
+local now = clock(tonumber(ARGV[2]))
 local period = tonumber(ARGV[1])
 local n = redis.call('ZCARD', KEYS[1])
 local added = 0
@@ -146,18 +156,17 @@ if added > 0 then
   redis.call('PEXPIRE', KEYS[1], string.format('%d', math.ceil(period / 1000) + 1000))
 end
 return added
-"#;
+"#
+);
 
 /// A `RateLimit-Remaining` correction: Klaviyo says only `remaining` of `limit` are
 /// left in a window that resets in `reset`; phantom takes make the window hold at least
 /// `limit - remaining`, dated so they return when Klaviyo's window resets. `KEYS[1]`: the
 /// window key. ARGV: limit, period, remaining, reset (µs), clock override.
-pub const CORRECT: &str = r#"
-local now = tonumber(ARGV[5])
-if now == 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+pub const CORRECT: &str = concat!(
+    lua_clock!(),
+    r#"
+local now = clock(tonumber(ARGV[5]))
 local limit, period, remaining, reset = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now - period))
 local n = redis.call('ZCARD', KEYS[1])
@@ -171,19 +180,22 @@ for i = 1, missing do
 end
 redis.call('PEXPIRE', KEYS[1], string.format('%d', math.ceil(period / 1000) + 1000))
 return missing
-"#;
+"#
+);
 
 /// A replica's heartbeat: `KEYS[1]` the replica set, ARGV: replica id, ttl (µs).
 /// Returns how many replicas beat within the ttl.
-pub const HEARTBEAT: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+pub const HEARTBEAT: &str = concat!(
+    lua_clock!(),
+    r#"
+local now = clock(0)
 local ttl = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], string.format('%d', now), ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now - ttl))
 redis.call('PEXPIRE', KEYS[1], string.format('%d', math.ceil(ttl / 1000) * 2))
 return redis.call('ZCARD', KEYS[1])
-"#;
+"#
+);
 
 /// What Redis decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -28,3 +28,13 @@ pub fn start(bin: &str, args: &[&str], envs: &[(&str, &str)]) -> (Running, Strin
     assert!(url.starts_with("http"), "unexpected first line {line:?}");
     (Running(child), url)
 }
+
+/// The arguments of `serve` on loopback port 0 (proxy and admin listener, so several
+/// proxies can run at once) in front of `upstream`, with an optional config file.
+pub fn serve_args<'a>(upstream: &'a str, config: Option<&'a str>) -> Vec<&'a str> {
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--upstream", upstream];
+    if let Some(file) = config {
+        args.extend(["--config", file]);
+    }
+    args
+}
