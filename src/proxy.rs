@@ -18,7 +18,7 @@ use crate::breaker::{self, Breaker, Phase};
 use crate::config::{is_beta_revision, AuthMode, Config, ConfigError, StoreKind};
 use crate::error::{Origin, ProxyError};
 use crate::limiter::redis::{RedisStore, RedisStoreError};
-use crate::limiter::{Account, BucketKey, Demand, Denied, Grant, Limiter, LocalStore, SharedStore};
+use crate::limiter::{Account, BucketKey, Demand, Denied, Grant, Limiter, LocalStore, Place, SharedStore};
 use crate::metrics::{BreakerState, Metrics, RequestOutcome};
 use crate::queue;
 use crate::retry::{self, Backoff, Repeat, RetryBudget};
@@ -475,6 +475,8 @@ impl Proxy {
             cap: Duration::from_millis(config.retry.cap_ms),
         };
         let mut requeued: Option<Grant> = None;
+        // The request's place in line, kept when a 429 requeues it.
+        let mut place: Option<Place> = None;
         let mut retries = 0u32;
         let mut rng = fastrand::Rng::new();
         self.budget.deposit(Instant::now(), self.started);
@@ -488,7 +490,9 @@ impl Proxy {
                 }
                 None if limited => {
                     let depth = config.queue.max_depth;
-                    queue::wait(&self.limiter, &route.demands, deadline, depth, label).await?
+                    let admitted = queue::wait(&self.limiter, &route.demands, deadline, depth, label).await?;
+                    place = admitted.place;
+                    admitted.waited
                 }
                 None => Duration::ZERO,
             };
@@ -533,7 +537,7 @@ impl Proxy {
                     }
                     // Boxed, like the feedback below: their Redis calls are large futures that would
                     // otherwise sit in every queued request's state.
-                    match Box::pin(self.pause(&route.demands, now + wait, now, deadline)).await {
+                    match Box::pin(self.pause(&route.demands, place, now + wait, now, deadline)).await {
                         Ok(grant) => {
                             self.metrics.retry(label, "throttled");
                             requeued = grant;
@@ -611,19 +615,20 @@ impl Proxy {
     async fn pause(
         &self,
         demands: &[Demand],
+        place: Option<Place>,
         until: Instant,
         now: Instant,
         deadline: Instant,
     ) -> Result<Option<Grant>, Denied> {
         match &self.limiter {
-            Limiter::Local(store) => store.pause_and_requeue(demands, until, now, deadline).map(Some),
+            Limiter::Local(store) => store.pause_and_requeue(demands, place, until, now, deadline).map(Some),
             Limiter::Shared(_) => {
                 let keys: Vec<BucketKey> = demands.iter().map(|d| d.key).collect();
                 if let Err(e) = self.limiter.pause(&keys, until).await {
                     tracing::warn!(error = %e, "could not share an upstream pause through Redis");
                 }
                 let fallback = self.limiter.local();
-                if let Ok(head) = fallback.pause_and_requeue(demands, until, now, until) {
+                if let Ok(head) = fallback.pause_and_requeue(demands, None, until, now, until) {
                     fallback.cancel(&head);
                 }
                 if until > deadline {
