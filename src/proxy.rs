@@ -26,6 +26,7 @@ use crate::route::{Route, Router};
 use crate::spool::{self, Spool};
 use crate::upstream::{self, Upstream, UpstreamError, MAX_WAIT_HEADER};
 
+mod coalesced;
 mod deferred;
 
 /// Request id header: passed through when the client sends one, generated otherwise,
@@ -56,6 +57,8 @@ pub struct Proxy {
     spooled: tokio::sync::Notify,
     /// When a shutdown's drain time runs out.
     drain: tokio::sync::watch::Sender<Option<Instant>>,
+    /// Single events delivered as bulk jobs (`coalesce.events`; read at start).
+    coalescer: Option<Arc<crate::coalesce::Coalescer>>,
 }
 
 /// The reloadable part: a request reads it once and keeps that view to the end.
@@ -144,6 +147,9 @@ pub enum BuildError {
     /// The Redis URL cannot be used.
     #[error(transparent)]
     Redis(#[from] RedisStoreError),
+    /// The coalescer's file cannot be opened.
+    #[error(transparent)]
+    Coalesce(#[from] crate::coalesce::StoreError),
     /// `limiter.redis_ca_file` cannot be read.
     #[error("cannot read limiter.redis_ca_file {path}: {source}")]
     RedisCa {
@@ -200,6 +206,7 @@ impl Proxy {
             Duration::from_millis(config.retry.budget_window_ms),
         );
         let spool = config.spool.path.as_deref().map(Spool::open).transpose()?;
+        let coalescer = coalesced::open(&config, spool.as_ref(), &metrics)?;
         let live = Live::new(config, &fallback_hash_key)?;
         metrics.set_account_names(live.account_names());
         let proxy = Proxy {
@@ -214,6 +221,7 @@ impl Proxy {
             spool,
             spooled: tokio::sync::Notify::new(),
             drain: tokio::sync::watch::Sender::new(None),
+            coalescer,
         };
         proxy.refresh_spool_gauges();
         Ok(proxy)
@@ -406,6 +414,10 @@ impl Proxy {
         // Buffered so the client's upload time never holds a token, and bounded.
         let body = read_body(&live, body).await?;
         upstream::outbound_headers(&mut parts.headers, live.config.upstream.revision.as_str());
+        // Single events become bulk jobs: stored durably, answered 202 as Klaviyo does.
+        if let Some(coalescer) = self.coalescer.as_ref().filter(|_| coalesced::takes(&route, &parts)) {
+            return coalesced::accept(coalescer, &parts, &body, outcome).await;
+        }
         // Events get a unique_id, so Klaviyo deduplicates any repeat or replay.
         let (body, unique_id) = with_unique_id(&live, &route, body);
         let repeat = repeat_rule(&live, &parts.method, &route, unique_id.is_some());
