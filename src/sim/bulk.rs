@@ -97,8 +97,7 @@ pub fn check(body: &[u8]) -> Result<Vec<String>, Refusal> {
                 errors.push((at(&format!("/attributes/events/data/{j}/type")), "Expected event.".into()));
             } else if !a["properties"].is_object() {
                 errors.push((ev("/properties"), "This field must be an object.".into()));
-            } else if a.pointer("/metric/data/attributes/name").and_then(Value::as_str).is_none_or(str::is_empty)
-            {
+            } else if a.pointer("/metric/data/attributes/name").and_then(Value::as_str).is_none_or(str::is_empty) {
                 errors.push((ev("/metric/data/attributes/name"), "A metric name is required.".into()));
             } else if let Some(c) = a.get("value_currency").filter(|c| !c.is_null()) {
                 let iso = c.as_str().is_some_and(|c| c.len() == 3 && c.bytes().all(|b| b.is_ascii_uppercase()));
