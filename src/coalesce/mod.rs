@@ -138,6 +138,12 @@ impl Coalescer {
     pub async fn accept(&self, headers: &HeaderMap, body: &[u8]) -> Result<u64, Refusal> {
         let event = event::parse(body, crate::retry::new_unique_id)
             .map_err(|e| ProxyError::InvalidEvent { pointer: e.pointer, detail: e.detail })?;
+        if event.entry.len() + JOB_PREFIX.len() + JOB_SUFFIX.len() > MAX_JOB_BYTES {
+            return Err(ProxyError::InvalidEvent {
+                pointer: "/data".into(),
+                detail: format!("The event is larger than a bulk job can carry ({MAX_JOB_BYTES} bytes)."),
+            });
+        }
         let authorization = headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes().to_vec()).unwrap_or_default();
         let revision = headers.get("revision").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
         if self.pending.load(Ordering::Acquire) >= self.settings.max_pending {
@@ -194,7 +200,8 @@ impl Coalescer {
     }
 
     fn oldest_age(&self) -> Duration {
-        let oldest = lock(&self.oldest).values().min().copied();
+        // Ids grow with arrival, so the smallest id left is the oldest event.
+        let oldest = lock(&self.oldest).first_key_value().map(|(_, at)| *at);
         oldest.map_or(Duration::ZERO, |at| Duration::from_millis(now_ms().saturating_sub(at)))
     }
 
