@@ -71,7 +71,11 @@ pub struct Delivery {
 /// Sends a job upstream through the proxy's own limiter, breaker and retries.
 pub trait Deliver: Send + Sync + 'static {
     /// Sends one `POST /api/event-bulk-create-jobs` with this credential and revision.
-    fn deliver(&self, group: &Group, body: Bytes) -> impl Future<Output = Result<Delivery, ProxyError>> + Send;
+    fn deliver(
+        self: Arc<Self>,
+        group: &Group,
+        body: Bytes,
+    ) -> impl Future<Output = Result<Delivery, ProxyError>> + Send;
 }
 
 /// The coalescer: the accepting side (called by the request path) and the batcher
@@ -246,7 +250,7 @@ impl Coalescer {
                     self.metrics.events("batched", batch.len() as u64);
                     let (deliver, group, metrics) = (deliver.clone(), group.clone(), self.metrics.clone());
                     jobs.spawn(async move {
-                        let outcome = send_job(&*deliver, &group, batch, &metrics).await;
+                        let outcome = send_job(&deliver, &group, batch, &metrics).await;
                         (group, outcome)
                     });
                 }
@@ -487,11 +491,16 @@ pub fn job_body(records: &[Record]) -> Bytes {
 
 /// Sends a job; on a 400 drops what the error pointers name and resends the rest, or
 /// halves the job when no pointer helps, down to single events.
-async fn send_job<D: Deliver>(deliver: &D, group: &Group, batch: Vec<Record>, metrics: &CoalesceMetrics) -> JobOutcome {
+async fn send_job<D: Deliver>(
+    deliver: &Arc<D>,
+    group: &Group,
+    batch: Vec<Record>,
+    metrics: &CoalesceMetrics,
+) -> JobOutcome {
     let mut outcome = JobOutcome::default();
     let mut work = vec![batch];
     while let Some(part) = work.pop() {
-        let result = deliver.deliver(group, job_body(&part)).await;
+        let result = deliver.clone().deliver(group, job_body(&part)).await;
         match result {
             Ok(d) if d.status.is_success() => outcome.delivered.extend(part.iter().map(|r| r.id)),
             Ok(d) if d.status == StatusCode::BAD_REQUEST || d.status == StatusCode::PAYLOAD_TOO_LARGE => {

@@ -15,7 +15,7 @@ struct Stub {
 }
 
 impl Deliver for Stub {
-    async fn deliver(&self, _group: &Group, body: Bytes) -> Result<Delivery, ProxyError> {
+    async fn deliver(self: Arc<Self>, _group: &Group, body: Bytes) -> Result<Delivery, ProxyError> {
         if self.fail_first.load(Ordering::Acquire) > 0 {
             self.fail_first.fetch_sub(1, Ordering::AcqRel);
             return Err(ProxyError::UpstreamUnreachable);
