@@ -13,6 +13,9 @@
 #   cargo build --release --bin klaviyo-proxy
 #   benches/overhead-wrk.sh            # ROUNDS=3 SECS=10 CONNS=32 THREADS=1
 #
+# PROFILE=1 then profiles the klaviyo-proxy variant under the same load (perf record
+# -F 999 -g for one more wrk run) and prints the top entries (needs linux-perf).
+# KEEP=1 keeps the work directory (configs, the proxies' logs) for inspection.
 # COMPARE_BIN=/path/to/another/klaviyo-proxy adds that build (limits lifted) as the
 # variant `compare`, interleaved with the rest: before/after figures from one run.
 # PROXY_TOML adds config lines to this build's two variants (e.g. server.threads).
@@ -40,7 +43,7 @@ PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
+    if [ -n "${KEEP:-}" ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 
@@ -90,15 +93,17 @@ start_nginx upstream "$UPSTREAM_PORT" "
         listen 127.0.0.1:$UPSTREAM_PORT;
         location / {
             default_type application/vnd.api+json;
-            add_header RateLimit-Limit 75;
-            add_header RateLimit-Remaining 74;
+            # Klaviyo's headers, with a quota the run never reaches (the proxy lowers
+            # its view of a bucket to what the upstream reports).
+            add_header RateLimit-Limit 1000000000;
+            add_header RateLimit-Remaining 999999999;
             add_header RateLimit-Reset 60;
             return 200 '$BODY';
         }
     }"
 UPSTREAM="http://127.0.0.1:$UPSTREAM_PORT"
 
-declare -A URL
+declare -A URL PID
 URL[direct]=$UPSTREAM
 
 NGINX_PORT=$(free_port)
@@ -148,8 +153,9 @@ start_proxy() {
     [ "$bin" = "$BIN" ] || extra=""  # another build may not know the keys
     printf '%s\n%s\n' "$extra" "$toml" >"$WORK/$name.toml"
     KLAVIYO_PROXY_LOG_LEVEL=warn "$bin" serve --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
-        --upstream "$UPSTREAM" --config "$WORK/$name.toml" >/dev/null 2>&1 &
+        --upstream "$UPSTREAM" --config "$WORK/$name.toml" >/dev/null 2>"$WORK/$name.log" &
     PIDS+=($!)
+    PID[$name]=$!
     wait_port "$port"
     URL[$name]="http://127.0.0.1:$port"
 }
@@ -230,3 +236,16 @@ if "klaviyo-proxy" in med and "klaviyo-proxy+lim" in med:
     off, on = med["klaviyo-proxy"], med["klaviyo-proxy+lim"]
     print(f"\nlimits on vs lifted: throughput {on[0] / off[0]:.3f}, p50 {on[1] / off[1]:.3f}, p99 {on[2] / off[2]:.3f}")
 EOF
+
+if [ -n "${PROFILE:-}" ]; then
+    echo
+    echo "profile of klaviyo-proxy under the same load (perf record -F 999 -g, $SECS s):"
+    perf record -F 999 -g -o "$WORK/perf.data" -p "${PID[klaviyo-proxy]}" -- sleep "$SECS" >/dev/null 2>&1 &
+    perf_pid=$!
+    measure "${URL[klaviyo-proxy]}" >/dev/null
+    wait "$perf_pid" || true
+    perf report -i "$WORK/perf.data" --no-children --sort symbol --stdio 2>/dev/null |
+        grep -E '^ +[0-9]+\.[0-9]+%' | head -"${PROFILE_TOP:-25}"
+    echo "kernel share: $(perf report -i "$WORK/perf.data" --no-children --sort dso --stdio 2>/dev/null |
+        grep -E '\[kernel' | awk '{s += $1} END {print s "%"}')"
+fi
