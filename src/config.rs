@@ -364,6 +364,9 @@ impl Default for PreflightConfig {
 pub struct ServerConfig {
     /// Listen address; loopback by default.
     pub listen: SocketAddr,
+    /// Serving threads, each a current-thread runtime on its own `SO_REUSEPORT`
+    /// listener; 0 means one per core.
+    pub threads: usize,
     /// Token clients must present as `Proxy-Authorization: Bearer ...`.
     pub client_token: Option<Secret>,
     /// Allow a non-loopback listener without a client token.
@@ -382,6 +385,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            threads: 0,
             client_token: None,
             allow_unauthenticated_remote: false,
             max_body_bytes: 5 * 1024 * 1024,
