@@ -336,6 +336,10 @@ impl Proxy {
         let resp = self.upstream.send(&parts, Bytes::new()).await.map_err(upstream_error)?;
         let latency = sent.elapsed();
         let status = resp.status();
+        if retry::is_challenge(status, resp.headers()) {
+            self.metrics.upstream_challenge(&route, latency);
+            return Err(ProxyError::UpstreamChallenged);
+        }
         // Without a key (pass-through mode) the probe's 401 is expected, not an auth
         // failure worth paging anyone for: only a credentialed probe counts upstream.
         if live.injected_auth.is_some() {
@@ -363,9 +367,10 @@ impl Proxy {
             Ok(resp) => resp,
             Err(err) => {
                 outcome.error = Some(err.code());
-                outcome.kind = match err.origin() {
-                    Origin::Client => RequestOutcome::Rejected,
-                    Origin::Upstream | Origin::Internal => RequestOutcome::Failed,
+                outcome.kind = match (&err, err.origin()) {
+                    (ProxyError::UpstreamChallenged, _) => RequestOutcome::Challenged,
+                    (_, Origin::Client) => RequestOutcome::Rejected,
+                    (_, Origin::Upstream | Origin::Internal) => RequestOutcome::Failed,
                 };
                 err.into_response(&request_id)
             }
@@ -514,23 +519,32 @@ impl Proxy {
             let latency = sent.elapsed();
             outcome.upstream = Some(latency);
             let now = Instant::now();
-            if let Ok(resp) = &result {
+            let challenged = result.as_ref().is_ok_and(|r| retry::is_challenge(r.status(), r.headers()));
+            if let (Ok(resp), false) = (&result, challenged) {
                 // Operators see Klaviyo's answers and its own count of what is left.
                 let remaining = header_int(resp.headers(), "ratelimit-remaining");
                 self.metrics.upstream_response(route, resp.status().as_u16(), latency, remaining);
             }
             let (verdict, failure, reason) = match result {
+                // Cloudflare challenges the proxy's address: not Klaviyo failing, not the
+                // key, and the same request would meet the same challenge.
+                Ok(_) if challenged => {
+                    self.metrics.upstream_challenge(route, latency);
+                    self.record(permit, breaker::Outcome::Success);
+                    return Err(ProxyError::UpstreamChallenged);
+                }
                 Ok(resp) if resp.status() == StatusCode::TOO_MANY_REQUESTS => {
                     self.record(permit, breaker::Outcome::Success);
                     // Klaviyo's quota is spent (by us or another consumer): the whole
                     // bucket waits for Retry-After, this request at the head of its queue.
-                    let cap = Duration::from_millis(config.retry.retry_after_cap_ms);
-                    let wait = retry::retry_after_of(resp.headers(), cap)
-                        .unwrap_or_else(|| backoff.delay(retries, &mut rng).max(Duration::from_secs(1)));
-                    tracing::debug!(operation = label, ?wait, "upstream 429: bucket paused");
                     if !limited {
                         return Ok(resp);
                     }
+                    let cap = Duration::from_millis(config.retry.retry_after_cap_ms);
+                    let wait = throttle_wait(resp, cap)
+                        .await
+                        .unwrap_or_else(|| backoff.delay(retries, &mut rng).max(Duration::from_secs(1)));
+                    tracing::debug!(operation = label, ?wait, "upstream 429: bucket paused");
                     // Boxed, like the feedback below: their Redis calls are large futures that would
                     // otherwise sit in every queued request's state.
                     match Box::pin(self.pause(&route.demands, now + wait, now, deadline)).await {
@@ -567,9 +581,14 @@ impl Proxy {
                     (Err(upstream_error(e)), repeat == Repeat::Safe || never_sent, reason)
                 }
             };
-            // Backoff: only a safe repeat, within attempts, budget and deadline.
+            // Backoff: only a safe repeat, within attempts, budget and deadline, and not
+            // once this failure opened the breaker (a failed probe's answer goes back
+            // now, not as a fail-fast after sleeping).
             let delay = backoff.delay(retries, &mut rng);
-            let may = failure && retries + 1 < config.retry.max_attempts.get() && Instant::now() + delay < deadline;
+            let may = failure
+                && retries + 1 < config.retry.max_attempts.get()
+                && Instant::now() + delay < deadline
+                && self.breaker_open(live).is_none();
             if !may {
                 return verdict;
             }
@@ -734,6 +753,17 @@ fn upstream_error(e: UpstreamError) -> ProxyError {
         UpstreamError::Connect(_) => ProxyError::UpstreamUnreachable,
         UpstreamError::Timeout(d) => ProxyError::UpstreamTimeout(d),
     }
+}
+
+/// The wait an upstream 429 asks for: `Retry-After`, else the wait its body names
+/// (read up to a few KiB, briefly: Klaviyo's 429 bodies are small and already sent).
+pub(crate) async fn throttle_wait(resp: Response<Incoming>, cap: Duration) -> Option<Duration> {
+    if let Some(wait) = retry::retry_after_of(resp.headers(), cap) {
+        return Some(wait);
+    }
+    let read = Limited::new(resp.into_body(), 16 * 1024).collect();
+    let body = tokio::time::timeout(Duration::from_secs(1), read).await.ok()?.ok()?.to_bytes();
+    retry::retry_after_from_body(&body, cap)
 }
 
 /// An integer header such as `RateLimit-Remaining` or `Retry-After` (seconds form).
