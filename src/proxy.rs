@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use crate::breaker::{Breaker, Phase};
 use crate::config::{is_beta_revision, AuthMode, Config, ConfigError, StoreKind};
 use crate::error::ProxyError;
+use crate::limiter::ramp::Ramps;
 use crate::limiter::redis::{RedisStore, RedisStoreError};
 use crate::limiter::{Account, Limiter, LocalStore, SharedStore};
 use crate::metrics::{BreakerState, Metrics};
@@ -48,6 +49,8 @@ pub struct Proxy {
     /// outlive reloads (their settings are read at start).
     pub(crate) breaker: Breaker,
     pub(crate) budget: RetryBudget,
+    /// Buckets ramping up after an upstream 429 (local store only).
+    pub(crate) ramps: Ramps,
     /// A fixed instant for the retry budget's clock.
     pub(crate) started: Instant,
     /// Accepted writes waiting for delivery (`spool.path`; read at start).
@@ -220,6 +223,7 @@ impl Proxy {
             metrics,
             breaker,
             budget,
+            ramps: Ramps::new(),
             started: Instant::now(),
             spool,
             spooled: tokio::sync::Notify::new(),

@@ -368,7 +368,6 @@ async fn ten_second_reset_outage_costs_klaviyo_little_and_ends_at_once() {
 /// Another consumer's 429s, shortened to 75 GETs (15 s): no 429 reaches a client, and
 /// next to nothing reaches Klaviyo inside a `Retry-After` it announced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails until a pause ends with a probe and a ramp"]
 async fn another_consumers_429s_end_without_a_stampede() {
     let f = another_consumer(false, 75).await;
     println!("FIGURES another consumer: {f:?}");

@@ -18,6 +18,7 @@ use tower::Service;
 use super::{BoxFuture, Routed};
 use crate::breaker;
 use crate::error::ProxyError;
+use crate::limiter::ramp::{self, Pass};
 use crate::limiter::{BucketKey, Demand, Denied, Grant, Limiter};
 use crate::metrics::RequestOutcome;
 use crate::proxy::{header_int, throttle_wait, upstream_error, Live, Proxy};
@@ -76,23 +77,30 @@ impl Proxy {
             base: Duration::from_millis(config.retry.base_ms),
             cap: Duration::from_millis(config.retry.cap_ms),
         };
-        let mut requeued: Option<Grant> = None;
+        // A request that met a 429: its grant, and its pass if it is the ramp's probe.
+        let mut requeued: Option<(Grant, Option<Pass>)> = None;
         let mut retries = 0u32;
         let mut rng = fastrand::Rng::new();
         self.budget.deposit(Instant::now(), self.started);
         loop {
             // The limiter: a token in every bucket; a requeued request keeps its place.
-            let waited = match requeued.take() {
-                Some(grant) => {
+            // After a 429 the local store's bucket ramps: a probe first, then 1, 2, 4, ….
+            let depth = config.queue.max_depth;
+            let (waited, mut pass) = match (&self.limiter, requeued.take()) {
+                (Limiter::Local(store), requeued) if limited => {
+                    let (waited, pass) =
+                        ramp::wait(store, &self.ramps, &route.demands, requeued, deadline, depth, label).await?;
+                    (waited, Some(pass))
+                }
+                (_, Some((grant, _))) => {
                     let queued = Instant::now();
                     queue::wait_for_grant(self.limiter.local(), grant, deadline, label).await?;
-                    queued.elapsed()
+                    (queued.elapsed(), None)
                 }
-                None if limited => {
-                    let depth = config.queue.max_depth;
-                    queue::wait(&self.limiter, &route.demands, deadline, depth, label).await?
+                (_, None) if limited => {
+                    (queue::wait(&self.limiter, &route.demands, deadline, depth, label).await?, None)
                 }
-                None => Duration::ZERO,
+                (_, None) => (Duration::ZERO, None),
             };
             if limited {
                 self.metrics.queue_wait(label, route.tier(), waited);
@@ -146,10 +154,17 @@ impl Proxy {
                     tracing::debug!(operation = label, ?wait, "upstream 429: bucket paused");
                     // Boxed, like the feedback below: their Redis calls are large futures that would
                     // otherwise sit in every queued request's state.
+                    // The bucket ramps again from one probe: this request, unless another
+                    // 429 already made one.
+                    let ramp_cap = route.demands.first().map_or(1, |d| d.windows.as_slice()[0].limit);
+                    let probe = match (pass.take(), route.demands.first()) {
+                        (Some(p), Some(d)) => p.throttled(&self.ramps, d.key, ramp_cap),
+                        _ => None,
+                    };
                     match Box::pin(self.pause(&route.demands, now + wait, now, deadline)).await {
                         Ok(grant) => {
                             self.metrics.retry(label, "throttled");
-                            requeued = grant;
+                            requeued = grant.map(|g| (g, probe));
                             continue;
                         }
                         Err(denied) => {
@@ -165,6 +180,9 @@ impl Proxy {
                 }
                 Ok(resp) => {
                     self.record(permit, breaker::Outcome::Success);
+                    if let Some(pass) = pass.take() {
+                        pass.succeeded();
+                    }
                     Box::pin(self.feedback(live, route, &resp, now)).await;
                     return Ok(resp);
                 }
