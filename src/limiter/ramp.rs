@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use super::{BucketKey, Demand, Grant, LocalStore};
 use crate::error::ProxyError;
-use crate::queue;
+use crate::queue::{self, Admitted};
 
 /// The largest window of a ramp: past it the bucket's own limits pace it.
 pub const MAX_WINDOW: u32 = 64;
@@ -261,7 +261,7 @@ impl Drop for Pass {
 }
 
 /// Waits for a slot in the local store through the bucket's ramp gate; returns the
-/// time waited and the request's pass. `requeued` is the grant and pass of a request
+/// time waited, the request's place in line and its pass. `requeued` is the grant and pass of a request
 /// that met a 429 (a probe goes with its grant; a request that is not the probe gives
 /// its grant back and passes the gate like the others).
 pub async fn wait(
@@ -272,19 +272,21 @@ pub async fn wait(
     deadline: Instant,
     max_depth: u32,
     operation: &'static str,
-) -> Result<(Duration, Pass), ProxyError> {
+) -> Result<(Admitted, Pass), ProxyError> {
     let started = Instant::now();
+    let admitted = |place| Admitted { waited: started.elapsed(), place };
     match requeued {
         Some((grant, Some(pass))) => {
+            let place = grant.place();
             queue::wait_for_grant(store, grant, deadline, operation).await?;
-            return Ok((started.elapsed(), pass));
+            return Ok((admitted(Some(place)), pass));
         }
         Some((grant, None)) => store.cancel(&grant),
         None => {}
     }
     let Some(key) = demands.first().map(|d| d.key) else {
-        queue::wait_for_slot(store, demands, deadline, max_depth, operation).await?;
-        return Ok((started.elapsed(), Pass { ramp: None }));
+        let place = queue::wait_for_slot(store, demands, deadline, max_depth, operation).await?.place;
+        return Ok((admitted(place), Pass { ramp: None }));
     };
     loop {
         let (pass, watch) = match ramps.enter(key) {
@@ -306,8 +308,7 @@ pub async fn wait(
         }
         tokio::select! {
             waited = queue::wait_for_slot(store, demands, deadline, max_depth, operation) => {
-                waited?;
-                return Ok((started.elapsed(), pass));
+                return Ok((admitted(waited?.place), pass));
             }
             // A 429 (re)started the ramp while this request waited for a slot booked
             // before it: the slot is given back (dropping the wait cancels it), and the
@@ -431,7 +432,7 @@ mod tests {
         let t0 = Instant::now();
         let deadline = t0 + Duration::from_secs(60);
         // The first request leaves at once; four queue for slots at 1, 2, 3, 4 s.
-        let (_, first) = wait(&store, &ramps, &d, None, deadline, 100, "op").await.unwrap();
+        let (first_in, first) = wait(&store, &ramps, &d, None, deadline, 100, "op").await.unwrap();
         let left = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         for n in 1..=4u32 {
@@ -448,7 +449,7 @@ mod tests {
         // At 0.5 s the first meets a 429 with Retry-After: 5 s.
         tokio::time::advance(Duration::from_millis(500)).await;
         let now = Instant::now();
-        let grant = store.pause_and_requeue(&d, now + Duration::from_secs(5), now, deadline).unwrap();
+        let grant = store.pause_and_requeue(&d, first_in.place, now + Duration::from_secs(5), now, deadline).unwrap();
         let probe = first.throttled(&ramps, key(), 64).unwrap();
         let (_, probe) = wait(&store, &ramps, &d, Some((grant, Some(probe))), deadline, 100, "op").await.unwrap();
         let probe_left = Instant::now().duration_since(t0);

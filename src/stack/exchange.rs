@@ -19,7 +19,7 @@ use super::{BoxFuture, Routed};
 use crate::breaker;
 use crate::error::ProxyError;
 use crate::limiter::ramp::{self, Pass};
-use crate::limiter::{BucketKey, Demand, Denied, Grant, Limiter};
+use crate::limiter::{BucketKey, Demand, Denied, Grant, Limiter, Place};
 use crate::metrics::RequestOutcome;
 use crate::proxy::{header_int, throttle_wait, upstream_error, Live, Proxy};
 use crate::queue;
@@ -79,6 +79,8 @@ impl Proxy {
         };
         // A request that met a 429: its grant, and its pass if it is the ramp's probe.
         let mut requeued: Option<(Grant, Option<Pass>)> = None;
+        // The request's place in line, kept when a 429 requeues it.
+        let mut place: Option<Place> = None;
         let mut retries = 0u32;
         let mut rng = fastrand::Rng::new();
         self.budget.deposit(Instant::now(), self.started);
@@ -88,9 +90,10 @@ impl Proxy {
             let depth = config.queue.max_depth;
             let (waited, mut pass) = match (&self.limiter, requeued.take()) {
                 (Limiter::Local(store), requeued) if limited => {
-                    let (waited, pass) =
+                    let (admitted, pass) =
                         ramp::wait(store, &self.ramps, &route.demands, requeued, deadline, depth, label).await?;
-                    (waited, Some(pass))
+                    place = admitted.place.or(place);
+                    (admitted.waited, Some(pass))
                 }
                 (_, Some((grant, _))) => {
                     let queued = Instant::now();
@@ -98,7 +101,9 @@ impl Proxy {
                     (queued.elapsed(), None)
                 }
                 (_, None) if limited => {
-                    (queue::wait(&self.limiter, &route.demands, deadline, depth, label).await?, None)
+                    let admitted = queue::wait(&self.limiter, &route.demands, deadline, depth, label).await?;
+                    place = admitted.place;
+                    (admitted.waited, None)
                 }
                 (_, None) => (Duration::ZERO, None),
             };
@@ -161,7 +166,7 @@ impl Proxy {
                         (Some(p), Some(d)) => p.throttled(&self.ramps, d.key, ramp_cap),
                         _ => None,
                     };
-                    match Box::pin(self.pause(&route.demands, now + wait, now, deadline)).await {
+                    match Box::pin(self.pause(&route.demands, place, now + wait, now, deadline)).await {
                         Ok(grant) => {
                             self.metrics.retry(label, "throttled");
                             requeued = grant.map(|g| (g, probe));
@@ -247,19 +252,20 @@ impl Proxy {
     pub(crate) async fn pause(
         &self,
         demands: &[Demand],
+        place: Option<Place>,
         until: Instant,
         now: Instant,
         deadline: Instant,
     ) -> Result<Option<Grant>, Denied> {
         match &self.limiter {
-            Limiter::Local(store) => store.pause_and_requeue(demands, until, now, deadline).map(Some),
+            Limiter::Local(store) => store.pause_and_requeue(demands, place, until, now, deadline).map(Some),
             Limiter::Shared(_) => {
                 let keys: Vec<BucketKey> = demands.iter().map(|d| d.key).collect();
                 if let Err(e) = self.limiter.pause(&keys, until).await {
                     tracing::warn!(error = %e, "could not share an upstream pause through Redis");
                 }
                 let fallback = self.limiter.local();
-                if let Ok(head) = fallback.pause_and_requeue(demands, until, now, until) {
+                if let Ok(head) = fallback.pause_and_requeue(demands, None, until, now, until) {
                     fallback.cancel(&head);
                 }
                 if until > deadline {
