@@ -163,6 +163,7 @@ impl App {
                 loop {
                     every.tick().await;
                     proxy.limiter().sweep(tokio::time::Instant::now());
+                    proxy.ramps.sweep();
                 }
             })
         };

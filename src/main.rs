@@ -135,6 +135,13 @@ struct FaultArgs {
     /// Delay of a slow response, in ms.
     #[arg(long, default_value_t = 0)]
     slow_ms: u64,
+    /// A random 429 (--throttle-rate) holds the bucket for its Retry-After: another
+    /// consumer spent the quota, every request inside the hold gets a 429 too.
+    #[arg(long)]
+    throttle_holds: bool,
+    /// Share of requests answered 403 `cf-mitigated: challenge` (Cloudflare), 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
+    challenge_rate: f64,
 }
 
 impl FaultArgs {
@@ -157,6 +164,8 @@ impl FaultArgs {
             retry_after: self.retry_after,
             slow_rate: self.slow_rate,
             slow_ms: self.slow_ms,
+            throttle_holds: self.throttle_holds,
+            challenge_rate: self.challenge_rate,
         })
     }
 }

@@ -85,9 +85,10 @@ where
                 Ok(resp) => resp,
                 Err(err) => {
                     outcome.error = Some(err.code());
-                    outcome.kind = match err.origin() {
-                        Origin::Client => RequestOutcome::Rejected,
-                        Origin::Upstream | Origin::Internal => RequestOutcome::Failed,
+                    outcome.kind = match (&err, err.origin()) {
+                        (ProxyError::UpstreamChallenged, _) => RequestOutcome::Challenged,
+                        (_, Origin::Client) => RequestOutcome::Rejected,
+                        (_, Origin::Upstream | Origin::Internal) => RequestOutcome::Failed,
                     };
                     err.into_response(&request_id)
                 }
