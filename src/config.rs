@@ -763,6 +763,10 @@ pub struct LimiterConfig {
     /// Replicas sharing the quota, for the fallback share (quota ÷ replicas) while
     /// Redis is down. Learned from the replicas' heartbeats in Redis when unset.
     pub replicas: Option<NonZeroU32>,
+    /// With the local store: where the takes that still matter are kept across restarts
+    /// (snapshotted every second and at shutdown; journals of buckets touched since the
+    /// last snapshot sit next to it). Unset: a restart starts with empty buckets.
+    pub state_path: Option<PathBuf>,
 }
 
 impl Default for LimiterConfig {
@@ -775,6 +779,7 @@ impl Default for LimiterConfig {
             key_prefix: "klaviyo-proxy".into(),
             timeout_ms: 100,
             replicas: None,
+            state_path: None,
         }
     }
 }
@@ -911,6 +916,15 @@ impl Config {
     /// Checks that a Redis store has what it needs: a URL, and an account hash key
     /// so that every replica names an account's buckets alike.
     pub fn check_limiter(&self) -> Result<(), ConfigError> {
+        if self.limiter.state_path.is_some() && self.auth.account_hash_key.is_none() {
+            // Buckets are named by a keyed hash of the credential: a random key per
+            // process would name them differently after the restart.
+            return Err(ConfigError::Conflict(
+                "limiter.state_path needs auth.account_hash_key (or KLAVIYO_PROXY_ACCOUNT_HASH_KEY), \
+                 so that a restarted proxy names an account's buckets as before"
+                    .into(),
+            ));
+        }
         if self.limiter.store != StoreKind::Redis {
             return Ok(());
         }
@@ -1125,6 +1139,16 @@ mod tests {
         assert!(!c.upstream.enabled);
         assert_eq!(c.spool.path.as_deref(), Some(Path::new("/tmp/s.redb")));
         assert!(c.apply_env(&|k| (k == "KLAVIYO_ENABLED").then(|| "nope".into())).is_err());
+    }
+
+    #[test]
+    fn state_path_needs_a_hash_key() {
+        let c = Config::parse("[limiter]\nstate_path = \"/var/lib/kp/state.json\"\n", "t").unwrap();
+        let e = c.check_limiter().unwrap_err().to_string();
+        assert!(e.contains("limiter.state_path") && e.contains("auth.account_hash_key"), "{e}");
+        let c = Config::parse("[auth]\naccount_hash_key = \"k\"\n[limiter]\nstate_path = \"/x\"\n", "t").unwrap();
+        assert_eq!(c.limiter.state_path.as_deref(), Some(Path::new("/x")));
+        assert!(c.check_limiter().is_ok());
     }
 
     #[test]

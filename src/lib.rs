@@ -187,5 +187,7 @@ impl App {
             let _ = task.await;
         }
         background.abort();
+        // Drained: nothing else leaves, so the snapshot can say so.
+        self.proxy.limiter().save_at_shutdown();
     }
 }

@@ -160,6 +160,14 @@ pub enum BuildError {
     /// The Redis URL cannot be used.
     #[error(transparent)]
     Redis(#[from] RedisStoreError),
+    /// `limiter.state_path` cannot be read or its journals created.
+    #[error("cannot open limiter.state_path {path}: {source}")]
+    LimiterState {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The coalescer's file cannot be opened.
     #[error(transparent)]
     Coalesce(#[from] crate::coalesce::StoreError),
@@ -193,7 +201,12 @@ fn limiter(config: &Config) -> Result<Limiter, BuildError> {
             };
             Ok(Limiter::Shared(Box::new(SharedStore::new(redis, cfg.replicas.map(|r| r.get())))))
         }
-        _ => Ok(Limiter::Local(LocalStore::new())),
+        _ => Ok(Limiter::Local(match &cfg.state_path {
+            Some(path) => {
+                LocalStore::open(path).map_err(|source| BuildError::LimiterState { path: path.clone(), source })?
+            }
+            None => LocalStore::new(),
+        })),
     }
 }
 
