@@ -167,6 +167,10 @@ impl Admin {
             (method, path) if path == "/admin/spool" || path.starts_with("/admin/spool/") => {
                 self.spool(method.clone(), path.trim_start_matches("/admin").to_string()).await
             }
+            // The checklist, as JSON and as the status page.
+            (&Method::GET, path) if crate::checklist::admin::serves(path) => {
+                crate::checklist::admin::respond(&self.proxy, path)
+            }
             (_, "/metrics" | "/health" | "/ready" | "/live" | "/admin/reload") => {
                 json(StatusCode::METHOD_NOT_ALLOWED, &serde_json::json!({"error": "method not allowed"}))
             }
@@ -280,7 +284,7 @@ impl Admin {
     }
 }
 
-fn response(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<ProxyBody> {
+pub(crate) fn response(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<ProxyBody> {
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -288,7 +292,7 @@ fn response(status: StatusCode, content_type: &'static str, body: impl Into<Byte
     resp
 }
 
-fn json(status: StatusCode, body: &Value) -> Response<ProxyBody> {
+pub(crate) fn json(status: StatusCode, body: &Value) -> Response<ProxyBody> {
     response(status, "application/json", body.to_string())
 }
 

@@ -103,6 +103,21 @@ pub enum ProxyError {
     /// A bug or resource failure inside the proxy.
     #[error("internal proxy error")]
     Internal,
+    // The checklist's opt-in checks (src/checklist).
+    /// The operation needs a scope outside `auth.allowed_scopes`.
+    #[error("{operation} needs {missing}, outside this proxy's auth.allowed_scopes")]
+    ScopeForbidden {
+        /// Operation label.
+        operation: &'static str,
+        /// The scopes it needs that are not allowed.
+        missing: String,
+    },
+    /// A phone number not in E.164 form, with `checks.phone_e164 = "reject"`.
+    #[error("Invalid phone number format (Example of a valid format: +12345678901)")]
+    PhoneNotE164 {
+        /// Where it is in the body (JSON pointer), never the number.
+        pointer: String,
+    },
 }
 
 /// Whole seconds, rounded up, at least 1: `Retry-After` must be an integer for the SDKs.
@@ -127,6 +142,8 @@ impl ProxyError {
             UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ScopeForbidden { .. } => StatusCode::FORBIDDEN,
+            PhoneNotE164 { .. } => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -152,6 +169,8 @@ impl ProxyError {
             UpstreamUnreachable => "proxy_upstream_unreachable",
             UpstreamTimeout(_) => "proxy_upstream_timeout",
             Internal => "proxy_internal_error",
+            ScopeForbidden { .. } => "proxy_scope_forbidden",
+            PhoneNotE164 { .. } => "proxy_phone_not_e164",
         }
     }
 
@@ -174,6 +193,8 @@ impl ProxyError {
             ClientKeyForbidden => "Client API keys are not allowed.",
             UpstreamUnreachable | UpstreamTimeout(_) => "Klaviyo is unavailable.",
             Internal => "Internal proxy error.",
+            ScopeForbidden { .. } => "Scope not allowed on this proxy.",
+            PhoneNotE164 { .. } => "Invalid input.",
         }
     }
 
@@ -186,6 +207,14 @@ impl ProxyError {
             }
             Internal => Origin::Internal,
             _ => Origin::Client,
+        }
+    }
+
+    /// Where in the request body the problem is (JSON pointer), if it is there.
+    pub fn pointer(&self) -> Option<&str> {
+        match self {
+            ProxyError::PhoneNotE164 { pointer } => Some(pointer),
+            _ => None,
         }
     }
 
@@ -211,7 +240,7 @@ impl ProxyError {
                 "code": self.code(),
                 "title": self.title(),
                 "detail": self.to_string(),
-                "source": {"pointer": null},
+                "source": {"pointer": self.pointer()},
                 "meta": {"origin": "klaviyo-proxy"},
             }]
         });
@@ -260,6 +289,8 @@ mod tests {
             ),
             (ProxyError::Disabled, 503, None),
             (ProxyError::Draining, 503, None),
+            (ProxyError::ScopeForbidden { operation: "create_event", missing: "events:write".into() }, 403, None),
+            (ProxyError::PhoneNotE164 { pointer: "/data/attributes/phone_number".into() }, 400, None),
         ];
         for (err, status, retry) in cases {
             let code = err.code();
@@ -275,6 +306,12 @@ mod tests {
             assert_eq!(e["id"], "rid");
             assert_eq!(e["meta"]["origin"], "klaviyo-proxy");
             assert!(e["title"].is_string() && e["detail"].is_string());
+            if code == "proxy_phone_not_e164" {
+                assert_eq!(e["source"]["pointer"], "/data/attributes/phone_number");
+            }
+            if code == "proxy_scope_forbidden" {
+                assert!(e["detail"].as_str().unwrap().contains("events:write"), "{e}");
+            }
         }
     }
 

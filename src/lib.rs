@@ -10,6 +10,7 @@ pub mod admin;
 pub mod body;
 pub mod breaker;
 pub mod catalog;
+pub mod checklist;
 pub mod config;
 pub mod error;
 pub mod limiter;

@@ -254,7 +254,7 @@ fn status_class(status: u16) -> &'static str {
 }
 
 /// The operation that names an endpoint's bucket in labels (its first catalog row).
-fn endpoint_label(endpoint: usize) -> &'static str {
+pub(crate) fn endpoint_label(endpoint: usize) -> &'static str {
     catalog::OPERATIONS.iter().find(|o| o.endpoint == endpoint).map_or("unknown", |o| o.id)
 }
 

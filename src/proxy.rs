@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::breaker::{self, Breaker, Phase};
+use crate::checklist::{self, Checklist};
 use crate::config::{is_beta_revision, AuthMode, Config, ConfigError, StoreKind};
 use crate::error::{Origin, ProxyError};
 use crate::limiter::redis::{RedisStore, RedisStoreError};
@@ -56,6 +57,8 @@ pub struct Proxy {
     spooled: tokio::sync::Notify,
     /// When a shutdown's drain time runs out.
     drain: tokio::sync::watch::Sender<Option<Instant>>,
+    /// The production checklist's counters, from live traffic.
+    checklist: Checklist,
 }
 
 /// The reloadable part: a request reads it once and keeps that view to the end.
@@ -214,6 +217,7 @@ impl Proxy {
             spool,
             spooled: tokio::sync::Notify::new(),
             drain: tokio::sync::watch::Sender::new(None),
+            checklist: Checklist::new(),
         };
         proxy.refresh_spool_gauges();
         Ok(proxy)
@@ -246,6 +250,11 @@ impl Proxy {
     /// This proxy's metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The checklist's counters.
+    pub fn checklist(&self) -> &Checklist {
+        &self.checklist
     }
 
     /// The upstream circuit breaker.
@@ -371,6 +380,9 @@ impl Proxy {
             }
         };
         self.metrics.request(outcome.operation, outcome.tier, outcome.kind);
+        if let Some(seen) = outcome.seen.take() {
+            seen.finish(&self.checklist, resp.status().as_u16(), outcome.error, outcome.waited);
+        }
         if let Ok(v) = HeaderValue::from_str(&request_id) {
             resp.headers_mut().insert(REQUEST_ID_HEADER, v);
         }
@@ -402,9 +414,13 @@ impl Proxy {
         authorize(&live, &mut parts.headers)?;
         let route = self.route(&live, &parts);
         (outcome.operation, outcome.tier) = (route.label(), route.tier());
+        // The checklist counts the head; an opt-in scope list refuses what it does not grant.
+        let seen = outcome.seen.insert(self.checklist.observe(&route, &parts.headers));
+        checklist::check_scopes(&live.config.auth, &route)?;
         let deadline = deadline(&live, &parts.headers);
         // Buffered so the client's upload time never holds a token, and bounded.
         let body = read_body(&live, body).await?;
+        seen.inspect(live.config.checks.phone_e164, &body)?;
         upstream::outbound_headers(&mut parts.headers, live.config.upstream.revision.as_str());
         // Events get a unique_id, so Klaviyo deduplicates any repeat or replay.
         let (body, unique_id) = with_unique_id(&live, &route, body);
@@ -795,6 +811,7 @@ struct Outcome {
     error: Option<&'static str>,
     waited: Duration,
     upstream: Option<Duration>,
+    seen: Option<checklist::Observation>,
 }
 
 impl Default for Outcome {
@@ -807,6 +824,7 @@ impl Default for Outcome {
             error: None,
             waited: Duration::ZERO,
             upstream: None,
+            seen: None,
         }
     }
 }

@@ -444,6 +444,7 @@ async fn preflight_passes_and_fails_for_the_right_reasons() {
         upstream: Some(sim.url.clone()),
         status_url: Some(sim.status_url()),
         scan: Some(clean.clone()),
+        ..PreflightOptions::default()
     };
     let report = preflight::run(&options, &preflight_env(KEY_A)).await;
     assert!(report.passed(), "{}", report.table());
