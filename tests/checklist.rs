@@ -240,3 +240,43 @@ fn status_page_renders_the_checklist_in_chromium() {
     assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{} bytes", png.len());
     println!("screenshot: {}", shot.display());
 }
+
+/// The Grafana dashboard imports anywhere: a Prometheus datasource variable that every
+/// query uses, unique panel ids, and the checklist's thresholds drawn where the alert
+/// rules put them (5 s p95 latency, 5 429s and 10 5xx per minute).
+#[test]
+fn grafana_dashboard_is_importable_and_draws_the_thresholds() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/klaviyo-proxy.json");
+    let dash: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let vars = dash["templating"]["list"].as_array().unwrap();
+    let ds = vars.iter().find(|v| v["name"] == "datasource").expect("a datasource variable");
+    assert_eq!((&ds["type"], &ds["query"]), (&"datasource".into(), &"prometheus".into()));
+    let panels = dash["panels"].as_array().unwrap();
+    let mut ids: Vec<u64> = panels.iter().map(|p| p["id"].as_u64().unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), panels.len(), "panel ids are unique");
+    let mut thresholds = Vec::new();
+    for p in panels.iter().filter(|p| p["type"] != "row") {
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{}", p["title"]);
+        for t in targets {
+            assert_eq!(t["datasource"]["uid"], "${datasource}", "{}", p["title"]);
+            assert!(t["expr"].as_str().unwrap().contains("klaviyo_proxy_"), "{}", p["title"]);
+        }
+        let steps = p["fieldConfig"]["defaults"]["thresholds"]["steps"].as_array().unwrap();
+        if p["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] == "dashed" {
+            thresholds.push((p["title"].as_str().unwrap().to_string(), steps[1]["value"].as_f64().unwrap()));
+        }
+    }
+    let drawn = |word: &str| thresholds.iter().find(|(t, _)| t.contains(word)).map(|(_, v)| *v);
+    assert_eq!(drawn("latency p95"), Some(5.0), "{thresholds:?}");
+    assert_eq!(drawn("429s per minute"), Some(5.0), "{thresholds:?}");
+    assert_eq!(drawn("5xx per minute"), Some(10.0), "{thresholds:?}");
+    let text = serde_json::to_string(&dash).unwrap();
+    for wanted in
+        ["klaviyo_proxy_queue_wait_seconds_bucket", "klaviyo_proxy_window_fill_ratio", "klaviyo_proxy_breaker_state"]
+    {
+        assert!(text.contains(wanted), "{wanted}");
+    }
+}
