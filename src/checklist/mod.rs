@@ -150,6 +150,8 @@ struct Minute {
     upstream_429: u32,
     proxy_429: u32,
     server: u32,
+    /// Of `server`, Klaviyo's own 5xx (the rest are the proxy's 502/503/504).
+    upstream_5xx: u32,
     unreachable: u32,
 }
 
@@ -400,6 +402,9 @@ impl Observation {
                 429 => (e.proxy_429, m.proxy_429, notable) = (e.proxy_429 + 1, m.proxy_429 + 1, true),
                 500..=599 => {
                     (e.server, m.server, notable) = (e.server + 1, m.server + 1, true);
+                    if code.is_none() {
+                        m.upstream_5xx += 1;
+                    }
                     if ours("proxy_upstream_unreachable") || ours("proxy_upstream_timeout") {
                         (e.unreachable, m.unreachable) = (e.unreachable + 1, m.unreachable + 1);
                     }
@@ -477,6 +482,7 @@ impl Checklist {
                 s.auth += m.auth;
                 s.upstream_429 += m.upstream_429;
                 s.server += m.server;
+                s.upstream_5xx += m.upstream_5xx;
                 s.unreachable += m.unreachable;
             }
         }
@@ -768,7 +774,7 @@ fn alerts(sums: &[Minute; MINUTES], ctx: &Context<'_>) -> Vec<AlertState> {
     for &(name, severity, threshold, hold) in ALERT_RULES {
         let count = |m: &Minute| match name {
             "KlaviyoAuthFailure" => m.auth,
-            "KlaviyoUpstream5xx" => m.server.saturating_sub(m.unreachable),
+            "KlaviyoUpstream5xx" => m.upstream_5xx,
             "KlaviyoUpstreamUnreachable" => m.unreachable,
             _ => m.upstream_429,
         };

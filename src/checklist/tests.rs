@@ -282,3 +282,32 @@ fn observe_cost() {
         );
     });
 }
+
+#[tokio::test(start_paused = true)]
+async fn only_klaviyos_5xx_count_for_the_5xx_alert() {
+    let checklist = Checklist::new();
+    let route = router().route("GET", "/api/profiles", None, false, Some(b"Klaviyo-API-Key pk_a"));
+    let state = |name: &str| {
+        let report = checklist.report(&ctx(&label, None));
+        report.alerts.iter().find(|a| a.name == name).unwrap().state.clone()
+    };
+    for _ in 0..11 {
+        checklist.observe(&route, &HeaderMap::new()).finish(
+            &checklist,
+            503,
+            Some("proxy_circuit_open"),
+            Duration::ZERO,
+        );
+    }
+    assert_eq!(state("KlaviyoUpstream5xx"), "inactive");
+    for _ in 0..11 {
+        let seen = checklist.observe(&route, &HeaderMap::new());
+        seen.finish(&checklist, 502, Some("proxy_upstream_unreachable"), Duration::ZERO);
+    }
+    assert_eq!(state("KlaviyoUpstream5xx"), "inactive");
+    assert_eq!(state("KlaviyoUpstreamUnreachable"), "pending");
+    for _ in 0..11 {
+        checklist.observe(&route, &HeaderMap::new()).finish(&checklist, 500, None, Duration::ZERO);
+    }
+    assert_eq!(state("KlaviyoUpstream5xx"), "pending");
+}
