@@ -21,12 +21,10 @@ const STATUS_CSS: &str = include_str!("page/status.css");
 /// Buckets the status page lists.
 const BUSIEST: usize = 10;
 
-/// Whether `path` is one of the checklist's admin routes (all `GET`).
-pub fn serves(path: &str) -> bool {
-    matches!(path, "/" | "/status.js" | "/status.css" | "/admin/checklist" | "/admin/status")
-}
+/// The checklist's admin routes (all `GET`).
+pub const PATHS: &[&str] = &["/", "/status.js", "/status.css", "/admin/checklist", "/admin/status"];
 
-/// Answers one of [`serves`]' paths.
+/// Answers one of [`PATHS`].
 pub fn respond(proxy: &Proxy, path: &str) -> http::Response<ProxyBody> {
     match path {
         "/" => response(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML),
