@@ -279,6 +279,8 @@ pub struct Config {
     pub preflight: PreflightConfig,
     /// Where buckets live: this process, or Redis shared by every replica.
     pub limiter: LimiterConfig,
+    /// Coalescing single events into bulk jobs.
+    pub coalesce: CoalesceConfig,
     /// The checklist's opt-in checks on request bodies.
     pub checks: ChecksConfig,
 }
@@ -337,6 +339,44 @@ impl Scope {
     }
 }
 
+/// `[coalesce]`: single `create_event` calls delivered as `bulk_create_events` jobs.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoalesceConfig {
+    /// Accept `POST /api/events` durably (202) and deliver them in bulk jobs.
+    pub events: bool,
+    /// The coalescer's file (redb); default: the spool's path with `.events` added.
+    pub path: Option<PathBuf>,
+    /// Longest an event waits for its job to fill.
+    pub linger_ms: u64,
+    /// Most undelivered events held; more are refused with 503 until some are delivered.
+    pub max_pending: u64,
+    /// `/health` degrades when the oldest undelivered event is older than this.
+    pub max_lag_ms: u64,
+}
+
+impl Default for CoalesceConfig {
+    fn default() -> Self {
+        CoalesceConfig { events: false, path: None, linger_ms: 250, max_pending: 1_000_000, max_lag_ms: 60_000 }
+    }
+}
+
+impl CoalesceConfig {
+    /// The coalescer's file, when coalescing is on.
+    pub fn store_path(&self, spool: &SpoolConfig) -> Option<PathBuf> {
+        if !self.events {
+            return None;
+        }
+        self.path.clone().or_else(|| {
+            spool.path.as_ref().map(|p| {
+                let mut s = p.clone().into_os_string();
+                s.push(".events");
+                PathBuf::from(s)
+            })
+        })
+    }
+}
+
 /// `[admin]`
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -380,6 +420,9 @@ impl Default for PreflightConfig {
 pub struct ServerConfig {
     /// Listen address; loopback by default.
     pub listen: SocketAddr,
+    /// Serving threads, each a current-thread runtime on its own `SO_REUSEPORT`
+    /// listener; 0 means one per core.
+    pub threads: usize,
     /// Token clients must present as `Proxy-Authorization: Bearer ...`.
     pub client_token: Option<Secret>,
     /// Allow a non-loopback listener without a client token.
@@ -398,6 +441,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            threads: 0,
             client_token: None,
             allow_unauthenticated_remote: false,
             max_body_bytes: 5 * 1024 * 1024,
@@ -613,11 +657,15 @@ pub struct BreakerConfig {
     pub min_requests: u32,
     /// Failure ratio (5xx, timeouts, connection errors) that opens the breaker.
     pub failure_ratio: Share,
-    /// Consecutive connection failures that open it at once.
-    pub consecutive_connect_failures: NonZeroU32,
-    /// Time open before probing.
+    /// Failures of any kind in a row (5xx, timeouts, resets, refused connections) that
+    /// open it at once. `consecutive_connect_failures` is its former name.
+    #[serde(alias = "consecutive_connect_failures")]
+    pub consecutive_failures: NonZeroU32,
+    /// Time open before the first probe; it doubles after every failed probe.
     pub cool_down_ms: u64,
-    /// Probes while half-open; all must succeed to close.
+    /// The longest time between probes (never less than `cool_down_ms`).
+    pub cool_down_max_ms: u64,
+    /// Probes let through at once while half-open; this many successes close it.
     pub probes: NonZeroU32,
 }
 
@@ -628,9 +676,10 @@ impl Default for BreakerConfig {
             window_ms: 10_000,
             min_requests: 20,
             failure_ratio: Share(0.5),
-            consecutive_connect_failures: nz(5),
-            cool_down_ms: 5_000,
-            probes: nz(3),
+            consecutive_failures: nz(3),
+            cool_down_ms: 500,
+            cool_down_max_ms: 1_000,
+            probes: nz(1),
         }
     }
 }
@@ -642,8 +691,9 @@ impl BreakerConfig {
             window: Duration::from_millis(self.window_ms),
             min_requests: self.min_requests,
             failure_ratio: self.failure_ratio.get(),
-            consecutive_connect_failures: self.consecutive_connect_failures.get(),
-            cool_down: Duration::from_millis(self.cool_down_ms),
+            consecutive_failures: self.consecutive_failures.get(),
+            probe_interval: Duration::from_millis(self.cool_down_ms),
+            probe_interval_max: Duration::from_millis(self.cool_down_max_ms),
             probes: self.probes.get(),
         }
     }
@@ -823,6 +873,7 @@ impl Config {
         config.resolve_key(env)?;
         config.check_resilience()?;
         config.check_limiter()?;
+        config.check_coalesce()?;
         Ok(config)
     }
 
@@ -940,6 +991,27 @@ impl Config {
         }
         if self.limiter.timeout_ms == 0 {
             return Err(ConfigError::Conflict("limiter.timeout_ms must be > 0".into()));
+        }
+        Ok(())
+    }
+
+    /// Coalescing needs the spool (its dead letters) and a linger that lets jobs fill.
+    pub fn check_coalesce(&self) -> Result<(), ConfigError> {
+        let c = &self.coalesce;
+        if !c.events {
+            return Ok(());
+        }
+        if self.spool.path.is_none() {
+            return Err(ConfigError::Conflict(
+                "coalesce.events = true needs spool.path (or KLAVIYO_PROXY_SPOOL_PATH): refused events go to its dead letters"
+                    .into(),
+            ));
+        }
+        if c.linger_ms == 0 || c.linger_ms > 60_000 {
+            return Err(ConfigError::Conflict("coalesce.linger_ms must be between 1 and 60000".into()));
+        }
+        if c.max_pending == 0 {
+            return Err(ConfigError::Conflict("coalesce.max_pending must be > 0".into()));
         }
         Ok(())
     }
@@ -1094,6 +1166,9 @@ mod tests {
             ("[retry]\nbudget_ratio = -1.0\n", "retry.budget_ratio"),
             ("[breaker]\nwindow_ms = 1\n", "breaker.window_ms"),
         ];
+        // The former name of consecutive_failures still reads.
+        let old = Config::parse("[breaker]\nconsecutive_connect_failures = 7\n", "t").unwrap();
+        assert_eq!(old.breaker.consecutive_failures.get(), 7);
         for (src, key) in cases {
             let e = Config::parse(src, "t").unwrap().check_resilience().unwrap_err().to_string();
             assert!(e.contains(key), "{src:?}: {e}");

@@ -91,9 +91,14 @@ pub enum ProxyError {
     /// The circuit breaker is open: Klaviyo is failing, requests fail fast.
     #[error("Klaviyo is failing; the proxy will try again in {}s", secs(*.retry_after))]
     CircuitOpen {
-        /// The cool-down left.
+        /// The time until the breaker lets its next probe through.
         retry_after: Duration,
     },
+    /// Cloudflare in front of Klaviyo answered with a challenge (`403` with
+    /// `cf-mitigated: challenge`): the proxy's network address is challenged, the key
+    /// was not refused, and repeating meets the same challenge.
+    #[error("Cloudflare in front of Klaviyo challenged the request (cf-mitigated: challenge): this proxy's egress address is being challenged; the API key was not refused, and repeating will not help until the address is cleared")]
+    UpstreamChallenged,
     /// The kill switch is on (`KLAVIYO_ENABLED=false`).
     #[error("forwarding to Klaviyo is switched off on this proxy")]
     Disabled,
@@ -103,6 +108,21 @@ pub enum ProxyError {
     /// A bug or resource failure inside the proxy.
     #[error("internal proxy error")]
     Internal,
+    /// A `create_event` body the coalescer refused before storing it: Klaviyo's own
+    /// 400, answered by the proxy because Klaviyo will not see the event synchronously.
+    #[error("{detail}")]
+    InvalidEvent {
+        /// Where in the body, as a JSON pointer.
+        pointer: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The coalescer holds `coalesce.max_pending` undelivered events.
+    #[error("too many events wait for delivery; retry in {}s", secs(*.retry_after))]
+    CoalesceFull {
+        /// When to try again.
+        retry_after: Duration,
+    },
     // The checklist's opt-in checks (src/checklist).
     /// The operation needs a scope outside `auth.allowed_scopes`.
     #[error("{operation} needs {missing}, outside this proxy's auth.allowed_scopes")]
@@ -131,7 +151,8 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             QueueFull { .. } | QueueTimeout { .. } | UpstreamThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
-            CircuitOpen { .. } | Disabled | Draining => StatusCode::SERVICE_UNAVAILABLE,
+            CircuitOpen { .. } | Disabled | Draining | CoalesceFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            InvalidEvent { .. } => StatusCode::BAD_REQUEST,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             BodyRead | BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -139,7 +160,7 @@ impl ProxyError {
             ForeignHost | ClientKeyForbidden => StatusCode::FORBIDDEN,
             Connect => StatusCode::METHOD_NOT_ALLOWED,
             ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-            UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            UpstreamUnreachable | UpstreamChallenged => StatusCode::BAD_GATEWAY,
             UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ScopeForbidden { .. } => StatusCode::FORBIDDEN,
@@ -167,8 +188,11 @@ impl ProxyError {
             ProxyAuthRequired => "proxy_auth_required",
             ClientKeyForbidden => "proxy_client_key_forbidden",
             UpstreamUnreachable => "proxy_upstream_unreachable",
+            UpstreamChallenged => "proxy_upstream_challenged",
             UpstreamTimeout(_) => "proxy_upstream_timeout",
             Internal => "proxy_internal_error",
+            InvalidEvent { .. } => "proxy_invalid_event",
+            CoalesceFull { .. } => "proxy_coalesce_full",
             ScopeForbidden { .. } => "proxy_scope_forbidden",
             PhoneNotE164 { .. } => "proxy_phone_not_e164",
         }
@@ -192,7 +216,10 @@ impl ProxyError {
             ProxyAuthRequired => "Proxy authentication required.",
             ClientKeyForbidden => "Client API keys are not allowed.",
             UpstreamUnreachable | UpstreamTimeout(_) => "Klaviyo is unavailable.",
+            UpstreamChallenged => "Klaviyo's edge challenged the request.",
             Internal => "Internal proxy error.",
+            InvalidEvent { .. } => "Invalid input.",
+            CoalesceFull { .. } => "Too many events waiting for delivery.",
             ScopeForbidden { .. } => "Scope not allowed on this proxy.",
             PhoneNotE164 { .. } => "Invalid input.",
         }
@@ -202,9 +229,11 @@ impl ProxyError {
     pub fn origin(&self) -> Origin {
         use ProxyError::*;
         match self {
-            UpstreamUnreachable | UpstreamTimeout(_) | UpstreamThrottled { .. } | CircuitOpen { .. } => {
-                Origin::Upstream
-            }
+            UpstreamUnreachable
+            | UpstreamTimeout(_)
+            | UpstreamThrottled { .. }
+            | CircuitOpen { .. }
+            | UpstreamChallenged => Origin::Upstream,
             Internal => Origin::Internal,
             _ => Origin::Client,
         }
@@ -213,7 +242,7 @@ impl ProxyError {
     /// Where in the request body the problem is (JSON pointer), if it is there.
     pub fn pointer(&self) -> Option<&str> {
         match self {
-            ProxyError::PhoneNotE164 { pointer } => Some(pointer),
+            ProxyError::PhoneNotE164 { pointer } | ProxyError::InvalidEvent { pointer, .. } => Some(pointer),
             _ => None,
         }
     }
@@ -224,7 +253,8 @@ impl ProxyError {
             ProxyError::QueueFull { retry_after, .. }
             | ProxyError::QueueTimeout { retry_after, .. }
             | ProxyError::UpstreamThrottled { retry_after, .. }
-            | ProxyError::CircuitOpen { retry_after } => Some(*retry_after),
+            | ProxyError::CircuitOpen { retry_after }
+            | ProxyError::CoalesceFull { retry_after } => Some(*retry_after),
             _ => None,
         }
     }
@@ -281,6 +311,7 @@ mod tests {
             (ProxyError::ForeignHost, 403, None),
             (ProxyError::Connect, 405, None),
             (ProxyError::UpstreamUnreachable, 502, None),
+            (ProxyError::UpstreamChallenged, 502, None),
             (ProxyError::CircuitOpen { retry_after: Duration::from_millis(2500) }, 503, Some("3")),
             (
                 ProxyError::UpstreamThrottled { operation: "get_accounts", retry_after: Duration::from_secs(9) },
@@ -289,6 +320,12 @@ mod tests {
             ),
             (ProxyError::Disabled, 503, None),
             (ProxyError::Draining, 503, None),
+            (
+                ProxyError::InvalidEvent { pointer: "/data/type".into(), detail: "`type` must be `event`.".into() },
+                400,
+                None,
+            ),
+            (ProxyError::CoalesceFull { retry_after: Duration::from_secs(1) }, 503, Some("1")),
             (ProxyError::ScopeForbidden { operation: "create_event", missing: "events:write".into() }, 403, None),
             (ProxyError::PhoneNotE164 { pointer: "/data/attributes/phone_number".into() }, 400, None),
         ];

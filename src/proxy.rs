@@ -9,23 +9,26 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{request, Request, StatusCode};
-use http_body_util::BodyExt;
+use http::{request, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::breaker::{Breaker, Phase};
 use crate::checklist::Checklist;
 use crate::config::{is_beta_revision, AuthMode, Config, ConfigError, StoreKind};
 use crate::error::ProxyError;
+use crate::limiter::ramp::Ramps;
 use crate::limiter::redis::{RedisStore, RedisStoreError};
 use crate::limiter::{Account, Limiter, LocalStore, SharedStore};
 use crate::metrics::{BreakerState, Metrics};
 use crate::queue;
-use crate::retry::RetryBudget;
+use crate::retry::{self, RetryBudget};
 use crate::route::{Route, Router};
 use crate::spool::{self, Spool};
 use crate::upstream::{self, Upstream, UpstreamError};
 
+mod coalesced;
 mod deferred;
 
 /// Request id header: passed through when the client sends one, generated otherwise,
@@ -48,6 +51,8 @@ pub struct Proxy {
     /// outlive reloads (their settings are read at start).
     pub(crate) breaker: Breaker,
     pub(crate) budget: RetryBudget,
+    /// Buckets ramping up after an upstream 429 (local store only).
+    pub(crate) ramps: Ramps,
     /// A fixed instant for the retry budget's clock.
     pub(crate) started: Instant,
     /// Accepted writes waiting for delivery (`spool.path`; read at start).
@@ -58,6 +63,8 @@ pub struct Proxy {
     pub(crate) drain: tokio::sync::watch::Sender<Option<Instant>>,
     /// The production checklist's counters, from live traffic.
     pub(crate) checklist: Checklist,
+    /// Single events delivered as bulk jobs (`coalesce.events`; read at start).
+    pub(crate) coalescer: Option<Arc<crate::coalesce::Coalescer>>,
 }
 
 /// The reloadable part: a request reads it once and keeps that view to the end.
@@ -156,6 +163,9 @@ pub enum BuildError {
     /// The Redis URL cannot be used.
     #[error(transparent)]
     Redis(#[from] RedisStoreError),
+    /// The coalescer's file cannot be opened.
+    #[error(transparent)]
+    Coalesce(#[from] crate::coalesce::StoreError),
     /// `limiter.redis_ca_file` cannot be read.
     #[error("cannot read limiter.redis_ca_file {path}: {source}")]
     RedisCa {
@@ -212,6 +222,7 @@ impl Proxy {
             Duration::from_millis(config.retry.budget_window_ms),
         );
         let spool = config.spool.path.as_deref().map(Spool::open).transpose()?;
+        let coalescer = coalesced::open(&config, spool.as_ref(), &metrics)?;
         let live = Live::new(config, &fallback_hash_key)?;
         metrics.set_account_names(live.account_names());
         let proxy = Proxy {
@@ -222,11 +233,13 @@ impl Proxy {
             metrics,
             breaker,
             budget,
+            ramps: Ramps::new(),
             started: Instant::now(),
             spool,
             spooled: tokio::sync::Notify::new(),
             drain: tokio::sync::watch::Sender::new(None),
             checklist: Checklist::new(),
+            coalescer,
         };
         proxy.refresh_spool_gauges();
         Ok(proxy)
@@ -355,6 +368,10 @@ impl Proxy {
         let resp = self.upstream.send(&parts, Bytes::new()).await.map_err(upstream_error)?;
         let latency = sent.elapsed();
         let status = resp.status();
+        if retry::is_challenge(status, resp.headers()) {
+            self.metrics.upstream_challenge(&route, latency);
+            return Err(ProxyError::UpstreamChallenged);
+        }
         // Without a key (pass-through mode) the probe's 401 is expected, not an auth
         // failure worth paging anyone for: only a credentialed probe counts upstream.
         if live.injected_auth.is_some() {
@@ -385,6 +402,17 @@ pub(crate) fn upstream_error(e: UpstreamError) -> ProxyError {
         UpstreamError::Connect(_) => ProxyError::UpstreamUnreachable,
         UpstreamError::Timeout(d) => ProxyError::UpstreamTimeout(d),
     }
+}
+
+/// The wait an upstream 429 asks for: `Retry-After`, else the wait its body names
+/// (read up to a few KiB, briefly: Klaviyo's 429 bodies are small and already sent).
+pub(crate) async fn throttle_wait(resp: Response<Incoming>, cap: Duration) -> Option<Duration> {
+    if let Some(wait) = retry::retry_after_of(resp.headers(), cap) {
+        return Some(wait);
+    }
+    let read = Limited::new(resp.into_body(), 16 * 1024).collect();
+    let body = tokio::time::timeout(Duration::from_secs(1), read).await.ok()?.ok()?.to_bytes();
+    retry::retry_after_from_body(&body, cap)
 }
 
 /// An integer header such as `RateLimit-Remaining` or `Retry-After` (seconds form).

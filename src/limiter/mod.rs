@@ -4,6 +4,7 @@
 //! every bucket a request needs, all at once or none.
 
 pub mod local;
+pub mod ramp;
 pub mod redis;
 pub mod shared;
 pub mod window;
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-pub use local::{BucketView, Grant, LocalStore, MAX_DEMANDS};
+pub use local::{BucketView, Grant, LocalStore, Place, Turn, MAX_DEMANDS};
 pub use shared::{SharedStore, StoreState};
 pub use window::{Tick, WindowSpec};
 
