@@ -85,6 +85,9 @@ pub struct Operation {
     pub daily_per_day: Option<u32>,
     /// Conditional limits taken in addition to the operation's own bucket.
     pub conditions: &'static [Condition],
+    /// The key scopes the operation needs (`x-klaviyo-scopes`), e.g. `profiles:read`;
+    /// empty for the public-key `/client/` operations.
+    pub scopes: &'static [&'static str],
 }
 
 impl Operation {
@@ -208,6 +211,17 @@ mod tests {
         assert!(list.matches("include", "list"));
         assert!(!list.matches("include", "segments"));
         assert!(!list.matches("fields", "lists"));
+    }
+
+    #[test]
+    fn scopes_are_copied() {
+        assert_eq!(by_id("get_accounts").unwrap().scopes, ["accounts:read"]);
+        assert_eq!(by_id("create_event").unwrap().scopes, ["events:write"]);
+        let multi = OPERATIONS.iter().find(|o| o.scopes.len() > 1).expect("an operation needing two scopes");
+        assert!(multi.scopes.iter().all(|s| s.contains(':') && !s.contains(',')), "{:?}", multi.scopes);
+        let unscoped = OPERATIONS.iter().filter(|o| o.scopes.is_empty()).count();
+        assert_eq!(unscoped, 7, "only some /client/ operations declare no scope");
+        assert!(OPERATIONS.iter().filter(|o| o.scopes.is_empty()).all(|o| o.is_client()));
     }
 
     #[test]

@@ -281,6 +281,62 @@ pub struct Config {
     pub limiter: LimiterConfig,
     /// Coalescing single events into bulk jobs.
     pub coalesce: CoalesceConfig,
+    /// The checklist's opt-in checks on request bodies.
+    pub checks: ChecksConfig,
+}
+
+/// What to do with a phone number that is not E.164 (`checks.phone_e164`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PhoneCheck {
+    /// Count it for the checklist; forward the request.
+    #[default]
+    Count,
+    /// Answer 400 `proxy_phone_not_e164` before the request spends any quota.
+    Reject,
+}
+
+/// `[checks]`
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChecksConfig {
+    /// Phone numbers in profile and event bodies that are not E.164.
+    pub phone_e164: PhoneCheck,
+}
+
+/// A key scope from the catalog (`x-klaviyo-scopes`), e.g. `profiles:read`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Scope(String);
+
+impl TryFrom<String> for Scope {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if catalog::OPERATIONS.iter().any(|o| o.scopes.contains(&s.as_str())) {
+            Ok(Scope(s))
+        } else {
+            Err(format!("`{s}` is not a scope any operation in the catalog needs (like profiles:read)"))
+        }
+    }
+}
+
+impl From<Scope> for String {
+    fn from(s: Scope) -> String {
+        s.0
+    }
+}
+
+impl AsRef<str> for Scope {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Scope {
+    /// The scope.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// `[coalesce]`: single `create_event` calls delivered as `bulk_create_events` jobs.
@@ -460,6 +516,9 @@ pub struct AuthConfig {
     pub account_hash_key: Option<Secret>,
     /// A name for the injected key's account in metrics (otherwise its hash alias).
     pub account_name: Option<AccountName>,
+    /// When set, only operations whose catalog scopes these grant are forwarded; the
+    /// rest get 403 `proxy_scope_forbidden` (`X:write` grants `X:read`).
+    pub allowed_scopes: Option<Vec<Scope>>,
     /// The resolved private key (never read from the file's `[auth]` table directly).
     #[serde(skip_deserializing)]
     pub private_key: Option<Secret>,
@@ -473,6 +532,7 @@ impl Default for AuthConfig {
             allow_client_keys: true,
             account_hash_key: None,
             account_name: None,
+            allowed_scopes: None,
             private_key: None,
         }
     }
@@ -1081,6 +1141,8 @@ mod tests {
             ("[upstream]\nrevision = \"yesterday\"\n", "line 2", "upstream.revision"),
             ("[auth]\naccount_name = \"a b\"\n", "line 2", "auth.account_name"),
             ("[auth]\naccount_name = \"pk_abc\"\n", "line 2", "auth.account_name"),
+            ("[auth]\nallowed_scopes = [\"profiles:read\", \"profile:red\"]\n", "line 2", "auth.allowed_scopes"),
+            ("[checks]\nphone_e164 = \"drop\"\n", "line 2", "checks.phone_e164"),
         ];
         for (src, line, key) in cases {
             let e = err(src);

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod body;
 pub mod breaker;
 pub mod catalog;
+pub mod checklist;
 pub mod coalesce;
 pub mod config;
 pub mod error;

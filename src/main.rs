@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use klaviyo_proxy::catalog;
 use klaviyo_proxy::config::{Config, LogFormat, UpstreamUrl};
 use klaviyo_proxy::preflight::{self, PreflightOptions};
 use klaviyo_proxy::reload::{ConfigSource, LogLevelHook, Reloader};
 use klaviyo_proxy::sim::{Faults, Outage, SimOptions, Simulator};
 use klaviyo_proxy::App;
+use klaviyo_proxy::{catalog, checklist};
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
@@ -59,6 +59,20 @@ enum Command {
         #[arg(long)]
         scan: Option<PathBuf>,
         /// Print the results as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also judge a running proxy's traffic: its checklist at this admin URL
+        /// (e.g. http://127.0.0.1:9090).
+        #[arg(long, value_name = "ADMIN_URL")]
+        from_traffic: Option<String>,
+    },
+    /// The production checklist as a running proxy sees it in its traffic. Exits 0
+    /// when nothing is red, 1 when something is, 2 when the proxy cannot be reached.
+    Checklist {
+        /// The proxy's admin listener.
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        admin: String,
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -227,8 +241,8 @@ async fn run(command: Command) -> Result<()> {
         Command::Serve { config, listen, upstream, admin_listen } => {
             serve(config, listen, upstream, admin_listen).await
         }
-        Command::Preflight { config, upstream, status_url, scan, json } => {
-            let options = PreflightOptions { config, upstream, status_url, scan };
+        Command::Preflight { config, upstream, status_url, scan, json, from_traffic } => {
+            let options = PreflightOptions { config, upstream, status_url, scan, from_traffic };
             let report = preflight::run(&options, &env).await;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -236,6 +250,21 @@ async fn run(command: Command) -> Result<()> {
                 print!("{}", report.table());
             }
             std::process::exit(if report.passed() { 0 } else { 1 });
+        }
+        Command::Checklist { admin, json } => {
+            let report = match checklist::client::fetch(&admin, Duration::from_secs(10)).await {
+                Ok(report) => report,
+                Err(e) => {
+                    eprintln!("{e}");
+                    std::process::exit(2);
+                }
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", checklist::client::table(&report));
+            }
+            std::process::exit(checklist::client::exit_code(&report));
         }
         Command::CheckConfig { file } => {
             let config = Config::load(Some(&file), &env)?;

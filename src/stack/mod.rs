@@ -32,6 +32,7 @@ pub mod coalesce;
 pub mod defer;
 pub mod exchange;
 pub mod idempotency;
+pub mod observe;
 pub mod outbound;
 pub mod respond;
 pub mod route;
@@ -65,8 +66,12 @@ where
         .layer(step::StepLayer::new(authorize::Authorize))
         // Operation, account and buckets, and how long the client is willing to wait.
         .layer(step::StepLayer::new(route::RouteStep))
+        // The production checklist counts what traffic shows; opt-in scopes refuse.
+        .layer(observe::ObserveLayer::new(proxy.clone()))
         // Buffered so the client's upload time never holds a token, and bounded.
         .layer(body::BufferLayer)
+        // Events without a unique_id, phone numbers not E.164 (off the request).
+        .layer(step::StepLayer::new(observe::InspectBody))
         // Only what Klaviyo should see leaves: no hop-by-hop or proxy-only headers.
         .layer(step::StepLayer::new(outbound::Outbound))
         // Single events become bulk jobs: stored durably, answered 202 as Klaviyo does.
