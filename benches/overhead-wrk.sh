@@ -245,7 +245,8 @@ if [ -n "${PROFILE:-}" ]; then
     measure "${URL[klaviyo-proxy]}" >/dev/null
     wait "$perf_pid" || true
     perf report -i "$WORK/perf.data" --no-children --sort symbol --stdio 2>/dev/null |
-        grep -E '^ +[0-9]+\.[0-9]+%' | head -"${PROFILE_TOP:-25}"
-    echo "kernel share: $(perf report -i "$WORK/perf.data" --no-children --sort dso --stdio 2>/dev/null |
-        grep -E '\[kernel' | awk '{s += $1} END {print s "%"}')"
+        grep -E '^ +[0-9]+\.[0-9]+%' | sed -E 's/ +/ /g; s/ - - *$//' | head -"${PROFILE_TOP:-25}" || true
+    kernel=$(perf report -i "$WORK/perf.data" --no-children --sort dso --stdio 2>/dev/null |
+        awk '/\[kernel/ { s += $1 } END { print s + 0 }' || true)
+    echo "kernel share of samples: ${kernel}%"
 fi
