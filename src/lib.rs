@@ -11,6 +11,7 @@ pub mod body;
 pub mod breaker;
 pub mod catalog;
 pub mod config;
+pub mod credential;
 pub mod error;
 pub mod limiter;
 pub mod metrics;
