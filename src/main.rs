@@ -271,7 +271,14 @@ async fn main() -> Result<()> {
             let _ = init_logs("info", LogFormat::Human);
             let listener = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
             let faults = faults.faults()?;
-            let options = SimOptions { seed, tls, latency: Duration::from_millis(latency_ms), unlimited, faults };
+            let options = SimOptions {
+                seed,
+                tls,
+                latency: Duration::from_millis(latency_ms),
+                unlimited,
+                faults,
+                ..SimOptions::default()
+            };
             let sim = Simulator::start(listener, options)?;
             if let (Some(path), Some(pem)) = (&ca_out, &sim.ca_pem) {
                 std::fs::write(path, pem).with_context(|| format!("write {}", path.display()))?;
