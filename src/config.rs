@@ -279,6 +279,8 @@ pub struct Config {
     pub preflight: PreflightConfig,
     /// Where buckets live: this process, or Redis shared by every replica.
     pub limiter: LimiterConfig,
+    /// Which Klaviyo account each credential belongs to.
+    pub accounts: AccountsConfig,
 }
 
 /// `[admin]`
@@ -414,8 +416,12 @@ pub struct AuthConfig {
     /// Secret for the keyed hash that names accounts in bucket keys. Random per start
     /// when unset; replicas sharing limits must share it.
     pub account_hash_key: Option<Secret>,
-    /// A name for the injected key's account in metrics (otherwise its hash alias).
+    /// The injected key's account (its Klaviyo id or a name): its buckets and its name
+    /// in metrics and logs, with no lookup. Unset, the account is looked up at start.
     pub account_name: Option<AccountName>,
+    /// The OAuth app whose access tokens clients send as `Bearer ...`: an app's quota
+    /// in an account is its own, so its buckets are (account, this app).
+    pub oauth_app: AccountName,
     /// The resolved private key (never read from the file's `[auth]` table directly).
     #[serde(skip_deserializing)]
     pub private_key: Option<Secret>,
@@ -429,6 +435,7 @@ impl Default for AuthConfig {
             allow_client_keys: true,
             account_hash_key: None,
             account_name: None,
+            oauth_app: AccountName("default".into()),
             private_key: None,
         }
     }
@@ -713,6 +720,9 @@ pub struct LimiterConfig {
     /// Replicas sharing the quota, for the fallback share (quota ÷ replicas) while
     /// Redis is down. Learned from the replicas' heartbeats in Redis when unset.
     pub replicas: Option<NonZeroU32>,
+    /// Where the limiter's state is kept across restarts; the account cache is kept
+    /// beside it (`<state_path>.accounts`).
+    pub state_path: Option<PathBuf>,
 }
 
 impl Default for LimiterConfig {
@@ -725,6 +735,44 @@ impl Default for LimiterConfig {
             key_prefix: "klaviyo-proxy".into(),
             timeout_ms: 100,
             replicas: None,
+            state_path: None,
+        }
+    }
+}
+
+/// `[accounts]`: learning the Klaviyo account behind each credential, so that every
+/// key of an account shares the account's buckets (see [`crate::account`]).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountsConfig {
+    /// Look accounts up with `GET /api/accounts`, once per credential. Off, every
+    /// credential not declared below keeps buckets of its own.
+    pub resolve: bool,
+    /// Most credentials remembered (answers and failed lookups); must be > 0.
+    pub cache_entries: NonZeroU32,
+    /// How long an answer is trusted before it is looked up again (seconds).
+    pub cache_ttl_s: u64,
+    /// After a lookup that could not tell (no `accounts:read` scope, 401, Klaviyo
+    /// down), the credential keeps its own buckets this long before the next try.
+    pub retry_ms: u64,
+    /// Longest a lookup waits for its `get_accounts` token; then the request goes on
+    /// its credential's own buckets and the lookup is tried again later.
+    pub lookup_max_wait_ms: u64,
+    /// Accounts the operator declares, with no lookup: a credential's fingerprint
+    /// (`klaviyo-proxy fingerprint` prints it from the key on stdin) to its account's
+    /// Klaviyo id (shares buckets with looked-up keys of that account) or a name.
+    pub declared: BTreeMap<crate::credential::Fingerprint, AccountName>,
+}
+
+impl Default for AccountsConfig {
+    fn default() -> Self {
+        AccountsConfig {
+            resolve: true,
+            cache_entries: NonZeroU32::new(10_000).expect("non-zero"),
+            cache_ttl_s: 86_400,
+            retry_ms: 300_000,
+            lookup_max_wait_ms: 10_000,
+            declared: BTreeMap::new(),
         }
     }
 }

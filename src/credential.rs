@@ -97,8 +97,14 @@ fn trim(b: &[u8]) -> &[u8] {
 /// normalised value. Safe in config files, Redis and the persisted cache (keys are
 /// random enough that the hash cannot be inverted); `klaviyo-proxy fingerprint` prints it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
-#[serde(transparent)]
+#[serde(try_from = "String", into = "String")]
 pub struct Fingerprint(String);
+
+impl From<Fingerprint> for String {
+    fn from(f: Fingerprint) -> String {
+        f.0
+    }
+}
 
 impl Fingerprint {
     /// The text form.

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod account;
 pub mod admin;
 pub mod body;
 pub mod breaker;
@@ -123,6 +124,11 @@ impl App {
         };
         // Spooled writes go out in the background once Klaviyo is healthy.
         let replayer = tokio::spawn(self.proxy.clone().replay());
+        // Inject mode: learn the one key's account now, not on the first request.
+        let resolving = {
+            let proxy = self.proxy.clone();
+            tokio::spawn(async move { proxy.resolve_injected().await })
+        };
         // At shutdown: stop accepting, finish what is in flight and queued until the
         // drain time is up, then spool deferrable writes and answer the rest 503.
         let shutdown = {
@@ -153,6 +159,7 @@ impl App {
         server::serve(listener, None, limits, service, shutdown).await;
         sweeper.abort();
         replayer.abort();
+        resolving.abort();
         let _ = admin_stop.send(());
         if let Some(task) = admin_task {
             let _ = task.await;

@@ -69,6 +69,10 @@ enum Command {
     },
     /// List the endpoint catalog: operation, method, path and limits.
     Routes,
+    /// Print a credential's fingerprint, for `[accounts.declared]`: reads the key (or a
+    /// whole `Authorization` value, or an OAuth token) on stdin, so it never appears in
+    /// the shell history or the process list.
+    Fingerprint,
     /// Probe a health URL (for container HEALTHCHECKs and exec probes: the image has no
     /// shell or curl). Exits 0 when the answer is 2xx within the timeout.
     Healthcheck {
@@ -223,6 +227,14 @@ async fn main() -> Result<()> {
             config.check_serve()?;
             print!("{}", config.to_redacted_toml());
             eprintln!("{}: OK", file.display());
+            Ok(())
+        }
+        Command::Fingerprint => {
+            let mut input = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut input).context("read the key from stdin")?;
+            anyhow::ensure!(!input.trim().is_empty(), "no key on stdin (try: klaviyo-proxy fingerprint < keyfile)");
+            let credential = klaviyo_proxy::credential::parse_key_input(&input);
+            println!("{}", credential.fingerprint());
             Ok(())
         }
         Command::Routes => {

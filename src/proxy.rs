@@ -1,7 +1,6 @@
 //! The request path, top to bottom: refuse what is not ours to forward, authorize,
 //! route, buffer the body, wait for a token, forward, stream the answer back.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
@@ -13,9 +12,11 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::account::{self, Resolver};
 use crate::body::ProxyBody;
 use crate::breaker::{self, Breaker, Phase};
 use crate::config::{is_beta_revision, AuthMode, Config, ConfigError, StoreKind};
+use crate::credential::{self, Credential};
 use crate::error::{Origin, ProxyError};
 use crate::limiter::redis::{RedisStore, RedisStoreError};
 use crate::limiter::{Account, BucketKey, Demand, Denied, Grant, Limiter, LocalStore, SharedStore};
@@ -56,6 +57,8 @@ pub struct Proxy {
     spooled: tokio::sync::Notify,
     /// When a shutdown's drain time runs out.
     drain: tokio::sync::watch::Sender<Option<Instant>>,
+    /// The Klaviyo account behind each credential (outlives reloads).
+    resolver: Resolver,
 }
 
 /// The reloadable part: a request reads it once and keeps that view to the end.
@@ -90,15 +93,6 @@ impl Live {
             client_token,
             config: Arc::new(config),
         })
-    }
-
-    /// Configured account names, for metrics: the injected key's account.
-    fn account_names(&self) -> HashMap<Account, String> {
-        let mut names = HashMap::new();
-        if let (Some(auth), Some(name)) = (&self.injected_auth, &self.config.auth.account_name) {
-            names.insert(self.router.account("auth", auth.as_bytes()), name.as_str().to_string());
-        }
-        names
     }
 }
 
@@ -200,8 +194,12 @@ impl Proxy {
             Duration::from_millis(config.retry.budget_window_ms),
         );
         let spool = config.spool.path.as_deref().map(Spool::open).transpose()?;
+        let redis = match &limiter {
+            Limiter::Shared(s) => Some(s.redis().clone()),
+            Limiter::Local(_) => None,
+        };
+        let resolver = Resolver::new(config.limiter.state_path.as_deref(), redis, metrics.clone());
         let live = Live::new(config, &fallback_hash_key)?;
-        metrics.set_account_names(live.account_names());
         let proxy = Proxy {
             live: RwLock::new(Arc::new(live)),
             fallback_hash_key,
@@ -214,6 +212,7 @@ impl Proxy {
             spool,
             spooled: tokio::sync::Notify::new(),
             drain: tokio::sync::watch::Sender::new(None),
+            resolver,
         };
         proxy.refresh_spool_gauges();
         Ok(proxy)
@@ -308,7 +307,6 @@ impl Proxy {
             return Err(ReloadError::NeedsRestart("auth.account_hash_key (with the redis store)"));
         }
         let live = Arc::new(Live::new(new, &self.fallback_hash_key)?);
-        self.metrics.set_account_names(live.account_names());
         *self.live.write().unwrap_or_else(PoisonError::into_inner) = live;
         Ok(())
     }
@@ -321,13 +319,8 @@ impl Proxy {
         if !live.config.upstream.enabled {
             return Err(ProxyError::Disabled);
         }
-        let mut req = Request::get("/api/accounts").body(()).expect("static request");
-        if let Some(auth) = &live.injected_auth {
-            req.headers_mut().insert(header::AUTHORIZATION, auth.clone());
-        }
-        let (mut parts, ()) = req.into_parts();
-        let route = self.route(&live, &parts);
-        upstream::outbound_headers(&mut parts.headers, live.config.upstream.revision.as_str());
+        let mut parts = account::accounts_request(live.injected_auth.as_ref(), live.config.upstream.revision.as_str());
+        let route = self.route(&live, &mut parts).await;
         if live.config.limits.enabled {
             let deadline = Instant::now() + max_wait;
             queue::wait(&self.limiter, &route.demands, deadline, live.config.queue.max_depth, route.label()).await?;
@@ -400,7 +393,7 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         // The credential that goes upstream decides whose quota is spent.
         authorize(&live, &mut parts.headers)?;
-        let route = self.route(&live, &parts);
+        let route = self.route(&live, &mut parts).await;
         (outcome.operation, outcome.tier) = (route.label(), route.tier());
         let deadline = deadline(&live, &parts.headers);
         // Buffered so the client's upload time never holds a token, and bounded.
@@ -678,11 +671,48 @@ impl Proxy {
         Ok(())
     }
 
-    fn route(&self, live: &Live, parts: &request::Parts) -> Route {
+    /// Routes a request under the account its credential belongs to (looked up once
+    /// per credential); a well-formed credential goes upstream normalised.
+    async fn route(&self, live: &Live, parts: &mut request::Parts) -> Route {
         let revision = parts.headers.get("revision").and_then(|v| v.to_str().ok());
         let beta = is_beta_revision(revision.unwrap_or(live.config.upstream.revision.as_str()));
-        let credential = parts.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
-        live.router.route(parts.method.as_str(), parts.uri.path(), parts.uri.query(), beta, credential)
+        let account = match parts.headers.get(header::AUTHORIZATION) {
+            _ if parts.uri.path().starts_with("/client/") => Account::ANONYMOUS,
+            None => Account::ANONYMOUS,
+            Some(value) => {
+                let credential = credential::parse(value.as_bytes());
+                if credential.kind() != credential::Kind::Malformed && credential.as_bytes() != value.as_bytes() {
+                    if let Ok(v) = sensitive(String::from_utf8_lossy(credential.as_bytes()).into_owned(), "") {
+                        parts.headers.insert(header::AUTHORIZATION, v);
+                    }
+                }
+                let lookup = self.lookup(live, &credential);
+                self.resolver.account_for(&live.router, &live.config, &credential, &lookup).await
+            }
+        };
+        live.router.route_as(parts.method.as_str(), parts.uri.path(), parts.uri.query(), beta, account)
+    }
+
+    fn lookup<'a>(&'a self, live: &'a Live, credential: &'a Credential) -> account::Lookup<'a> {
+        let (limiter, upstream, breaker) = (&self.limiter, &self.upstream, &self.breaker);
+        account::Lookup { limiter, upstream, breaker, router: &live.router, config: &live.config, credential }
+    }
+
+    /// Learns the injected key's account (inject mode, at start) unless configured.
+    pub async fn resolve_injected(&self) {
+        let live = self.live();
+        if let Some(auth) = &live.injected_auth {
+            let credential = credential::parse(auth.as_bytes());
+            let lookup = self.lookup(&live, &credential);
+            self.resolver.account_for(&live.router, &live.config, &credential, &lookup).await;
+        }
+    }
+
+    /// The injected key's account id (or configured name), once known.
+    pub fn injected_account(&self) -> Option<String> {
+        let live = self.live();
+        let credential = credential::parse(live.injected_auth.as_ref()?.as_bytes());
+        self.resolver.known(&live.config, &credential)
     }
 }
 

@@ -10,6 +10,9 @@ use crate::config::{Limits, LimitsConfig};
 use crate::credential::{self, Credential};
 use crate::limiter::{ticks, Account, BucketId, BucketKey, Demand, WindowSpec, Windows};
 
+/// The account of the [`Router::lookup_gate`] bucket (never a hash: those start at 2).
+pub const LOOKUPS: Account = Account(1);
+
 /// What a request is, for the limiter, the logs and the metrics.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -107,6 +110,20 @@ impl Router {
     /// The bucket account of a credential whose Klaviyo account is not known: its own.
     pub fn credential_account(&self, credential: &Credential) -> Account {
         self.account("auth", credential.as_bytes())
+    }
+
+    /// The gate every first account lookup passes (its account is what it asks for,
+    /// so it cannot use the account's own bucket yet): one `get_accounts` per second in
+    /// all, so two keys of one account never look up in one of Klaviyo's windows.
+    pub fn lookup_gate(&self) -> Demand {
+        let endpoint = catalog::by_id("get_accounts").map_or(0, |o| o.endpoint);
+        Demand {
+            key: BucketKey {
+                account: LOOKUPS,
+                bucket: BucketId::Endpoint(u16::try_from(endpoint).expect("fewer than 65536 endpoints")),
+            },
+            windows: windows(&self.limits, 1, 60, None),
+        }
     }
 
     /// Routes a request whose credential spends `account`'s quota; `/client/`

@@ -112,11 +112,11 @@ impl Proxy {
             }
             Err(_) => return Replay::Wait(Duration::from_secs(1)),
         };
-        let Some(parts) = entry_parts(&entry) else {
+        let Some(mut parts) = entry_parts(&entry) else {
             let _ = spool.dead_letter(entry.id, "unreadable spooled request");
             return Replay::Delivered;
         };
-        let route = self.route(&live, &parts);
+        let route = self.route(&live, &mut parts).await;
         let now = Instant::now();
         if let Some(wait) = self.breaker_open(&live) {
             return Replay::Wait(wait.min(Duration::from_secs(1)));
