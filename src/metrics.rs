@@ -400,6 +400,12 @@ impl Metrics {
         self.accounts.read().unwrap_or_else(PoisonError::into_inner).label(account)
     }
 
+    /// An account's name for logs (unbounded, unlike [`Metrics::account_label`]): its
+    /// configured name, Klaviyo id, or hash alias.
+    pub fn account_name(&self, account: Account) -> String {
+        self.accounts.read().unwrap_or_else(PoisonError::into_inner).name(account)
+    }
+
     /// Counts an account lookup by its result (see [`ACCOUNT_LOOKUPS`]).
     pub fn account_lookup(&self, result: &'static str) {
         self.account_lookups.get_or_create(&ResultLabel { result }).inc();

@@ -372,6 +372,7 @@ impl Proxy {
             %method,
             operation = outcome.operation,
             tier = outcome.tier,
+            account = %self.metrics.account_name(outcome.account),
             status = resp.status().as_u16(),
             outcome = outcome.error.unwrap_or(outcome.kind.as_str()),
             queue_wait_ms = outcome.waited.as_millis() as u64,
@@ -394,7 +395,7 @@ impl Proxy {
         // The credential that goes upstream decides whose quota is spent.
         authorize(&live, &mut parts.headers)?;
         let route = self.route(&live, &mut parts).await;
-        (outcome.operation, outcome.tier) = (route.label(), route.tier());
+        (outcome.operation, outcome.tier, outcome.account) = (route.label(), route.tier(), route.account);
         let deadline = deadline(&live, &parts.headers);
         // Buffered so the client's upload time never holds a token, and bounded.
         let body = read_body(&live, body).await?;
@@ -819,6 +820,8 @@ async fn read_body(live: &Live, body: Incoming) -> Result<Bytes, ProxyError> {
 struct Outcome {
     operation: &'static str,
     tier: &'static str,
+    /// Whose quota (named in the log by its Klaviyo id, configured name or alias).
+    account: Account,
     kind: RequestOutcome,
     /// Times the request was sent upstream (retries add to it).
     attempts: u32,
@@ -832,6 +835,7 @@ impl Default for Outcome {
         Outcome {
             operation: "unknown",
             tier: "unknown",
+            account: Account::ANONYMOUS,
             kind: RequestOutcome::Forwarded,
             attempts: 0,
             error: None,

@@ -158,7 +158,11 @@ async fn two_keys_of_one_account_share_its_quota() {
     let m = served.metrics().await;
     assert!(m.contains("account=\"Acme01\""), "{m}");
     assert!(!m.contains("pk_Acme01"));
-    assert!(served.logs().iter().all(|l| !l.contains("pk_Acme01")));
+    let logs = served.logs();
+    assert!(logs.iter().all(|l| !l.contains("pk_Acme01")));
+    // So do the request logs.
+    let named = logs.iter().filter(|l| l.contains("\"request\"") && l.contains("\"account\":\"Acme01\"")).count();
+    assert_eq!(named, 10 * BURST, "{logs:#?}");
 }
 
 /// Two accounts bursting at once each get their own quota: together they finish in

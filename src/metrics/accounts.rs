@@ -70,7 +70,8 @@ impl AccountSeries {
         self.name(account)
     }
 
-    fn name(&self, account: Account) -> String {
+    /// The account's name, shown or not.
+    pub fn name(&self, account: Account) -> String {
         self.configured.get(&account).or_else(|| self.learned.get(&account)).cloned().unwrap_or_else(|| account.alias())
     }
 
