@@ -43,6 +43,11 @@ use crate::queue;
 use crate::route::Router;
 use crate::upstream::{self, Upstream};
 
+/// The bucket account [`crate::proxy::Proxy::resolve`] found for a request, carried in
+/// its extensions to the route stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolved(pub Account);
+
 /// Who a credential belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
@@ -492,7 +497,8 @@ impl Klaviyo for Lookup<'_> {
         {
             return Err(Failure::Unavailable);
         }
-        let auth = HeaderValue::from_bytes(self.credential.as_bytes()).map_err(|_| Failure::Invalid)?;
+        let mut auth = HeaderValue::from_bytes(self.credential.as_bytes()).map_err(|_| Failure::Invalid)?;
+        auth.set_sensitive(true);
         let parts = accounts_request(Some(&auth), self.config.upstream.revision.as_str());
         let resp = self.upstream.send(&parts, Bytes::new()).await.map_err(|_| Failure::Unavailable)?;
         let status = resp.status().as_u16();
