@@ -12,6 +12,7 @@ pub mod admin;
 pub mod body;
 pub mod breaker;
 pub mod catalog;
+pub mod coalesce;
 pub mod config;
 pub mod credential;
 pub mod error;
@@ -131,6 +132,8 @@ impl App {
             let proxy = self.proxy.clone();
             tokio::spawn(async move { proxy.resolve_injected().await })
         };
+        // Coalesced events go out as bulk jobs.
+        let batcher = self.proxy.coalescer().map(|c| tokio::spawn(c.clone().run(self.proxy.clone())));
         // At shutdown: stop accepting, finish what is in flight and queued until the
         // drain time is up, then spool deferrable writes and answer the rest 503.
         let shutdown = {
@@ -139,6 +142,9 @@ impl App {
                 shutdown.await;
                 tracing::info!(drain_ms = drain.as_millis() as u64, "draining");
                 proxy.begin_drain(tokio::time::Instant::now() + drain);
+                if let Some(c) = proxy.coalescer() {
+                    c.begin_drain();
+                }
             }
         };
         let sweeper = {
@@ -161,6 +167,10 @@ impl App {
         sweeper.abort();
         replayer.abort();
         resolving.abort();
+        if let Some(batcher) = batcher {
+            // Jobs not sent stay in the coalescer's file for the next start.
+            batcher.abort();
+        }
         let _ = admin_stop.send(());
         if let Some(task) = admin_task {
             let _ = task.await;

@@ -26,6 +26,7 @@ use crate::route::{Route, Router};
 use crate::spool::{self, Spool};
 use crate::upstream::{self, Upstream, UpstreamError};
 
+mod coalesced;
 mod deferred;
 
 /// Request id header: passed through when the client sends one, generated otherwise,
@@ -58,6 +59,8 @@ pub struct Proxy {
     pub(crate) drain: tokio::sync::watch::Sender<Option<Instant>>,
     /// The Klaviyo account behind each credential (outlives reloads).
     pub(crate) resolver: Resolver,
+    /// Single events delivered as bulk jobs (`coalesce.events`; read at start).
+    pub(crate) coalescer: Option<Arc<crate::coalesce::Coalescer>>,
 }
 
 /// The reloadable part: a request reads it once and keeps that view to the end.
@@ -154,6 +157,9 @@ pub enum BuildError {
     /// The Redis URL cannot be used.
     #[error(transparent)]
     Redis(#[from] RedisStoreError),
+    /// The coalescer's file cannot be opened.
+    #[error(transparent)]
+    Coalesce(#[from] crate::coalesce::StoreError),
     /// `limiter.redis_ca_file` cannot be read.
     #[error("cannot read limiter.redis_ca_file {path}: {source}")]
     RedisCa {
@@ -215,6 +221,7 @@ impl Proxy {
             Limiter::Local(_) => None,
         };
         let resolver = Resolver::new(config.limiter.state_path.as_deref(), redis, metrics.clone());
+        let coalescer = coalesced::open(&config, spool.as_ref(), &metrics)?;
         let live = Live::new(config, &fallback_hash_key)?;
         let proxy = Proxy {
             live: RwLock::new(Arc::new(live)),
@@ -229,6 +236,7 @@ impl Proxy {
             spooled: tokio::sync::Notify::new(),
             drain: tokio::sync::watch::Sender::new(None),
             resolver,
+            coalescer,
         };
         proxy.refresh_spool_gauges();
         Ok(proxy)
