@@ -501,6 +501,10 @@ impl Klaviyo for Lookup<'_> {
         auth.set_sensitive(true);
         let parts = accounts_request(Some(&auth), self.config.upstream.revision.as_str());
         let resp = self.upstream.send(&parts, Bytes::new()).await.map_err(|_| Failure::Unavailable)?;
+        // A Cloudflare challenge never looked at the key: it says nothing of its scopes.
+        if crate::retry::is_challenge(resp.status(), resp.headers()) {
+            return Err(Failure::Unavailable);
+        }
         let status = resp.status().as_u16();
         let body = http_body_util::BodyExt::collect(resp.into_body()).await.map(|b| b.to_bytes()).unwrap_or_default();
         match status {

@@ -29,6 +29,7 @@ pub mod sim;
 pub mod spool;
 pub mod stack;
 pub mod upstream;
+pub mod workers;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -101,6 +102,18 @@ impl App {
         admin: Option<TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) {
+        self.serve_threads(listener, Vec::new(), admin, shutdown).await
+    }
+
+    /// [`App::serve_with_admin`] on `listener` here and on each of `others` in a
+    /// serving thread of its own (see [`workers`]); all stop and drain together.
+    pub async fn serve_threads(
+        self,
+        listener: TcpListener,
+        others: Vec<std::net::TcpListener>,
+        admin: Option<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) {
         let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let admin_task = admin.map(|admin_listener| {
             let admin = self.admin();
@@ -136,6 +149,8 @@ impl App {
         let batcher = self.proxy.coalescer().map(|c| tokio::spawn(c.clone().run(self.proxy.clone())));
         // At shutdown: stop accepting, finish what is in flight and queued until the
         // drain time is up, then spool deferrable writes and answer the rest 503.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let threads = workers::spawn(others, &self.proxy, limits, stopped);
         let shutdown = {
             let proxy = self.proxy.clone();
             async move {
@@ -145,6 +160,7 @@ impl App {
                 if let Some(c) = proxy.coalescer() {
                     c.begin_drain();
                 }
+                stop.send_replace(true);
             }
         };
         let sweeper = {
@@ -154,6 +170,7 @@ impl App {
                 loop {
                     every.tick().await;
                     proxy.limiter().sweep(tokio::time::Instant::now());
+                    proxy.ramps.sweep();
                 }
             })
         };
@@ -162,8 +179,10 @@ impl App {
             let proxy = self.proxy.clone();
             tokio::spawn(async move { proxy.limiter().run_background().await })
         };
-        let service = hyper_util::service::TowerToHyperService::new(stack::build(&self.proxy));
+        let service =
+            hyper_util::service::TowerToHyperService::new(stack::build(&self.proxy, self.proxy.upstream().clone()));
         server::serve(listener, None, limits, service, shutdown).await;
+        workers::join(threads).await;
         sweeper.abort();
         replayer.abort();
         resolving.abort();
