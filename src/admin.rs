@@ -228,7 +228,10 @@ impl Admin {
 
     async fn probe_now(&self, max_wait: Duration) -> ServiceHealth {
         let authenticated = self.proxy.has_injected_key();
-        let known_id = || self.account_id.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let known_id = || {
+            let probed = self.account_id.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+            probed.or_else(|| self.proxy.injected_account())
+        };
         // A health check must answer quickly even when Klaviyo hangs.
         let probe = match tokio::time::timeout(max_wait + PROBE_TIMEOUT, self.proxy.probe(max_wait)).await {
             Err(_) => {

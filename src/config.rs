@@ -279,6 +279,8 @@ pub struct Config {
     pub preflight: PreflightConfig,
     /// Where buckets live: this process, or Redis shared by every replica.
     pub limiter: LimiterConfig,
+    /// Which Klaviyo account each credential belongs to.
+    pub accounts: AccountsConfig,
     /// Coalescing single events into bulk jobs.
     pub coalesce: CoalesceConfig,
     /// The checklist's opt-in checks on request bodies.
@@ -514,11 +516,15 @@ pub struct AuthConfig {
     /// Secret for the keyed hash that names accounts in bucket keys. Random per start
     /// when unset; replicas sharing limits must share it.
     pub account_hash_key: Option<Secret>,
-    /// A name for the injected key's account in metrics (otherwise its hash alias).
+    /// The injected key's account (its Klaviyo id or a name): its buckets and its name
+    /// in metrics and logs, with no lookup. Unset, the account is looked up at start.
     pub account_name: Option<AccountName>,
     /// When set, only operations whose catalog scopes these grant are forwarded; the
     /// rest get 403 `proxy_scope_forbidden` (`X:write` grants `X:read`).
     pub allowed_scopes: Option<Vec<Scope>>,
+    /// The OAuth app whose access tokens clients send as `Bearer ...`: an app's quota
+    /// in an account is its own, so its buckets are (account, this app).
+    pub oauth_app: AccountName,
     /// The resolved private key (never read from the file's `[auth]` table directly).
     #[serde(skip_deserializing)]
     pub private_key: Option<Secret>,
@@ -533,6 +539,7 @@ impl Default for AuthConfig {
             account_hash_key: None,
             account_name: None,
             allowed_scopes: None,
+            oauth_app: AccountName("default".into()),
             private_key: None,
         }
     }
@@ -825,7 +832,8 @@ pub struct LimiterConfig {
     pub replicas: Option<NonZeroU32>,
     /// With the local store: where the takes that still matter are kept across restarts
     /// (snapshotted every second and at shutdown; journals of buckets touched since the
-    /// last snapshot sit next to it). Unset: a restart starts with empty buckets.
+    /// last snapshot sit next to it). Unset: a restart starts with empty buckets. The
+    /// account cache is kept beside it (`<state_path>.accounts`).
     pub state_path: Option<PathBuf>,
 }
 
@@ -840,6 +848,43 @@ impl Default for LimiterConfig {
             timeout_ms: 100,
             replicas: None,
             state_path: None,
+        }
+    }
+}
+
+/// `[accounts]`: learning the Klaviyo account behind each credential, so that every
+/// key of an account shares the account's buckets (see [`crate::account`]).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountsConfig {
+    /// Look accounts up with `GET /api/accounts`, once per credential. Off, every
+    /// credential not declared below keeps buckets of its own.
+    pub resolve: bool,
+    /// Most credentials remembered (answers and failed lookups); must be > 0.
+    pub cache_entries: NonZeroU32,
+    /// How long an answer is trusted before it is looked up again (seconds).
+    pub cache_ttl_s: u64,
+    /// After a lookup that could not tell (no `accounts:read` scope, 401, Klaviyo
+    /// down), the credential keeps its own buckets this long before the next try.
+    pub retry_ms: u64,
+    /// Longest a lookup waits for its `get_accounts` token; then the request goes on
+    /// its credential's own buckets and the lookup is tried again later.
+    pub lookup_max_wait_ms: u64,
+    /// Accounts the operator declares, with no lookup: a credential's fingerprint
+    /// (`klaviyo-proxy fingerprint` prints it from the key on stdin) to its account's
+    /// Klaviyo id (shares buckets with looked-up keys of that account) or a name.
+    pub declared: BTreeMap<crate::credential::Fingerprint, AccountName>,
+}
+
+impl Default for AccountsConfig {
+    fn default() -> Self {
+        AccountsConfig {
+            resolve: true,
+            cache_entries: NonZeroU32::new(10_000).expect("non-zero"),
+            cache_ttl_s: 86_400,
+            retry_ms: 300_000,
+            lookup_max_wait_ms: 10_000,
+            declared: BTreeMap::new(),
         }
     }
 }

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod account;
 pub mod admin;
 pub mod body;
 pub mod breaker;
@@ -14,6 +15,7 @@ pub mod catalog;
 pub mod checklist;
 pub mod coalesce;
 pub mod config;
+pub mod credential;
 pub mod error;
 pub mod limiter;
 pub mod metrics;
@@ -139,6 +141,11 @@ impl App {
         };
         // Spooled writes go out in the background once Klaviyo is healthy.
         let replayer = tokio::spawn(self.proxy.clone().replay());
+        // Inject mode: learn the one key's account now, not on the first request.
+        let resolving = {
+            let proxy = self.proxy.clone();
+            tokio::spawn(async move { proxy.resolve_injected().await })
+        };
         // Coalesced events go out as bulk jobs.
         let batcher = self.proxy.coalescer().map(|c| tokio::spawn(c.clone().run(self.proxy.clone())));
         // At shutdown: stop accepting, finish what is in flight and queued until the
@@ -179,6 +186,7 @@ impl App {
         workers::join(threads).await;
         sweeper.abort();
         replayer.abort();
+        resolving.abort();
         if let Some(batcher) = batcher {
             // Jobs not sent stay in the coalescer's file for the next start.
             batcher.abort();

@@ -83,6 +83,10 @@ enum Command {
     },
     /// List the endpoint catalog: operation, method, path and limits.
     Routes,
+    /// Print a credential's fingerprint, for `[accounts.declared]`: reads the key (or a
+    /// whole `Authorization` value, or an OAuth token) on stdin, so it never appears in
+    /// the shell history or the process list.
+    Fingerprint,
     /// Probe a health URL (for container HEALTHCHECKs and exec probes: the image has no
     /// shell or curl). Exits 0 when the answer is 2xx within the timeout.
     Healthcheck {
@@ -273,6 +277,14 @@ async fn run(command: Command) -> Result<()> {
             eprintln!("{}: OK", file.display());
             Ok(())
         }
+        Command::Fingerprint => {
+            let mut input = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut input).context("read the key from stdin")?;
+            anyhow::ensure!(!input.trim().is_empty(), "no key on stdin (try: klaviyo-proxy fingerprint < keyfile)");
+            let credential = klaviyo_proxy::credential::parse_key_input(&input);
+            println!("{}", credential.fingerprint());
+            Ok(())
+        }
         Command::Routes => {
             use std::io::Write;
             // A closed pipe (`routes | head`) ends the listing quietly.
@@ -319,7 +331,14 @@ async fn run(command: Command) -> Result<()> {
             let _ = init_logs("info", LogFormat::Human);
             let listener = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
             let faults = faults.faults()?;
-            let options = SimOptions { seed, tls, latency: Duration::from_millis(latency_ms), unlimited, faults };
+            let options = SimOptions {
+                seed,
+                tls,
+                latency: Duration::from_millis(latency_ms),
+                unlimited,
+                faults,
+                ..SimOptions::default()
+            };
             let sim = Simulator::start(listener, options)?;
             if let (Some(path), Some(pem)) = (&ca_out, &sim.ca_pem) {
                 std::fs::write(path, pem).with_context(|| format!("write {}", path.display()))?;

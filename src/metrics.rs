@@ -28,6 +28,9 @@ use tokio::time::Instant;
 use crate::catalog;
 use crate::limiter::{Account, BucketId, BucketView, LocalStore, StoreState};
 
+mod accounts;
+pub use accounts::{MAX_ACCOUNT_SERIES, OTHER as OTHER_ACCOUNT};
+
 /// Requests by operation, tier and outcome (counter).
 pub const REQUESTS: &str = "klaviyo_proxy_requests";
 /// Upstream responses by operation, tier, status code and status class (counter).
@@ -65,6 +68,13 @@ pub const SPOOL_DEAD_LETTERS: &str = "klaviyo_proxy_spool_dead_letters";
 pub const HEALTH_PROBES: &str = "klaviyo_proxy_health_probes";
 /// Config reloads by result: `ok` or `rejected` (counter).
 pub const CONFIG_RELOADS: &str = "klaviyo_proxy_config_reloads";
+
+/// Account lookups (`GET /api/accounts` for a new credential) by result: `resolved`,
+/// `shared` (another replica's answer, through Redis), or why it could not tell:
+/// `forbidden`, `unauthorized`, `throttled`, `unavailable`, `busy`, `invalid` (counter).
+pub const ACCOUNT_LOOKUPS: &str = "klaviyo_proxy_account_lookups";
+/// Credentials whose account is unknown now, on buckets of their own (gauge).
+pub const ACCOUNTS_UNRESOLVED: &str = "klaviyo_proxy_accounts_unresolved";
 
 /// Active buckets held by the limiter (gauge, read at scrape).
 pub const ACTIVE_BUCKETS: &str = "klaviyo_proxy_active_buckets";
@@ -236,8 +246,13 @@ pub struct Metrics {
     pub coalesce: CoalesceMetrics,
     /// Klaviyo's last `RateLimit-Remaining` per (account, endpoint), with when it came.
     reported: Mutex<HashMap<(Account, usize), (i64, Instant)>>,
-    /// Configured names of accounts; the others show as their hash alias.
-    account_names: RwLock<HashMap<Account, String>>,
+    /// Account names and which accounts have series of their own (the top ones by
+    /// traffic; the rest are `other`).
+    accounts: RwLock<accounts::AccountSeries>,
+    /// The auth-failure label sets issued, to remove an account's when it stops being shown.
+    auth_series: Mutex<std::collections::HashSet<AuthLabels>>,
+    account_lookups: Family<ResultLabel, Counter>,
+    accounts_unresolved: Gauge,
     /// One scrape at a time: a scrape clears and refills the limiter gauges.
     scrape: Mutex<()>,
 }
@@ -341,6 +356,14 @@ impl Metrics {
         registry.register(HEALTH_PROBES, "Klaviyo health probes by result", health_probes.clone());
         let config_reloads = Family::default();
         registry.register(CONFIG_RELOADS, "Config reloads by result", config_reloads.clone());
+        let account_lookups = Family::default();
+        registry.register(ACCOUNT_LOOKUPS, "Account lookups for new credentials by result", account_lookups.clone());
+        let accounts_unresolved = Gauge::default();
+        registry.register(
+            ACCOUNTS_UNRESOLVED,
+            "Credentials whose account is unknown, on buckets of their own",
+            accounts_unresolved.clone(),
+        );
         let coalesce = CoalesceMetrics::register(&mut registry);
         Metrics {
             registry,
@@ -366,20 +389,47 @@ impl Metrics {
             config_reloads,
             coalesce,
             reported: Mutex::new(HashMap::new()),
-            account_names: RwLock::new(HashMap::new()),
+            accounts: RwLock::new(accounts::AccountSeries::default()),
+            auth_series: Mutex::new(Default::default()),
+            account_lookups,
+            accounts_unresolved,
             scrape: Mutex::new(()),
         }
     }
 
     /// Sets the configured account names (at start and on reload).
     pub fn set_account_names(&self, names: HashMap<Account, String>) {
-        *self.account_names.write().unwrap_or_else(PoisonError::into_inner) = names;
+        self.accounts.write().unwrap_or_else(PoisonError::into_inner).set_configured(names);
     }
 
-    /// An account as a label: its configured name, else its hash alias.
+    /// Names a bucket account by the Klaviyo account it was resolved to.
+    pub fn name_account(&self, account: Account, name: String) {
+        if !self.accounts.read().unwrap_or_else(PoisonError::into_inner).knows(account, &name) {
+            self.accounts.write().unwrap_or_else(PoisonError::into_inner).learn(account, name);
+        }
+    }
+
+    /// An account as a label, bounded: for the top [`MAX_ACCOUNT_SERIES`] accounts by
+    /// upstream traffic their configured name, Klaviyo id, or else hash alias; for
+    /// every other account [`OTHER_ACCOUNT`]. Every per-account series uses it.
     pub fn account_label(&self, account: Account) -> String {
-        let names = self.account_names.read().unwrap_or_else(PoisonError::into_inner);
-        names.get(&account).cloned().unwrap_or_else(|| account.alias())
+        self.accounts.read().unwrap_or_else(PoisonError::into_inner).label(account)
+    }
+
+    /// An account's name for logs (unbounded, unlike [`Metrics::account_label`]): its
+    /// configured name, Klaviyo id, or hash alias.
+    pub fn account_name(&self, account: Account) -> String {
+        self.accounts.read().unwrap_or_else(PoisonError::into_inner).name(account)
+    }
+
+    /// Counts an account lookup by its result (see [`ACCOUNT_LOOKUPS`]).
+    pub fn account_lookup(&self, result: &'static str) {
+        self.account_lookups.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// Sets how many credentials are on buckets of their own for want of an account.
+    pub fn accounts_unresolved(&self, n: usize) {
+        self.accounts_unresolved.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Counts a finished client request.
@@ -403,10 +453,11 @@ impl Metrics {
     ) {
         let (operation, tier) = (route.label(), route.tier());
         self.upstream_answer(operation, tier, status, latency);
+        self.accounts.write().unwrap_or_else(PoisonError::into_inner).note(route.account);
         if status == 401 || status == 403 {
-            self.auth_failures
-                .get_or_create(&AuthLabels { operation, account: self.account_label(route.account), status })
-                .inc();
+            let labels = AuthLabels { operation, account: self.account_label(route.account), status };
+            self.auth_failures.get_or_create(&labels).inc();
+            self.auth_series.lock().unwrap_or_else(PoisonError::into_inner).insert(labels);
         }
         if let (Some(remaining), Some(op)) = (remaining, route.operation) {
             let mut reported = self.reported.lock().unwrap_or_else(PoisonError::into_inner);
@@ -482,6 +533,17 @@ impl Metrics {
     /// upstream's reported remaining, for active buckets only.
     fn refresh(&self, store: &LocalStore) {
         let now = Instant::now();
+        let dropped = self.accounts.write().unwrap_or_else(PoisonError::into_inner).rerank();
+        if !dropped.is_empty() {
+            self.auth_series.lock().unwrap_or_else(PoisonError::into_inner).retain(|labels| {
+                let keep = !dropped.contains(&labels.account);
+                if !keep {
+                    self.auth_failures.remove(labels);
+                }
+                keep
+            });
+        }
+        let mut tokens: HashMap<TokenLabels, (i64, f64)> = HashMap::new();
         self.queue_depth.clear();
         self.tokens_left.clear();
         self.window_fill.clear();
@@ -518,11 +580,18 @@ impl Metrics {
             }
             let account = self.account_label(view.key.account);
             for (window, (spec, in_use)) in ["burst", "steady", "daily"].into_iter().zip(view.windows) {
-                let left = u64::from(spec.limit).saturating_sub(in_use);
+                let left = i64::try_from(u64::from(spec.limit).saturating_sub(in_use)).unwrap_or(i64::MAX);
+                let fill = in_use as f64 / f64::from(spec.limit.max(1));
+                // Buckets of `other` accounts share a series: the least left (the
+                // fullest window) shows.
                 let labels = TokenLabels { account: account.clone(), operation, bucket, window };
-                self.window_fill.get_or_create(&labels).set(in_use as f64 / f64::from(spec.limit.max(1)));
-                self.tokens_left.get_or_create(&labels).set(i64::try_from(left).unwrap_or(i64::MAX));
+                let slot = tokens.entry(labels).or_insert((left, fill));
+                *slot = (slot.0.min(left), slot.1.max(fill));
             }
+        }
+        for (labels, (left, fill)) in tokens {
+            self.window_fill.get_or_create(&labels).set(fill);
+            self.tokens_left.get_or_create(&labels).set(left);
         }
         for (labels, n) in depth {
             self.queue_depth.get_or_create(&labels).set(n);
@@ -531,13 +600,13 @@ impl Metrics {
         reported.retain(|_, (_, at)| now.duration_since(*at) < REPORTED_TTL);
         let mut lowest: Vec<_> = reported.iter().map(|(k, (remaining, _))| (*remaining, *k)).collect();
         lowest.sort_unstable();
+        let mut seen = std::collections::HashSet::new();
         for (remaining, (account, endpoint)) in lowest.into_iter().take(MAX_BUCKET_SERIES) {
-            self.reported_remaining
-                .get_or_create(&ReportedLabels {
-                    account: self.account_label(account),
-                    operation: endpoint_label(endpoint),
-                })
-                .set(remaining);
+            let labels = ReportedLabels { account: self.account_label(account), operation: endpoint_label(endpoint) };
+            // Sorted lowest first: an `other` series shows its account with the least left.
+            if seen.insert(labels.clone()) {
+                self.reported_remaining.get_or_create(&labels).set(remaining);
+            }
         }
     }
 }
@@ -590,22 +659,48 @@ mod tests {
         assert!(!metrics.encode(&store).contains("klaviyo_proxy_upstream_ratelimit_remaining{"));
         // Many accounts: the series stay bounded, the most constrained bucket shown.
         let hot = router.route("GET", "/api/profiles", None, false, Some(b"Klaviyo-API-Key pk_hot"));
-        for _ in 0..75 {
-            store.reserve(&hot.demands, Instant::now(), Instant::now(), 10).unwrap();
-        }
         for n in 0..400u32 {
             let key = format!("Klaviyo-API-Key pk_{n}");
             let r = router.route("GET", "/api/profiles", None, false, Some(key.as_bytes()));
             store.reserve(&r.demands, Instant::now(), Instant::now(), 10).unwrap();
+            metrics.upstream_response(&r, 401, Duration::from_millis(5), None);
+        }
+        for _ in 0..75 {
+            store.reserve(&hot.demands, Instant::now(), Instant::now(), 10).unwrap();
+            metrics.upstream_response(&hot, 200, Duration::from_millis(5), None);
         }
         let text = metrics.encode(&store);
         assert!(text.contains("klaviyo_proxy_active_buckets 402"), "{text}");
-        let series = text.lines().filter(|l| l.starts_with("klaviyo_proxy_tokens_left{")).count();
-        assert_eq!(series, MAX_BUCKET_SERIES * 2);
+        // Per-account series are bounded: the top accounts by traffic, then `other`.
+        let accounts = |prefix: &str| {
+            let set: std::collections::HashSet<String> = text
+                .lines()
+                .filter(|l| l.starts_with(prefix))
+                .filter_map(|l| l.split("account=\"").nth(1)?.split('"').next().map(str::to_string))
+                .collect();
+            set
+        };
+        let shown = accounts("klaviyo_proxy_tokens_left{");
+        assert!(shown.len() <= MAX_ACCOUNT_SERIES + 1 && shown.contains(OTHER_ACCOUNT), "{shown:?}");
+        let failing = accounts("klaviyo_proxy_upstream_auth_failures_total{");
+        assert!(failing.len() <= MAX_ACCOUNT_SERIES + 1 && failing.contains(OTHER_ACCOUNT), "{failing:?}");
         assert!(text.contains(&format!(
             "klaviyo_proxy_tokens_left{{account=\"{}\",operation=\"get_profiles\",bucket=\"endpoint\",window=\"burst\"}} 0",
             hot.account.alias()
         )));
+        // `other` shows the least left among its buckets (each took one of 75).
+        assert!(text.contains(
+            "klaviyo_proxy_tokens_left{account=\"other\",operation=\"get_profiles\",bucket=\"endpoint\",window=\"burst\"} 74"
+        ));
+        // An account that falls out of the top loses its auth-failure series.
+        for _ in 0..8 {
+            for _ in 0..10 {
+                metrics.upstream_response(&hot, 200, Duration::from_millis(5), None);
+            }
+            metrics.encode(&store);
+        }
+        let failing = accounts("klaviyo_proxy_upstream_auth_failures_total{");
+        assert!(failing.len() <= MAX_ACCOUNT_SERIES + 1, "{failing:?}");
         metrics.breaker_transition(BreakerState::Closed, BreakerState::Open);
         let text = metrics.encode(&store);
         assert!(text.contains("klaviyo_proxy_breaker_state 2"));

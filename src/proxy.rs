@@ -3,24 +3,25 @@
 //! building it, reloading it, and the health probe. The path itself is composed in
 //! [`crate::stack`].
 
-use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{request, Request, Response, StatusCode};
+use http::{request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::account::{self, Resolver};
 use crate::breaker::{Breaker, Phase};
 use crate::checklist::Checklist;
 use crate::config::{is_beta_revision, AuthMode, Config, ConfigError, StoreKind};
+use crate::credential::{self, Credential};
 use crate::error::ProxyError;
 use crate::limiter::ramp::Ramps;
 use crate::limiter::redis::{RedisStore, RedisStoreError};
-use crate::limiter::{Account, Limiter, LocalStore, SharedStore};
+use crate::limiter::{Limiter, LocalStore, SharedStore};
 use crate::metrics::{BreakerState, Metrics};
 use crate::queue;
 use crate::retry::{self, RetryBudget};
@@ -63,6 +64,8 @@ pub struct Proxy {
     pub(crate) drain: tokio::sync::watch::Sender<Option<Instant>>,
     /// The production checklist's counters, from live traffic.
     pub(crate) checklist: Checklist,
+    /// The Klaviyo account behind each credential (outlives reloads).
+    pub(crate) resolver: Resolver,
     /// Single events delivered as bulk jobs (`coalesce.events`; read at start).
     pub(crate) coalescer: Option<Arc<crate::coalesce::Coalescer>>,
 }
@@ -103,21 +106,19 @@ impl Live {
     }
 
     /// Routes a request head under this config: the revision picks stable or beta
-    /// limits, the credential that will go upstream names the account.
+    /// limits; the account is the one [`Proxy::resolve`] found for the credential
+    /// that will go upstream, else the credential's own.
     pub(crate) fn route(&self, parts: &request::Parts) -> Route {
         let revision = parts.headers.get("revision").and_then(|v| v.to_str().ok());
         let beta = is_beta_revision(revision.unwrap_or(self.config.upstream.revision.as_str()));
-        let credential = parts.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
-        self.router.route(parts.method.as_str(), parts.uri.path(), parts.uri.query(), beta, credential)
-    }
-
-    /// Configured account names, for metrics: the injected key's account.
-    fn account_names(&self) -> HashMap<Account, String> {
-        let mut names = HashMap::new();
-        if let (Some(auth), Some(name)) = (&self.injected_auth, &self.config.auth.account_name) {
-            names.insert(self.router.account("auth", auth.as_bytes()), name.as_str().to_string());
+        let (method, path, query) = (parts.method.as_str(), parts.uri.path(), parts.uri.query());
+        match parts.extensions.get::<account::Resolved>() {
+            Some(resolved) => self.router.route_as(method, path, query, beta, resolved.0),
+            None => {
+                let credential = parts.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+                self.router.route(method, path, query, beta, credential)
+            }
         }
-        names
     }
 }
 
@@ -235,9 +236,13 @@ impl Proxy {
             Duration::from_millis(config.retry.budget_window_ms),
         );
         let spool = config.spool.path.as_deref().map(Spool::open).transpose()?;
+        let redis = match &limiter {
+            Limiter::Shared(s) => Some(s.redis().clone()),
+            Limiter::Local(_) => None,
+        };
+        let resolver = Resolver::new(config.limiter.state_path.as_deref(), redis, metrics.clone());
         let coalescer = coalesced::open(&config, spool.as_ref(), &metrics)?;
         let live = Live::new(config, &fallback_hash_key)?;
-        metrics.set_account_names(live.account_names());
         let proxy = Proxy {
             live: RwLock::new(Arc::new(live)),
             fallback_hash_key,
@@ -252,6 +257,7 @@ impl Proxy {
             spooled: tokio::sync::Notify::new(),
             drain: tokio::sync::watch::Sender::new(None),
             checklist: Checklist::new(),
+            resolver,
             coalescer,
         };
         proxy.refresh_spool_gauges();
@@ -353,7 +359,6 @@ impl Proxy {
             return Err(ReloadError::NeedsRestart("auth.account_hash_key (with the redis store)"));
         }
         let live = Arc::new(Live::new(new, &self.fallback_hash_key)?);
-        self.metrics.set_account_names(live.account_names());
         *self.live.write().unwrap_or_else(PoisonError::into_inner) = live;
         Ok(())
     }
@@ -366,13 +371,9 @@ impl Proxy {
         if !live.config.upstream.enabled {
             return Err(ProxyError::Disabled);
         }
-        let mut req = Request::get("/api/accounts").body(()).expect("static request");
-        if let Some(auth) = &live.injected_auth {
-            req.headers_mut().insert(header::AUTHORIZATION, auth.clone());
-        }
-        let (mut parts, ()) = req.into_parts();
+        let mut parts = account::accounts_request(live.injected_auth.as_ref(), live.config.upstream.revision.as_str());
+        self.resolve(&live, &mut parts).await;
         let route = live.route(&parts);
-        upstream::outbound_headers(&mut parts.headers, live.config.upstream.revision.as_str());
         if live.config.limits.enabled {
             let deadline = Instant::now() + max_wait;
             queue::wait(&self.limiter, &route.demands, deadline, live.config.queue.max_depth, route.label()).await?;
@@ -399,6 +400,47 @@ impl Proxy {
     /// The upstream client.
     pub(crate) fn upstream(&self) -> &Upstream {
         &self.upstream
+    }
+
+    /// Learns the account behind the request's credential (looked up once per
+    /// credential) for [`Live::route`]; a well-formed credential goes upstream in its
+    /// canonical spelling. `/client/` requests spend their `company_id`'s quota.
+    pub(crate) async fn resolve(&self, live: &Live, parts: &mut request::Parts) {
+        if parts.uri.path().starts_with("/client/") {
+            return;
+        }
+        let Some(value) = parts.headers.get(header::AUTHORIZATION) else { return };
+        let credential = credential::parse(value.as_bytes());
+        if credential.kind() != credential::Kind::Malformed && credential.as_bytes() != value.as_bytes() {
+            if let Ok(v) = sensitive(String::from_utf8_lossy(credential.as_bytes()).into_owned(), "") {
+                parts.headers.insert(header::AUTHORIZATION, v);
+            }
+        }
+        let lookup = self.lookup(live, &credential);
+        let account = self.resolver.account_for(&live.router, &live.config, &credential, &lookup).await;
+        parts.extensions.insert(account::Resolved(account));
+    }
+
+    fn lookup<'a>(&'a self, live: &'a Live, credential: &'a Credential) -> account::Lookup<'a> {
+        let (limiter, upstream, breaker) = (&self.limiter, &self.upstream, &self.breaker);
+        account::Lookup { limiter, upstream, breaker, router: &live.router, config: &live.config, credential }
+    }
+
+    /// Learns the injected key's account (inject mode, at start) unless configured.
+    pub async fn resolve_injected(&self) {
+        let live = self.live();
+        if let Some(auth) = &live.injected_auth {
+            let credential = credential::parse(auth.as_bytes());
+            let lookup = self.lookup(&live, &credential);
+            self.resolver.account_for(&live.router, &live.config, &credential, &lookup).await;
+        }
+    }
+
+    /// The injected key's account id (or configured name), once known.
+    pub fn injected_account(&self) -> Option<String> {
+        let live = self.live();
+        let credential = credential::parse(live.injected_auth.as_ref()?.as_bytes());
+        self.resolver.known(&live.config, &credential)
     }
 }
 

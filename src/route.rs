@@ -7,7 +7,11 @@ use ring::hmac;
 
 use crate::catalog::{self, Operation};
 use crate::config::{Limits, LimitsConfig};
+use crate::credential::{self, Credential};
 use crate::limiter::{ticks, Account, BucketId, BucketKey, Demand, WindowSpec, Windows};
+
+/// The account of the [`Router::lookup_gate`] bucket (never a hash: those start at 2).
+pub const LOOKUPS: Account = Account(1);
 
 /// What a request is, for the limiter, the logs and the metrics.
 #[derive(Debug, Clone)]
@@ -90,13 +94,41 @@ impl Router {
         let tag = ctx.sign();
         let mut first = [0u8; 16];
         first.copy_from_slice(&tag.as_ref()[..16]);
-        // Zero is reserved for requests with no credential.
-        Account(u128::from_be_bytes(first).max(1))
+        // Zero and one are reserved (no credential; account lookups).
+        Account(u128::from_be_bytes(first).max(2))
     }
 
     /// Routes a request. `credential` is the `Authorization` value that will go
-    /// upstream; `/client/` operations are keyed by their `company_id` instead.
+    /// upstream, keyed by its own (normalised) hash: [`crate::account::Resolver`] names
+    /// the account behind it instead, for [`Router::route_as`]. `/client/` operations
+    /// are keyed by their `company_id`.
     pub fn route(&self, method: &str, path: &str, query: Option<&str>, beta: bool, credential: Option<&[u8]>) -> Route {
+        let account = credential.map_or(Account::ANONYMOUS, |c| self.credential_account(&credential::parse(c)));
+        self.route_as(method, path, query, beta, account)
+    }
+
+    /// The bucket account of a credential whose Klaviyo account is not known: its own.
+    pub fn credential_account(&self, credential: &Credential) -> Account {
+        self.account("auth", credential.as_bytes())
+    }
+
+    /// The gate every first account lookup passes (its account is what it asks for,
+    /// so it cannot use the account's own bucket yet): one `get_accounts` per second in
+    /// all, so two keys of one account never look up in one of Klaviyo's windows.
+    pub fn lookup_gate(&self) -> Demand {
+        let endpoint = catalog::by_id("get_accounts").map_or(0, |o| o.endpoint);
+        Demand {
+            key: BucketKey {
+                account: LOOKUPS,
+                bucket: BucketId::Endpoint(u16::try_from(endpoint).expect("fewer than 65536 endpoints")),
+            },
+            windows: windows(&self.limits, 1, 60, None),
+        }
+    }
+
+    /// Routes a request whose credential spends `account`'s quota; `/client/`
+    /// operations are keyed by their `company_id` whatever `account` says.
+    pub fn route_as(&self, method: &str, path: &str, query: Option<&str>, beta: bool, account: Account) -> Route {
         let operation = catalog::find(method, path, beta);
         let params = || form_urlencoded::parse(query.unwrap_or("").as_bytes());
         let account = if path.starts_with("/client/") {
@@ -104,7 +136,7 @@ impl Router {
                 .find(|(k, _)| k == "company_id")
                 .map_or(Account::ANONYMOUS, |(_, v)| self.account("company", v.as_bytes()))
         } else {
-            credential.map_or(Account::ANONYMOUS, |c| self.account("auth", c))
+            account
         };
         let Some(op) = operation else {
             return Route {
@@ -156,6 +188,19 @@ mod tests {
         let d = r.route("POST", "/client/events", Some("company_id=XYZ"), false, Some(b"x"));
         assert_ne!(c.account, d.account);
         assert_eq!(c.label(), "create_client_event");
+    }
+
+    #[test]
+    fn spellings_of_a_credential_share_buckets() {
+        let r = router("");
+        let route = |auth: &str| r.route("GET", "/api/profiles", None, false, Some(auth.as_bytes())).account;
+        let canonical = route("Klaviyo-API-Key pk_a");
+        assert_eq!(route("klaviyo-api-key  pk_a"), canonical);
+        assert_eq!(route(" KLAVIYO-API-KEY\tpk_a "), canonical);
+        assert_ne!(route("Bearer pk_a"), canonical);
+        // Malformed values get one bucket per normalised value, not one per spelling.
+        assert_eq!(route("Basic  abc"), route(" basic abc"));
+        assert_ne!(route("Basic abc"), route("Basic abd"));
     }
 
     #[test]

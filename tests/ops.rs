@@ -187,7 +187,8 @@ async fn health_goes_healthy_degraded_down_healthy() {
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["status"], "healthy");
     assert_eq!(v["services"]["klaviyo"]["status"], "healthy");
-    assert_eq!(v["services"]["klaviyo"]["accountId"], "SimAcct1");
+    // The simulator names KEY_A's account `test_account_a` (`pk_<account>_<rest>`).
+    assert_eq!(v["services"]["klaviyo"]["accountId"], "test_account_a");
     assert!(v["services"]["klaviyo"]["latencyMs"].is_u64());
     assert!(v["services"]["klaviyo"]["error"].is_null());
     assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));
@@ -213,7 +214,7 @@ async fn health_goes_healthy_degraded_down_healthy() {
     let (status, v) = degraded.expect("a probe saw Klaviyo's 429");
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(v["services"]["klaviyo"]["error"].as_str().unwrap().contains("rate-limited"), "{v}");
-    assert_eq!(v["services"]["klaviyo"]["accountId"], "SimAcct1");
+    assert_eq!(v["services"]["klaviyo"]["accountId"], "test_account_a");
 
     // Outage: Klaviyo is gone.
     sim1.stop().await;
@@ -362,7 +363,7 @@ async fn reload_keeps_queued_requests_and_rejects_a_bad_file() {
     let key_file = dir.join("key");
     write(&key_file, KEY_A);
     let base = format!(
-        "[upstream]\nurl = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[auth]\nmode = \"inject\"\nkey_file = \"{}\"\n",
+        "[upstream]\nurl = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[auth]\nmode = \"inject\"\nkey_file = \"{}\"\n[accounts]\nresolve = false\n",
         sim.url,
         key_file.display()
     );
@@ -452,7 +453,7 @@ async fn preflight_passes_and_fails_for_the_right_reasons() {
     for name in [names::CONFIG, names::STATUS_PAGE, names::AUTH, names::HEADROOM, names::SCAN] {
         assert_eq!(report.get(name).unwrap().result, Verdict::Pass, "{}", report.table());
     }
-    assert!(report.get(names::AUTH).unwrap().detail.contains("SimAcct1"));
+    assert!(report.get(names::AUTH).unwrap().detail.contains("test_account_a"));
     assert!(report.get(names::HEADROOM).unwrap().detail.contains("left"));
     assert_eq!(report.get(names::TLS).unwrap().result, Verdict::Warn, "plain http upstream");
 

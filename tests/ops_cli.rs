@@ -134,7 +134,7 @@ fn json_logs_request_ids_and_no_secret_anywhere() {
         &config,
         format!(
             "[auth]\nmode = \"inject\"\naccount_hash_key = \"{HASH_KEY}\"\n[server]\nclient_token = \"{TOKEN}\"\n\
-             [log]\nlevel = \"debug\"\nformat = \"json\"\n"
+             [log]\nlevel = \"debug\"\nformat = \"json\"\n[accounts]\nresolve = false\n"
         ),
     )
     .unwrap();

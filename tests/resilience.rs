@@ -47,6 +47,9 @@ async fn start(faults: Faults, tune: impl FnOnce(&mut Config)) -> Running {
     let mut config = Config::default();
     config.upstream.url = UpstreamUrl::try_from(sim.url.clone()).unwrap();
     config.log.level = "warn".into();
+    // Requests counted and timed here are the features'; account lookups are tested in
+    // tests/accounts.rs.
+    config.accounts.resolve = false;
     tune(&mut config);
     let app = App::build(config).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -623,6 +626,7 @@ async fn another_consumer_429s_pause_every_replica_through_redis() {
     for _ in 0..2 {
         let mut config = Config::default();
         config.upstream.url = UpstreamUrl::try_from(sim.url.clone()).unwrap();
+        config.accounts.resolve = false;
         config.limiter = shared.clone();
         config.auth.account_hash_key = Some(klaviyo_proxy::config::Secret::new("shared-hash-key"));
         let app = App::build(config).unwrap();

@@ -148,12 +148,14 @@ fn calls_and_burst(sdk: Sdk) {
     let stack = stack(None);
     let key = "pk_sdk_test_calls_0123456789";
     let out = sdk.run("calls", &stack.proxy_url, key, None);
-    assert_eq!(out["account_id"], "SimAcct1", "{out}");
+    assert_eq!(out["account_id"], "sdk_test_calls", "{out}"); // the simulator: pk_<account>_<rest>
     assert_eq!(out["profile_email"], "sdk@example.com", "{out}");
     assert_eq!(out["profiles"], 1, "{out}");
     assert_eq!(out["first_profile_email"], "sim@example.com", "{out}");
     assert!(out["profile_id"].as_str().is_some_and(|id| !id.is_empty()), "{out}");
-    for op in ["get_accounts", "create_event", "get_profiles", "create_or_update_profile"] {
+    // get_accounts twice: the proxy's account lookup for the new key, then the SDK's call.
+    assert_eq!(stack.counted("get_accounts", "endpoint"), (2, 0), "get_accounts: lookup and call, unthrottled");
+    for op in ["create_event", "get_profiles", "create_or_update_profile"] {
         assert_eq!(stack.counted(op, "endpoint"), (1, 0), "{op} should reach the simulator once, unthrottled");
     }
 

@@ -84,3 +84,46 @@ async fn daily_caps_and_unlimited_mode() {
         assert_eq!(r.status, StatusCode::OK);
     }
 }
+
+/// The simulator counts per account: two keys of one account share its windows,
+/// `GET /api/accounts` names the account, and a key without `accounts:read` gets 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_per_account() {
+    use klaviyo_proxy::sim::SimCredential;
+    let mut credentials = std::collections::HashMap::new();
+    credentials.insert(
+        "tabled-token".to_string(),
+        SimCredential { account: "Tbl001".into(), app: Some("app".into()), accounts_read: true },
+    );
+    let sim = sim(SimOptions { credentials, ..SimOptions::default() }).await;
+    let client = client();
+    let rev = ("revision", "2026-07-15");
+    let accounts = format!("{}/api/accounts", sim.url);
+    let ask = |auth: String| {
+        let (client, url) = (client.clone(), accounts.clone());
+        async move { send(&client, Method::GET, &url, &[rev, ("authorization", &auth)], "").await }
+    };
+    let first = ask("Klaviyo-API-Key pk_Acme01_one".into()).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.json()["data"][0]["id"], "Acme01");
+    assert_eq!(first.json()["data"][0]["attributes"]["public_api_key"], "Acme01");
+    // get_accounts is 1/s: the account's second key, at once, is throttled.
+    let second = ask("Klaviyo-API-Key pk_Acme01_two".into()).await;
+    let third = ask("Klaviyo-API-Key pk_Acme01_three".into()).await;
+    assert!(
+        [second.status, third.status].contains(&StatusCode::TOO_MANY_REQUESTS),
+        "{:?} {:?}",
+        second.status,
+        third.status
+    );
+    let denied = ask("Klaviyo-API-Key pk_Other2_no-accounts-read".into()).await;
+    assert_eq!(denied.status, StatusCode::FORBIDDEN);
+    assert_eq!(denied.json()["errors"][0]["code"], "permission_denied");
+    let tabled = ask("Bearer tabled-token".into()).await;
+    assert_eq!(tabled.json()["data"][0]["id"], "Tbl001");
+    let stats = sim.stats();
+    let accounts: Vec<&str> = stats.buckets.iter().map(|b| b.account.as_str()).collect();
+    assert_eq!(accounts, ["Acme01", "Other2", "Tbl001@app"]);
+    assert_eq!(stats.buckets[0].requests, 3);
+    assert_eq!(stats.buckets[0].max_fixed["burst"], 1);
+}

@@ -444,6 +444,23 @@ impl RedisStore {
         self.run(inv).await
     }
 
+    /// The account resolution another replica shared for a credential fingerprint
+    /// (`{prefix:acct:<fingerprint>}`; see [`crate::account`]): its stored text.
+    pub async fn shared_account(&self, fingerprint: &str) -> Result<Option<String>, RedisStoreError> {
+        let script = Script::new("return redis.call('GET', KEYS[1])");
+        let mut inv = script.prepare_invoke();
+        inv.key(format!("{{{}:acct:{fingerprint}}}", self.prefix));
+        self.run(inv).await
+    }
+
+    /// Shares an account resolution with every replica for `ttl`.
+    pub async fn share_account(&self, fingerprint: &str, value: &str, ttl: Duration) -> Result<(), RedisStoreError> {
+        let script = Script::new("redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1");
+        let mut inv = script.prepare_invoke();
+        inv.key(format!("{{{}:acct:{fingerprint}}}", self.prefix)).arg(value).arg(ttl.as_millis().max(1) as u64);
+        self.run::<i64>(inv).await.map(drop)
+    }
+
     /// Marks this replica alive for `ttl` and returns how many replicas are.
     pub async fn heartbeat(&self, ttl: Duration) -> Result<u32, RedisStoreError> {
         let mut inv = self.heartbeat.prepare_invoke();

@@ -107,10 +107,11 @@ impl Proxy {
             }
             Err(_) => return Replay::Wait(Duration::from_secs(1)),
         };
-        let Some(parts) = entry_parts(&entry) else {
+        let Some(mut parts) = entry_parts(&entry) else {
             let _ = spool.dead_letter(entry.id, "unreadable spooled request");
             return Replay::Delivered;
         };
+        self.resolve(&live, &mut parts).await;
         let route = live.route(&parts);
         let now = Instant::now();
         if let Some(wait) = self.breaker_open(&live) {

@@ -49,12 +49,90 @@ pub struct SimOptions {
     pub unlimited: bool,
     /// Faults in force from the start ([`Simulator::set_faults`] changes them).
     pub faults: Faults,
+    /// Credentials (the token after the scheme: a `pk_` key or an OAuth access token)
+    /// mapped to their accounts, ahead of the naming rule of [`account_alias`].
+    pub credentials: HashMap<String, SimCredential>,
 }
 
-/// A short alias for a credential or company id, as the simulator's stats show it.
-pub fn account_alias(credential: &str) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, credential.as_bytes());
+/// Who a credential belongs to, for [`SimOptions::credentials`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimCredential {
+    /// The Klaviyo account id (`GET /api/accounts` answers it).
+    pub account: String,
+    /// For an OAuth access token, the app it was issued to: the app's quota in the
+    /// account is its own. `None` for a private key.
+    pub app: Option<String>,
+    /// Whether the credential has the `accounts:read` scope (without it
+    /// `GET /api/accounts` answers 403).
+    pub accounts_read: bool,
+}
+
+impl SimCredential {
+    /// Whose quota it spends, as the stats name it: `account`, or `account@app`.
+    pub fn quota(&self) -> String {
+        match &self.app {
+            Some(app) => format!("{}@{app}", self.account),
+            None => self.account.clone(),
+        }
+    }
+}
+
+/// A credential missing `accounts:read`, by the naming rule: its token contains this.
+pub const NO_ACCOUNTS_READ: &str = "no-accounts-read";
+
+/// The account behind an `Authorization` value by the simulator's naming rule (the
+/// scheme in any case, spaces around it ignored): a private key `pk_<account>_<rest>`
+/// belongs to `<account>`, an OAuth token `<app>_<account>_<rest>` to `<account>`
+/// through `<app>` (`<rest>` holds no `_`); a token containing [`NO_ACCOUNTS_READ`]
+/// lacks that scope. `None` when the value follows neither form.
+pub fn credential_account(authorization: &str) -> Option<SimCredential> {
+    let (scheme, token) = parse_authorization(authorization)?;
+    let oauth = scheme.eq_ignore_ascii_case("bearer");
+    let (head, _rest) = token.rsplit_once('_')?;
+    let (first, account) = head.split_once('_')?;
+    if account.is_empty() || (!oauth && first != "pk") {
+        return None;
+    }
+    Some(SimCredential {
+        account: account.to_string(),
+        app: oauth.then(|| first.to_string()),
+        accounts_read: !token.contains(NO_ACCOUNTS_READ),
+    })
+}
+
+/// `(scheme, token)` of a well-formed `Klaviyo-API-Key` or `Bearer` value.
+fn parse_authorization(authorization: &str) -> Option<(&str, &str)> {
+    let (scheme, token) = authorization.trim().split_once([' ', '\t'])?;
+    let token = token.trim();
+    let known = scheme.eq_ignore_ascii_case("klaviyo-api-key") || scheme.eq_ignore_ascii_case("bearer");
+    (known && !token.is_empty() && !token.contains([' ', '\t'])).then_some((scheme, token))
+}
+
+/// A revoked key is one credential, not its whole account.
+fn revoked_alias(authorization: &str) -> String {
+    digest_alias(&canonical(authorization).unwrap_or_else(|| authorization.trim().to_string()))
+}
+
+fn digest_alias(value: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, value.as_bytes());
     digest.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whose quota a credential or a `company_id` spends, as the simulator's stats show it:
+/// the account by the naming rule ([`credential_account`]; `account@app` for an OAuth
+/// token), else a short hash of the value (each such key its own account).
+pub fn account_alias(credential: &str) -> String {
+    match credential_account(credential) {
+        Some(c) => c.quota(),
+        None => digest_alias(&canonical(credential).unwrap_or_else(|| credential.to_string())),
+    }
+}
+
+/// A well-formed `Authorization` value with its scheme spelled as Klaviyo documents it.
+fn canonical(authorization: &str) -> Option<String> {
+    let (scheme, token) = parse_authorization(authorization)?;
+    let scheme = if scheme.eq_ignore_ascii_case("bearer") { "Bearer" } else { "Klaviyo-API-Key" };
+    Some(format!("{scheme} {token}"))
 }
 
 const WINDOW_NAMES: [&str; 3] = ["burst", "steady", "daily"];
@@ -129,7 +207,7 @@ struct Bucket {
 /// One bucket's counters in [`Stats`].
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct BucketStats {
-    /// The account alias ([`account_alias`]).
+    /// Whose quota: the account ([`account_alias`]; `account@app` for OAuth tokens).
     pub account: String,
     /// The operation id.
     pub operation: String,
@@ -191,7 +269,7 @@ struct State {
     totals: Mutex<(u64, u64)>,
     /// The status page's `indicator` (`none`, `minor`, `major`, `critical`).
     status_indicator: Mutex<String>,
-    /// Aliases of credentials answered 401 (revoked keys).
+    /// Credentials answered 401 (revoked keys), by [`revoked_alias`].
     revoked: Mutex<std::collections::HashSet<String>>,
     /// The faults in force and when they were set.
     faults: Mutex<(Faults, Instant)>,
@@ -321,7 +399,7 @@ impl Simulator {
 
     /// From now on, answers 401 to this `Authorization` value (a revoked key).
     pub fn revoke(&self, authorization: &str) {
-        lock(&self.state.revoked).insert(account_alias(authorization));
+        lock(&self.state.revoked).insert(revoked_alias(authorization));
     }
 
     /// Replaces the faults in force (what `POST /__sim/faults` does).
@@ -407,6 +485,20 @@ impl State {
             });
         }
         Ok(())
+    }
+
+    /// Who a well-formed credential belongs to: the table, then the naming rule, else
+    /// an account of its own.
+    fn credential(&self, authorization: &str) -> SimCredential {
+        let token = parse_authorization(authorization).map_or("", |(_, t)| t);
+        if let Some(c) = self.options.credentials.get(token) {
+            return c.clone();
+        }
+        credential_account(authorization).unwrap_or_else(|| SimCredential {
+            account: account_alias(authorization),
+            app: None,
+            accounts_read: true,
+        })
     }
 
     fn events(&self) -> EventStats {
@@ -671,6 +763,7 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Response<ProxyBo
     };
     let params: Vec<(String, String)> =
         form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes()).into_owned().collect();
+    let mut who = None;
     let account = if op.is_client() {
         match params.iter().find(|(k, _)| k == "company_id") {
             Some((_, id)) if !id.is_empty() => account_alias(id),
@@ -678,7 +771,7 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Response<ProxyBo
         }
     } else {
         match parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
-            Some(a) if lock(&state.revoked).contains(&account_alias(a)) => {
+            Some(a) if lock(&state.revoked).contains(&revoked_alias(a)) => {
                 return klaviyo_error(
                     StatusCode::UNAUTHORIZED,
                     "authentication_failed",
@@ -686,7 +779,12 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Response<ProxyBo
                     "Incorrect authentication credentials.",
                 )
             }
-            Some(a) if a.starts_with("Klaviyo-API-Key ") || a.starts_with("Bearer ") => account_alias(a),
+            Some(a) if parse_authorization(a).is_some() => {
+                let c = state.credential(a);
+                let quota = c.quota();
+                who = Some(c);
+                quota
+            }
             _ => {
                 return klaviyo_error(
                     StatusCode::UNAUTHORIZED,
@@ -740,7 +838,16 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Response<ProxyBo
                     Err(refusal) => return refusal.into_response(),
                 }
             }
-            let mut resp = success(op, &parts.method, &path, &body);
+            let mut resp = match &who {
+                Some(c) if op.id == "get_accounts" && !c.accounts_read => klaviyo_error(
+                    StatusCode::FORBIDDEN,
+                    "permission_denied",
+                    "You do not have permission to perform this action.",
+                    "This API key is missing required scopes: accounts:read.",
+                ),
+                Some(c) if op.id == "get_accounts" => account_document(&c.account, &path),
+                _ => success(op, &parts.method, &path, &body),
+            };
             let h = resp.headers_mut();
             h.insert("ratelimit-limit", HeaderValue::from(limit));
             h.insert("ratelimit-remaining", HeaderValue::from(remaining));
@@ -811,6 +918,23 @@ fn state_url(parts: &http::request::Parts) -> String {
     parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map_or_else(String::new, |h| format!("http://{h}"))
 }
 
+/// `GET /api/accounts`: the one account the credential belongs to.
+fn account_document(id: &str, path: &str) -> Response<ProxyBody> {
+    let self_link = format!("https://a.klaviyo.com{path}");
+    json_response(
+        StatusCode::OK,
+        &json!({"data": [{"type": "account", "id": id, "attributes": {
+                "test_account": true,
+                "contact_information": {"organization_name": "Simulated Account", "default_sender_name": "Simulator",
+                    "default_sender_email": "sim@example.com", "website_url": "https://example.com",
+                    "street_address": {"address1": "1 Test Way", "address2": null, "city": "Boston",
+                        "region": "MA", "country": "US", "zip": "02108"}},
+                "industry": "Software", "timezone": "UTC", "preferred_currency": "USD", "public_api_key": id,
+                "locale": "en-US"},
+                "links": {"self": self_link}}], "links": {"self": self_link, "next": null, "prev": null}}),
+    )
+}
+
 /// A plausible JSON:API answer for a successful request.
 fn success(op: &Operation, method: &Method, path: &str, body: &[u8]) -> Response<ProxyBody> {
     let resource = op.path.split('/').nth(2).unwrap_or("resource");
@@ -824,18 +948,7 @@ fn success(op: &Operation, method: &Method, path: &str, body: &[u8]) -> Response
         op.path.ends_with("{id}").then(|| path.trim_end_matches('/').rsplit('/').next().unwrap_or_default());
     let self_link = format!("https://a.klaviyo.com{path}");
     if op.id == "get_accounts" {
-        return json_response(
-            StatusCode::OK,
-            &json!({"data": [{"type": "account", "id": "SimAcct1", "attributes": {
-                "test_account": true,
-                "contact_information": {"organization_name": "Simulated Account", "default_sender_name": "Simulator",
-                    "default_sender_email": "sim@example.com", "website_url": "https://example.com",
-                    "street_address": {"address1": "1 Test Way", "address2": null, "city": "Boston",
-                        "region": "MA", "country": "US", "zip": "02108"}},
-                "industry": "Software", "timezone": "UTC", "preferred_currency": "USD", "public_api_key": "SimAcct1",
-                "locale": "en-US"},
-                "links": {"self": self_link}}], "links": {"self": self_link, "next": null, "prev": null}}),
-        );
+        return account_document("SimAcct1", path);
     }
     if op.id == "get_profiles" {
         let profile_link = "https://a.klaviyo.com/api/profiles/01SIMPROFILE0000000000000/";
@@ -879,5 +992,36 @@ fn success(op: &Operation, method: &Method, path: &str, body: &[u8]) -> Response
                 &json!({"data": {"type": kind, "id": id, "attributes": attributes.unwrap_or_default(), "links": {"self": self_link}}}),
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_name_their_accounts() {
+        let private =
+            |account: &str, read: bool| Some(SimCredential { account: account.into(), app: None, accounts_read: read });
+        for (auth, expected) in [
+            ("Klaviyo-API-Key pk_acme_1", private("acme", true)),
+            (" klaviyo-api-key  pk_acme_2 ", private("acme", true)),
+            ("Klaviyo-API-Key pk_test_account_a_0123", private("test_account_a", true)),
+            ("Klaviyo-API-Key pk_acme_no-accounts-read", private("acme", false)),
+            (
+                "Bearer oat_acme_tok1",
+                Some(SimCredential { account: "acme".into(), app: Some("oat".into()), accounts_read: true }),
+            ),
+            ("Klaviyo-API-Key pk_solo", None),
+            ("Klaviyo-API-Key xx_acme_1", None),
+            ("Basic pk_acme_1", None),
+            ("pk_acme_1", None),
+        ] {
+            assert_eq!(credential_account(auth), expected, "{auth}");
+        }
+        assert_eq!(account_alias("Klaviyo-API-Key pk_acme_1"), "acme");
+        assert_eq!(account_alias("Bearer oat_acme_tok1"), "acme@oat");
+        assert_eq!(account_alias("klaviyo-api-key pk_solo"), account_alias("Klaviyo-API-Key pk_solo"));
+        assert_ne!(account_alias("Klaviyo-API-Key pk_solo"), account_alias("Klaviyo-API-Key pk_other"));
     }
 }

@@ -34,6 +34,7 @@ pub mod exchange;
 pub mod idempotency;
 pub mod observe;
 pub mod outbound;
+pub mod resolve;
 pub mod respond;
 pub mod route;
 pub mod step;
@@ -64,6 +65,8 @@ where
         .layer(step::StepLayer::new(client_token::ClientToken))
         // The credential that goes upstream decides whose quota is spent: inject ours.
         .layer(step::StepLayer::new(authorize::Authorize))
+        // Buckets belong to Klaviyo accounts: learn the one behind the credential (once).
+        .layer(resolve::ResolveLayer::new(proxy.clone()))
         // Operation, account and buckets, and how long the client is willing to wait.
         .layer(step::StepLayer::new(route::RouteStep))
         // The production checklist counts what traffic shows; opt-in scopes refuse.
@@ -124,6 +127,8 @@ pub struct Outcome {
     pub operation: &'static str,
     /// The tier, `unknown` until routed.
     pub tier: &'static str,
+    /// Whose quota, once routed (the log names it by Klaviyo id, name or alias).
+    pub account: crate::limiter::Account,
     /// How the request ended.
     pub kind: RequestOutcome,
     /// Times the request was sent upstream (retries add to it).
@@ -141,6 +146,7 @@ impl Default for Outcome {
         Outcome {
             operation: "unknown",
             tier: "unknown",
+            account: crate::limiter::Account::ANONYMOUS,
             kind: RequestOutcome::Forwarded,
             attempts: 0,
             error: None,

@@ -102,6 +102,7 @@ where
                 %method,
                 operation = outcome.operation,
                 tier = outcome.tier,
+                account = %proxy.metrics().account_name(outcome.account),
                 status = resp.status().as_u16(),
                 outcome = outcome.error.unwrap_or(outcome.kind.as_str()),
                 queue_wait_ms = outcome.waited.as_millis() as u64,

@@ -1,0 +1,233 @@
+//! The `Authorization` value as Klaviyo reads it, normalised before anything is hashed,
+//! cached or looked up, so that spellings of one credential never make two accounts.
+//!
+//! Accepted forms ([`parse`]):
+//! - `Klaviyo-API-Key <key>`: a private key ([`Kind::Private`]);
+//! - `Bearer <token>`: an OAuth access token ([`Kind::OAuth`]);
+//! - the scheme in any ASCII case, surrounding spaces and tabs trimmed, one or more
+//!   spaces or tabs between scheme and token. The token is kept exactly (keys are case
+//!   sensitive) and must be visible ASCII without spaces.
+//!
+//! Anything else is [`Kind::Malformed`]: it is forwarded unchanged so that Klaviyo
+//! answers 401 itself, and it is normalised too (trimmed, whitespace runs collapsed to
+//! one space, the first word lowercased), so that it never creates more than one bucket
+//! per distinct normalised value.
+
+use std::fmt;
+
+/// What kind of credential a request carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// `Klaviyo-API-Key pk_...`: every private key of an account shares its quota.
+    Private,
+    /// `Bearer ...`: an OAuth app's quota in the installing account.
+    OAuth,
+    /// Neither: Klaviyo will refuse it.
+    Malformed,
+}
+
+impl Kind {
+    /// A bounded label: `private`, `oauth` or `malformed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Private => "private",
+            Kind::OAuth => "oauth",
+            Kind::Malformed => "malformed",
+        }
+    }
+}
+
+/// A normalised credential. Its `Debug` shows the kind and fingerprint, never the value.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Credential {
+    kind: Kind,
+    value: Vec<u8>,
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential").field("kind", &self.kind).field("fingerprint", &self.fingerprint()).finish()
+    }
+}
+
+const SCHEMES: [(&str, &str, Kind); 2] =
+    [("klaviyo-api-key", "Klaviyo-API-Key", Kind::Private), ("bearer", "Bearer", Kind::OAuth)];
+
+fn is_space(b: u8) -> bool {
+    b == b' ' || b == b'\t'
+}
+
+/// Parses and normalises an `Authorization` value (see the module docs for the forms).
+pub fn parse(raw: &[u8]) -> Credential {
+    let trimmed = trim(raw);
+    let split = trimmed.iter().position(|&b| is_space(b)).unwrap_or(trimmed.len());
+    let (scheme, rest) = trimmed.split_at(split);
+    let token = trim(rest);
+    let well_formed = !token.is_empty() && split < trimmed.len() && token.iter().all(|&b| b.is_ascii_graphic());
+    if well_formed {
+        if let Some((_, canonical, kind)) =
+            SCHEMES.iter().find(|(lower, _, _)| scheme.eq_ignore_ascii_case(lower.as_bytes()))
+        {
+            let mut value = Vec::with_capacity(canonical.len() + 1 + token.len());
+            value.extend_from_slice(canonical.as_bytes());
+            value.push(b' ');
+            value.extend_from_slice(token);
+            return Credential { kind: *kind, value };
+        }
+    }
+    let mut value = Vec::with_capacity(trimmed.len());
+    let mut words = trimmed.split(|&b| is_space(b)).filter(|w| !w.is_empty());
+    if let Some(first) = words.next() {
+        value.extend(first.iter().map(u8::to_ascii_lowercase));
+    }
+    for w in words {
+        value.push(b' ');
+        value.extend_from_slice(w);
+    }
+    Credential { kind: Kind::Malformed, value }
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    let start = b.iter().position(|&c| !is_space(c)).unwrap_or(b.len());
+    let end = b.iter().rposition(|&c| !is_space(c)).map_or(start, |e| e + 1);
+    &b[start..end]
+}
+
+/// A stable, one-way name for a credential: `fp1_` and 32 hex digits of a SHA-256 of the
+/// normalised value. Safe in config files, Redis and the persisted cache (keys are
+/// random enough that the hash cannot be inverted); `klaviyo-proxy fingerprint` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Fingerprint(String);
+
+impl From<Fingerprint> for String {
+    fn from(f: Fingerprint) -> String {
+        f.0
+    }
+}
+
+impl Fingerprint {
+    /// The text form.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A short prefix for logs.
+    pub fn short(&self) -> &str {
+        &self.0[..self.0.len().min(12)]
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for Fingerprint {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let hex = s.strip_prefix("fp1_").unwrap_or("");
+        if hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            Ok(Fingerprint(s))
+        } else {
+            Err("must be `fp1_` and 32 lowercase hex digits, as `klaviyo-proxy fingerprint` prints".into())
+        }
+    }
+}
+
+impl Credential {
+    /// The kind.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The normalised value (for a well-formed credential, what goes upstream).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.value
+    }
+
+    /// The credential's [`Fingerprint`].
+    pub fn fingerprint(&self) -> Fingerprint {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"klaviyo-proxy credential v1\0");
+        ctx.update(&self.value);
+        let digest = ctx.finish();
+        let hex: String = digest.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect();
+        Fingerprint(format!("fp1_{hex}"))
+    }
+}
+
+/// What `klaviyo-proxy fingerprint` reads: a whole `Authorization` value, or a bare
+/// token (a `pk_` key is private, anything else an OAuth access token).
+pub fn parse_key_input(input: &str) -> Credential {
+    let trimmed = input.trim();
+    let parsed = parse(trimmed.as_bytes());
+    if parsed.kind != Kind::Malformed || trimmed.contains(char::is_whitespace) {
+        return parsed;
+    }
+    let scheme = if trimmed.starts_with("pk_") { "Klaviyo-API-Key" } else { "Bearer" };
+    parse(format!("{scheme} {trimmed}").as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises_the_accepted_forms() {
+        let canonical = b"Klaviyo-API-Key pk_abc".as_slice();
+        for (raw, kind, value) in [
+            ("Klaviyo-API-Key pk_abc", Kind::Private, canonical),
+            ("klaviyo-api-key  pk_abc", Kind::Private, canonical),
+            ("  KLAVIYO-API-KEY\tpk_abc \t", Kind::Private, canonical),
+            ("Bearer tok.en-1", Kind::OAuth, b"Bearer tok.en-1".as_slice()),
+            ("bearer   tok.en-1  ", Kind::OAuth, b"Bearer tok.en-1".as_slice()),
+            // Keys are case sensitive: only the scheme folds.
+            ("Klaviyo-API-Key PK_ABC", Kind::Private, b"Klaviyo-API-Key PK_ABC".as_slice()),
+            // Malformed values are normalised too, never forwarded differently.
+            ("pk_abc", Kind::Malformed, b"pk_abc".as_slice()),
+            ("Klaviyo-API-Key", Kind::Malformed, b"klaviyo-api-key".as_slice()),
+            ("Klaviyo-API-Key   ", Kind::Malformed, b"klaviyo-api-key".as_slice()),
+            ("Basic   dXNlcjpwdw==", Kind::Malformed, b"basic dXNlcjpwdw==".as_slice()),
+            ("  BASIC dXNlcjpwdw== ", Kind::Malformed, b"basic dXNlcjpwdw==".as_slice()),
+            ("Bearer two words", Kind::Malformed, b"bearer two words".as_slice()),
+            ("Klaviyo-API-Key pk_\u{e9}", Kind::Malformed, "klaviyo-api-key pk_\u{e9}".as_bytes()),
+            ("", Kind::Malformed, b"".as_slice()),
+            (" \t ", Kind::Malformed, b"".as_slice()),
+        ] {
+            let c = parse(raw.as_bytes());
+            assert_eq!((c.kind(), c.as_bytes()), (kind, value), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn spellings_share_a_fingerprint_and_debug_hides_the_value() {
+        let a = parse(b"Klaviyo-API-Key pk_secret_1");
+        let b = parse(b" klaviyo-api-key \t pk_secret_1");
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_ne!(a.fingerprint(), parse(b"Bearer pk_secret_1").fingerprint());
+        assert_ne!(a.fingerprint(), parse(b"Klaviyo-API-Key pk_secret_2").fingerprint());
+        let fp = a.fingerprint();
+        assert!(Fingerprint::try_from(fp.as_str().to_string()).is_ok());
+        assert!(!format!("{a:?}").contains("secret"), "{a:?}");
+        assert!(format!("{a:?}").contains(fp.as_str()));
+    }
+
+    #[test]
+    fn fingerprint_text_is_checked() {
+        for bad in ["", "fp1_", "fp1_ABCDEF0123456789abcdef0123456789", "fp2_0123456789abcdef0123456789abcdef", "pk_x"]
+        {
+            assert!(Fingerprint::try_from(bad.to_string()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn fingerprint_input_takes_bare_tokens() {
+        let key = parse(b"Klaviyo-API-Key pk_abc_1");
+        assert_eq!(parse_key_input("pk_abc_1\n"), key);
+        assert_eq!(parse_key_input("Klaviyo-API-Key pk_abc_1"), key);
+        assert_eq!(parse_key_input("tok_1").kind(), Kind::OAuth);
+        assert_eq!(parse_key_input("bearer tok_1"), parse(b"Bearer tok_1"));
+    }
+}
