@@ -289,7 +289,11 @@ impl Admin {
 
 /// The admin endpoints.
 fn routes() -> Router<Arc<Admin>> {
-    Router::<Arc<Admin>>::default()
+    // The checklist, as JSON and as the status page.
+    let checklist: crate::admin::router::Handler<Arc<Admin>> =
+        |admin, parts| Box::pin(async move { crate::checklist::admin::respond(&admin.proxy, parts.uri.path()) });
+    let router = crate::checklist::admin::PATHS.iter().fold(Router::default(), |r, path| r.get(path, checklist));
+    router
         .get("/metrics", |admin, _| Box::pin(async move { admin.metrics() }))
         .get("/health", |admin, _| Box::pin(async move { admin.health_answer().await }))
         .get("/ready", |admin, _| Box::pin(async move { admin.ready_answer() }))
@@ -339,7 +343,7 @@ impl Admin {
     }
 }
 
-fn response(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<ProxyBody> {
+pub(crate) fn response(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<ProxyBody> {
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -347,7 +351,7 @@ fn response(status: StatusCode, content_type: &'static str, body: impl Into<Byte
     resp
 }
 
-fn json(status: StatusCode, body: &Value) -> Response<ProxyBody> {
+pub(crate) fn json(status: StatusCode, body: &Value) -> Response<ProxyBody> {
     response(status, "application/json", body.to_string())
 }
 

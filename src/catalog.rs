@@ -85,6 +85,9 @@ pub struct Operation {
     pub daily_per_day: Option<u32>,
     /// Conditional limits taken in addition to the operation's own bucket.
     pub conditions: &'static [Condition],
+    /// The key scopes the operation needs (`x-klaviyo-scopes`), e.g. `profiles:read`;
+    /// empty for the public-key `/client/` operations.
+    pub scopes: &'static [&'static str],
 }
 
 impl Operation {
@@ -135,14 +138,14 @@ fn split(path: &str) -> impl Iterator<Item = &str> {
 /// the stable version of the same endpoint. Literal segments win over parameters, so
 /// `/api/profiles/bulk` never matches `/api/profiles/{id}` when both exist.
 pub fn find(method: &str, path: &str, beta: bool) -> Option<&'static Operation> {
-    let segments: Vec<&str> = split(path).collect();
-    let candidates = INDEX.get(&(method, segments.len()))?;
+    // Split twice rather than collect: no allocation on the request path.
+    let candidates = INDEX.get(&(method, split(path).count()))?;
     candidates
         .iter()
         .filter(|t| beta || !t.op.beta)
         .filter(|t| {
-            t.segments.iter().zip(&segments).all(|(t, s)| match t {
-                Segment::Literal(l) => l == s,
+            t.segments.iter().zip(split(path)).all(|(t, s)| match t {
+                Segment::Literal(l) => *l == s,
                 Segment::Param => true,
             })
         })
@@ -208,6 +211,17 @@ mod tests {
         assert!(list.matches("include", "list"));
         assert!(!list.matches("include", "segments"));
         assert!(!list.matches("fields", "lists"));
+    }
+
+    #[test]
+    fn scopes_are_copied() {
+        assert_eq!(by_id("get_accounts").unwrap().scopes, ["accounts:read"]);
+        assert_eq!(by_id("create_event").unwrap().scopes, ["events:write"]);
+        let multi = OPERATIONS.iter().find(|o| o.scopes.len() > 1).expect("an operation needing two scopes");
+        assert!(multi.scopes.iter().all(|s| s.contains(':') && !s.contains(',')), "{:?}", multi.scopes);
+        let unscoped = OPERATIONS.iter().filter(|o| o.scopes.is_empty()).count();
+        assert_eq!(unscoped, 7, "only some /client/ operations declare no scope");
+        assert!(OPERATIONS.iter().filter(|o| o.scopes.is_empty()).all(|o| o.is_client()));
     }
 
     #[test]

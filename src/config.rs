@@ -281,6 +281,62 @@ pub struct Config {
     pub limiter: LimiterConfig,
     /// Coalescing single events into bulk jobs.
     pub coalesce: CoalesceConfig,
+    /// The checklist's opt-in checks on request bodies.
+    pub checks: ChecksConfig,
+}
+
+/// What to do with a phone number that is not E.164 (`checks.phone_e164`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PhoneCheck {
+    /// Count it for the checklist; forward the request.
+    #[default]
+    Count,
+    /// Answer 400 `proxy_phone_not_e164` before the request spends any quota.
+    Reject,
+}
+
+/// `[checks]`
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChecksConfig {
+    /// Phone numbers in profile and event bodies that are not E.164.
+    pub phone_e164: PhoneCheck,
+}
+
+/// A key scope from the catalog (`x-klaviyo-scopes`), e.g. `profiles:read`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Scope(String);
+
+impl TryFrom<String> for Scope {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if catalog::OPERATIONS.iter().any(|o| o.scopes.contains(&s.as_str())) {
+            Ok(Scope(s))
+        } else {
+            Err(format!("`{s}` is not a scope any operation in the catalog needs (like profiles:read)"))
+        }
+    }
+}
+
+impl From<Scope> for String {
+    fn from(s: Scope) -> String {
+        s.0
+    }
+}
+
+impl AsRef<str> for Scope {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Scope {
+    /// The scope.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// `[coalesce]`: single `create_event` calls delivered as `bulk_create_events` jobs.
@@ -364,6 +420,9 @@ impl Default for PreflightConfig {
 pub struct ServerConfig {
     /// Listen address; loopback by default.
     pub listen: SocketAddr,
+    /// Serving threads, each a current-thread runtime on its own `SO_REUSEPORT`
+    /// listener; 0 means one per core.
+    pub threads: usize,
     /// Token clients must present as `Proxy-Authorization: Bearer ...`.
     pub client_token: Option<Secret>,
     /// Allow a non-loopback listener without a client token.
@@ -382,6 +441,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            threads: 0,
             client_token: None,
             allow_unauthenticated_remote: false,
             max_body_bytes: 5 * 1024 * 1024,
@@ -456,6 +516,9 @@ pub struct AuthConfig {
     pub account_hash_key: Option<Secret>,
     /// A name for the injected key's account in metrics (otherwise its hash alias).
     pub account_name: Option<AccountName>,
+    /// When set, only operations whose catalog scopes these grant are forwarded; the
+    /// rest get 403 `proxy_scope_forbidden` (`X:write` grants `X:read`).
+    pub allowed_scopes: Option<Vec<Scope>>,
     /// The resolved private key (never read from the file's `[auth]` table directly).
     #[serde(skip_deserializing)]
     pub private_key: Option<Secret>,
@@ -469,6 +532,7 @@ impl Default for AuthConfig {
             allow_client_keys: true,
             account_hash_key: None,
             account_name: None,
+            allowed_scopes: None,
             private_key: None,
         }
     }
@@ -759,6 +823,10 @@ pub struct LimiterConfig {
     /// Replicas sharing the quota, for the fallback share (quota ÷ replicas) while
     /// Redis is down. Learned from the replicas' heartbeats in Redis when unset.
     pub replicas: Option<NonZeroU32>,
+    /// With the local store: where the takes that still matter are kept across restarts
+    /// (snapshotted every second and at shutdown; journals of buckets touched since the
+    /// last snapshot sit next to it). Unset: a restart starts with empty buckets.
+    pub state_path: Option<PathBuf>,
 }
 
 impl Default for LimiterConfig {
@@ -771,6 +839,7 @@ impl Default for LimiterConfig {
             key_prefix: "klaviyo-proxy".into(),
             timeout_ms: 100,
             replicas: None,
+            state_path: None,
         }
     }
 }
@@ -907,6 +976,15 @@ impl Config {
     /// Checks that a Redis store has what it needs: a URL, and an account hash key
     /// so that every replica names an account's buckets alike.
     pub fn check_limiter(&self) -> Result<(), ConfigError> {
+        if self.limiter.state_path.is_some() && self.auth.account_hash_key.is_none() {
+            // Buckets are named by a keyed hash of the credential: a random key per
+            // process would name them differently after the restart.
+            return Err(ConfigError::Conflict(
+                "limiter.state_path needs auth.account_hash_key (or KLAVIYO_PROXY_ACCOUNT_HASH_KEY), \
+                 so that a restarted proxy names an account's buckets as before"
+                    .into(),
+            ));
+        }
         if self.limiter.store != StoreKind::Redis {
             return Ok(());
         }
@@ -1063,6 +1141,8 @@ mod tests {
             ("[upstream]\nrevision = \"yesterday\"\n", "line 2", "upstream.revision"),
             ("[auth]\naccount_name = \"a b\"\n", "line 2", "auth.account_name"),
             ("[auth]\naccount_name = \"pk_abc\"\n", "line 2", "auth.account_name"),
+            ("[auth]\nallowed_scopes = [\"profiles:read\", \"profile:red\"]\n", "line 2", "auth.allowed_scopes"),
+            ("[checks]\nphone_e164 = \"drop\"\n", "line 2", "checks.phone_e164"),
         ];
         for (src, line, key) in cases {
             let e = err(src);
@@ -1121,6 +1201,16 @@ mod tests {
         assert!(!c.upstream.enabled);
         assert_eq!(c.spool.path.as_deref(), Some(Path::new("/tmp/s.redb")));
         assert!(c.apply_env(&|k| (k == "KLAVIYO_ENABLED").then(|| "nope".into())).is_err());
+    }
+
+    #[test]
+    fn state_path_needs_a_hash_key() {
+        let c = Config::parse("[limiter]\nstate_path = \"/var/lib/kp/state.json\"\n", "t").unwrap();
+        let e = c.check_limiter().unwrap_err().to_string();
+        assert!(e.contains("limiter.state_path") && e.contains("auth.account_hash_key"), "{e}");
+        let c = Config::parse("[auth]\naccount_hash_key = \"k\"\n[limiter]\nstate_path = \"/x\"\n", "t").unwrap();
+        assert_eq!(c.limiter.state_path.as_deref(), Some(Path::new("/x")));
+        assert!(c.check_limiter().is_ok());
     }
 
     #[test]

@@ -123,6 +123,21 @@ pub enum ProxyError {
         /// When to try again.
         retry_after: Duration,
     },
+    // The checklist's opt-in checks (src/checklist).
+    /// The operation needs a scope outside `auth.allowed_scopes`.
+    #[error("{operation} needs {missing}, outside this proxy's auth.allowed_scopes")]
+    ScopeForbidden {
+        /// Operation label.
+        operation: &'static str,
+        /// The scopes it needs that are not allowed.
+        missing: String,
+    },
+    /// A phone number not in E.164 form, with `checks.phone_e164 = "reject"`.
+    #[error("Invalid phone number format (Example of a valid format: +12345678901)")]
+    PhoneNotE164 {
+        /// Where it is in the body (JSON pointer), never the number.
+        pointer: String,
+    },
 }
 
 /// Whole seconds, rounded up, at least 1: `Retry-After` must be an integer for the SDKs.
@@ -148,6 +163,8 @@ impl ProxyError {
             UpstreamUnreachable | UpstreamChallenged => StatusCode::BAD_GATEWAY,
             UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ScopeForbidden { .. } => StatusCode::FORBIDDEN,
+            PhoneNotE164 { .. } => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -176,6 +193,8 @@ impl ProxyError {
             Internal => "proxy_internal_error",
             InvalidEvent { .. } => "proxy_invalid_event",
             CoalesceFull { .. } => "proxy_coalesce_full",
+            ScopeForbidden { .. } => "proxy_scope_forbidden",
+            PhoneNotE164 { .. } => "proxy_phone_not_e164",
         }
     }
 
@@ -201,6 +220,8 @@ impl ProxyError {
             Internal => "Internal proxy error.",
             InvalidEvent { .. } => "Invalid input.",
             CoalesceFull { .. } => "Too many events waiting for delivery.",
+            ScopeForbidden { .. } => "Scope not allowed on this proxy.",
+            PhoneNotE164 { .. } => "Invalid input.",
         }
     }
 
@@ -215,6 +236,14 @@ impl ProxyError {
             | UpstreamChallenged => Origin::Upstream,
             Internal => Origin::Internal,
             _ => Origin::Client,
+        }
+    }
+
+    /// Where in the request body the problem is (JSON pointer), if it is there.
+    pub fn pointer(&self) -> Option<&str> {
+        match self {
+            ProxyError::PhoneNotE164 { pointer } | ProxyError::InvalidEvent { pointer, .. } => Some(pointer),
+            _ => None,
         }
     }
 
@@ -241,7 +270,7 @@ impl ProxyError {
                 "code": self.code(),
                 "title": self.title(),
                 "detail": self.to_string(),
-                "source": {"pointer": match &self { ProxyError::InvalidEvent { pointer, .. } => json!(pointer), _ => json!(null) }},
+                "source": {"pointer": self.pointer()},
                 "meta": {"origin": "klaviyo-proxy"},
             }]
         });
@@ -297,6 +326,8 @@ mod tests {
                 None,
             ),
             (ProxyError::CoalesceFull { retry_after: Duration::from_secs(1) }, 503, Some("1")),
+            (ProxyError::ScopeForbidden { operation: "create_event", missing: "events:write".into() }, 403, None),
+            (ProxyError::PhoneNotE164 { pointer: "/data/attributes/phone_number".into() }, 400, None),
         ];
         for (err, status, retry) in cases {
             let code = err.code();
@@ -312,6 +343,12 @@ mod tests {
             assert_eq!(e["id"], "rid");
             assert_eq!(e["meta"]["origin"], "klaviyo-proxy");
             assert!(e["title"].is_string() && e["detail"].is_string());
+            if code == "proxy_phone_not_e164" {
+                assert_eq!(e["source"]["pointer"], "/data/attributes/phone_number");
+            }
+            if code == "proxy_scope_forbidden" {
+                assert!(e["detail"].as_str().unwrap().contains("events:write"), "{e}");
+            }
         }
     }
 

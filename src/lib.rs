@@ -11,6 +11,7 @@ pub mod admin;
 pub mod body;
 pub mod breaker;
 pub mod catalog;
+pub mod checklist;
 pub mod coalesce;
 pub mod config;
 pub mod error;
@@ -27,6 +28,7 @@ pub mod sim;
 pub mod spool;
 pub mod stack;
 pub mod upstream;
+pub mod workers;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,6 +101,18 @@ impl App {
         admin: Option<TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) {
+        self.serve_threads(listener, Vec::new(), admin, shutdown).await
+    }
+
+    /// [`App::serve_with_admin`] on `listener` here and on each of `others` in a
+    /// serving thread of its own (see [`workers`]); all stop and drain together.
+    pub async fn serve_threads(
+        self,
+        listener: TcpListener,
+        others: Vec<std::net::TcpListener>,
+        admin: Option<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) {
         let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let admin_task = admin.map(|admin_listener| {
             let admin = self.admin();
@@ -129,6 +143,8 @@ impl App {
         let batcher = self.proxy.coalescer().map(|c| tokio::spawn(c.clone().run(self.proxy.clone())));
         // At shutdown: stop accepting, finish what is in flight and queued until the
         // drain time is up, then spool deferrable writes and answer the rest 503.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let threads = workers::spawn(others, &self.proxy, limits, stopped);
         let shutdown = {
             let proxy = self.proxy.clone();
             async move {
@@ -138,6 +154,7 @@ impl App {
                 if let Some(c) = proxy.coalescer() {
                     c.begin_drain();
                 }
+                stop.send_replace(true);
             }
         };
         let sweeper = {
@@ -156,8 +173,10 @@ impl App {
             let proxy = self.proxy.clone();
             tokio::spawn(async move { proxy.limiter().run_background().await })
         };
-        let service = hyper_util::service::TowerToHyperService::new(stack::build(&self.proxy));
+        let service =
+            hyper_util::service::TowerToHyperService::new(stack::build(&self.proxy, self.proxy.upstream().clone()));
         server::serve(listener, None, limits, service, shutdown).await;
+        workers::join(threads).await;
         sweeper.abort();
         replayer.abort();
         if let Some(batcher) = batcher {
@@ -169,5 +188,7 @@ impl App {
             let _ = task.await;
         }
         background.abort();
+        // Drained: nothing else leaves, so the snapshot can say so.
+        self.proxy.limiter().save_at_shutdown();
     }
 }

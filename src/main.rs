@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use klaviyo_proxy::catalog;
 use klaviyo_proxy::config::{Config, LogFormat, UpstreamUrl};
 use klaviyo_proxy::preflight::{self, PreflightOptions};
 use klaviyo_proxy::reload::{ConfigSource, LogLevelHook, Reloader};
 use klaviyo_proxy::sim::{Faults, Outage, SimOptions, Simulator};
 use klaviyo_proxy::App;
+use klaviyo_proxy::{catalog, checklist};
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
@@ -59,6 +59,20 @@ enum Command {
         #[arg(long)]
         scan: Option<PathBuf>,
         /// Print the results as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also judge a running proxy's traffic: its checklist at this admin URL
+        /// (e.g. http://127.0.0.1:9090).
+        #[arg(long, value_name = "ADMIN_URL")]
+        from_traffic: Option<String>,
+    },
+    /// The production checklist as a running proxy sees it in its traffic. Exits 0
+    /// when nothing is red, 1 when something is, 2 when the proxy cannot be reached.
+    Checklist {
+        /// The proxy's admin listener.
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        admin: String,
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -211,14 +225,24 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: draining open requests");
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    match Cli::parse().command {
+fn main() -> Result<()> {
+    let command = Cli::parse().command;
+    // `serve` runs one current-thread runtime per serving thread (this one, and the
+    // others `workers` starts); the other commands use the multi-threaded runtime.
+    let mut runtime = match command {
+        Command::Serve { .. } => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    runtime.enable_all().build().context("start the async runtime")?.block_on(run(command))
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
         Command::Serve { config, listen, upstream, admin_listen } => {
             serve(config, listen, upstream, admin_listen).await
         }
-        Command::Preflight { config, upstream, status_url, scan, json } => {
-            let options = PreflightOptions { config, upstream, status_url, scan };
+        Command::Preflight { config, upstream, status_url, scan, json, from_traffic } => {
+            let options = PreflightOptions { config, upstream, status_url, scan, from_traffic };
             let report = preflight::run(&options, &env).await;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -226,6 +250,21 @@ async fn main() -> Result<()> {
                 print!("{}", report.table());
             }
             std::process::exit(if report.passed() { 0 } else { 1 });
+        }
+        Command::Checklist { admin, json } => {
+            let report = match checklist::client::fetch(&admin, Duration::from_secs(10)).await {
+                Ok(report) => report,
+                Err(e) => {
+                    eprintln!("{e}");
+                    std::process::exit(2);
+                }
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", checklist::client::table(&report));
+            }
+            std::process::exit(checklist::client::exit_code(&report));
         }
         Command::CheckConfig { file } => {
             let config = Config::load(Some(&file), &env)?;
@@ -327,8 +366,10 @@ async fn serve(
     if !config.limits.enabled {
         tracing::warn!("RATE LIMITING IS OFF (limits.enabled = false): requests go upstream unthrottled; use this only to measure overhead");
     }
-    let listener =
-        TcpListener::bind(config.server.listen).await.with_context(|| format!("bind {}", config.server.listen))?;
+    let threads = klaviyo_proxy::workers::threads(config.server.threads);
+    let (listener, others) = klaviyo_proxy::workers::bind(config.server.listen, threads)
+        .await
+        .with_context(|| format!("bind {}", config.server.listen))?;
     let addr = listener.local_addr()?;
     let admin_listener =
         TcpListener::bind(config.admin.listen).await.with_context(|| format!("bind {}", config.admin.listen))?;
@@ -366,7 +407,7 @@ async fn serve(
             }
         });
     }
-    tracing::info!(%addr, admin = %admin_addr, upstream = %upstream_url, store = app.proxy().limiter().state().as_str(), "klaviyo-proxy listening");
+    tracing::info!(%addr, admin = %admin_addr, upstream = %upstream_url, store = app.proxy().limiter().state().as_str(), threads, "klaviyo-proxy listening");
     // Written without panicking: a caller may stop reading stdout after the first line.
     {
         use std::io::Write;
@@ -375,7 +416,7 @@ async fn serve(
         let _ = writeln!(out, "admin listening on http://{admin_addr}");
         let _ = out.flush();
     }
-    app.serve_with_admin(listener, Some(admin_listener), shutdown_signal()).await;
+    app.serve_threads(listener, others, Some(admin_listener), shutdown_signal()).await;
     if let Some(sim) = simulator {
         sim.stop().await;
     }

@@ -13,6 +13,7 @@
 //! every spool write and replay).
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -41,6 +42,9 @@ pub const QUEUE_WAIT: &str = "klaviyo_proxy_queue_wait_seconds";
 pub const QUEUE_DEPTH: &str = "klaviyo_proxy_queue_depth";
 /// Tokens left now in each window of each active bucket (gauge, read at scrape).
 pub const TOKENS_LEFT: &str = "klaviyo_proxy_tokens_left";
+/// Share of each window of each active bucket in use now, 0 to 1 (gauge, read at
+/// scrape; the dashboard's "window fill of the busiest buckets").
+pub const WINDOW_FILL: &str = "klaviyo_proxy_window_fill_ratio";
 /// Klaviyo's last reported `RateLimit-Remaining` per active bucket (gauge).
 pub const UPSTREAM_RATELIMIT_REMAINING: &str = "klaviyo_proxy_upstream_ratelimit_remaining";
 /// Retries by operation and reason (counter; fed by the retry stage).
@@ -214,6 +218,7 @@ pub struct Metrics {
     active_buckets: Gauge,
     limiter_state: Gauge,
     tokens_left: Family<TokenLabels, Gauge>,
+    window_fill: Family<TokenLabels, Gauge<f64, AtomicU64>>,
     reported_remaining: Family<ReportedLabels, Gauge>,
     retries: Family<RetryLabels, Counter>,
     retry_budget_exhausted: Family<OperationLabel, Counter>,
@@ -260,7 +265,7 @@ fn status_class(status: u16) -> &'static str {
 }
 
 /// The operation that names an endpoint's bucket in labels (its first catalog row).
-fn endpoint_label(endpoint: usize) -> &'static str {
+pub(crate) fn endpoint_label(endpoint: usize) -> &'static str {
     catalog::OPERATIONS.iter().find(|o| o.endpoint == endpoint).map_or("unknown", |o| o.id)
 }
 
@@ -306,6 +311,8 @@ impl Metrics {
         );
         let tokens_left = Family::default();
         registry.register(TOKENS_LEFT, "Tokens left now per window of each active bucket", tokens_left.clone());
+        let window_fill = Family::default();
+        registry.register(WINDOW_FILL, "Share of each window of each active bucket in use now", window_fill.clone());
         let reported_remaining = Family::default();
         registry.register(
             UPSTREAM_RATELIMIT_REMAINING,
@@ -346,6 +353,7 @@ impl Metrics {
             active_buckets,
             limiter_state,
             tokens_left,
+            window_fill,
             reported_remaining,
             retries,
             retry_budget_exhausted,
@@ -476,6 +484,7 @@ impl Metrics {
         let now = Instant::now();
         self.queue_depth.clear();
         self.tokens_left.clear();
+        self.window_fill.clear();
         self.reported_remaining.clear();
         let mut depth: HashMap<OpLabels, i64> = HashMap::new();
         let mut views = store.snapshot(now);
@@ -510,9 +519,9 @@ impl Metrics {
             let account = self.account_label(view.key.account);
             for (window, (spec, in_use)) in ["burst", "steady", "daily"].into_iter().zip(view.windows) {
                 let left = u64::from(spec.limit).saturating_sub(in_use);
-                self.tokens_left
-                    .get_or_create(&TokenLabels { account: account.clone(), operation, bucket, window })
-                    .set(i64::try_from(left).unwrap_or(i64::MAX));
+                let labels = TokenLabels { account: account.clone(), operation, bucket, window };
+                self.window_fill.get_or_create(&labels).set(in_use as f64 / f64::from(spec.limit.max(1)));
+                self.tokens_left.get_or_create(&labels).set(i64::try_from(left).unwrap_or(i64::MAX));
             }
         }
         for (labels, n) in depth {
@@ -567,6 +576,9 @@ mod tests {
                 "klaviyo_proxy_tokens_left{{account=\"{alias}\",operation=\"get_accounts\",bucket=\"endpoint\",window=\"steady\"}} 14"
             ),
             format!("klaviyo_proxy_upstream_ratelimit_remaining{{account=\"{alias}\",operation=\"get_accounts\"}} 14"),
+            format!(
+                "klaviyo_proxy_window_fill_ratio{{account=\"{alias}\",operation=\"get_accounts\",bucket=\"endpoint\",window=\"burst\"}} 1.0"
+            ),
             "klaviyo_proxy_breaker_state 0".to_string(),
             "klaviyo_proxy_spool_dead_letters 0".to_string(),
         ] {

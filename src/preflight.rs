@@ -8,7 +8,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, StatusCode, Uri};
@@ -19,6 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::checklist::rules::{self, RevisionState};
 use crate::config::Config;
 use crate::upstream::tls_config;
 
@@ -33,6 +34,8 @@ pub struct PreflightOptions {
     pub status_url: Option<String>,
     /// Source tree to scan for hardcoded private keys.
     pub scan: Option<PathBuf>,
+    /// A running proxy's admin URL: its checklist's traffic-derived items join the report.
+    pub from_traffic: Option<String>,
 }
 
 /// A check's result.
@@ -119,6 +122,18 @@ pub mod names {
     pub const REVISION: &str = "revision";
     /// Hardcoded private keys in a source tree.
     pub const SCAN: &str = "key scan";
+    /// `--from-traffic`: the running proxy's checklist could not be read.
+    pub const TRAFFIC: &str = "traffic";
+    /// `--from-traffic`: the checklist's items, by item id.
+    pub const TRAFFIC_ITEMS: &[(&str, &str)] = &[
+        ("sdk", "traffic: sdk"),
+        ("revision", "traffic: revision"),
+        ("profile_writes", "traffic: profiles"),
+        ("events", "traffic: events"),
+        ("phone_numbers", "traffic: phones"),
+        ("least_privilege", "traffic: scopes"),
+        ("errors", "traffic: errors"),
+    ];
 }
 
 fn check(name: &'static str, result: Verdict, detail: impl Into<String>) -> Check {
@@ -156,7 +171,7 @@ async fn fetch(
     Ok(Fetched { status: parts.status, headers: parts.headers, body })
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {
@@ -188,6 +203,9 @@ pub async fn run(options: &PreflightOptions, env: &dyn Fn(&str) -> Option<String
     if let Some(dir) = &options.scan {
         checks.push(scan_check(dir));
     }
+    if let Some(admin) = &options.from_traffic {
+        checks.extend(traffic_checks(admin).await);
+    }
     let passed = checks.iter().all(|c| c.result != Verdict::Fail);
     Report { passed, checks }
 }
@@ -204,20 +222,27 @@ fn load_config(options: &PreflightOptions, env: &dyn Fn(&str) -> Option<String>)
     Ok(config)
 }
 
+fn check_timeout(config: &Config) -> Duration {
+    Duration::from_millis(config.upstream.connect_timeout_ms.max(1000) * 2)
+}
+
+fn http_client(config: &Config) -> Result<HttpClient, crate::upstream::TlsSetupError> {
+    let tls = tls_config(config.upstream.ca_file.as_deref())?;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(Duration::from_millis(config.upstream.connect_timeout_ms)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new()).build(https))
+}
+
 async fn network_checks(config: &Config, checks: &mut Vec<Check>) {
-    let timeout = Duration::from_millis(config.upstream.connect_timeout_ms.max(1000) * 2);
-    let client = match tls_config(config.upstream.ca_file.as_deref()) {
-        Ok(tls) => {
-            let mut http = HttpConnector::new();
-            http.enforce_http(false);
-            http.set_connect_timeout(Some(Duration::from_millis(config.upstream.connect_timeout_ms)));
-            let https = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(tls)
-                .https_or_http()
-                .enable_http1()
-                .wrap_connector(http);
-            Client::builder(TokioExecutor::new()).build(https)
-        }
+    let timeout = check_timeout(config);
+    let client = match http_client(config) {
+        Ok(client) => client,
         Err(e) => {
             checks.push(check(names::TLS, Verdict::Fail, e.to_string()));
             return;
@@ -262,25 +287,37 @@ async fn network_checks(config: &Config, checks: &mut Vec<Check>) {
     checks.push(revision_check(config, accounts.as_ref().ok()));
 }
 
-async fn status_page(client: &HttpClient, url: &str, timeout: Duration) -> Check {
-    let Ok(uri) = url.parse::<Uri>() else {
-        return check(names::STATUS_PAGE, Verdict::Fail, format!("`{url}` is not a URL"));
-    };
-    let fetched = match fetch(client, uri, &[], timeout).await {
-        Ok(f) => f,
-        Err(e) => return check(names::STATUS_PAGE, Verdict::Fail, format!("{url}: {e}")),
-    };
+/// Klaviyo's status page (statuspage.io `api/v2/status.json`): its
+/// `(indicator, description)`, or why it could not be read.
+async fn indicator(client: &HttpClient, url: &str, timeout: Duration) -> Result<(String, String), String> {
+    let uri = url.parse::<Uri>().map_err(|_| format!("`{url}` is not a URL"))?;
+    let fetched = fetch(client, uri, &[], timeout).await.map_err(|e| format!("{url}: {e}"))?;
     if !fetched.status.is_success() {
-        return check(names::STATUS_PAGE, Verdict::Fail, format!("{url} answered {}", fetched.status.as_u16()));
+        return Err(format!("{url} answered {}", fetched.status.as_u16()));
     }
     let v: Value = serde_json::from_slice(&fetched.body).unwrap_or_default();
-    let indicator = v["status"]["indicator"].as_str().unwrap_or("");
-    let description = v["status"]["description"].as_str().unwrap_or("no description");
-    match indicator {
-        "none" => check(names::STATUS_PAGE, Verdict::Pass, description),
-        "minor" | "maintenance" => check(names::STATUS_PAGE, Verdict::Warn, format!("{indicator}: {description}")),
-        "major" | "critical" => check(names::STATUS_PAGE, Verdict::Fail, format!("{indicator}: {description}")),
-        _ => check(names::STATUS_PAGE, Verdict::Fail, format!("{url} is not a statuspage api/v2/status.json")),
+    match (v["status"]["indicator"].as_str(), v["status"]["description"].as_str()) {
+        (Some(i @ ("none" | "minor" | "maintenance" | "major" | "critical")), d) => {
+            Ok((i.to_string(), d.unwrap_or("no description").to_string()))
+        }
+        _ => Err(format!("{url} is not a statuspage api/v2/status.json")),
+    }
+}
+
+/// Reads `preflight.status_url` as the `status page` check does (for the checklist).
+pub async fn status_indicator(config: &Config) -> Result<(String, String), String> {
+    let client = http_client(config).map_err(|e| e.to_string())?;
+    indicator(&client, &config.preflight.status_url, check_timeout(config)).await
+}
+
+async fn status_page(client: &HttpClient, url: &str, timeout: Duration) -> Check {
+    match indicator(client, url, timeout).await {
+        Err(e) => check(names::STATUS_PAGE, Verdict::Fail, e),
+        Ok((i, description)) => match i.as_str() {
+            "none" => check(names::STATUS_PAGE, Verdict::Pass, description),
+            "minor" | "maintenance" => check(names::STATUS_PAGE, Verdict::Warn, format!("{i}: {description}")),
+            _ => check(names::STATUS_PAGE, Verdict::Fail, format!("{i}: {description}")),
+        },
     }
 }
 
@@ -378,34 +415,22 @@ fn headroom_check(profiles: &Result<Fetched, String>) -> Check {
     }
 }
 
-/// Days since 1970-01-01 of a civil date (Howard Hinnant's days-from-civil).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// Judges a revision date against today: Klaviyo supports a revision for two years
-/// and deprecates it after one.
+/// Judges a revision date against today under Klaviyo's versioning policy (see
+/// [`rules::revision_age`]: stable a year, deprecated the next, retired after two).
 fn judge_revision(revision: &str, today: i64) -> (Verdict, String) {
-    let date = revision.strip_suffix(".pre").unwrap_or(revision);
-    let part = |r: std::ops::Range<usize>| date.get(r).and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
-    let day = days_from_civil(part(0..4), part(5..7), part(8..10));
-    let age = today - day;
-    if age < 0 {
-        (Verdict::Fail, format!("{revision} is in the future"))
-    } else if age > 730 {
-        (Verdict::Fail, format!("{revision} is more than two years old: Klaviyo has retired it"))
-    } else if revision.ends_with(".pre") {
-        (Verdict::Warn, format!("{revision} is a beta revision: not for production"))
-    } else if age > 365 {
-        (Verdict::Warn, format!("{revision} is more than a year old: deprecated, plan an upgrade"))
-    } else {
-        (Verdict::Pass, format!("{revision} is supported"))
+    let age = rules::revision_age(revision, today);
+    let on = |d: Option<rules::Date>| d.map(|d| d.to_string()).unwrap_or_default();
+    match age.state {
+        RevisionState::Invalid => (Verdict::Fail, format!("{revision} is not a revision date")),
+        RevisionState::Future => (Verdict::Fail, format!("{revision} is in the future")),
+        RevisionState::Retired => {
+            (Verdict::Fail, format!("{revision} was retired on {}: Klaviyo no longer serves it", on(age.retired_on)))
+        }
+        RevisionState::Beta => (Verdict::Warn, format!("{revision} is a beta revision: not for production")),
+        RevisionState::Deprecated => {
+            (Verdict::Warn, format!("{revision} is deprecated (retires {}): plan an upgrade", on(age.retired_on)))
+        }
+        RevisionState::Stable => (Verdict::Pass, format!("{revision} is supported")),
     }
 }
 
@@ -420,9 +445,38 @@ fn revision_check(config: &Config, accounts: Option<&Fetched>) -> Check {
             );
         }
     }
-    let today = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64 / 86_400;
-    let (verdict, detail) = judge_revision(revision, today);
+    let (verdict, detail) = judge_revision(revision, rules::today());
     check(names::REVISION, verdict, detail)
+}
+
+/// The checklist of a running proxy as preflight checks: one per item, the worst
+/// light over its accounts, each account's summary in the detail.
+async fn traffic_checks(admin: &str) -> Vec<Check> {
+    use crate::checklist::{client, Light};
+    let report = match client::fetch(admin, Duration::from_secs(5)).await {
+        Ok(r) => r,
+        Err(e) => return vec![check(names::TRAFFIC, Verdict::Fail, e.to_string())],
+    };
+    if report.accounts.is_empty() {
+        return vec![check(names::TRAFFIC, Verdict::Skip, format!("{admin}: no traffic seen yet"))];
+    }
+    names::TRAFFIC_ITEMS
+        .iter()
+        .map(|(id, name)| {
+            let items: Vec<_> =
+                report.accounts.iter().filter_map(|a| a.items.iter().find(|i| i.id == *id).map(|i| (a, i))).collect();
+            let worst = items.iter().map(|(_, i)| i.light).max().unwrap_or(Light::Grey);
+            let verdict = match worst {
+                Light::Green => Verdict::Pass,
+                Light::Amber => Verdict::Warn,
+                Light::Red => Verdict::Fail,
+                Light::Grey => Verdict::Skip,
+            };
+            let detail: Vec<String> =
+                items.iter().map(|(a, i)| format!("account {}: {}", a.account, i.summary)).collect();
+            check(name, verdict, detail.join("; "))
+        })
+        .collect()
 }
 
 /// Directories never worth scanning.
@@ -527,13 +581,12 @@ mod tests {
 
     #[test]
     fn judges_revisions() {
-        let today = days_from_civil(2026, 11, 27);
-        assert_eq!(days_from_civil(1970, 1, 1), 0);
-        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+        let today = rules::Date::parse("2026-11-27").unwrap().days();
         assert_eq!(judge_revision("2026-07-15", today).0, Verdict::Pass);
         assert_eq!(judge_revision("2026-07-15.pre", today).0, Verdict::Warn);
         assert_eq!(judge_revision("2025-07-15", today).0, Verdict::Warn);
         assert_eq!(judge_revision("2023-07-15", today).0, Verdict::Fail);
         assert_eq!(judge_revision("2027-01-15", today).0, Verdict::Fail);
+        assert_eq!(judge_revision("2024-10-15", today).0, Verdict::Fail);
     }
 }

@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::breaker::{Breaker, Phase};
+use crate::checklist::Checklist;
 use crate::config::{is_beta_revision, AuthMode, Config, ConfigError, StoreKind};
 use crate::error::ProxyError;
 use crate::limiter::ramp::Ramps;
@@ -60,6 +61,8 @@ pub struct Proxy {
     pub(crate) spooled: tokio::sync::Notify,
     /// When a shutdown's drain time runs out.
     pub(crate) drain: tokio::sync::watch::Sender<Option<Instant>>,
+    /// The production checklist's counters, from live traffic.
+    pub(crate) checklist: Checklist,
     /// Single events delivered as bulk jobs (`coalesce.events`; read at start).
     pub(crate) coalescer: Option<Arc<crate::coalesce::Coalescer>>,
 }
@@ -160,6 +163,14 @@ pub enum BuildError {
     /// The Redis URL cannot be used.
     #[error(transparent)]
     Redis(#[from] RedisStoreError),
+    /// `limiter.state_path` cannot be read or its journals created.
+    #[error("cannot open limiter.state_path {path}: {source}")]
+    LimiterState {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The coalescer's file cannot be opened.
     #[error(transparent)]
     Coalesce(#[from] crate::coalesce::StoreError),
@@ -193,7 +204,12 @@ fn limiter(config: &Config) -> Result<Limiter, BuildError> {
             };
             Ok(Limiter::Shared(Box::new(SharedStore::new(redis, cfg.replicas.map(|r| r.get())))))
         }
-        _ => Ok(Limiter::Local(LocalStore::new())),
+        _ => Ok(Limiter::Local(match &cfg.state_path {
+            Some(path) => {
+                LocalStore::open(path).map_err(|source| BuildError::LimiterState { path: path.clone(), source })?
+            }
+            None => LocalStore::new(),
+        })),
     }
 }
 
@@ -235,6 +251,7 @@ impl Proxy {
             spool,
             spooled: tokio::sync::Notify::new(),
             drain: tokio::sync::watch::Sender::new(None),
+            checklist: Checklist::new(),
             coalescer,
         };
         proxy.refresh_spool_gauges();
@@ -268,6 +285,11 @@ impl Proxy {
     /// This proxy's metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The checklist's counters.
+    pub fn checklist(&self) -> &Checklist {
+        &self.checklist
     }
 
     /// The upstream circuit breaker.

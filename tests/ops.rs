@@ -444,6 +444,7 @@ async fn preflight_passes_and_fails_for_the_right_reasons() {
         upstream: Some(sim.url.clone()),
         status_url: Some(sim.status_url()),
         scan: Some(clean.clone()),
+        ..PreflightOptions::default()
     };
     let report = preflight::run(&options, &preflight_env(KEY_A)).await;
     assert!(report.passed(), "{}", report.table());
@@ -510,20 +511,25 @@ async fn preflight_passes_and_fails_for_the_right_reasons() {
     let _ = std::fs::remove_dir_all(&leaky);
 }
 
+/// Every metric the alert rules (`config/alerts.yml`) and the Grafana dashboard
+/// (`deploy/grafana/klaviyo-proxy.json`) name is served by `/metrics`.
 #[tokio::test]
-async fn every_metric_in_the_alert_rules_is_served() {
-    let rules = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/alerts.yml")).unwrap();
-    let mut named: Vec<String> = Vec::new();
-    let mut rest = rules.as_str();
-    while let Some(at) = rest.find("klaviyo_proxy_") {
-        let tail = &rest[at..];
-        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
-        named.push(tail[..end].to_string());
-        rest = &tail[end..];
+async fn every_metric_in_the_alert_rules_and_the_dashboard_is_served() {
+    let mut named: Vec<(&str, String)> = Vec::new();
+    for file in ["config/alerts.yml", "deploy/grafana/klaviyo-proxy.json"] {
+        let text = std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let mut rest = text.as_str();
+        let before = named.len();
+        while let Some(at) = rest.find("klaviyo_proxy_") {
+            let tail = &rest[at..];
+            let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+            named.push((file, tail[..end].to_string()));
+            rest = &tail[end..];
+        }
+        assert!(named.len() - before >= 6, "{file}: {named:?}");
     }
     named.sort();
     named.dedup();
-    assert!(named.len() >= 6, "{named:?}");
     // Traffic that makes every labelled family appear: a success and a 401.
     let sim = sim(SimOptions::default()).await;
     sim.revoke(&format!("Klaviyo-API-Key {KEY_A}"));
@@ -541,12 +547,12 @@ async fn every_metric_in_the_alert_rules_is_served() {
     .await;
     assert_eq!(r.status, StatusCode::OK);
     let m = ops.metrics().await;
-    for name in &named {
+    for (file, name) in &named {
         assert!(
             m.lines()
                 .any(|l| !l.starts_with('#')
                     && (l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))),
-            "alert rules name {name}, which /metrics does not serve:\n{m}"
+            "{file} names {name}, which /metrics does not serve:\n{m}"
         );
     }
 }

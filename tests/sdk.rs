@@ -299,3 +299,159 @@ fn python_sdk_retries_the_proxys_429_like_klaviyos() {
 fn node_sdk_retries_the_proxys_429_like_klaviyos() {
     retries_on_429(Sdk::Node);
 }
+
+/// One HTTP/1.1 exchange over a plain socket (a client that is no SDK); returns the
+/// status and the body.
+fn raw(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    let rest = url.strip_prefix("http://").unwrap();
+    let (addr, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        req += &format!("{k}: {v}\r\n");
+    }
+    req += &format!("content-length: {}\r\n\r\n{body}", body.len());
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// The official Python and Node SDKs and a raw client through the real proxy: the
+/// checklist names each account's client (SDK and version, or the raw agent), judges
+/// its revision, profile writes, events, phone numbers and scopes, and
+/// `klaviyo-proxy checklist` prints it and exits 1 for the raw client's red items.
+#[test]
+fn checklist_names_the_sdks_and_a_raw_client() {
+    use klaviyo_proxy::config::Config;
+    use klaviyo_proxy::route::Router;
+    const HASH_KEY: &str = "checklist-sdk-test";
+    let (py_key, node_key, raw_key) =
+        ("pk_sdk_test_checklist_py_0123456789", "pk_sdk_test_checklist_node_0123456789", "pk_raw_checklist_0123456789");
+    let (_sim, sim_url) = start(&["simulate", "--listen", "127.0.0.1:0", "--seed", "5"]);
+    let config = TempFile::new(&format!("[auth]\naccount_hash_key = \"{HASH_KEY}\"\n"));
+    let args = process::serve_args(&sim_url, config.0.to_str());
+    let (_proxy, urls) = process::start_urls(BIN, &args, &[("KLAVIYO_PROXY_LOG_LEVEL", "warn")], 2);
+    let (proxy_url, admin_url) = (&urls[0], &urls[1]);
+    // The aliases the proxy shows for each key (a keyed hash, the same HASH_KEY).
+    let router = Router::new(&Config::default().limits, HASH_KEY.as_bytes());
+    let alias = |key: &str| router.account("auth", format!("Klaviyo-API-Key {key}").as_bytes()).alias();
+
+    Sdk::Python.run("calls", proxy_url, py_key, None);
+    Sdk::Node.run("calls", proxy_url, node_key, None);
+    let auth = format!("Klaviyo-API-Key {raw_key}");
+    let head = [
+        ("authorization", auth.as_str()),
+        ("user-agent", "shop-backend/3.1"),
+        ("revision", "2024-10-15"),
+        ("content-type", "application/vnd.api+json"),
+    ];
+    let profile =
+        r#"{"data":{"type":"profile","attributes":{"email":"raw@example.com","phone_number":"(415) 555-2671"}}}"#;
+    let (status, body) = raw("POST", &format!("{proxy_url}/api/profiles"), &head, profile);
+    assert_eq!(status, 201, "{body}");
+    let event = r#"{"data":{"type":"event","attributes":{"properties":{},"metric":{"data":{"type":"metric","attributes":{"name":"Raw"}}},"profile":{"data":{"type":"profile","attributes":{"email":"raw@example.com"}}}}}}"#;
+    let (status, body) = raw("POST", &format!("{proxy_url}/api/events"), &head[..2], event);
+    assert_eq!(status, 202, "{body}");
+
+    // Body checks run beside the requests: wait (boundedly) until the raw event is counted.
+    let report = (0..50)
+        .map(|_| {
+            let (status, body) = raw("GET", &format!("{admin_url}/admin/checklist"), &[], "");
+            assert_eq!(status, 200, "{body}");
+            let report: Value = serde_json::from_str(&body).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            report
+        })
+        .find(|r| r.to_string().contains("without a unique_id"))
+        .expect("the raw client's event is counted");
+    let account = |key: &str| {
+        let name = alias(key);
+        report["accounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["account"] == name.as_str())
+            .cloned()
+            .unwrap_or_else(|| panic!("no account {name} in {report:#}"))
+    };
+    let item = |account: &Value, id: &str| {
+        account["items"].as_array().unwrap().iter().find(|i| i["id"] == id).cloned().unwrap()
+    };
+    for (key, sdk, version) in [(py_key, "klaviyo-api-python", "25.0.0"), (node_key, "klaviyo-api-node", "23.0.0")] {
+        let a = account(key);
+        let client = item(&a, "sdk");
+        assert_eq!(client["light"], "green", "{client}");
+        let clients = client["details"]["clients"].as_array().unwrap();
+        assert_eq!(clients.len(), 1, "{client}");
+        assert_eq!(clients[0]["client"], serde_json::json!({"kind": "sdk", "name": sdk, "version": version}));
+        assert_eq!(clients[0]["requests"], a["requests"]);
+        assert_eq!(a["requests"], 4, "get_accounts, create_event, get_profiles, create_or_update_profile: {a}");
+        assert_eq!(item(&a, "profile_writes")["light"], "green", "{a}");
+        let events = item(&a, "events");
+        assert_eq!((&events["light"], &events["details"]["events"]), (&"green".into(), &1.into()), "{events}");
+        assert_eq!(item(&a, "revision")["light"], "green", "{a}");
+        assert_eq!(
+            item(&a, "least_privilege")["details"]["scopes"],
+            serde_json::json!(["accounts:read", "events:write", "profiles:write"])
+        );
+        assert_eq!(item(&a, "errors")["light"], "green", "{a}");
+    }
+    let a = account(raw_key);
+    let client = item(&a, "sdk");
+    assert_eq!(client["light"], "amber", "{client}");
+    assert_eq!(client["details"]["clients"][0]["name"], "shop-backend/3.1", "{client}");
+    assert_eq!(client["details"]["sdk_requests"], 0);
+    let revision = item(&a, "revision");
+    assert_eq!(revision["light"], "red", "{revision}");
+    assert!(revision["summary"].as_str().unwrap().contains("2024-10-15 ×1 (retired since 2026-10-15)"), "{revision}");
+    assert_eq!(item(&a, "profile_writes")["details"]["create_profile"], 1);
+    assert_eq!(item(&a, "profile_writes")["light"], "amber");
+    assert_eq!(item(&a, "events")["details"]["without_unique_id"], 1);
+    let phones = item(&a, "phone_numbers");
+    assert_eq!((&phones["light"], &phones["details"]["not_e164"]), (&"red".into(), &1.into()), "{phones}");
+    assert!(!report.to_string().contains("555-2671") && !report.to_string().contains("pk_"));
+
+    // The command: a table naming all three, exit 1 for the red items.
+    let out = Command::new(BIN).args(["checklist", "--admin", admin_url]).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{table}");
+    for name in ["klaviyo-api-python 25.0.0", "klaviyo-api-node 23.0.0", "shop-backend/3.1", "retired since 2026-10-15"]
+    {
+        assert!(table.contains(name), "{name} missing from\n{table}");
+    }
+    println!("{table}");
+    let out = Command::new(BIN).args(["checklist", "--admin", admin_url, "--json"]).output().unwrap();
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["light"], "red");
+    // Nothing listening: exit 2.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = Command::new(BIN).args(["checklist", "--admin", &format!("http://127.0.0.1:{port}")]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // preflight --from-traffic adds the traffic-derived items to its report.
+    let out = Command::new(BIN)
+        .args(["preflight", "--upstream", &sim_url, "--from-traffic", admin_url, "--json"])
+        .env_remove("KLAVIYO_PRIVATE_KEY")
+        .output()
+        .unwrap();
+    let preflight: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let check = |name: &str| {
+        preflight["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} in {preflight:#}"))
+    };
+    assert_eq!(check("traffic: revision")["result"], "fail");
+    assert_eq!(check("traffic: sdk")["result"], "warn");
+    assert!(check("traffic: sdk")["detail"].as_str().unwrap().contains("klaviyo-api-node 23.0.0"));
+    assert_eq!(check("traffic: errors")["result"], "pass");
+    assert_eq!(out.status.code(), Some(1));
+}

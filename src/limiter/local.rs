@@ -42,6 +42,8 @@
 
 use std::collections::VecDeque;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::io;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -50,6 +52,7 @@ use dashmap::DashMap;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::state::{self, Persist, SavedBucket, Snapshot};
 use super::window::{Tick, WindowLog, WindowSpec};
 use super::{ticks, Account, BucketId, BucketKey, Demand, Denied, Windows};
 
@@ -61,6 +64,10 @@ pub const MAX_DEMANDS: usize = 3;
 /// settles for the instant after every existing take (always allowed): keeps a decision
 /// bounded however many slots other lanes hold.
 const SEARCH_BUDGET: u32 = 64;
+
+/// Ticks are counted from two days before the store's start, so that takes restored
+/// from a previous process (up to a daily window old) have a place on the clock.
+const EPOCH_OFFSET: Tick = 2 * 86_400 * 1_000_000;
 
 /// How far from the front of its lane a waiter whose slot has come may leave at once.
 const DUE_SCAN: usize = 64;
@@ -113,6 +120,24 @@ struct Bucket {
     expires: Tick,
     /// Requests waiting in lanes that need this bucket.
     queued: u32,
+    /// Sent something since the latest snapshot was taken (see [`super::state`]).
+    touched: bool,
+}
+
+impl Bucket {
+    fn new(id: BucketId, windows: Windows) -> Self {
+        Bucket { id, windows, logs: Default::default(), paused_until: 0, expires: 0, queued: 0, touched: false }
+    }
+
+    /// Fills every window to its limit at `at`: nothing more goes until they pass.
+    fn fill(&mut self, at: Tick) {
+        let windows = self.windows;
+        for (log, spec) in self.logs.iter_mut().zip(windows.as_slice()) {
+            let missing = u64::from(spec.limit).saturating_sub(log.in_use(at, *spec));
+            log.insert(at, missing);
+            self.expires = self.expires.max(at.saturating_add(spec.period));
+        }
+    }
 }
 
 /// One account's buckets and lanes.
@@ -121,6 +146,9 @@ struct Holder {
     buckets: Vec<Bucket>,
     lanes: Vec<Lane>,
     next_place: u64,
+    /// Buckets that count as full from this tick on, once a request names their
+    /// windows: a previous process used them after its last snapshot and then died.
+    full: Vec<(BucketId, Tick)>,
 }
 
 /// Bucket indexes into [`Holder::buckets`], as many as `.1`.
@@ -138,14 +166,11 @@ impl Holder {
             let i = match self.index(d.key.bucket) {
                 Some(i) => i,
                 None => {
-                    self.buckets.push(Bucket {
-                        id: d.key.bucket,
-                        windows: d.windows,
-                        logs: Default::default(),
-                        paused_until: 0,
-                        expires: 0,
-                        queued: 0,
-                    });
+                    self.buckets.push(Bucket::new(d.key.bucket, d.windows));
+                    if let Some(k) = self.full.iter().position(|(id, _)| *id == d.key.bucket) {
+                        let (_, from) = self.full.swap_remove(k);
+                        self.buckets.last_mut().expect("just pushed").fill(from);
+                    }
                     self.buckets.len() - 1
                 }
             };
@@ -412,6 +437,8 @@ type Table = DashMap<Account, Mutex<Holder>, BuildHasherDefault<AccountHasher>>;
 pub struct LocalStore {
     epoch: Instant,
     accounts: Table,
+    /// Snapshot and journals, with `limiter.state_path`.
+    persist: Option<Persist>,
 }
 
 impl Default for LocalStore {
@@ -451,15 +478,121 @@ fn sorted(demands: &[Demand]) -> ([Demand; MAX_DEMANDS], usize, LaneKey) {
 impl LocalStore {
     /// An empty store whose clock starts now.
     pub fn new() -> Self {
-        LocalStore { epoch: Instant::now(), accounts: Table::default() }
+        LocalStore { epoch: Instant::now(), accounts: Table::default(), persist: None }
     }
 
     fn tick(&self, at: Instant) -> Tick {
-        ticks(at.saturating_duration_since(self.epoch))
+        ticks(at.saturating_duration_since(self.epoch)) + EPOCH_OFFSET
     }
 
     fn instant(&self, tick: Tick) -> Instant {
-        self.epoch + Duration::from_micros(tick)
+        self.epoch + Duration::from_micros(tick.saturating_sub(EPOCH_OFFSET))
+    }
+
+    /// A store that keeps its state in `path` across restarts ([`super::state`]): what
+    /// the previous process left is restored first, and after an unclean stop the
+    /// buckets it used since its last snapshot count as full until their windows pass.
+    pub fn open(path: &Path) -> io::Result<LocalStore> {
+        let (persist, snapshot, touched) = Persist::open(path)?;
+        let mut store = LocalStore::new();
+        let now_t = store.tick(Instant::now());
+        let clean = snapshot.as_ref().is_some_and(|s| s.clean);
+        if let Some(snapshot) = snapshot {
+            store.restore(snapshot, now_t);
+        }
+        if !clean {
+            for (account, id) in touched {
+                store.with_account(account, |h| match h.index(id) {
+                    Some(i) => h.buckets[i].fill(now_t),
+                    None if !h.full.iter().any(|(x, _)| *x == id) => h.full.push((id, now_t)),
+                    None => {}
+                });
+            }
+        }
+        store.persist = Some(persist);
+        Ok(store)
+    }
+
+    fn restore(&self, snapshot: Snapshot, now_t: Tick) {
+        let elapsed = state::unix_us().saturating_sub(snapshot.written_us);
+        for saved in snapshot.buckets {
+            let (Ok(account), Some(id)) = (u128::from_str_radix(&saved.account, 16), state::load_id(saved.bucket))
+            else {
+                continue;
+            };
+            let specs: Vec<WindowSpec> =
+                saved.windows.iter().map(|&(limit, period)| WindowSpec { limit, period }).collect();
+            if specs.is_empty() || specs.len() > 3 || specs.iter().any(|s| s.limit == 0) {
+                continue;
+            }
+            let mut b = Bucket::new(id, Windows::new(&specs));
+            for ((log, spec), takes) in b.logs.iter_mut().zip(&specs).zip(&saved.takes) {
+                for &(age, n) in takes.iter().rev() {
+                    let age = age.saturating_add(elapsed);
+                    if age < spec.period && age <= now_t {
+                        log.insert(now_t - age, n);
+                        b.expires = b.expires.max(now_t - age + spec.period);
+                    }
+                }
+            }
+            let left = saved.paused_for_us.saturating_sub(elapsed);
+            b.paused_until = now_t + left;
+            b.expires = b.expires.max(b.paused_until);
+            self.with_account(Account(account), |h| {
+                if h.index(id).is_none() {
+                    h.buckets.push(b);
+                }
+            });
+        }
+    }
+
+    /// Writes a snapshot of the takes that still matter (with `limiter.state_path`;
+    /// nothing otherwise): `clean` at shutdown, once nothing else will leave.
+    pub fn save(&self, clean: bool) -> io::Result<()> {
+        let Some(p) = &self.persist else { return Ok(()) };
+        p.rotate()?;
+        let now_t = self.tick(Instant::now());
+        let mut buckets = Vec::new();
+        for entry in self.accounts.iter() {
+            let account = *entry.key();
+            let mut h = lock(entry.value());
+            for b in &mut h.buckets {
+                b.touched = false;
+                let specs = b.windows.as_slice();
+                let takes: Vec<Vec<(u64, u64)>> =
+                    b.logs.iter().zip(specs).map(|(log, spec)| log.recent(now_t, *spec)).collect();
+                let paused_for_us = b.paused_until.saturating_sub(now_t);
+                if takes.iter().all(Vec::is_empty) && paused_for_us == 0 {
+                    continue;
+                }
+                buckets.push(SavedBucket {
+                    account: format!("{:032x}", account.0),
+                    bucket: state::save_id(b.id),
+                    windows: specs.iter().map(|s| (s.limit, s.period)).collect(),
+                    takes,
+                    paused_for_us,
+                });
+            }
+        }
+        p.write(&Snapshot { clean, written_us: state::unix_us(), buckets })
+    }
+
+    /// Whether this store keeps its state across restarts.
+    pub fn persists(&self) -> bool {
+        self.persist.is_some()
+    }
+
+    /// Journals the buckets `idx` the first time each sends something after the
+    /// latest snapshot was taken.
+    fn touch(&self, account: Account, h: &mut Holder, idx: &[usize]) {
+        let Some(p) = &self.persist else { return };
+        for &i in idx {
+            let b = &mut h.buckets[i];
+            if !b.touched {
+                b.touched = true;
+                p.journal(account, b.id);
+            }
+        }
     }
 
     /// Runs `f` on the account's state, created if missing; `get` first, so the common
@@ -511,6 +644,9 @@ impl LocalStore {
                 }
             }
             h.take(idx, t);
+            if !queued {
+                self.touch(account, h, idx);
+            }
             let place = h.new_place();
             let waiter = queued.then(|| {
                 let w = Arc::new(Waiter {
@@ -551,6 +687,7 @@ impl LocalStore {
                 let longest = windows.as_slice().iter().map(|w| w.period).max().unwrap_or(0);
                 b.expires = b.expires.max(now_t.saturating_add(longest));
             }
+            self.touch(buf[0].key.account, h, &idx[..n]);
         });
     }
 
@@ -602,6 +739,7 @@ impl LocalStore {
                 lane.slots.remove(rank);
                 let (idx, n) = h.lane_indexes(&grant.lane);
                 h.count_queued(&idx[..n], false);
+                self.touch(grant.account, h, &idx[..n]);
                 h.pop_dead(l);
                 h.wake_due(l, now_t);
                 // A new head moving up frees the take it held, which another lane's
@@ -735,6 +873,7 @@ impl LocalStore {
                             Some(w) => w,
                             None => {
                                 h.take(li, t);
+                                self.touch(account, h, li);
                                 continue;
                             }
                         }

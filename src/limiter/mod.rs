@@ -7,6 +7,7 @@ pub mod local;
 pub mod ramp;
 pub mod redis;
 pub mod shared;
+pub mod state;
 pub mod window;
 
 use std::time::Duration;
@@ -90,12 +91,43 @@ impl Limiter {
     /// store's heartbeat (replica count, and the way back from degraded). Returns at
     /// once for the local store.
     pub async fn run_background(&self) {
-        let Limiter::Shared(s) = self else { return };
+        let s = match self {
+            Limiter::Local(store) => return store_snapshots(store).await,
+            Limiter::Shared(s) => s,
+        };
         let mut every = tokio::time::interval(shared::HEARTBEAT_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;
             s.beat().await;
+        }
+    }
+}
+
+/// With `limiter.state_path`, the local store's snapshot every second (and a last, clean
+/// one at shutdown: [`Limiter::save_at_shutdown`]).
+async fn store_snapshots(store: &LocalStore) {
+    if !store.persists() {
+        return;
+    }
+    let mut every = tokio::time::interval(state::SNAPSHOT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if let Err(error) = store.save(false) {
+            tracing::warn!(%error, "cannot snapshot the limiter state");
+        }
+    }
+}
+
+impl Limiter {
+    /// The local store's clean snapshot, once nothing else will leave (with
+    /// `limiter.state_path`; the Redis store keeps its state in Redis).
+    pub fn save_at_shutdown(&self) {
+        if let Limiter::Local(store) = self {
+            if let Err(error) = store.save(true) {
+                tracing::warn!(%error, "cannot save the limiter state at shutdown");
+            }
         }
     }
 }

@@ -163,6 +163,25 @@ impl WindowLog {
             .collect()
     }
 
+    /// The newest takes inside the window at `now` (none booked after it), at most
+    /// `limit`: what a restarted process needs, as `(age, count)`, newest first.
+    pub fn recent(&self, now: Tick, spec: WindowSpec) -> Vec<(Tick, u64)> {
+        let mut out = Vec::new();
+        let mut left = u64::from(spec.limit);
+        let hi = self.runs.partition_point(|r| r.tick <= now);
+        for i in (0..hi).rev() {
+            let run = self.runs[i];
+            if left == 0 || run.tick.saturating_add(spec.period) <= now {
+                break;
+            }
+            let prev = if i == 0 { self.base } else { self.runs[i - 1].end };
+            let n = (run.end - prev).min(left);
+            left -= n;
+            out.push((now - run.tick, n));
+        }
+        out
+    }
+
     /// Records a take at `tick`, which must not be earlier than the latest take.
     pub fn record(&mut self, tick: Tick) {
         match self.runs.back_mut() {

@@ -97,8 +97,9 @@ struct Model {
 }
 
 impl Model {
+    /// On the store's clock: µs since its start, plus two days (room for restored takes).
     fn tick(&self, at: Instant) -> Tick {
-        ticks(at.duration_since(self.t0))
+        ticks(at.duration_since(self.t0)) + 2 * 86_400 * 1_000_000
     }
 
     fn spawn(&mut self, kind: u8, grant: Grant, patience: Option<u64>, deadline: Instant) {

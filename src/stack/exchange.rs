@@ -25,18 +25,21 @@ use crate::proxy::{header_int, throttle_wait, upstream_error, Live, Proxy};
 use crate::queue;
 use crate::retry::{self, Backoff, Repeat};
 use crate::route::Route;
-use crate::upstream::UpstreamError;
+use crate::upstream::{Upstream, UpstreamError};
 
 /// The innermost service: sends the routed request to Klaviyo.
 #[derive(Debug, Clone)]
 pub struct Exchange {
     proxy: Arc<Proxy>,
+    /// Shared by the clones of the stack on one runtime (an `Upstream` clone is many).
+    upstream: Arc<Upstream>,
 }
 
 impl Exchange {
-    /// The exchange through `proxy`'s limiter, breaker and upstream.
-    pub fn new(proxy: Arc<Proxy>) -> Self {
-        Exchange { proxy }
+    /// The exchange through `proxy`'s limiter and breaker and the `upstream` pool
+    /// (one per runtime, so a request and its upstream connection share a thread).
+    pub fn new(proxy: Arc<Proxy>, upstream: Upstream) -> Self {
+        Exchange { proxy, upstream: Arc::new(upstream) }
     }
 }
 
@@ -51,10 +54,10 @@ impl Service<Routed<Bytes>> for Exchange {
     }
 
     fn call(&mut self, routed: Routed<Bytes>) -> Self::Future {
-        let proxy = self.proxy.clone();
+        let (proxy, upstream) = (self.proxy.clone(), self.upstream.clone());
         Box::pin(async move {
             tokio::select! {
-                result = proxy.exchange(&routed) => result,
+                result = proxy.exchange(&routed, &upstream) => result,
                 () = proxy.drain_ends() => Err(ProxyError::Draining),
             }
         })
@@ -66,7 +69,7 @@ impl Proxy {
     /// asks the breaker, sends; on a 429 pauses the bucket and requeues the request at
     /// its head; on a 5xx, timeout or connection error backs off and goes again while
     /// repeating is safe, the budget allows and the deadline is not passed.
-    async fn exchange(&self, routed: &Routed<Bytes>) -> Result<Response<Incoming>, ProxyError> {
+    async fn exchange(&self, routed: &Routed<Bytes>, upstream: &Upstream) -> Result<Response<Incoming>, ProxyError> {
         let Routed { call, route, deadline, repeat, .. } = routed;
         let (deadline, repeat) = (*deadline, *repeat);
         let (live, parts, body, record) = (&*call.live, &call.parts, &call.body, &call.record);
@@ -127,7 +130,7 @@ impl Proxy {
             };
             let sent = Instant::now();
             record.update(|o| o.attempts += 1);
-            let result = self.upstream.send(parts, body.clone()).await;
+            let result = upstream.send(parts, body.clone()).await;
             let latency = sent.elapsed();
             record.update(|o| o.upstream = Some(latency));
             let now = Instant::now();

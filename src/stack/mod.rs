@@ -22,6 +22,7 @@ use crate::metrics::RequestOutcome;
 use crate::proxy::{Live, Proxy};
 use crate::retry::Repeat;
 use crate::route::Route;
+use crate::upstream::Upstream;
 
 pub mod authorize;
 pub mod body;
@@ -31,6 +32,7 @@ pub mod coalesce;
 pub mod defer;
 pub mod exchange;
 pub mod idempotency;
+pub mod observe;
 pub mod outbound;
 pub mod respond;
 pub mod route;
@@ -38,9 +40,11 @@ pub mod step;
 pub mod target;
 
 /// The whole request path for `proxy`, as a service hyper can serve (through
-/// `hyper_util::service::TowerToHyperService`). It never fails at the HTTP level.
+/// `hyper_util::service::TowerToHyperService`), sending through `upstream` (the pool of
+/// the runtime that serves it). It never fails at the HTTP level.
 pub fn build<B>(
     proxy: &Arc<Proxy>,
+    upstream: Upstream,
 ) -> impl Service<Request<B>, Response = Response<ProxyBody>, Error = Infallible, Future = impl Future + Send>
        + Clone
        + Send
@@ -62,8 +66,12 @@ where
         .layer(step::StepLayer::new(authorize::Authorize))
         // Operation, account and buckets, and how long the client is willing to wait.
         .layer(step::StepLayer::new(route::RouteStep))
+        // The production checklist counts what traffic shows; opt-in scopes refuse.
+        .layer(observe::ObserveLayer::new(proxy.clone()))
         // Buffered so the client's upload time never holds a token, and bounded.
         .layer(body::BufferLayer)
+        // Events without a unique_id, phone numbers not E.164 (off the request).
+        .layer(step::StepLayer::new(observe::InspectBody))
         // Only what Klaviyo should see leaves: no hop-by-hop or proxy-only headers.
         .layer(step::StepLayer::new(outbound::Outbound))
         // Single events become bulk jobs: stored durably, answered 202 as Klaviyo does.
@@ -75,7 +83,7 @@ where
         // The client gets Klaviyo's answer without its hop-by-hop headers.
         .map_response(cleanup::clean::<hyper::body::Incoming>)
         // Token, breaker, upstream; again after a 429 pause or a safe retry.
-        .service(exchange::Exchange::new(proxy.clone()))
+        .service(exchange::Exchange::new(proxy.clone(), upstream))
 }
 
 /// A boxed future, for the stages that wait.

@@ -18,15 +18,29 @@ impl Drop for Running {
 /// Starts `bin` with `args` and `envs` and returns it with the URL from its first
 /// stdout line (`... listening on URL`).
 pub fn start(bin: &str, args: &[&str], envs: &[(&str, &str)]) -> (Running, String) {
+    let (child, mut urls) = start_urls(bin, args, envs, 1);
+    (child, urls.remove(0))
+}
+
+/// Like [`start`], with the URLs of its first `n` stdout lines (`serve` prints the
+/// proxy's, then the admin listener's).
+pub fn start_urls(bin: &str, args: &[&str], envs: &[(&str, &str)], n: usize) -> (Running, Vec<String>) {
     let mut cmd = Command::new(bin);
     cmd.args(args).envs(envs.iter().copied()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
     let mut child = cmd.spawn().expect("start klaviyo-proxy");
     let stdout = child.stdout.take().expect("piped stdout");
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("first stdout line");
-    let url = line.trim().rsplit(' ').next().unwrap_or_default().to_string();
-    assert!(url.starts_with("http"), "unexpected first line {line:?}");
-    (Running(child), url)
+    let mut reader = BufReader::new(stdout);
+    let child = Running(child);
+    let urls = (0..n)
+        .map(|_| {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("a stdout line");
+            let url = line.trim().rsplit(' ').next().unwrap_or_default().to_string();
+            assert!(url.starts_with("http"), "unexpected line {line:?}");
+            url
+        })
+        .collect();
+    (child, urls)
 }
 
 /// The arguments of `serve` on loopback port 0 (proxy and admin listener, so several
