@@ -909,7 +909,11 @@ impl LocalStore {
             let log = &mut b.logs[1];
             let believed = u64::from(steady.limit).saturating_sub(log.in_use(now_t, steady));
             let phantoms = believed.saturating_sub(u64::from(remaining));
-            let reset = reset.map_or(steady.period, |r| ticks(r).clamp(1_000_000, steady.period));
+            // `RateLimit-Reset` is whole seconds, rounded down: Klaviyo's window may
+            // reset up to a second later, and the proxy's own window adds its guard.
+            let guard = steady.period.saturating_sub(60_000_000);
+            let reset = reset
+                .map_or(steady.period, |r| ticks(r).saturating_add(1_000_000 + guard).clamp(1_000_000, steady.period));
             // Inside the window as `in_use` counts it, so the next answer finds them.
             let at = (now_t + reset).saturating_sub(steady.period).max(now_t.saturating_sub(steady.period) + 1);
             log.insert(at, phantoms);
@@ -1179,7 +1183,8 @@ mod tests {
             assert!(store.reserve(&[d], now, far, 100).unwrap().at < now + Duration::from_secs(2));
         }
         // The steady window is full until Klaviyo's resets and the phantoms leave.
-        assert_eq!(store.reserve(&[d], now, far, 100).unwrap().at, now + Duration::from_secs(10));
+        // Reset is whole seconds, rounded down: they stay a second longer (no guard here).
+        assert_eq!(store.reserve(&[d], now, far, 100).unwrap().at, now + Duration::from_secs(11));
         // Without a reset, the phantoms stay a whole window.
         let store = LocalStore::new();
         store.reserve(&[d], now, now, 10).unwrap();

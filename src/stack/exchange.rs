@@ -19,7 +19,7 @@ use super::{BoxFuture, Routed};
 use crate::breaker;
 use crate::error::ProxyError;
 use crate::limiter::ramp::{self, Pass};
-use crate::limiter::{BucketKey, Demand, Denied, Grant, Limiter, Place};
+use crate::limiter::{BucketId, BucketKey, Demand, Denied, Grant, Limiter, Place};
 use crate::metrics::RequestOutcome;
 use crate::proxy::{header_int, throttle_wait, upstream_error, Live, Proxy};
 use crate::queue;
@@ -286,7 +286,8 @@ impl Proxy {
         let remaining = header_int(resp.headers(), "ratelimit-remaining").and_then(|r| u32::try_from(r).ok());
         let reset =
             header_int(resp.headers(), "ratelimit-reset").and_then(|r| u64::try_from(r).ok()).map(Duration::from_secs);
-        let (Some(remaining), Some(demand), true) = (remaining, route.demands.first(), live.config.limits.enabled)
+        let limit = header_int(resp.headers(), "ratelimit-limit").and_then(|l| u32::try_from(l).ok());
+        let (Some(remaining), Some(demand), true) = (remaining, described(route, limit), live.config.limits.enabled)
         else {
             return;
         };
@@ -305,5 +306,46 @@ impl Proxy {
                 "upstream reports less quota than expected"
             );
         }
+    }
+}
+
+/// The bucket a response's `RateLimit-*` headers describe: `RateLimit-Limit` names its
+/// steady limit, the endpoint's or one of its conditional limits' (an `include=…`
+/// request is counted in both). Headers describing neither (or a bucket this request
+/// did not take from) fill nothing: another bucket's count never lands in the
+/// endpoint's. Without `RateLimit-Limit`, the endpoint's.
+fn described(route: &Route, limit: Option<u32>) -> Option<&Demand> {
+    let endpoint = route.demands.first()?;
+    let (Some(limit), Some(op)) = (limit, route.operation) else { return Some(endpoint) };
+    if limit == op.steady_per_minute {
+        return Some(endpoint);
+    }
+    route.demands.iter().find(|d| match d.key.bucket {
+        BucketId::Condition(_, c) => op.conditions.get(usize::from(c)).is_some_and(|c| c.steady_per_minute == limit),
+        _ => false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LimitsConfig;
+    use crate::route::Router;
+
+    #[test]
+    fn ratelimit_headers_fill_the_bucket_they_describe() {
+        let router = Router::new(&LimitsConfig::default(), b"k");
+        // get_profiles: 750/min; with additional-fields[profile]=predictive_analytics
+        // also the condition's 150/min.
+        let query = "additional-fields%5Bprofile%5D=predictive_analytics";
+        let route = router.route("GET", "/api/profiles", Some(query), false, Some(b"Klaviyo-API-Key pk_x"));
+        assert_eq!(route.demands.len(), 2, "{route:?}");
+        let bucket = |limit| described(&route, limit).map(|d| d.key.bucket);
+        assert_eq!(bucket(None), Some(route.demands[0].key.bucket));
+        assert_eq!(bucket(Some(750)), Some(route.demands[0].key.bucket));
+        assert!(matches!(bucket(Some(150)), Some(BucketId::Condition(_, 0))));
+        assert_eq!(bucket(Some(60)), None, "another bucket's headers fill nothing");
+        let plain = router.route("GET", "/api/profiles", None, false, Some(b"Klaviyo-API-Key pk_x"));
+        assert_eq!(described(&plain, Some(150)), None);
     }
 }
