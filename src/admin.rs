@@ -83,6 +83,9 @@ pub struct Services {
     /// The shared-limits store, when `limiter.store = "redis"`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limiter: Option<LimiterHealth>,
+    /// The webhook gate's delivery backlog, when the gate runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhooks: Option<crate::webhooks::WebhookHealth>,
 }
 
 /// The shared-limits store in `/health`.
@@ -104,12 +107,42 @@ pub struct Admin {
     /// calls share one probe.
     probe: Mutex<Option<(Instant, ServiceHealth)>>,
     account_id: std::sync::Mutex<Option<String>>,
+    webhooks: Option<Arc<crate::webhooks::Gate>>,
 }
 
 impl Admin {
     /// Admin endpoints for `proxy`; `ready` is flipped by the app at start and drain.
     pub fn new(proxy: Arc<Proxy>, ready: Arc<AtomicBool>, reloader: Option<Reloader>) -> Self {
-        Admin { proxy, ready, reloader, probe: Mutex::new(None), account_id: std::sync::Mutex::new(None) }
+        Admin {
+            proxy,
+            ready,
+            reloader,
+            probe: Mutex::new(None),
+            account_id: std::sync::Mutex::new(None),
+            webhooks: None,
+        }
+    }
+
+    /// Serves the webhook gate's backlog in `/health` and its routes under `/admin/webhooks`.
+    pub fn with_webhooks(mut self, gate: Option<Arc<crate::webhooks::Gate>>) -> Self {
+        self.webhooks = gate;
+        self
+    }
+
+    /// The gate's dead-letter routes under `/admin/webhooks` (see [`crate::webhooks::store::admin`]).
+    async fn webhooks(&self, method: Method, path: String) -> Response<ProxyBody> {
+        let Some(gate) = self.webhooks.clone() else {
+            return json(
+                StatusCode::NOT_FOUND,
+                &serde_json::json!({"error": "the webhook gate is off (webhooks.enabled)"}),
+            );
+        };
+        // redb reads and fsyncs block: off the async threads.
+        match tokio::task::spawn_blocking(move || gate.admin(&method, &path)).await {
+            Ok(Some((status, body))) => json(status, &body),
+            Ok(None) => json(StatusCode::NOT_FOUND, &serde_json::json!({"error": "not found"})),
+            Err(_) => json(StatusCode::INTERNAL_SERVER_ERROR, &serde_json::json!({"error": "webhook task failed"})),
+        }
     }
 
     /// Whether the app has started and is not draining.
@@ -167,6 +200,9 @@ impl Admin {
             (method, path) if path == "/admin/spool" || path.starts_with("/admin/spool/") => {
                 self.spool(method.clone(), path.trim_start_matches("/admin").to_string()).await
             }
+            (method, path) if path == "/admin/webhooks" || path.starts_with("/admin/webhooks/") => {
+                self.webhooks(method.clone(), path.trim_start_matches("/admin").to_string()).await
+            }
             (_, "/metrics" | "/health" | "/ready" | "/live" | "/admin/reload") => {
                 json(StatusCode::METHOD_NOT_ALLOWED, &serde_json::json!({"error": "method not allowed"}))
             }
@@ -216,7 +252,18 @@ impl Admin {
         if limiter.as_ref().is_some_and(|l| l.status == Status::Degraded) && status == Status::Healthy {
             status = Status::Degraded;
         }
-        HealthReport { status, services: Services { klaviyo, limiter }, timestamp: rfc3339(SystemTime::now()) }
+        let webhooks = match self.webhooks.clone() {
+            Some(gate) => tokio::task::spawn_blocking(move || gate.health()).await.ok(),
+            None => None,
+        };
+        if webhooks.as_ref().is_some_and(|w| w.status == Status::Degraded) && status == Status::Healthy {
+            status = Status::Degraded;
+        }
+        HealthReport {
+            status,
+            services: Services { klaviyo, limiter, webhooks },
+            timestamp: rfc3339(SystemTime::now()),
+        }
     }
 
     async fn probe_now(&self, max_wait: Duration) -> ServiceHealth {

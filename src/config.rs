@@ -279,6 +279,8 @@ pub struct Config {
     pub preflight: PreflightConfig,
     /// Where buckets live: this process, or Redis shared by every replica.
     pub limiter: LimiterConfig,
+    /// The inbound webhook gate (off by default).
+    pub webhooks: crate::webhooks::WebhooksConfig,
 }
 
 /// `[admin]`
@@ -763,6 +765,7 @@ impl Config {
         config.resolve_key(env)?;
         config.check_resilience()?;
         config.check_limiter()?;
+        config.webhooks.resolve(env)?;
         Ok(config)
     }
 
@@ -922,6 +925,7 @@ impl Config {
     /// Checks that apply only when serving: a listener off loopback needs a client
     /// token unless explicitly opted out.
     pub fn check_serve(&self) -> Result<(), ConfigError> {
+        self.webhooks.check_serve()?;
         if !self.admin.listen.ip().is_loopback() {
             tracing::warn!(listen = %self.admin.listen, "the admin listener is not on loopback: /admin/reload and /metrics are open to that network");
         }

@@ -103,6 +103,12 @@ pub enum ProxyError {
     /// A bug or resource failure inside the proxy.
     #[error("internal proxy error")]
     Internal,
+    /// The webhook gate refused a webhook (bad signature, timestamp, webhook id or token).
+    #[error("webhook rejected: {0}")]
+    WebhookRejected(&'static str),
+    /// No webhook route at this method and path.
+    #[error("the webhook gate takes POST /webhooks/klaviyo and /webhooks/flow")]
+    WebhookRoute,
 }
 
 /// Whole seconds, rounded up, at least 1: `Retry-After` must be an integer for the SDKs.
@@ -127,6 +133,8 @@ impl ProxyError {
             UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            WebhookRejected(_) => StatusCode::UNAUTHORIZED,
+            WebhookRoute => StatusCode::NOT_FOUND,
         }
     }
 
@@ -152,6 +160,8 @@ impl ProxyError {
             UpstreamUnreachable => "proxy_upstream_unreachable",
             UpstreamTimeout(_) => "proxy_upstream_timeout",
             Internal => "proxy_internal_error",
+            WebhookRejected(_) => "proxy_webhook_rejected",
+            WebhookRoute => "proxy_webhook_route",
         }
     }
 
@@ -174,6 +184,8 @@ impl ProxyError {
             ClientKeyForbidden => "Client API keys are not allowed.",
             UpstreamUnreachable | UpstreamTimeout(_) => "Klaviyo is unavailable.",
             Internal => "Internal proxy error.",
+            WebhookRejected(_) => "Webhook rejected.",
+            WebhookRoute => "Not found.",
         }
     }
 

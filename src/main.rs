@@ -79,8 +79,12 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
-    /// Run the Klaviyo simulator.
+    /// Run the Klaviyo simulator (or, with `webhooks`, send signed webhooks to a gate).
+    #[command(args_conflicts_with_subcommands = true)]
     Simulate {
+        /// A load to send instead of serving.
+        #[command(subcommand)]
+        load: Option<Box<SimulateLoad>>,
         /// Listen address.
         #[arg(long, default_value = "127.0.0.1:8081")]
         listen: SocketAddr,
@@ -102,6 +106,41 @@ enum Command {
         /// Faults at start; change them at run time with `POST /__sim/faults`.
         #[command(flatten)]
         faults: FaultArgs,
+    },
+}
+
+/// `simulate` loads.
+#[derive(Subcommand)]
+enum SimulateLoad {
+    /// Send signed system webhooks to a webhook gate and print what it answered (JSON).
+    Webhooks {
+        /// The gate's system-webhook URL, e.g. http://127.0.0.1:8082/webhooks/klaviyo.
+        #[arg(long)]
+        to: String,
+        /// The signing secret the gate knows.
+        #[arg(long, env = "KLAVIYO_WEBHOOK_SIGNING_SECRET", hide_env_values = true)]
+        secret: String,
+        /// Webhooks to send.
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        /// Share that are redeliveries of an earlier webhook, 0 to 1.
+        #[arg(long, default_value_t = 0.0)]
+        duplicates: f64,
+        /// Share signed with a wrong secret, 0 to 1.
+        #[arg(long, default_value_t = 0.0)]
+        bad_signatures: f64,
+        /// Events per webhook.
+        #[arg(long, default_value_t = 1)]
+        items: usize,
+        /// Requests in flight at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Extra CA certificate (PEM) to trust for an https gate.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// Seed for which webhooks are duplicates or bad, and for the event ids.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
 }
 
@@ -267,7 +306,35 @@ async fn main() -> Result<()> {
             println!("{url}: HTTP {status}");
             Ok(())
         }
-        Command::Simulate { listen, seed, tls, ca_out, latency_ms, unlimited, faults } => {
+        Command::Simulate { load: Some(load), .. } => {
+            let SimulateLoad::Webhooks {
+                to,
+                secret,
+                count,
+                duplicates,
+                bad_signatures,
+                items,
+                concurrency,
+                ca_file,
+                seed,
+            } = *load;
+            let load = klaviyo_proxy::sim::webhooks::WebhookLoad {
+                to,
+                secret,
+                count,
+                duplicates,
+                bad_signatures,
+                items,
+                concurrency,
+                ca_file,
+                seed,
+                ..Default::default()
+            };
+            let report = klaviyo_proxy::sim::webhooks::send_webhooks(&load).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Simulate { load: None, listen, seed, tls, ca_out, latency_ms, unlimited, faults } => {
             let _ = init_logs("info", LogFormat::Human);
             let listener = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
             let faults = faults.faults()?;
@@ -364,6 +431,9 @@ async fn serve(
         let mut out = std::io::stdout();
         let _ = writeln!(out, "klaviyo-proxy listening on http://{addr}");
         let _ = writeln!(out, "admin listening on http://{admin_addr}");
+        if let Some(gate) = app.webhooks() {
+            let _ = writeln!(out, "webhooks listening on {}://{}", gate.scheme(), gate.local_addr());
+        }
         let _ = out.flush();
     }
     app.serve_with_admin(listener, Some(admin_listener), shutdown_signal()).await;

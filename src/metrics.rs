@@ -229,6 +229,8 @@ pub struct Metrics {
     account_names: RwLock<HashMap<Account, String>>,
     /// One scrape at a time: a scrape clears and refills the limiter gauges.
     scrape: Mutex<()>,
+    /// The webhook gate's metrics (registered whether or not the gate runs).
+    pub webhooks: crate::webhooks::WebhookMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -328,6 +330,7 @@ impl Metrics {
         registry.register(HEALTH_PROBES, "Klaviyo health probes by result", health_probes.clone());
         let config_reloads = Family::default();
         registry.register(CONFIG_RELOADS, "Config reloads by result", config_reloads.clone());
+        let webhooks = crate::webhooks::WebhookMetrics::register(&mut registry);
         Metrics {
             registry,
             requests,
@@ -352,6 +355,7 @@ impl Metrics {
             reported: Mutex::new(HashMap::new()),
             account_names: RwLock::new(HashMap::new()),
             scrape: Mutex::new(()),
+            webhooks,
         }
     }
 

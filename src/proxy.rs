@@ -138,6 +138,9 @@ pub enum BuildError {
     /// The spool file cannot be opened.
     #[error(transparent)]
     Spool(#[from] spool::SpoolError),
+    /// The webhook gate cannot start.
+    #[error(transparent)]
+    Webhooks(#[from] crate::webhooks::GateError),
     /// The limiter settings do not work together.
     #[error(transparent)]
     Config(#[from] ConfigError),

@@ -10,6 +10,7 @@
 
 pub mod faults;
 mod tls;
+pub mod webhooks;
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
