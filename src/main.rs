@@ -113,35 +113,7 @@ enum Command {
 #[derive(Subcommand)]
 enum SimulateLoad {
     /// Send signed system webhooks to a webhook gate and print what it answered (JSON).
-    Webhooks {
-        /// The gate's system-webhook URL, e.g. http://127.0.0.1:8082/webhooks/klaviyo.
-        #[arg(long)]
-        to: String,
-        /// The signing secret the gate knows.
-        #[arg(long, env = "KLAVIYO_WEBHOOK_SIGNING_SECRET", hide_env_values = true)]
-        secret: String,
-        /// Webhooks to send.
-        #[arg(long, default_value_t = 100)]
-        count: usize,
-        /// Share that are redeliveries of an earlier webhook, 0 to 1.
-        #[arg(long, default_value_t = 0.0)]
-        duplicates: f64,
-        /// Share signed with a wrong secret, 0 to 1.
-        #[arg(long, default_value_t = 0.0)]
-        bad_signatures: f64,
-        /// Events per webhook.
-        #[arg(long, default_value_t = 1)]
-        items: usize,
-        /// Requests in flight at once.
-        #[arg(long, default_value_t = 8)]
-        concurrency: usize,
-        /// Extra CA certificate (PEM) to trust for an https gate.
-        #[arg(long)]
-        ca_file: Option<PathBuf>,
-        /// Seed for which webhooks are duplicates or bad, and for the event ids.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-    },
+    Webhooks(klaviyo_proxy::sim::webhooks::WebhookLoad),
 }
 
 /// `simulate` fault flags (see `klaviyo_proxy::sim::Faults`).
@@ -307,29 +279,7 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Simulate { load: Some(load), .. } => {
-            let SimulateLoad::Webhooks {
-                to,
-                secret,
-                count,
-                duplicates,
-                bad_signatures,
-                items,
-                concurrency,
-                ca_file,
-                seed,
-            } = *load;
-            let load = klaviyo_proxy::sim::webhooks::WebhookLoad {
-                to,
-                secret,
-                count,
-                duplicates,
-                bad_signatures,
-                items,
-                concurrency,
-                ca_file,
-                seed,
-                ..Default::default()
-            };
+            let SimulateLoad::Webhooks(load) = *load;
             let report = klaviyo_proxy::sim::webhooks::send_webhooks(&load).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())

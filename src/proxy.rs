@@ -306,6 +306,10 @@ impl Proxy {
         if new.limiter != old.limiter {
             return Err(ReloadError::NeedsRestart("limiter"));
         }
+        // The gate's listener, store and secrets are set at start.
+        if new.webhooks != old.webhooks {
+            return Err(ReloadError::NeedsRestart("webhooks"));
+        }
         if new.limiter.store == StoreKind::Redis && new.auth.account_hash_key != old.auth.account_hash_key {
             // Replicas must hash accounts alike; one replica changing alone splits buckets.
             return Err(ReloadError::NeedsRestart("auth.account_hash_key (with the redis store)"));

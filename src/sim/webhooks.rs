@@ -18,30 +18,43 @@ use serde::Serialize;
 use super::SimError;
 use crate::webhooks::signature::sign;
 
-/// What to send.
-#[derive(Debug, Clone)]
+/// What to send (also the flags of `klaviyo-proxy simulate webhooks`).
+#[derive(Debug, Clone, clap::Args)]
 pub struct WebhookLoad {
-    /// The gate's system-webhook URL, e.g. `http://127.0.0.1:8082/webhooks/klaviyo`.
+    /// The gate's system-webhook URL, e.g. http://127.0.0.1:8082/webhooks/klaviyo.
+    #[arg(long)]
     pub to: String,
     /// The signing secret the gate knows.
+    #[arg(long, env = "KLAVIYO_WEBHOOK_SIGNING_SECRET", hide_env_values = true)]
     pub secret: String,
     /// Webhooks to send.
+    #[arg(long, default_value_t = 100)]
     pub count: usize,
-    /// Share of them that are redeliveries of an earlier one, 0 to 1.
+    /// Share that are redeliveries of an earlier webhook, 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
     pub duplicates: f64,
-    /// Share of them signed with a wrong secret, 0 to 1.
+    /// Share signed with a wrong secret, 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
     pub bad_signatures: f64,
     /// Events per webhook (`data[]` items).
+    #[arg(long, default_value_t = 1)]
     pub items: usize,
     /// Requests in flight at once.
+    #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
-    /// Extra CA (PEM) to trust for an `https` gate.
+    /// Extra CA certificate (PEM) to trust for an https gate.
+    #[arg(long)]
     pub ca_file: Option<PathBuf>,
-    /// Seed for the plan (which are duplicates and bad) and the ids.
+    /// Seed for which webhooks are duplicates or bad, and for the event ids.
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// `Klaviyo-Webhook-Id` and `meta.klaviyo_webhook_id`.
+    #[arg(long, default_value = DEFAULT_WEBHOOK_ID)]
     pub webhook_id: String,
 }
+
+/// The webhook id the sender uses unless told otherwise.
+pub const DEFAULT_WEBHOOK_ID: &str = "01SIMWEBHOOK0000000000000";
 
 impl Default for WebhookLoad {
     fn default() -> Self {
@@ -55,7 +68,7 @@ impl Default for WebhookLoad {
             concurrency: 8,
             ca_file: None,
             seed: 1,
-            webhook_id: "01SIMWEBHOOK0000000000000".into(),
+            webhook_id: DEFAULT_WEBHOOK_ID.into(),
         }
     }
 }

@@ -208,30 +208,22 @@ impl Gate {
                 (vec![id], None)
             }
         };
-        let gate = self.clone();
-        let headers = kept_headers(&parts.headers, false);
-        let partial_headers = kept_headers(&parts.headers, true);
-        let outcome = tokio::task::spawn_blocking(move || {
-            let body_for = |fresh: &[bool]| envelope.as_ref().map(|e| e.with_items(fresh)).unwrap_or_default();
-            gate.store.accept(Incoming {
-                kind,
-                headers,
-                partial_headers,
-                item_ids,
-                body_for: &body_for,
-                body: &body,
-                now_ms: super::now_ms(),
-            })
-        })
-        .await;
-        let (accepted_as, pruned) = match outcome {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
+        let incoming = Incoming {
+            kind,
+            headers: kept_headers(&parts.headers, false),
+            partial_headers: kept_headers(&parts.headers, true),
+            item_ids,
+            body_for: Box::new(move |fresh| envelope.as_ref().map(|e| e.with_items(fresh)).unwrap_or_default()),
+            body,
+            now_ms: super::now_ms(),
+        };
+        let (accepted_as, pruned) = match self.writer.accept(incoming).await {
+            Ok(r) => r,
+            Err(e) => {
                 // Not stored: Klaviyo must send it again, so no 200.
                 tracing::error!(error = %e, "webhook store write failed");
                 return Ok(refusal(ProxyError::Internal));
             }
-            Err(_) => return Ok(refusal(ProxyError::Internal)),
         };
         self.webhook_metrics().evicted(pruned.early);
         if pruned.early > 0 {

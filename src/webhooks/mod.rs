@@ -100,6 +100,8 @@ pub struct Gate {
     settings: WebhooksConfig,
     secrets: Vec<Vec<u8>>,
     store: Store,
+    /// Accepts go through one writer thread that commits concurrent ones together.
+    writer: store::GroupWriter,
     metrics: Arc<Metrics>,
     listener: Mutex<Option<std::net::TcpListener>>,
     addr: std::net::SocketAddr,
@@ -139,6 +141,7 @@ impl Gate {
         let gate = Gate {
             secrets: settings.secrets.iter().map(|s| s.expose().as_bytes().to_vec()).collect(),
             settings: settings.clone(),
+            writer: store.group_writer(),
             store,
             metrics,
             listener: Mutex::new(Some(listener)),

@@ -36,6 +36,31 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Most old seen ids forgotten by one accept, so an accept's work stays bounded.
 const PRUNE_PER_ACCEPT: usize = 512;
 
+/// Most accepts gathered into one transaction.
+const MAX_GROUP: usize = 256;
+
+type Job = (Incoming, tokio::sync::oneshot::Sender<Result<(Accepted, Pruned), StoreError>>);
+
+/// Sends accepts to the store's writer thread ([`Store::group_writer`]).
+#[derive(Debug, Clone)]
+pub struct GroupWriter {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl GroupWriter {
+    /// Stores a webhook durably (see [`Store::accept`]), together with any others
+    /// arriving at the same moment.
+    pub async fn accept(&self, incoming: Incoming) -> Result<(Accepted, Pruned), StoreError> {
+        let gone = || StoreError::Store {
+            path: PathBuf::from("(webhook store)"),
+            message: "the writer thread stopped".into(),
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.jobs.send((incoming, reply)).map_err(|_| gone())?;
+        answer.await.unwrap_or_else(|_| Err(gone()))
+    }
+}
+
 /// Which route a webhook came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -117,9 +142,12 @@ impl From<&Delivery> for DeliverySummary {
     }
 }
 
+/// Makes the body to deliver from the items marked new.
+pub type BodyFor = Box<dyn Fn(&[bool]) -> Vec<u8> + Send>;
+
 /// A webhook to store: its items' dedup ids (`None`: an item that cannot be
 /// deduplicated, always delivered) and how to make the body from the new items.
-pub struct Incoming<'a> {
+pub struct Incoming {
     /// The route.
     pub kind: Kind,
     /// Headers to pass on with the original body.
@@ -131,9 +159,9 @@ pub struct Incoming<'a> {
     pub item_ids: Vec<Option<String>>,
     /// Given which items are new, the body to deliver (called only when some are new
     /// and some are not).
-    pub body_for: &'a dyn Fn(&[bool]) -> Vec<u8>,
+    pub body_for: BodyFor,
     /// The original body, delivered when every item is new.
-    pub body: &'a [u8],
+    pub body: bytes::Bytes,
     /// Now, ms since the epoch.
     pub now_ms: u64,
 }
@@ -262,61 +290,55 @@ impl Store {
 
     /// Deduplicates and queues a webhook in one durable transaction: when this
     /// returns, the disk has it.
-    pub fn accept(&self, incoming: Incoming<'_>) -> Result<(Accepted, Pruned), StoreError> {
+    pub fn accept(&self, incoming: Incoming) -> Result<(Accepted, Pruned), StoreError> {
+        Ok(self.accept_batch(vec![incoming])?.remove(0))
+    }
+
+    /// [`Store::accept`] for several webhooks in one transaction and one fsync, in
+    /// order (a later one sees the earlier ones' ids); all or none are stored.
+    pub fn accept_batch(&self, batch: Vec<Incoming>) -> Result<Vec<(Accepted, Pruned)>, StoreError> {
         let limits = self.limits;
-        self.write(|tx| {
-            let mut seen = tx.open_table(SEEN)?;
-            let mut order = tx.open_table(SEEN_ORDER)?;
-            let pruned = prune(&mut seen, &mut order, incoming.now_ms, limits)?;
-            let mut fresh = Vec::with_capacity(incoming.item_ids.len());
-            for id in &incoming.item_ids {
-                let Some(id) = id else {
-                    fresh.push(true);
-                    continue;
-                };
-                let key = format!("{}{id}", incoming.kind.key_prefix());
-                if seen.get(key.as_str())?.is_some() {
-                    fresh.push(false);
-                } else {
-                    seen.insert(key.as_str(), incoming.now_ms)?;
-                    order.insert((incoming.now_ms, key.as_str()), ())?;
-                    fresh.push(true);
+        self.write(|tx| batch.into_iter().map(|incoming| accept_in(tx, incoming, limits)).collect())
+    }
+
+    /// A writer thread that gathers the accepts waiting at the same moment into one
+    /// transaction: one fsync serves them all, so concurrent webhooks do not queue
+    /// behind each other's disk flushes.
+    pub fn group_writer(&self) -> GroupWriter {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let store = self.clone();
+        std::thread::Builder::new()
+            .name("webhook-store".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut jobs = vec![first];
+                    while jobs.len() < MAX_GROUP {
+                        match rx.try_recv() {
+                            Ok(job) => jobs.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    let (incoming, replies): (Vec<Incoming>, Vec<_>) = jobs.into_iter().unzip();
+                    match store.accept_batch(incoming) {
+                        Ok(results) => {
+                            for (reply, result) in replies.into_iter().zip(results) {
+                                let _ = reply.send(Ok(result));
+                            }
+                        }
+                        Err(e) => {
+                            let message = e.to_string();
+                            for reply in replies {
+                                let _ = reply.send(Err(StoreError::Store {
+                                    path: store.path.clone(),
+                                    message: message.clone(),
+                                }));
+                            }
+                        }
+                    }
                 }
-            }
-            let duplicates = fresh.iter().filter(|f| !**f).count();
-            if !fresh.is_empty() && duplicates == fresh.len() {
-                return Ok((Accepted::Duplicate { duplicates }, pruned));
-            }
-            let mut meta = tx.open_table(META)?;
-            let id = meta.get("next_id")?.map_or(1, |v| v.value());
-            meta.insert("next_id", id + 1)?;
-            let (body, headers) = if duplicates == 0 {
-                (incoming.body.to_vec(), incoming.headers)
-            } else {
-                ((incoming.body_for)(&fresh), incoming.partial_headers)
-            };
-            let ids = incoming
-                .item_ids
-                .iter()
-                .zip(&fresh)
-                .filter(|(_, new)| **new)
-                .filter_map(|(id, _)| id.clone())
-                .collect();
-            let delivery = Delivery {
-                id,
-                kind: incoming.kind,
-                headers,
-                ids,
-                duplicates_removed: duplicates,
-                accepted_at_ms: incoming.now_ms,
-                attempts: 0,
-                last_error: None,
-            };
-            let bytes = serde_json::to_vec(&delivery).expect("deliveries serialize");
-            tx.open_table(PENDING)?.insert(id, bytes.as_slice())?;
-            tx.open_table(BODIES)?.insert(id, body.as_slice())?;
-            Ok((Accepted::Queued { id, duplicates }, pruned))
-        })
+            })
+            .expect("the webhook store thread starts");
+        GroupWriter { jobs: tx }
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<Delivery, StoreError> {
@@ -437,6 +459,59 @@ impl Store {
     }
 }
 
+/// One webhook's dedup and queueing inside a write transaction.
+fn accept_in(
+    tx: &redb::WriteTransaction,
+    incoming: Incoming,
+    limits: DedupLimits,
+) -> Result<(Accepted, Pruned), redb::Error> {
+    let mut seen = tx.open_table(SEEN)?;
+    let mut order = tx.open_table(SEEN_ORDER)?;
+    let pruned = prune(&mut seen, &mut order, incoming.now_ms, limits)?;
+    let mut fresh = Vec::with_capacity(incoming.item_ids.len());
+    for id in &incoming.item_ids {
+        let Some(id) = id else {
+            fresh.push(true);
+            continue;
+        };
+        let key = format!("{}{id}", incoming.kind.key_prefix());
+        if seen.get(key.as_str())?.is_some() {
+            fresh.push(false);
+        } else {
+            seen.insert(key.as_str(), incoming.now_ms)?;
+            order.insert((incoming.now_ms, key.as_str()), ())?;
+            fresh.push(true);
+        }
+    }
+    let duplicates = fresh.iter().filter(|f| !**f).count();
+    if !fresh.is_empty() && duplicates == fresh.len() {
+        return Ok((Accepted::Duplicate { duplicates }, pruned));
+    }
+    let mut meta = tx.open_table(META)?;
+    let id = meta.get("next_id")?.map_or(1, |v| v.value());
+    meta.insert("next_id", id + 1)?;
+    let (body, headers) = if duplicates == 0 {
+        (incoming.body.to_vec(), incoming.headers)
+    } else {
+        ((incoming.body_for)(&fresh), incoming.partial_headers)
+    };
+    let ids = incoming.item_ids.iter().zip(&fresh).filter(|(_, new)| **new).filter_map(|(id, _)| id.clone()).collect();
+    let delivery = Delivery {
+        id,
+        kind: incoming.kind,
+        headers,
+        ids,
+        duplicates_removed: duplicates,
+        accepted_at_ms: incoming.now_ms,
+        attempts: 0,
+        last_error: None,
+    };
+    let bytes = serde_json::to_vec(&delivery).expect("deliveries serialize");
+    tx.open_table(PENDING)?.insert(id, bytes.as_slice())?;
+    tx.open_table(BODIES)?.insert(id, body.as_slice())?;
+    Ok((Accepted::Queued { id, duplicates }, pruned))
+}
+
 /// Forgets up to [`PRUNE_PER_ACCEPT`] of the oldest seen ids that are past the TTL
 /// or over the cap.
 fn prune(
@@ -527,16 +602,24 @@ mod tests {
 
     fn accept(store: &Store, ids: &[&str], now_ms: u64) -> Accepted {
         let body = ids.join(",");
-        let body_for = |fresh: &[bool]| {
-            ids.iter().zip(fresh).filter(|(_, f)| **f).map(|(i, _)| *i).collect::<Vec<_>>().join(",").into_bytes()
+        let owned: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        let body_for = move |fresh: &[bool]| {
+            owned
+                .iter()
+                .zip(fresh)
+                .filter(|(_, f)| **f)
+                .map(|(i, _)| i.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+                .into_bytes()
         };
         let incoming = Incoming {
             kind: Kind::System,
             headers: vec![("klaviyo-signature".into(), b"sig-secret".to_vec())],
             partial_headers: vec![],
             item_ids: ids.iter().map(|i| Some(i.to_string())).collect(),
-            body_for: &body_for,
-            body: body.as_bytes(),
+            body_for: Box::new(body_for),
+            body: body.into(),
             now_ms,
         };
         store.accept(incoming).unwrap().0
@@ -572,8 +655,8 @@ mod tests {
             headers: vec![],
             partial_headers: vec![],
             item_ids: vec![Some("a".into())],
-            body_for: &|_| Vec::new(),
-            body: b"{}",
+            body_for: Box::new(|_| Vec::new()),
+            body: bytes::Bytes::from_static(b"{}"),
             now_ms: 6,
         };
         assert!(matches!(store.accept(flow).unwrap().0, Accepted::Queued { .. }));
