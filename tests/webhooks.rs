@@ -383,7 +383,7 @@ async fn partial_batches_flow_webhooks_refusals_and_dead_letters() {
     let dir = temp_dir("partial");
     let token = "flow-token-0123456789abcdef";
     let proxy = start_proxy(
-        &config_file(&dir, &app.url, "[webhooks.flow]\ndedup_pointer = \"/event_id\"\n"),
+        &config_file(&dir, &app.url, "max_body_bytes = 4096\n[webhooks.flow]\ndedup_pointer = \"/event_id\"\n"),
         &[("KLAVIYO_PROXY_FLOW_WEBHOOK_TOKEN", token)],
     );
     let system = format!("{}/webhooks/klaviyo", proxy.gate);
@@ -424,6 +424,8 @@ async fn partial_batches_flow_webhooks_refusals_and_dead_letters() {
     mismatched.push(("klaviyo-webhook-id", WEBHOOK_ID.to_string()));
     assert_eq!(post(&system, &mismatched, &other).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(post(&system, &[], &body).await.0, StatusCode::UNAUTHORIZED);
+    let (huge, headers) = send(&[&"x".repeat(5000)]);
+    assert_eq!(post(&system, &headers, &huge).await.0, StatusCode::PAYLOAD_TOO_LARGE);
     // Flow webhooks: token in the path or a header; repeats of /event_id acknowledged only.
     let flow = format!("{}/webhooks/flow", proxy.gate);
     assert_eq!(post(&format!("{flow}/{token}"), &[], r#"{"event_id":"f1"}"#).await.0, StatusCode::OK);
@@ -470,6 +472,7 @@ async fn partial_batches_flow_webhooks_refusals_and_dead_letters() {
     assert_eq!(m("klaviyo_proxy_webhook_rejected_total{reason=\"webhook_id_mismatch\"}").await, 1.0);
     assert_eq!(m("klaviyo_proxy_webhook_rejected_total{reason=\"missing_header\"}").await, 1.0);
     assert_eq!(m("klaviyo_proxy_webhook_rejected_total{reason=\"bad_token\"}").await, 2.0);
+    assert_eq!(m("klaviyo_proxy_webhook_rejected_total{reason=\"too_large\"}").await, 1.0);
     assert_eq!(m("klaviyo_proxy_webhook_duplicates_total{kind=\"flow\"}").await, 1.0);
     assert_eq!(m("klaviyo_proxy_webhook_duplicates_total{kind=\"system\"}").await, 3.0);
     assert_eq!(m("klaviyo_proxy_webhook_dead_letters").await, 0.0);

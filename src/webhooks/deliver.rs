@@ -89,10 +89,7 @@ impl Gate {
 
     /// One attempt to hand `d` to the app.
     async fn send(&self, d: &Delivery, body: Vec<u8>) -> Result<(), Failure> {
-        let Some(url) = self.settings.forward_to.as_ref() else {
-            return Err(Failure { reason: "connect", permanent: false, message: "no forward_to".into() });
-        };
-        let mut req = Request::post(url.uri().clone()).body(Full::new(Bytes::from(body))).expect("valid request");
+        let mut req = Request::post(self.forward_to.clone()).body(Full::new(Bytes::from(body))).expect("valid request");
         let headers = req.headers_mut();
         for (name, value) in &d.headers {
             if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_bytes(value)) {

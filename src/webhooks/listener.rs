@@ -181,9 +181,15 @@ impl Gate {
             }
         }
         let limit = self.settings.max_body_bytes;
-        let body = match http_body_util::Limited::new(body, limit).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => return Err(Rejection::TooLarge),
+        let read = tokio::time::timeout(super::BODY_READ_TIMEOUT, http_body_util::Limited::new(body, limit).collect());
+        let body = match read.await {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+                return Err(Rejection::TooLarge)
+            }
+            Ok(Err(_)) => return Err(Rejection::BadBody),
+            // A sender that trickles its body holds a connection for nothing.
+            Err(_) => return Err(Rejection::BadBody),
         };
         let (item_ids, envelope) = match kind {
             Kind::System => {

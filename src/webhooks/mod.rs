@@ -48,6 +48,8 @@ pub const DELIVERY_ID_HEADER: &str = "x-klaviyo-proxy-delivery-id";
 pub const DUPLICATES_REMOVED_HEADER: &str = "x-klaviyo-proxy-duplicates-removed";
 /// Header carrying the flow-webhook token (or put it in the path).
 pub const FLOW_TOKEN_HEADER: &str = "x-webhook-token";
+/// Time a sender has for a request's head, and again for its body.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The system-webhook route.
 pub const SYSTEM_PATH: &str = "/webhooks/klaviyo";
 /// The flow-webhook route (`/webhooks/flow` with the header, or `/webhooks/flow/<token>`).
@@ -62,6 +64,9 @@ pub enum GateError {
     /// The TLS certificate, key or CA file cannot be used.
     #[error("webhooks TLS: {0}")]
     Tls(String),
+    /// The settings were not resolved and checked ([`WebhooksConfig::resolve`]).
+    #[error("webhooks: {0}")]
+    Unchecked(&'static str),
     /// The listener cannot be bound.
     #[error("webhooks.listen {addr}: {source}")]
     Bind {
@@ -107,6 +112,7 @@ pub struct Gate {
     addr: std::net::SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
     client: deliver::Client,
+    forward_to: http::Uri,
     wake: tokio::sync::Notify,
     state: Mutex<DeliveryState>,
 }
@@ -126,7 +132,10 @@ impl Gate {
     /// Opens the store, loads the TLS files and binds the listener (so its address is
     /// known before serving). `settings` must have been resolved by the config.
     pub fn new(settings: &WebhooksConfig, metrics: Arc<Metrics>) -> Result<Arc<Gate>, GateError> {
-        let store_path = settings.store_path.as_deref().expect("checked by WebhooksConfig::resolve");
+        let store_path =
+            settings.store_path.as_deref().ok_or(GateError::Unchecked("webhooks.store_path is not set"))?;
+        let forward_to =
+            settings.forward_to.as_ref().ok_or(GateError::Unchecked("webhooks.forward_to is not set"))?.uri().clone();
         let limits = DedupLimits { ttl_ms: settings.dedup_ttl_secs * 1000, max_ids: settings.dedup_max_ids };
         let store = Store::open(store_path, limits)?;
         let tls = match (&settings.tls_cert, &settings.tls_key) {
@@ -148,6 +157,7 @@ impl Gate {
             addr,
             tls,
             client,
+            forward_to,
             wake: tokio::sync::Notify::new(),
             state: Mutex::new(DeliveryState::default()),
         };
@@ -210,9 +220,9 @@ impl Gate {
         let gate = self.clone();
         let service = hyper::service::service_fn(move |req| gate.clone().handle(req));
         let limits = crate::server::ConnLimits {
-            max_header_bytes: 64 * 1024,
-            header_read_timeout: Duration::from_secs(10),
+            header_read_timeout: BODY_READ_TIMEOUT,
             drain_timeout: Duration::from_secs(5),
+            ..crate::server::ConnLimits::default()
         };
         tracing::info!(addr = %self.addr, tls = self.tls.is_some(), "webhook gate listening");
         crate::server::serve(listener, self.tls.clone(), limits, service, shutdown).await;
