@@ -109,6 +109,21 @@ pub enum ProxyError {
     /// No webhook route at this method and path.
     #[error("the webhook gate takes POST /webhooks/klaviyo and /webhooks/flow")]
     WebhookRoute,
+    /// A `create_event` body the coalescer refused before storing it: Klaviyo's own
+    /// 400, answered by the proxy because Klaviyo will not see the event synchronously.
+    #[error("{detail}")]
+    InvalidEvent {
+        /// Where in the body, as a JSON pointer.
+        pointer: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The coalescer holds `coalesce.max_pending` undelivered events.
+    #[error("too many events wait for delivery; retry in {}s", secs(*.retry_after))]
+    CoalesceFull {
+        /// When to try again.
+        retry_after: Duration,
+    },
 }
 
 /// Whole seconds, rounded up, at least 1: `Retry-After` must be an integer for the SDKs.
@@ -122,7 +137,8 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             QueueFull { .. } | QueueTimeout { .. } | UpstreamThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
-            CircuitOpen { .. } | Disabled | Draining => StatusCode::SERVICE_UNAVAILABLE,
+            CircuitOpen { .. } | Disabled | Draining | CoalesceFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            InvalidEvent { .. } => StatusCode::BAD_REQUEST,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             BodyRead | BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -162,6 +178,8 @@ impl ProxyError {
             Internal => "proxy_internal_error",
             WebhookRejected(_) => "proxy_webhook_rejected",
             WebhookRoute => "proxy_webhook_route",
+            InvalidEvent { .. } => "proxy_invalid_event",
+            CoalesceFull { .. } => "proxy_coalesce_full",
         }
     }
 
@@ -186,6 +204,8 @@ impl ProxyError {
             Internal => "Internal proxy error.",
             WebhookRejected(_) => "Webhook rejected.",
             WebhookRoute => "Not found.",
+            InvalidEvent { .. } => "Invalid input.",
+            CoalesceFull { .. } => "Too many events waiting for delivery.",
         }
     }
 
@@ -207,7 +227,8 @@ impl ProxyError {
             ProxyError::QueueFull { retry_after, .. }
             | ProxyError::QueueTimeout { retry_after, .. }
             | ProxyError::UpstreamThrottled { retry_after, .. }
-            | ProxyError::CircuitOpen { retry_after } => Some(*retry_after),
+            | ProxyError::CircuitOpen { retry_after }
+            | ProxyError::CoalesceFull { retry_after } => Some(*retry_after),
             _ => None,
         }
     }
@@ -223,7 +244,7 @@ impl ProxyError {
                 "code": self.code(),
                 "title": self.title(),
                 "detail": self.to_string(),
-                "source": {"pointer": null},
+                "source": {"pointer": match &self { ProxyError::InvalidEvent { pointer, .. } => json!(pointer), _ => json!(null) }},
                 "meta": {"origin": "klaviyo-proxy"},
             }]
         });
@@ -272,6 +293,12 @@ mod tests {
             ),
             (ProxyError::Disabled, 503, None),
             (ProxyError::Draining, 503, None),
+            (
+                ProxyError::InvalidEvent { pointer: "/data/type".into(), detail: "`type` must be `event`.".into() },
+                400,
+                None,
+            ),
+            (ProxyError::CoalesceFull { retry_after: Duration::from_secs(1) }, 503, Some("1")),
         ];
         for (err, status, retry) in cases {
             let code = err.code();
