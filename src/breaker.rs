@@ -2,13 +2,18 @@
 //!
 //! ```text
 //! Closed ──(failure ratio over the window ≥ threshold with ≥ min volume,
-//!           or N consecutive connection failures)──► Open
-//! Open ──(cool-down passed)──► HalfOpen (a few real requests probe)
-//! HalfOpen ──(every probe succeeded)──► Closed
-//! HalfOpen ──(a probe failed)──► Open (a new cool-down)
+//!           or N failures of any kind in a row)──► Open (probe interval = the first)
+//! Open ──(probe interval passed)──► HalfOpen (a few real requests probe)
+//! HalfOpen ──(the first `probes` probes succeeded)──► Closed
+//! HalfOpen ──(a probe failed)──► Open (the interval doubles, up to its cap)
 //! ```
-//! Only 5xx, timeouts and connection errors count as failures; a 429 or another 4xx
-//! means Klaviyo is up and answering. Every transition is logged at `info`.
+//! Only 5xx, timeouts and connection errors (reset, refused) count as failures; a 429
+//! or another 4xx means Klaviyo is up and answering. Every transition is logged at
+//! `info`.
+//!
+//! The probe interval starts short (a blip costs half a second of fail-fast) and grows
+//! while Klaviyo stays down, so a long outage costs it a probe every cap interval, and
+//! the first successful probe closes the breaker: recovery takes at most one interval.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -24,12 +29,48 @@ pub struct BreakerSettings {
     pub min_requests: u32,
     /// Failure ratio, in (0, 1], that opens the breaker.
     pub failure_ratio: f64,
-    /// Consecutive connection failures (nothing reached Klaviyo) that open it at once.
-    pub consecutive_connect_failures: u32,
-    /// How long it stays open before probing.
-    pub cool_down: Duration,
-    /// Probes let through while half-open; all must succeed to close.
+    /// Failures of any kind in a row (no success between them) that open it at once.
+    pub consecutive_failures: u32,
+    /// The first wait before probing; it doubles after each failed probe.
+    pub probe_interval: Duration,
+    /// The longest wait between probes.
+    pub probe_interval_max: Duration,
+    /// Probes let through at once while half-open; this many successes close it.
     pub probes: u32,
+}
+
+/// A failure streak opens the breaker only once it has lasted this long: concurrent
+/// requests meeting one short blip (or a few random 5xx among many successes, which
+/// land between them in milliseconds) are not an outage, and the ratio judges them.
+pub const STREAK_MIN_SPAN: Duration = Duration::from_millis(100);
+
+/// How long a failure streak must be to open the breaker, given the failures and
+/// requests in the window before it: at least `base`, and, once the window holds
+/// `min_volume` requests to tell an error rate by, long enough that so many failures in
+/// a row would come by chance less than once in 100 000 at that rate. Under a steady
+/// 20% of 5xx, three or five in a row happen every few thousand requests; eight in a
+/// row almost never do. Before an outage the rate is near 0 and `base` decides.
+pub fn streak_needed(base: u32, failed_before: u32, total_before: u32, min_volume: u32) -> u32 {
+    if failed_before == 0 || total_before == 0 || total_before < min_volume {
+        return base;
+    }
+    let rate = f64::from(failed_before) / f64::from(total_before);
+    let chance = (1e-5f64.ln() / rate.ln()).ceil();
+    if chance.is_finite() {
+        base.max(chance.min(f64::from(MAX_STREAK)) as u32)
+    } else {
+        base.max(MAX_STREAK)
+    }
+}
+
+/// Longest streak ever needed; above that error rate the ratio opens the breaker.
+const MAX_STREAK: u32 = 100;
+
+/// The probe interval after `failed_probes` failed probes: the first interval doubled
+/// each time, never past the cap (nor below the first).
+pub fn probe_interval(settings: &BreakerSettings, failed_probes: u32) -> Duration {
+    let factor = 1u32.checked_shl(failed_probes.min(31)).unwrap_or(u32::MAX);
+    settings.probe_interval.saturating_mul(factor).min(settings.probe_interval_max).max(settings.probe_interval)
 }
 
 /// How an upstream exchange ended, for the breaker.
@@ -45,9 +86,21 @@ pub enum Outcome {
 
 #[derive(Debug, Clone, PartialEq)]
 enum State {
-    Closed { slots: Vec<(u64, u32, u32)>, consecutive: u32 },
-    Open { until: Instant },
-    HalfOpen { in_flight: u32, succeeded: u32 },
+    Closed {
+        slots: Vec<(u64, u32, u32)>,
+        /// Failures since the last success, and when the first of them was recorded.
+        streak: u32,
+        streak_since: Option<Instant>,
+    },
+    Open {
+        until: Instant,
+        failed_probes: u32,
+    },
+    HalfOpen {
+        in_flight: u32,
+        succeeded: u32,
+        failed_probes: u32,
+    },
 }
 
 /// The breaker's state, as shown to operators and tests.
@@ -112,12 +165,7 @@ const SLOTS: u32 = 10;
 impl Breaker {
     /// A closed breaker.
     pub fn new(settings: BreakerSettings) -> Self {
-        Breaker {
-            settings,
-            epoch: Instant::now(),
-            state: Mutex::new(State::Closed { slots: Vec::new(), consecutive: 0 }),
-            observer: None,
-        }
+        Breaker { settings, epoch: Instant::now(), state: Mutex::new(closed()), observer: None }
     }
 
     /// Calls `observer(from, to)` at every transition, under the breaker's lock.
@@ -149,12 +197,12 @@ impl Breaker {
         }
     }
 
-    /// When the breaker is open: the time left in its cool-down (at least 1 ms while
-    /// open, so callers can tell open from closed). Does not change state.
+    /// When the breaker turns requests away: the time until the next probe may go (at
+    /// least 1 ms, so callers can tell open from closed). Does not change state.
     pub fn open_for(&self, now: Instant) -> Option<Duration> {
         match &*self.lock() {
-            State::Open { until } if *until > now => Some(*until - now),
-            State::HalfOpen { in_flight, .. } if *in_flight >= self.settings.probes => Some(Duration::from_secs(1)),
+            State::Open { until, .. } if *until > now => Some(*until - now),
+            State::HalfOpen { in_flight, .. } if *in_flight >= self.settings.probes => Some(PROBE_BUSY),
             _ => None,
         }
     }
@@ -163,22 +211,21 @@ impl Breaker {
     /// `wait` more (or half-open with every probe taken).
     pub fn admit(&self, now: Instant) -> Result<Permit<'_>, Duration> {
         let mut state = self.lock();
-        let next = match &mut *state {
+        let (in_flight, failed_probes) = match &mut *state {
             State::Closed { .. } => return Ok(Permit { breaker: self, probe: false, done: false }),
-            State::Open { until } if *until > now => return Err(*until - now),
-            State::Open { .. } => State::HalfOpen { in_flight: 0, succeeded: 0 },
-            State::HalfOpen { .. } => state.clone(),
+            State::Open { until, .. } if *until > now => return Err(*until - now),
+            State::Open { failed_probes, .. } => {
+                tracing::info!(from = "open", to = "half_open", probes = self.settings.probes, "circuit breaker");
+                self.transition(Phase::Open, Phase::HalfOpen);
+                (0, *failed_probes)
+            }
+            State::HalfOpen { in_flight, .. } if *in_flight >= self.settings.probes => return Err(PROBE_BUSY),
+            State::HalfOpen { in_flight, .. } => {
+                *in_flight += 1;
+                return Ok(Permit { breaker: self, probe: true, done: false });
+            }
         };
-        if !matches!(*state, State::HalfOpen { .. }) {
-            tracing::info!(from = "open", to = "half_open", probes = self.settings.probes, "circuit breaker");
-            self.transition(Phase::Open, Phase::HalfOpen);
-        }
-        *state = next;
-        let State::HalfOpen { in_flight, .. } = &mut *state else { unreachable!("half-open set above") };
-        if *in_flight >= self.settings.probes {
-            return Err(Duration::from_secs(1));
-        }
-        *in_flight += 1;
+        *state = State::HalfOpen { in_flight: in_flight + 1, succeeded: 0, failed_probes };
         Ok(Permit { breaker: self, probe: true, done: false })
     }
 
@@ -187,56 +234,64 @@ impl Breaker {
         permit.done = true;
         let s = self.settings;
         let slot = (now.saturating_duration_since(self.epoch).as_micros() / self.slot_len().as_micros().max(1)) as u64;
+        let failed = outcome != Outcome::Success;
         let mut state = self.lock();
-        let next = match (&mut *state, outcome) {
-            (State::Closed { slots, consecutive }, outcome) => {
+        let next = match &mut *state {
+            State::Closed { slots, streak, streak_since } => {
                 slots.retain(|(n, _, _)| n + u64::from(SLOTS) > slot);
                 if slots.last().is_none_or(|(n, _, _)| *n != slot) {
                     slots.push((slot, 0, 0));
                 }
                 let current = slots.last_mut().expect("pushed above");
                 current.1 += 1;
-                current.2 += u32::from(outcome != Outcome::Success);
-                *consecutive = if outcome == Outcome::ConnectFailure { *consecutive + 1 } else { 0 };
-                let (total, failed) = slots.iter().fold((0u32, 0u32), |(t, f), (_, n, e)| (t + n, f + e));
-                let ratio_trips = total >= s.min_requests && f64::from(failed) >= s.failure_ratio * f64::from(total);
-                let streak_trips = *consecutive >= s.consecutive_connect_failures;
-                if ratio_trips || streak_trips {
+                current.2 += u32::from(failed);
+                if failed {
+                    *streak += 1;
+                    streak_since.get_or_insert(now);
+                } else {
+                    (*streak, *streak_since) = (0, None);
+                }
+                let (total, failures) = slots.iter().fold((0u32, 0u32), |(t, f), (_, n, e)| (t + n, f + e));
+                let ratio_trips = total >= s.min_requests && f64::from(failures) >= s.failure_ratio * f64::from(total);
+                let lasted = streak_since.is_some_and(|since| now.saturating_duration_since(since) >= STREAK_MIN_SPAN);
+                let needed = streak_needed(s.consecutive_failures, failures - *streak, total - *streak, s.min_requests);
+                let streak_trips = *streak >= needed && lasted;
+                (ratio_trips || streak_trips).then(|| {
+                    let wait = probe_interval(&s, 0);
                     tracing::info!(
                         from = "closed",
                         to = "open",
                         requests = total,
-                        failures = failed,
-                        consecutive_connect_failures = *consecutive,
-                        cool_down_ms = s.cool_down.as_millis() as u64,
+                        failures,
+                        consecutive_failures = *streak,
+                        probe_in_ms = wait.as_millis() as u64,
                         "circuit breaker"
                     );
                     self.transition(Phase::Closed, Phase::Open);
-                    Some(State::Open { until: now + s.cool_down })
-                } else {
-                    None
-                }
+                    State::Open { until: now + wait, failed_probes: 0 }
+                })
             }
-            (State::HalfOpen { .. }, Outcome::Failure | Outcome::ConnectFailure) if permit.probe => {
+            State::HalfOpen { failed_probes, .. } if permit.probe && failed => {
+                let failed_probes = failed_probes.saturating_add(1);
+                let wait = probe_interval(&s, failed_probes);
                 tracing::info!(
                     from = "half_open",
                     to = "open",
-                    cool_down_ms = s.cool_down.as_millis() as u64,
+                    failed_probes,
+                    probe_in_ms = wait.as_millis() as u64,
                     "circuit breaker"
                 );
                 self.transition(Phase::HalfOpen, Phase::Open);
-                Some(State::Open { until: now + s.cool_down })
+                Some(State::Open { until: now + wait, failed_probes })
             }
-            (State::HalfOpen { in_flight, succeeded }, Outcome::Success) if permit.probe => {
+            State::HalfOpen { in_flight, succeeded, .. } if permit.probe => {
                 *in_flight = in_flight.saturating_sub(1);
                 *succeeded += 1;
-                if *succeeded >= s.probes {
+                (*succeeded >= s.probes).then(|| {
                     tracing::info!(from = "half_open", to = "closed", probes = *succeeded, "circuit breaker");
                     self.transition(Phase::HalfOpen, Phase::Closed);
-                    Some(State::Closed { slots: Vec::new(), consecutive: 0 })
-                } else {
-                    None
-                }
+                    closed()
+                })
             }
             // A request admitted before the breaker opened, finishing late: the
             // decision was already made without it.
@@ -248,6 +303,14 @@ impl Breaker {
     }
 }
 
+fn closed() -> State {
+    State::Closed { slots: Vec::new(), streak: 0, streak_since: None }
+}
+
+/// The wait told to a request turned away because every probe is taken: the probes
+/// answer within a round trip, so asking again soon is right.
+const PROBE_BUSY: Duration = Duration::from_secs(1);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,9 +320,10 @@ mod tests {
             window: Duration::from_secs(10),
             min_requests: 20,
             failure_ratio: 0.5,
-            consecutive_connect_failures: 5,
-            cool_down: Duration::from_secs(5),
-            probes: 2,
+            consecutive_failures: 5,
+            probe_interval: Duration::from_millis(500),
+            probe_interval_max: Duration::from_secs(4),
+            probes: 1,
         }
     }
 
@@ -269,18 +333,37 @@ mod tests {
         Ok(())
     }
 
+    /// Failures spaced as a lone client's retries are: 50 ms apart.
+    async fn spaced(b: &Breaker, outcome: Outcome, n: u32) {
+        for _ in 0..n {
+            tokio::time::advance(Duration::from_millis(50)).await;
+            run(b, outcome).unwrap();
+        }
+    }
+
+    #[test]
+    fn probe_interval_doubles_up_to_its_cap() {
+        let s = settings();
+        let ms: Vec<u64> = (0..8).map(|n| probe_interval(&s, n).as_millis() as u64).collect();
+        assert_eq!(ms, [500, 1000, 2000, 4000, 4000, 4000, 4000, 4000]);
+        assert_eq!(probe_interval(&s, u32::MAX), Duration::from_secs(4));
+        // A cap below the first interval: the first interval wins.
+        let odd = BreakerSettings { probe_interval_max: Duration::from_millis(100), ..s };
+        assert_eq!(probe_interval(&odd, 3), Duration::from_millis(500));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn opens_on_ratio_only_with_volume() {
-        let b = Breaker::new(settings());
+        let b = Breaker::new(BreakerSettings { consecutive_failures: 1000, ..settings() });
         for _ in 0..19 {
             run(&b, Outcome::Failure).unwrap();
         }
         assert_eq!(b.phase(), Phase::Closed, "19 requests are under the minimum volume");
         run(&b, Outcome::Failure).unwrap();
         assert_eq!(b.phase(), Phase::Open);
-        assert_eq!(b.admit(Instant::now()).unwrap_err(), Duration::from_secs(5));
-        tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(b.open_for(Instant::now()), Some(Duration::from_secs(3)));
+        assert_eq!(b.admit(Instant::now()).unwrap_err(), Duration::from_millis(500));
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert_eq!(b.open_for(Instant::now()), Some(Duration::from_millis(300)));
     }
 
     #[tokio::test(start_paused = true)]
@@ -290,54 +373,156 @@ mod tests {
             run(&b, if i % 3 == 0 { Outcome::Failure } else { Outcome::Success }).unwrap();
         }
         assert_eq!(b.phase(), Phase::Closed);
-        for _ in 0..15 {
+        for _ in 0..4 {
             run(&b, Outcome::Failure).unwrap();
+            run(&b, Outcome::Success).unwrap();
         }
         // The window has moved on: the old failures no longer count.
         tokio::time::advance(Duration::from_secs(11)).await;
-        for _ in 0..5 {
+        for _ in 0..4 {
             run(&b, Outcome::Failure).unwrap();
         }
         assert_eq!(b.phase(), Phase::Closed);
-        // A 429 or a 4xx is a Success for the breaker; it breaks a connect streak.
-        for _ in 0..4 {
-            run(&b, Outcome::ConnectFailure).unwrap();
-        }
-        run(&b, Outcome::Success).unwrap();
-        for _ in 0..4 {
-            run(&b, Outcome::ConnectFailure).unwrap();
-        }
-        assert_eq!(b.phase(), Phase::Closed);
-        run(&b, Outcome::ConnectFailure).unwrap();
-        assert_eq!(b.phase(), Phase::Open, "five connection failures in a row");
     }
 
     #[tokio::test(start_paused = true)]
-    async fn half_open_probes_then_closes_or_reopens() {
-        let b = Breaker::new(settings());
-        for _ in 0..5 {
-            run(&b, Outcome::ConnectFailure).unwrap();
+    async fn a_streak_of_any_failure_kind_opens_it() {
+        for kinds in [[Outcome::Failure; 5], [Outcome::ConnectFailure; 5], {
+            use Outcome::*;
+            [Failure, ConnectFailure, Failure, ConnectFailure, Failure]
+        }] {
+            let b = Breaker::new(settings());
+            for (i, kind) in kinds.iter().enumerate() {
+                assert_eq!(b.phase(), Phase::Closed, "{i} failures of {kinds:?}");
+                tokio::time::advance(Duration::from_millis(50)).await;
+                run(&b, *kind).unwrap();
+            }
+            assert_eq!(b.phase(), Phase::Open, "{kinds:?}");
         }
-        tokio::time::advance(Duration::from_secs(5)).await;
+        // A success (a 429 or a 4xx is one) breaks the streak.
+        let b = Breaker::new(settings());
+        spaced(&b, Outcome::Failure, 4).await;
+        run(&b, Outcome::Success).unwrap();
+        spaced(&b, Outcome::ConnectFailure, 4).await;
+        assert_eq!(b.phase(), Phase::Closed);
+        spaced(&b, Outcome::Failure, 1).await;
+        assert_eq!(b.phase(), Phase::Open);
+    }
+
+    #[test]
+    fn streaks_must_be_unlikely_at_the_error_rate_before_them() {
+        let cases: &[(u32, u32, u32, u32)] = &[
+            (3, 0, 0, 3),
+            (3, 0, 500, 3),
+            (3, 1, 500, 3),
+            (3, 100, 500, 8),
+            (3, 200, 500, 13),
+            (5, 10, 500, 5),
+            (3, 499, 500, MAX_STREAK),
+            (3, 500, 500, MAX_STREAK),
+            // Too few requests to tell a rate by: the base.
+            (5, 4, 5, 5),
+            (3, 10, 19, 3),
+            (3, 4, 20, 8),
+        ];
+        for &(base, failed, total, want) in cases {
+            assert_eq!(streak_needed(base, failed, total, 20), want, "{failed}/{total}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_streak_at_the_usual_error_rate_does_not_open_it() {
+        // One request in five fails, spread out: 500 requests over 5 s.
+        let b = Breaker::new(BreakerSettings { consecutive_failures: 3, ..settings() });
+        for i in 0..500 {
+            tokio::time::advance(Duration::from_millis(10)).await;
+            run(&b, if i % 5 == 0 { Outcome::Failure } else { Outcome::Success }).unwrap();
+        }
+        // Then seven in a row over 350 ms (a stalled machine makes chance streaks
+        // slow): still chance at that rate.
+        spaced(&b, Outcome::Failure, 7).await;
+        assert_eq!(b.phase(), Phase::Closed);
+        spaced(&b, Outcome::Failure, 1).await;
+        assert_eq!(b.phase(), Phase::Open, "eight in a row are not");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_streak_inside_a_few_milliseconds_is_left_to_the_ratio() {
+        // Many concurrent requests meet a blip: ten failures within 10 ms.
+        let b = Breaker::new(settings());
+        for _ in 0..10 {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            run(&b, Outcome::Failure).unwrap();
+        }
+        assert_eq!(b.phase(), Phase::Closed);
+        // Still failing 100 ms after the streak began: an outage.
+        tokio::time::advance(Duration::from_millis(91)).await;
+        run(&b, Outcome::Failure).unwrap();
+        assert_eq!(b.phase(), Phase::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn probes_follow_a_growing_schedule_and_the_first_success_closes() {
+        let b = Breaker::new(settings());
+        spaced(&b, Outcome::ConnectFailure, 5).await;
+        assert_eq!(b.phase(), Phase::Open);
+        // Probe at +0.5 s, +1 s, +2 s, +4 s, +4 s after each failure: requests in
+        // between fail fast with the time left.
+        let mut at = Vec::new();
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            loop {
+                match b.admit(Instant::now()) {
+                    Ok(p) => {
+                        at.push(Instant::now().duration_since(t0).as_millis() as u64);
+                        assert!(p.is_probe());
+                        assert_eq!(b.phase(), Phase::HalfOpen);
+                        // One probe at a time.
+                        assert_eq!(b.admit(Instant::now()).unwrap_err(), PROBE_BUSY);
+                        b.record(p, Outcome::Failure, Instant::now());
+                        break;
+                    }
+                    Err(wait) => {
+                        assert!(wait <= Duration::from_secs(4));
+                        tokio::time::advance(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+        assert_eq!(at, [500, 1500, 3500, 7500, 11500]);
+        // The next one succeeds: closed at once, and a later streak starts again at 0.5 s.
+        tokio::time::advance(Duration::from_secs(4)).await;
+        run(&b, Outcome::Success).unwrap();
+        assert_eq!(b.phase(), Phase::Closed);
+        spaced(&b, Outcome::Failure, 5).await;
+        assert_eq!(b.open_for(Instant::now()), Some(Duration::from_millis(500)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn several_probes_and_probes_given_back() {
+        let b = Breaker::new(BreakerSettings { probes: 2, ..settings() });
+        spaced(&b, Outcome::Failure, 5).await;
+        tokio::time::advance(Duration::from_millis(500)).await;
         let p1 = b.admit(Instant::now()).unwrap();
         let p2 = b.admit(Instant::now()).unwrap();
         assert!(p1.is_probe() && p2.is_probe());
-        assert_eq!(b.phase(), Phase::HalfOpen);
-        // Only two probes at a time.
-        assert!(b.admit(Instant::now()).is_err());
+        assert!(b.admit(Instant::now()).is_err(), "only two probes at a time");
         b.record(p1, Outcome::Success, Instant::now());
+        assert_eq!(b.phase(), Phase::HalfOpen, "one success of two");
         // A probe whose client hung up gives its place back.
         drop(p2);
         let p3 = b.admit(Instant::now()).unwrap();
         b.record(p3, Outcome::Success, Instant::now());
         assert_eq!(b.phase(), Phase::Closed);
-        // Reopen: a failed probe starts a new cool-down.
-        for _ in 0..5 {
-            run(&b, Outcome::ConnectFailure).unwrap();
-        }
-        tokio::time::advance(Duration::from_secs(5)).await;
-        run(&b, Outcome::Failure).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn late_answers_of_requests_admitted_while_closed_change_nothing() {
+        let b = Breaker::new(settings());
+        let early = b.admit(Instant::now()).unwrap();
+        spaced(&b, Outcome::Failure, 5).await;
         assert_eq!(b.phase(), Phase::Open);
-        assert_eq!(b.open_for(Instant::now()), Some(Duration::from_secs(5)));
+        b.record(early, Outcome::Success, Instant::now());
+        assert_eq!(b.phase(), Phase::Open);
     }
 }

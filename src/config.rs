@@ -366,6 +366,9 @@ impl Default for PreflightConfig {
 pub struct ServerConfig {
     /// Listen address; loopback by default.
     pub listen: SocketAddr,
+    /// Serving threads, each a current-thread runtime on its own `SO_REUSEPORT`
+    /// listener; 0 means one per core.
+    pub threads: usize,
     /// Token clients must present as `Proxy-Authorization: Bearer ...`.
     pub client_token: Option<Secret>,
     /// Allow a non-loopback listener without a client token.
@@ -384,6 +387,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            threads: 0,
             client_token: None,
             allow_unauthenticated_remote: false,
             max_body_bytes: 5 * 1024 * 1024,
@@ -595,11 +599,15 @@ pub struct BreakerConfig {
     pub min_requests: u32,
     /// Failure ratio (5xx, timeouts, connection errors) that opens the breaker.
     pub failure_ratio: Share,
-    /// Consecutive connection failures that open it at once.
-    pub consecutive_connect_failures: NonZeroU32,
-    /// Time open before probing.
+    /// Failures of any kind in a row (5xx, timeouts, resets, refused connections) that
+    /// open it at once. `consecutive_connect_failures` is its former name.
+    #[serde(alias = "consecutive_connect_failures")]
+    pub consecutive_failures: NonZeroU32,
+    /// Time open before the first probe; it doubles after every failed probe.
     pub cool_down_ms: u64,
-    /// Probes while half-open; all must succeed to close.
+    /// The longest time between probes (never less than `cool_down_ms`).
+    pub cool_down_max_ms: u64,
+    /// Probes let through at once while half-open; this many successes close it.
     pub probes: NonZeroU32,
 }
 
@@ -610,9 +618,10 @@ impl Default for BreakerConfig {
             window_ms: 10_000,
             min_requests: 20,
             failure_ratio: Share(0.5),
-            consecutive_connect_failures: nz(5),
-            cool_down_ms: 5_000,
-            probes: nz(3),
+            consecutive_failures: nz(3),
+            cool_down_ms: 500,
+            cool_down_max_ms: 1_000,
+            probes: nz(1),
         }
     }
 }
@@ -624,8 +633,9 @@ impl BreakerConfig {
             window: Duration::from_millis(self.window_ms),
             min_requests: self.min_requests,
             failure_ratio: self.failure_ratio.get(),
-            consecutive_connect_failures: self.consecutive_connect_failures.get(),
-            cool_down: Duration::from_millis(self.cool_down_ms),
+            consecutive_failures: self.consecutive_failures.get(),
+            probe_interval: Duration::from_millis(self.cool_down_ms),
+            probe_interval_max: Duration::from_millis(self.cool_down_max_ms),
             probes: self.probes.get(),
         }
     }
@@ -1098,6 +1108,9 @@ mod tests {
             ("[retry]\nbudget_ratio = -1.0\n", "retry.budget_ratio"),
             ("[breaker]\nwindow_ms = 1\n", "breaker.window_ms"),
         ];
+        // The former name of consecutive_failures still reads.
+        let old = Config::parse("[breaker]\nconsecutive_connect_failures = 7\n", "t").unwrap();
+        assert_eq!(old.breaker.consecutive_failures.get(), 7);
         for (src, key) in cases {
             let e = Config::parse(src, "t").unwrap().check_resilience().unwrap_err().to_string();
             assert!(e.contains(key), "{src:?}: {e}");

@@ -91,9 +91,14 @@ pub enum ProxyError {
     /// The circuit breaker is open: Klaviyo is failing, requests fail fast.
     #[error("Klaviyo is failing; the proxy will try again in {}s", secs(*.retry_after))]
     CircuitOpen {
-        /// The cool-down left.
+        /// The time until the breaker lets its next probe through.
         retry_after: Duration,
     },
+    /// Cloudflare in front of Klaviyo answered with a challenge (`403` with
+    /// `cf-mitigated: challenge`): the proxy's network address is challenged, the key
+    /// was not refused, and repeating meets the same challenge.
+    #[error("Cloudflare in front of Klaviyo challenged the request (cf-mitigated: challenge): this proxy's egress address is being challenged; the API key was not refused, and repeating will not help until the address is cleared")]
+    UpstreamChallenged,
     /// The kill switch is on (`KLAVIYO_ENABLED=false`).
     #[error("forwarding to Klaviyo is switched off on this proxy")]
     Disabled,
@@ -146,7 +151,7 @@ impl ProxyError {
             ForeignHost | ClientKeyForbidden => StatusCode::FORBIDDEN,
             Connect => StatusCode::METHOD_NOT_ALLOWED,
             ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-            UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            UpstreamUnreachable | UpstreamChallenged => StatusCode::BAD_GATEWAY,
             UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
             WebhookRejected(_) => StatusCode::UNAUTHORIZED,
@@ -174,6 +179,7 @@ impl ProxyError {
             ProxyAuthRequired => "proxy_auth_required",
             ClientKeyForbidden => "proxy_client_key_forbidden",
             UpstreamUnreachable => "proxy_upstream_unreachable",
+            UpstreamChallenged => "proxy_upstream_challenged",
             UpstreamTimeout(_) => "proxy_upstream_timeout",
             Internal => "proxy_internal_error",
             WebhookRejected(_) => "proxy_webhook_rejected",
@@ -201,6 +207,7 @@ impl ProxyError {
             ProxyAuthRequired => "Proxy authentication required.",
             ClientKeyForbidden => "Client API keys are not allowed.",
             UpstreamUnreachable | UpstreamTimeout(_) => "Klaviyo is unavailable.",
+            UpstreamChallenged => "Klaviyo's edge challenged the request.",
             Internal => "Internal proxy error.",
             WebhookRejected(_) => "Webhook rejected.",
             WebhookRoute => "Not found.",
@@ -213,9 +220,11 @@ impl ProxyError {
     pub fn origin(&self) -> Origin {
         use ProxyError::*;
         match self {
-            UpstreamUnreachable | UpstreamTimeout(_) | UpstreamThrottled { .. } | CircuitOpen { .. } => {
-                Origin::Upstream
-            }
+            UpstreamUnreachable
+            | UpstreamTimeout(_)
+            | UpstreamThrottled { .. }
+            | CircuitOpen { .. }
+            | UpstreamChallenged => Origin::Upstream,
             Internal => Origin::Internal,
             _ => Origin::Client,
         }
@@ -285,6 +294,7 @@ mod tests {
             (ProxyError::ForeignHost, 403, None),
             (ProxyError::Connect, 405, None),
             (ProxyError::UpstreamUnreachable, 502, None),
+            (ProxyError::UpstreamChallenged, 502, None),
             (ProxyError::CircuitOpen { retry_after: Duration::from_millis(2500) }, 503, Some("3")),
             (
                 ProxyError::UpstreamThrottled { operation: "get_accounts", retry_after: Duration::from_secs(9) },

@@ -28,6 +28,7 @@ pub mod spool;
 pub mod stack;
 pub mod upstream;
 pub mod webhooks;
+pub mod workers;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -117,6 +118,18 @@ impl App {
         admin: Option<TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) {
+        self.serve_threads(listener, Vec::new(), admin, shutdown).await
+    }
+
+    /// [`App::serve_with_admin`] on `listener` here and on each of `others` in a
+    /// serving thread of its own (see [`workers`]); all stop and drain together.
+    pub async fn serve_threads(
+        self,
+        listener: TcpListener,
+        others: Vec<std::net::TcpListener>,
+        admin: Option<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) {
         let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let admin_task = admin.map(|admin_listener| {
             let admin = self.admin();
@@ -154,6 +167,8 @@ impl App {
         let batcher = self.proxy.coalescer().map(|c| tokio::spawn(c.clone().run(self.proxy.clone())));
         // At shutdown: stop accepting, finish what is in flight and queued until the
         // drain time is up, then spool deferrable writes and answer the rest 503.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let threads = workers::spawn(others, &self.proxy, limits, stopped);
         let shutdown = {
             let proxy = self.proxy.clone();
             async move {
@@ -163,6 +178,7 @@ impl App {
                 if let Some(c) = proxy.coalescer() {
                     c.begin_drain();
                 }
+                stop.send_replace(true);
             }
         };
         let sweeper = {
@@ -172,6 +188,7 @@ impl App {
                 loop {
                     every.tick().await;
                     proxy.limiter().sweep(tokio::time::Instant::now());
+                    proxy.ramps.sweep();
                 }
             })
         };
@@ -180,8 +197,10 @@ impl App {
             let proxy = self.proxy.clone();
             tokio::spawn(async move { proxy.limiter().run_background().await })
         };
-        let service = hyper_util::service::TowerToHyperService::new(stack::build(&self.proxy));
+        let service =
+            hyper_util::service::TowerToHyperService::new(stack::build(&self.proxy, self.proxy.upstream().clone()));
         server::serve(listener, None, limits, service, shutdown).await;
+        workers::join(threads).await;
         sweeper.abort();
         replayer.abort();
         if let Some(batcher) = batcher {

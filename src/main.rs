@@ -146,6 +146,13 @@ struct FaultArgs {
     /// Delay of a slow response, in ms.
     #[arg(long, default_value_t = 0)]
     slow_ms: u64,
+    /// A random 429 (--throttle-rate) holds the bucket for its Retry-After: another
+    /// consumer spent the quota, every request inside the hold gets a 429 too.
+    #[arg(long)]
+    throttle_holds: bool,
+    /// Share of requests answered 403 `cf-mitigated: challenge` (Cloudflare), 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
+    challenge_rate: f64,
 }
 
 impl FaultArgs {
@@ -168,6 +175,8 @@ impl FaultArgs {
             retry_after: self.retry_after,
             slow_rate: self.slow_rate,
             slow_ms: self.slow_ms,
+            throttle_holds: self.throttle_holds,
+            challenge_rate: self.challenge_rate,
         })
     }
 }
@@ -213,9 +222,19 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: draining open requests");
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    match Cli::parse().command {
+fn main() -> Result<()> {
+    let command = Cli::parse().command;
+    // `serve` runs one current-thread runtime per serving thread (this one, and the
+    // others `workers` starts); the other commands use the multi-threaded runtime.
+    let mut runtime = match command {
+        Command::Serve { .. } => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    runtime.enable_all().build().context("start the async runtime")?.block_on(run(command))
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
         Command::Serve { config, listen, upstream, admin_listen } => {
             serve(config, listen, upstream, admin_listen).await
         }
@@ -335,8 +354,10 @@ async fn serve(
     if !config.limits.enabled {
         tracing::warn!("RATE LIMITING IS OFF (limits.enabled = false): requests go upstream unthrottled; use this only to measure overhead");
     }
-    let listener =
-        TcpListener::bind(config.server.listen).await.with_context(|| format!("bind {}", config.server.listen))?;
+    let threads = klaviyo_proxy::workers::threads(config.server.threads);
+    let (listener, others) = klaviyo_proxy::workers::bind(config.server.listen, threads)
+        .await
+        .with_context(|| format!("bind {}", config.server.listen))?;
     let addr = listener.local_addr()?;
     let admin_listener =
         TcpListener::bind(config.admin.listen).await.with_context(|| format!("bind {}", config.admin.listen))?;
@@ -374,7 +395,7 @@ async fn serve(
             }
         });
     }
-    tracing::info!(%addr, admin = %admin_addr, upstream = %upstream_url, store = app.proxy().limiter().state().as_str(), "klaviyo-proxy listening");
+    tracing::info!(%addr, admin = %admin_addr, upstream = %upstream_url, store = app.proxy().limiter().state().as_str(), threads, "klaviyo-proxy listening");
     // Written without panicking: a caller may stop reading stdout after the first line.
     {
         use std::io::Write;
@@ -386,7 +407,7 @@ async fn serve(
         }
         let _ = out.flush();
     }
-    app.serve_with_admin(listener, Some(admin_listener), shutdown_signal()).await;
+    app.serve_threads(listener, others, Some(admin_listener), shutdown_signal()).await;
     if let Some(sim) = simulator {
         sim.stop().await;
     }

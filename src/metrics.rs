@@ -88,6 +88,9 @@ pub enum RequestOutcome {
     Spooled,
     /// The upstream could not be reached or did not answer, or the proxy failed.
     Failed,
+    /// Cloudflare in front of Klaviyo challenged the request (`cf-mitigated:
+    /// challenge`): neither a key failure nor an outage.
+    Challenged,
 }
 
 impl RequestOutcome {
@@ -99,6 +102,7 @@ impl RequestOutcome {
             RequestOutcome::Rejected => "rejected",
             RequestOutcome::Spooled => "spooled",
             RequestOutcome::Failed => "failed",
+            RequestOutcome::Challenged => "challenged",
         }
     }
 }
@@ -394,10 +398,7 @@ impl Metrics {
         remaining: Option<i64>,
     ) {
         let (operation, tier) = (route.label(), route.tier());
-        self.upstream_responses
-            .get_or_create(&ResponseLabels { operation, tier, status, class: status_class(status) })
-            .inc();
-        self.upstream_latency.get_or_create(&OpLabels { operation, tier }).observe(secs(latency));
+        self.upstream_answer(operation, tier, status, latency);
         if status == 401 || status == 403 {
             self.auth_failures
                 .get_or_create(&AuthLabels { operation, account: self.account_label(route.account), status })
@@ -407,6 +408,19 @@ impl Metrics {
             let mut reported = self.reported.lock().unwrap_or_else(PoisonError::into_inner);
             reported.insert((route.account, op.endpoint), (remaining, Instant::now()));
         }
+    }
+
+    /// Records a Cloudflare challenge (`403 cf-mitigated: challenge`) as an upstream
+    /// response, but not as an auth failure: the key was never looked at.
+    pub fn upstream_challenge(&self, route: &crate::route::Route, latency: Duration) {
+        self.upstream_answer(route.label(), route.tier(), 403, latency);
+    }
+
+    fn upstream_answer(&self, operation: &'static str, tier: &'static str, status: u16, latency: Duration) {
+        self.upstream_responses
+            .get_or_create(&ResponseLabels { operation, tier, status, class: status_class(status) })
+            .inc();
+        self.upstream_latency.get_or_create(&OpLabels { operation, tier }).observe(secs(latency));
     }
 
     /// Counts a retry (fed by the retry stage); `reason` is a fixed word such as

@@ -9,18 +9,20 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{request, Request, StatusCode};
-use http_body_util::BodyExt;
+use http::{request, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::breaker::{Breaker, Phase};
 use crate::config::{is_beta_revision, AuthMode, Config, ConfigError, StoreKind};
 use crate::error::ProxyError;
+use crate::limiter::ramp::Ramps;
 use crate::limiter::redis::{RedisStore, RedisStoreError};
 use crate::limiter::{Account, Limiter, LocalStore, SharedStore};
 use crate::metrics::{BreakerState, Metrics};
 use crate::queue;
-use crate::retry::RetryBudget;
+use crate::retry::{self, RetryBudget};
 use crate::route::{Route, Router};
 use crate::spool::{self, Spool};
 use crate::upstream::{self, Upstream, UpstreamError};
@@ -48,6 +50,8 @@ pub struct Proxy {
     /// outlive reloads (their settings are read at start).
     pub(crate) breaker: Breaker,
     pub(crate) budget: RetryBudget,
+    /// Buckets ramping up after an upstream 429 (local store only).
+    pub(crate) ramps: Ramps,
     /// A fixed instant for the retry budget's clock.
     pub(crate) started: Instant,
     /// Accepted writes waiting for delivery (`spool.path`; read at start).
@@ -229,6 +233,7 @@ impl Proxy {
             metrics,
             breaker,
             budget,
+            ramps: Ramps::new(),
             started: Instant::now(),
             spool,
             spooled: tokio::sync::Notify::new(),
@@ -361,6 +366,10 @@ impl Proxy {
         let resp = self.upstream.send(&parts, Bytes::new()).await.map_err(upstream_error)?;
         let latency = sent.elapsed();
         let status = resp.status();
+        if retry::is_challenge(status, resp.headers()) {
+            self.metrics.upstream_challenge(&route, latency);
+            return Err(ProxyError::UpstreamChallenged);
+        }
         // Without a key (pass-through mode) the probe's 401 is expected, not an auth
         // failure worth paging anyone for: only a credentialed probe counts upstream.
         if live.injected_auth.is_some() {
@@ -391,6 +400,17 @@ pub(crate) fn upstream_error(e: UpstreamError) -> ProxyError {
         UpstreamError::Connect(_) => ProxyError::UpstreamUnreachable,
         UpstreamError::Timeout(d) => ProxyError::UpstreamTimeout(d),
     }
+}
+
+/// The wait an upstream 429 asks for: `Retry-After`, else the wait its body names
+/// (read up to a few KiB, briefly: Klaviyo's 429 bodies are small and already sent).
+pub(crate) async fn throttle_wait(resp: Response<Incoming>, cap: Duration) -> Option<Duration> {
+    if let Some(wait) = retry::retry_after_of(resp.headers(), cap) {
+        return Some(wait);
+    }
+    let read = Limited::new(resp.into_body(), 16 * 1024).collect();
+    let body = tokio::time::timeout(Duration::from_secs(1), read).await.ok()?.ok()?.to_bytes();
+    retry::retry_after_from_body(&body, cap)
 }
 
 /// An integer header such as `RateLimit-Remaining` or `Retry-After` (seconds form).

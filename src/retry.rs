@@ -49,6 +49,45 @@ pub fn parse_retry_after(value: &str, now: SystemTime, cap: Duration) -> Option<
     Some(wait.min(cap))
 }
 
+/// The wait Klaviyo names in a 429's JSON:API body, for a 429 without a usable
+/// `Retry-After`: the first `errors[].detail` saying `"... Expected available in N
+/// seconds."` (or `"1 second"`), capped at `cap`.
+///
+/// Accepted: whole or decimal seconds (`"2"`, `"1.5"` → rounded up to whole
+/// milliseconds), any case of the phrase, anywhere in the detail. `None` — the caller
+/// falls back to its backoff — for a body that is not JSON:API, a detail without the
+/// phrase, a zero or unparsable number.
+pub fn retry_after_from_body(body: &[u8], cap: Duration) -> Option<Duration> {
+    const PHRASE: &str = "expected available in ";
+    let doc: Value = serde_json::from_slice(body).ok()?;
+    doc.get("errors")?.as_array()?.iter().find_map(|e| {
+        let detail = e.get("detail")?.as_str()?.to_ascii_lowercase();
+        let rest = &detail[detail.find(PHRASE)? + PHRASE.len()..];
+        let number: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+        let unit = rest[number.len()..].trim_start();
+        if !unit.starts_with("second") {
+            return None;
+        }
+        let secs: f64 = number.trim_end_matches('.').parse().ok()?;
+        if !(secs.is_finite() && secs > 0.0) {
+            return None;
+        }
+        let millis = (secs * 1000.0).ceil();
+        Some(Duration::from_millis(if millis >= u64::MAX as f64 { u64::MAX } else { millis as u64 }).min(cap))
+    })
+}
+
+/// Whether an upstream answer is a Cloudflare challenge (`403` with `cf-mitigated:
+/// challenge`, met from some cloud egress addresses) rather than Klaviyo refusing the
+/// key: repeating it gets the same challenge, and it says nothing about the key.
+pub fn is_challenge(status: http::StatusCode, headers: &http::HeaderMap) -> bool {
+    status == http::StatusCode::FORBIDDEN
+        && headers
+            .get_all("cf-mitigated")
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("challenge"))))
+}
+
 /// Exponential backoff with full jitter: attempt `n` (0-based) waits a uniformly random
 /// time in `[0, min(cap, base * 2^n)]` (the AWS "full jitter" scheme, which spreads
 /// retries of many clients best).
@@ -266,6 +305,63 @@ mod tests {
         ];
         for (value, want) in cases {
             assert_eq!(parse_retry_after(value, now, cap), want.map(Duration::from_secs), "{value:?}");
+        }
+    }
+
+    #[test]
+    fn wait_named_in_a_throttled_body() {
+        let cap = Duration::from_secs(60);
+        let body = |detail: &str| {
+            serde_json::json!({"errors": [{"id": "x", "status": 429, "code": "throttled",
+                "title": "Request was throttled.", "detail": detail}]})
+            .to_string()
+        };
+        let cases: &[(&str, Option<u64>)] = &[
+            ("Request was throttled. Expected available in 7 seconds.", Some(7_000)),
+            ("Request was throttled. Expected available in 1 second.", Some(1_000)),
+            ("expected AVAILABLE in 2 seconds", Some(2_000)),
+            ("Expected available in 1.5 seconds.", Some(1_500)),
+            ("Expected available in 0.0004 seconds.", Some(1)),
+            ("Expected available in 3600 seconds.", Some(60_000)),
+            ("Expected available in 99999999999999999999999 seconds.", Some(60_000)),
+            ("Expected available in 0 seconds.", None),
+            ("Expected available in soon seconds.", None),
+            ("Expected available in 5 minutes.", None),
+            ("Expected available in . seconds.", None),
+            ("Request was throttled.", None),
+            ("", None),
+        ];
+        for (detail, want) in cases {
+            let got = retry_after_from_body(body(detail).as_bytes(), cap);
+            assert_eq!(got, want.map(Duration::from_millis), "{detail:?}");
+        }
+        // The first error that names a wait; not JSON:API, or no detail: nothing.
+        let two = r#"{"errors":[{"detail":"Throttled."},{"detail":"Expected available in 4 seconds."}]}"#;
+        assert_eq!(retry_after_from_body(two.as_bytes(), cap), Some(Duration::from_secs(4)));
+        for other in [&b"<html>Expected available in 4 seconds.</html>"[..], b"{}", br#"{"errors":[{}]}"#, b""] {
+            assert_eq!(retry_after_from_body(other, cap), None, "{:?}", String::from_utf8_lossy(other));
+        }
+    }
+
+    #[test]
+    fn cloudflare_challenges_are_told_apart_from_key_refusals() {
+        use http::{HeaderMap, HeaderValue, StatusCode};
+        let with = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("cf-mitigated", HeaderValue::from_static(v));
+            h
+        };
+        let cases: &[(StatusCode, HeaderMap, bool)] = &[
+            (StatusCode::FORBIDDEN, with("challenge"), true),
+            (StatusCode::FORBIDDEN, with("Challenge"), true),
+            (StatusCode::FORBIDDEN, with("block, challenge"), true),
+            (StatusCode::FORBIDDEN, HeaderMap::new(), false),
+            (StatusCode::FORBIDDEN, with("block"), false),
+            (StatusCode::UNAUTHORIZED, with("challenge"), false),
+            (StatusCode::OK, with("challenge"), false),
+        ];
+        for (status, headers, want) in cases {
+            assert_eq!(is_challenge(*status, headers), *want, "{status} {headers:?}");
         }
     }
 

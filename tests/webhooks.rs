@@ -93,6 +93,7 @@ impl App {
                 let _ = stopped.await;
             },
             gate_rx,
+            Default::default(),
         ));
         App { url, seen, gate, refuse_poison, stop: Some(stop) }
     }

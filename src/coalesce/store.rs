@@ -357,7 +357,7 @@ mod tests {
         }
         // The writer thread of the first store may still hold the file briefly.
         let mut reopened = None;
-        for _ in 0..50 {
+        for _ in 0..500 {
             match Store::open(&path) {
                 Ok(r) => {
                     reopened = Some(r);

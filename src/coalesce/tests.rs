@@ -238,7 +238,7 @@ async fn a_restart_delivers_what_was_accepted_before_it() {
     drop(coalescer);
     // The old writer thread lets go of the file once its last sender is gone.
     let mut reopened = None;
-    for _ in 0..100 {
+    for _ in 0..500 {
         let settings =
             Settings { linger: Duration::from_millis(20), max_pending: 10, max_lag: Duration::from_secs(60) };
         if let Ok(c) = Coalescer::open(&path, spool.clone(), settings, CoalesceMetrics::detached()) {

@@ -4,6 +4,7 @@
 //! every bucket a request needs, all at once or none.
 
 pub mod local;
+pub mod ramp;
 pub mod redis;
 pub mod shared;
 pub mod window;

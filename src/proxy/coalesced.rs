@@ -83,7 +83,7 @@ impl coalesce::Deliver for Proxy {
             repeat: Repeat::Safe,
             unique_id: None,
         };
-        let resp = Exchange::new(self.clone()).oneshot(routed).await?;
+        let resp = Exchange::new(self.clone(), self.upstream.clone()).oneshot(routed).await?;
         let status = resp.status();
         let body =
             Limited::new(resp.into_body(), MAX_ANSWER_BYTES).collect().await.map(|b| b.to_bytes()).unwrap_or_default();

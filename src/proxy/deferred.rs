@@ -142,7 +142,7 @@ impl Proxy {
             Ok(resp) if resp.status() == http::StatusCode::TOO_MANY_REQUESTS => {
                 finish(breaker::Outcome::Success);
                 let cap = Duration::from_millis(config.retry.retry_after_cap_ms);
-                let wait = retry::retry_after_of(resp.headers(), cap).unwrap_or(Duration::from_secs(1));
+                let wait = super::throttle_wait(resp, cap).await.unwrap_or(Duration::from_secs(1));
                 if config.limits.enabled {
                     // Pause the bucket for live traffic too; the replay goes again later.
                     if let Ok(Some(head)) = self.pause(&route.demands, None, now + wait, now, now + wait).await {
@@ -150,6 +150,11 @@ impl Proxy {
                     }
                 }
                 Replay::Wait(wait)
+            }
+            // A Cloudflare challenge is about this address, not the write: keep it for later.
+            Ok(resp) if retry::is_challenge(resp.status(), resp.headers()) => {
+                finish(breaker::Outcome::Success);
+                Replay::Failed
             }
             Ok(resp) if resp.status().is_server_error() => {
                 finish(breaker::Outcome::Failure);

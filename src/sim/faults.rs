@@ -63,6 +63,13 @@ pub struct Faults {
     pub slow_rate: f64,
     /// The delay of a slow response, in milliseconds (set it past the proxy's timeout).
     pub slow_ms: u64,
+    /// With `throttle_rate`: a random 429 holds the bucket for its `Retry-After`
+    /// (another consumer spent the quota), so every request of the bucket inside the
+    /// hold is answered 429 too, with the time left.
+    pub throttle_holds: bool,
+    /// Share of API requests, in [0, 1], answered by "Cloudflare" with a 403
+    /// `cf-mitigated: challenge` HTML page, as cloud egress addresses sometimes are.
+    pub challenge_rate: f64,
 }
 
 impl Default for Faults {
@@ -78,6 +85,8 @@ impl Default for Faults {
             retry_after: None,
             slow_rate: 0.0,
             slow_ms: 0,
+            throttle_holds: false,
+            challenge_rate: 0.0,
         }
     }
 }
@@ -89,16 +98,22 @@ pub enum Verdict {
     Pass,
     /// Answer with this 5xx.
     Error(u16),
-    /// Answer 429 with this `Retry-After` value (`None`: no header).
-    Throttle(Option<String>),
+    /// Answer 429 with this `Retry-After` value (`None`: no header); the body's detail
+    /// names the whole seconds (as Klaviyo's does, whatever the header says).
+    Throttle(Option<String>, u64),
+    /// Answer 403 with `cf-mitigated: challenge`.
+    Challenge,
 }
 
 impl Faults {
     /// Checks the values a JSON body may get wrong.
     pub fn check(&self) -> Result<(), String> {
-        for (name, v) in
-            [("error_rate", self.error_rate), ("throttle_rate", self.throttle_rate), ("slow_rate", self.slow_rate)]
-        {
+        for (name, v) in [
+            ("error_rate", self.error_rate),
+            ("throttle_rate", self.throttle_rate),
+            ("slow_rate", self.slow_rate),
+            ("challenge_rate", self.challenge_rate),
+        ] {
             if !(0.0..=1.0).contains(&v) {
                 return Err(format!("{name} must be between 0 and 1"));
             }
@@ -121,13 +136,18 @@ impl Faults {
         if since_set < window {
             let left = window - since_set;
             let secs = left.as_micros().div_ceil(1_000_000) as u64;
-            return Verdict::Throttle(Some(self.retry_after.clone().unwrap_or_else(|| secs.to_string())));
+            return Verdict::Throttle(Some(self.retry_after.clone().unwrap_or_else(|| secs.to_string())), secs);
+        }
+        if self.challenge_rate > 0.0 && rng.f64() < self.challenge_rate {
+            return Verdict::Challenge;
         }
         if self.error_rate > 0.0 && rng.f64() < self.error_rate {
             return Verdict::Error(self.error_statuses[rng.usize(..self.error_statuses.len())]);
         }
         if self.throttle_rate > 0.0 && rng.f64() < self.throttle_rate {
-            return Verdict::Throttle(Some(self.retry_after.clone().unwrap_or_else(|| "1".into())));
+            let header = self.retry_after.clone().unwrap_or_else(|| "1".into());
+            let secs = header.trim().parse().unwrap_or(1);
+            return Verdict::Throttle(Some(header), secs);
         }
         Verdict::Pass
     }
@@ -151,8 +171,8 @@ mod tests {
         let down = Faults { outage: Outage::Unavailable, ..Faults::default() };
         assert_eq!(down.verdict(Duration::ZERO, &mut rng), Verdict::Error(503));
         let other = Faults { throttle_for_ms: 2500, ..Faults::default() };
-        assert_eq!(other.verdict(Duration::from_millis(400), &mut rng), Verdict::Throttle(Some("3".into())));
-        assert_eq!(other.verdict(Duration::from_millis(1600), &mut rng), Verdict::Throttle(Some("1".into())));
+        assert_eq!(other.verdict(Duration::from_millis(400), &mut rng), Verdict::Throttle(Some("3".into()), 3));
+        assert_eq!(other.verdict(Duration::from_millis(1600), &mut rng), Verdict::Throttle(Some("1".into()), 1));
         assert_eq!(other.verdict(Duration::from_millis(2500), &mut rng), Verdict::Pass);
         let some = Faults { error_rate: 0.2, ..Faults::default() };
         let errors = (0..10_000).filter(|_| some.verdict(Duration::ZERO, &mut rng) != Verdict::Pass).count();

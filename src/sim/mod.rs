@@ -157,9 +157,27 @@ pub struct Stats {
     pub throttled: u64,
     /// Per bucket, sorted by account, operation and bucket.
     pub buckets: Vec<BucketStats>,
+    /// API requests that arrived in a bucket before the end of a `Retry-After` the
+    /// simulator had announced for it (not counting the first 50 ms after the 429
+    /// reached the client, when they were already on the wire).
+    #[serde(default)]
+    pub early: u64,
+    /// API requests that arrived inside a `Retry-After` the simulator had announced for
+    /// their bucket, in-flight ones included (what a burst released all at once costs:
+    /// the first draws the 429, the others are already on the wire).
+    #[serde(default)]
+    pub inside_retry_after: u64,
+    /// Connections reset by a `reset` outage (each a request that reached the upstream
+    /// and was turned away).
+    #[serde(default)]
+    pub reset_connections: u64,
+    /// API requests answered with a fault's 5xx (an `unavailable` outage, `error_rate`).
+    #[serde(default)]
+    pub server_errors: u64,
 }
 
-/// Requests arriving this soon after a bucket's first 429 were already on the wire.
+/// Requests arriving this soon after a bucket's first 429 reached the client (the
+/// simulator's latency after deciding it) were already on the wire.
 const IN_FLIGHT_GRACE: Duration = Duration::from_millis(50);
 
 /// (account alias, endpoint, condition index).
@@ -189,6 +207,13 @@ struct State {
     /// requests came before that end.
     throttled_until: Mutex<HashMap<BucketKey, (Instant, Instant)>>,
     early: Mutex<u64>,
+    inside: Mutex<u64>,
+    /// Per bucket, the end of the hold a random 429 started (`throttle_holds`).
+    holds: Mutex<HashMap<BucketKey, Instant>>,
+    /// Connections a `reset` outage turned away.
+    resets: Arc<std::sync::atomic::AtomicU64>,
+    /// API requests answered with a fault's 5xx.
+    server_errors: std::sync::atomic::AtomicU64,
 }
 
 /// The events the simulator accepted (`GET /__sim/events`).
@@ -254,6 +279,10 @@ impl Simulator {
             arrival: Mutex::new(Vec::new()),
             throttled_until: Mutex::new(HashMap::new()),
             early: Mutex::new(0),
+            inside: Mutex::new(0),
+            holds: Mutex::new(HashMap::new()),
+            resets: Arc::default(),
+            server_errors: Default::default(),
         });
         // Through set_faults, so a timed outage given at start also ends by itself.
         state.set_faults(state.options.faults.clone()).map_err(SimError::Faults)?;
@@ -264,7 +293,8 @@ impl Simulator {
         let stopped = async {
             let _ = stopped.await;
         };
-        let task = tokio::spawn(server::serve_gated(listener, acceptor, limits, service, stopped, gate_rx));
+        let resets = state.resets.clone();
+        let task = tokio::spawn(server::serve_gated(listener, acceptor, limits, service, stopped, gate_rx, resets));
         Ok(Simulator {
             addr,
             url: format!("{scheme}://127.0.0.1:{}", addr.port()),
@@ -396,14 +426,18 @@ impl State {
     }
 
     /// Counts a request that comes before its bucket's announced `Retry-After` end,
-    /// except in the first [`IN_FLIGHT_GRACE`] after the first 429: requests already on
-    /// the wire then were sent before the client could know.
+    /// except in the first [`IN_FLIGHT_GRACE`] after the first 429 reached the client
+    /// (the latency later): requests already on the wire then were sent before the
+    /// client could know.
     fn note_arrival(&self, keys: &[BucketKey], now: Instant) {
+        let grace = IN_FLIGHT_GRACE + self.options.latency;
         let until = lock(&self.throttled_until);
-        let early =
-            keys.iter().any(|k| until.get(k).is_some_and(|(from, end)| now > *from + IN_FLIGHT_GRACE && now < *end));
+        let early = keys.iter().any(|k| until.get(k).is_some_and(|(from, end)| now > *from + grace && now < *end));
         if early {
             *lock(&self.early) += 1;
+        }
+        if keys.iter().any(|k| until.get(k).is_some_and(|(from, end)| now > *from && now < *end)) {
+            *lock(&self.inside) += 1;
         }
     }
 
@@ -442,7 +476,10 @@ impl State {
             })
             .collect();
         buckets.sort_by(|a, b| (&a.account, &a.operation, &a.bucket).cmp(&(&b.account, &b.operation, &b.bucket)));
-        Stats { requests, throttled, buckets }
+        let (early, inside_retry_after) = (*lock(&self.early), *lock(&self.inside));
+        let reset_connections = self.resets.load(std::sync::atomic::Ordering::Relaxed);
+        let server_errors = self.server_errors.load(std::sync::atomic::Ordering::Relaxed);
+        Stats { requests, throttled, buckets, early, inside_retry_after, reset_connections, server_errors }
     }
 
     /// Counts a request against its buckets; returns the wait when one is full,
@@ -672,43 +709,27 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Response<ProxyBo
     keys.extend(conditions.iter().map(|&c| (account.clone(), op.endpoint, Some(c))));
     let now = Instant::now();
     state.note_arrival(&keys, now);
+    if let Some(left) = state.held(&keys, now) {
+        let secs = left.as_micros().div_ceil(1_000_000) as u64;
+        return state.throttle(&keys, now, Some(secs.to_string()), secs);
+    }
     match state.verdict() {
         faults::Verdict::Pass => {}
         faults::Verdict::Error(status) => {
+            state.server_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             return klaviyo_error(status, "error", "A server error occurred.", "Simulated server error.");
         }
-        faults::Verdict::Throttle(retry_after) => {
-            lock(&state.totals).1 += 1;
-            state.note_retry_after(&keys, now, retry_after.as_deref());
-            let mut resp = klaviyo_error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "throttled",
-                "Request was throttled.",
-                "Request was throttled (the account's quota is spent by another consumer).",
-            );
-            if let Some(v) = retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
-                resp.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-            return resp;
+        faults::Verdict::Throttle(retry_after, secs) => {
+            state.hold(&keys, now, secs);
+            return state.throttle(&keys, now, retry_after, secs);
         }
+        faults::Verdict::Challenge => return challenge(),
     }
     match state.admit(&account, op, &conditions) {
         Err(wait) => {
-            lock(&state.totals).1 += 1;
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            state.note_retry_after(&keys, now, Some(&secs.to_string()));
-            let mut resp = klaviyo_error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "throttled",
-                "Request was throttled.",
-                &format!(
-                    "Request was throttled. Expected available in {secs} second{}.",
-                    if secs == 1 { "" } else { "s" }
-                ),
-            );
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            resp
+            state.throttle(&keys, now, Some(secs.to_string()), secs)
         }
         Ok((limit, remaining, reset)) => {
             if op.id == "create_event" || op.id == "create_client_event" {
@@ -728,6 +749,63 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Response<ProxyBo
             resp
         }
     }
+}
+
+impl State {
+    /// The time left in a hold on any of the buckets, when `throttle_holds` is on.
+    fn held(&self, keys: &[BucketKey], now: Instant) -> Option<Duration> {
+        if !lock(&self.faults).0.throttle_holds {
+            return None;
+        }
+        let holds = lock(&self.holds);
+        keys.iter().filter_map(|k| holds.get(k)).filter(|end| **end > now).map(|end| *end - now).max()
+    }
+
+    /// Starts a hold of `secs` on the buckets, when `throttle_holds` is on.
+    fn hold(&self, keys: &[BucketKey], now: Instant, secs: u64) {
+        if !lock(&self.faults).0.throttle_holds || secs == 0 {
+            return;
+        }
+        let mut holds = lock(&self.holds);
+        for k in keys {
+            holds.insert(k.clone(), now + Duration::from_secs(secs));
+        }
+    }
+
+    /// A 429 like Klaviyo's: `Retry-After` (when given) and a detail naming the wait.
+    fn throttle(
+        &self,
+        keys: &[BucketKey],
+        now: Instant,
+        retry_after: Option<String>,
+        secs: u64,
+    ) -> Response<ProxyBody> {
+        lock(&self.totals).1 += 1;
+        self.note_retry_after(keys, now, retry_after.as_deref());
+        let mut resp = klaviyo_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "throttled",
+            "Request was throttled.",
+            &format!("Request was throttled. Expected available in {secs} second{}.", if secs == 1 { "" } else { "s" }),
+        );
+        if let Some(v) = retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        resp
+    }
+}
+
+/// Cloudflare's managed challenge: an HTML page, `403`, `cf-mitigated: challenge`.
+fn challenge() -> Response<ProxyBody> {
+    let mut resp = Response::new(full(Bytes::from_static(
+        b"<!DOCTYPE html><html><head><title>Just a moment...</title></head><body>Enable JavaScript and cookies to continue</body></html>",
+    )));
+    *resp.status_mut() = StatusCode::FORBIDDEN;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=UTF-8"));
+    h.insert("cf-mitigated", HeaderValue::from_static("challenge"));
+    h.insert("server", HeaderValue::from_static("cloudflare"));
+    resp
 }
 
 fn state_url(parts: &http::request::Parts) -> String {

@@ -48,8 +48,8 @@ pub struct Defer<S> {
 
 impl<S> Service<Routed<Bytes>> for Defer<S>
 where
-    S: Service<Routed<Bytes>, Response = Response<ProxyBody>, Error = ProxyError> + Clone + Send + 'static,
-    S::Future: Send,
+    S: Service<Routed<Bytes>, Response = Response<ProxyBody>, Error = ProxyError>,
+    S::Future: Send + 'static,
 {
     type Response = Response<ProxyBody>;
     type Error = ProxyError;
@@ -61,33 +61,26 @@ where
 
     fn call(&mut self, routed: Routed<Bytes>) -> Self::Future {
         let proxy = self.proxy.clone();
-        let mut inner = self.inner.clone();
-        std::mem::swap(&mut inner, &mut self.inner);
+        let live = routed.call.live.clone();
+        // Only where a later delivery cannot make the write happen twice.
+        let deferrable =
+            proxy.spool().is_some() && is_deferrable(&live, &routed.route) && routed.repeat == Repeat::Safe;
+        // The kill switch (rollback option): answer at once, touch nothing upstream.
+        if !live.config.upstream.enabled {
+            let spool = deferrable && live.config.spool.when_disabled;
+            return Box::pin(async move { accept_or(&proxy, spool, &routed, ProxyError::Disabled).await });
+        }
+        // While Klaviyo is failing, fail fast instead of queueing for nothing.
+        if let Some(retry_after) = proxy.breaker_open(&live) {
+            return Box::pin(async move {
+                accept_or(&proxy, deferrable, &routed, ProxyError::CircuitOpen { retry_after }).await
+            });
+        }
+        // The exchange owns the call; keep what the spool needs if it fails.
+        let kept = deferrable.then(|| keep(&routed));
+        let answer = self.inner.call(routed);
         Box::pin(async move {
-            let live = routed.call.live.clone();
-            // Only where a later delivery cannot make the write happen twice.
-            let deferrable =
-                proxy.spool().is_some() && is_deferrable(&live, &routed.route) && routed.repeat == Repeat::Safe;
-            // The kill switch (rollback option): answer at once, touch nothing upstream.
-            if !live.config.upstream.enabled {
-                if deferrable && live.config.spool.when_disabled {
-                    if let Some(accepted) = proxy.defer(&routed).await {
-                        return Ok(accepted);
-                    }
-                }
-                return Err(ProxyError::Disabled);
-            }
-            if let Some(retry_after) = proxy.breaker_open(&live) {
-                if deferrable {
-                    if let Some(accepted) = proxy.defer(&routed).await {
-                        return Ok(accepted);
-                    }
-                }
-                return Err(ProxyError::CircuitOpen { retry_after });
-            }
-            // The exchange owns the call; keep what the spool needs if it fails.
-            let kept = deferrable.then(|| keep(&routed));
-            let result = inner.call(routed).await;
+            let result = answer.await;
             let undelivered = match &result {
                 Ok(resp) => resp.status().is_server_error(),
                 Err(e) => may_defer(e),
@@ -100,6 +93,21 @@ where
             result
         })
     }
+}
+
+/// The spool's 202 when `spool` and the spool takes the write, `error` otherwise.
+async fn accept_or(
+    proxy: &Proxy,
+    spool: bool,
+    routed: &Routed<Bytes>,
+    error: ProxyError,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    if spool {
+        if let Some(accepted) = proxy.defer(routed).await {
+            return Ok(accepted);
+        }
+    }
+    Err(error)
 }
 
 /// A copy of a call for the spool (the body is shared, not copied).

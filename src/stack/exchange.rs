@@ -18,24 +18,28 @@ use tower::Service;
 use super::{BoxFuture, Routed};
 use crate::breaker;
 use crate::error::ProxyError;
+use crate::limiter::ramp::{self, Pass};
 use crate::limiter::{BucketKey, Demand, Denied, Grant, Limiter, Place};
 use crate::metrics::RequestOutcome;
-use crate::proxy::{header_int, upstream_error, Live, Proxy};
+use crate::proxy::{header_int, throttle_wait, upstream_error, Live, Proxy};
 use crate::queue;
 use crate::retry::{self, Backoff, Repeat};
 use crate::route::Route;
-use crate::upstream::UpstreamError;
+use crate::upstream::{Upstream, UpstreamError};
 
 /// The innermost service: sends the routed request to Klaviyo.
 #[derive(Debug, Clone)]
 pub struct Exchange {
     proxy: Arc<Proxy>,
+    /// Shared by the clones of the stack on one runtime (an `Upstream` clone is many).
+    upstream: Arc<Upstream>,
 }
 
 impl Exchange {
-    /// The exchange through `proxy`'s limiter, breaker and upstream.
-    pub fn new(proxy: Arc<Proxy>) -> Self {
-        Exchange { proxy }
+    /// The exchange through `proxy`'s limiter and breaker and the `upstream` pool
+    /// (one per runtime, so a request and its upstream connection share a thread).
+    pub fn new(proxy: Arc<Proxy>, upstream: Upstream) -> Self {
+        Exchange { proxy, upstream: Arc::new(upstream) }
     }
 }
 
@@ -50,10 +54,10 @@ impl Service<Routed<Bytes>> for Exchange {
     }
 
     fn call(&mut self, routed: Routed<Bytes>) -> Self::Future {
-        let proxy = self.proxy.clone();
+        let (proxy, upstream) = (self.proxy.clone(), self.upstream.clone());
         Box::pin(async move {
             tokio::select! {
-                result = proxy.exchange(&routed) => result,
+                result = proxy.exchange(&routed, &upstream) => result,
                 () = proxy.drain_ends() => Err(ProxyError::Draining),
             }
         })
@@ -65,7 +69,7 @@ impl Proxy {
     /// asks the breaker, sends; on a 429 pauses the bucket and requeues the request at
     /// its head; on a 5xx, timeout or connection error backs off and goes again while
     /// repeating is safe, the budget allows and the deadline is not passed.
-    async fn exchange(&self, routed: &Routed<Bytes>) -> Result<Response<Incoming>, ProxyError> {
+    async fn exchange(&self, routed: &Routed<Bytes>, upstream: &Upstream) -> Result<Response<Incoming>, ProxyError> {
         let Routed { call, route, deadline, repeat, .. } = routed;
         let (deadline, repeat) = (*deadline, *repeat);
         let (live, parts, body, record) = (&*call.live, &call.parts, &call.body, &call.record);
@@ -76,7 +80,8 @@ impl Proxy {
             base: Duration::from_millis(config.retry.base_ms),
             cap: Duration::from_millis(config.retry.cap_ms),
         };
-        let mut requeued: Option<Grant> = None;
+        // A request that met a 429: its grant, and its pass if it is the ramp's probe.
+        let mut requeued: Option<(Grant, Option<Pass>)> = None;
         // The request's place in line, kept when a 429 requeues it.
         let mut place: Option<Place> = None;
         let mut retries = 0u32;
@@ -84,19 +89,26 @@ impl Proxy {
         self.budget.deposit(Instant::now(), self.started);
         loop {
             // The limiter: a token in every bucket; a requeued request keeps its place.
-            let waited = match requeued.take() {
-                Some(grant) => {
+            // After a 429 the local store's bucket ramps: a probe first, then 1, 2, 4, ….
+            let depth = config.queue.max_depth;
+            let (waited, mut pass) = match (&self.limiter, requeued.take()) {
+                (Limiter::Local(store), requeued) if limited => {
+                    let (admitted, pass) =
+                        ramp::wait(store, &self.ramps, &route.demands, requeued, deadline, depth, label).await?;
+                    place = admitted.place.or(place);
+                    (admitted.waited, Some(pass))
+                }
+                (_, Some((grant, _))) => {
                     let queued = Instant::now();
                     queue::wait_for_grant(self.limiter.local(), grant, deadline, label).await?;
-                    queued.elapsed()
+                    (queued.elapsed(), None)
                 }
-                None if limited => {
-                    let depth = config.queue.max_depth;
+                (_, None) if limited => {
                     let admitted = queue::wait(&self.limiter, &route.demands, deadline, depth, label).await?;
                     place = admitted.place;
-                    admitted.waited
+                    (admitted.waited, None)
                 }
-                None => Duration::ZERO,
+                (_, None) => (Duration::ZERO, None),
             };
             if limited {
                 self.metrics.queue_wait(label, route.tier(), waited);
@@ -118,33 +130,49 @@ impl Proxy {
             };
             let sent = Instant::now();
             record.update(|o| o.attempts += 1);
-            let result = self.upstream.send(parts, body.clone()).await;
+            let result = upstream.send(parts, body.clone()).await;
             let latency = sent.elapsed();
             record.update(|o| o.upstream = Some(latency));
             let now = Instant::now();
-            if let Ok(resp) = &result {
+            let challenged = result.as_ref().is_ok_and(|r| retry::is_challenge(r.status(), r.headers()));
+            if let (Ok(resp), false) = (&result, challenged) {
                 // Operators see Klaviyo's answers and its own count of what is left.
                 let remaining = header_int(resp.headers(), "ratelimit-remaining");
                 self.metrics.upstream_response(route, resp.status().as_u16(), latency, remaining);
             }
             let (verdict, failure, reason) = match result {
+                // Cloudflare challenges the proxy's address: not Klaviyo failing, not the
+                // key, and the same request would meet the same challenge.
+                Ok(_) if challenged => {
+                    self.metrics.upstream_challenge(route, latency);
+                    self.record(permit, breaker::Outcome::Success);
+                    return Err(ProxyError::UpstreamChallenged);
+                }
                 Ok(resp) if resp.status() == StatusCode::TOO_MANY_REQUESTS => {
                     self.record(permit, breaker::Outcome::Success);
                     // Klaviyo's quota is spent (by us or another consumer): the whole
                     // bucket waits for Retry-After, this request at the head of its queue.
-                    let cap = Duration::from_millis(config.retry.retry_after_cap_ms);
-                    let wait = retry::retry_after_of(resp.headers(), cap)
-                        .unwrap_or_else(|| backoff.delay(retries, &mut rng).max(Duration::from_secs(1)));
-                    tracing::debug!(operation = label, ?wait, "upstream 429: bucket paused");
                     if !limited {
                         return Ok(resp);
                     }
+                    let cap = Duration::from_millis(config.retry.retry_after_cap_ms);
+                    let wait = throttle_wait(resp, cap)
+                        .await
+                        .unwrap_or_else(|| backoff.delay(retries, &mut rng).max(Duration::from_secs(1)));
+                    tracing::debug!(operation = label, ?wait, "upstream 429: bucket paused");
                     // Boxed, like the feedback below: their Redis calls are large futures that would
                     // otherwise sit in every queued request's state.
+                    // The bucket ramps again from one probe: this request, unless another
+                    // 429 already made one.
+                    let ramp_cap = route.demands.first().map_or(1, |d| d.windows.as_slice()[0].limit);
+                    let probe = match (pass.take(), route.demands.first()) {
+                        (Some(p), Some(d)) => p.throttled(&self.ramps, d.key, ramp_cap),
+                        _ => None,
+                    };
                     match Box::pin(self.pause(&route.demands, place, now + wait, now, deadline)).await {
                         Ok(grant) => {
                             self.metrics.retry(label, "throttled");
-                            requeued = grant;
+                            requeued = grant.map(|g| (g, probe));
                             continue;
                         }
                         Err(denied) => {
@@ -160,6 +188,9 @@ impl Proxy {
                 }
                 Ok(resp) => {
                     self.record(permit, breaker::Outcome::Success);
+                    if let Some(pass) = pass.take() {
+                        pass.succeeded();
+                    }
                     Box::pin(self.feedback(live, route, &resp, now)).await;
                     return Ok(resp);
                 }
@@ -175,9 +206,14 @@ impl Proxy {
                     (Err(upstream_error(e)), repeat == Repeat::Safe || never_sent, reason)
                 }
             };
-            // Backoff: only a safe repeat, within attempts, budget and deadline.
+            // Backoff: only a safe repeat, within attempts, budget and deadline, and not
+            // once this failure opened the breaker (a failed probe's answer goes back
+            // now, not as a fail-fast after sleeping).
             let delay = backoff.delay(retries, &mut rng);
-            let may = failure && retries + 1 < config.retry.max_attempts.get() && Instant::now() + delay < deadline;
+            let may = failure
+                && retries + 1 < config.retry.max_attempts.get()
+                && Instant::now() + delay < deadline
+                && self.breaker_open(live).is_none();
             if !may {
                 return verdict;
             }

@@ -22,6 +22,7 @@ use crate::metrics::RequestOutcome;
 use crate::proxy::{Live, Proxy};
 use crate::retry::Repeat;
 use crate::route::Route;
+use crate::upstream::Upstream;
 
 pub mod authorize;
 pub mod body;
@@ -38,9 +39,11 @@ pub mod step;
 pub mod target;
 
 /// The whole request path for `proxy`, as a service hyper can serve (through
-/// `hyper_util::service::TowerToHyperService`). It never fails at the HTTP level.
+/// `hyper_util::service::TowerToHyperService`), sending through `upstream` (the pool of
+/// the runtime that serves it). It never fails at the HTTP level.
 pub fn build<B>(
     proxy: &Arc<Proxy>,
+    upstream: Upstream,
 ) -> impl Service<Request<B>, Response = Response<ProxyBody>, Error = Infallible, Future = impl Future + Send>
        + Clone
        + Send
@@ -75,7 +78,7 @@ where
         // The client gets Klaviyo's answer without its hop-by-hop headers.
         .map_response(cleanup::clean::<hyper::body::Incoming>)
         // Token, breaker, upstream; again after a 429 pause or a safe retry.
-        .service(exchange::Exchange::new(proxy.clone()))
+        .service(exchange::Exchange::new(proxy.clone(), upstream))
 }
 
 /// A boxed future, for the stages that wait.

@@ -47,9 +47,8 @@ pub struct Respond<S> {
 
 impl<S, B> Service<Request<B>> for Respond<S>
 where
-    S: Service<Call<B>, Response = Response<ProxyBody>, Error = ProxyError> + Clone + Send + 'static,
-    S::Future: Send,
-    B: Send + 'static,
+    S: Service<Call<B>, Response = Response<ProxyBody>, Error = ProxyError>,
+    S::Future: Send + 'static,
 {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
@@ -64,31 +63,32 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        let started = Instant::now();
+        let request_id = req
+            .headers()
+            .get(REQUEST_ID_HEADER)
+            .filter(|v| v.len() <= 128)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("{:032x}", fastrand::u128(..)));
+        let method = req.method().clone();
+        let record = Record::default();
+        let (parts, body) = req.into_parts();
+        let call = Call { parts, body, live: self.proxy.live(), record: record.clone() };
+        // Called here, not in the future: the stages below need no clone of their own.
+        let answer = self.inner.call(call);
         let proxy = self.proxy.clone();
-        let mut inner = self.inner.clone();
-        std::mem::swap(&mut inner, &mut self.inner);
         Box::pin(async move {
-            let started = Instant::now();
-            let request_id = req
-                .headers()
-                .get(REQUEST_ID_HEADER)
-                .filter(|v| v.len() <= 128)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-                .unwrap_or_else(|| format!("{:032x}", fastrand::u128(..)));
-            let method = req.method().clone();
-            let record = Record::default();
-            let (parts, body) = req.into_parts();
-            let call = Call { parts, body, live: proxy.live(), record: record.clone() };
-            let result = inner.call(call).await;
+            let result = answer.await;
             let mut outcome = record.get();
             let mut resp = match result {
                 Ok(resp) => resp,
                 Err(err) => {
                     outcome.error = Some(err.code());
-                    outcome.kind = match err.origin() {
-                        Origin::Client => RequestOutcome::Rejected,
-                        Origin::Upstream | Origin::Internal => RequestOutcome::Failed,
+                    outcome.kind = match (&err, err.origin()) {
+                        (ProxyError::UpstreamChallenged, _) => RequestOutcome::Challenged,
+                        (_, Origin::Client) => RequestOutcome::Rejected,
+                        (_, Origin::Upstream | Origin::Internal) => RequestOutcome::Failed,
                     };
                     err.into_response(&request_id)
                 }

@@ -1,0 +1,469 @@
+//! The end of an upstream 429 pause, probed then ramped (TCP's slow start, per bucket).
+//!
+//! A pause ([`super::LocalStore::pause_and_requeue`]) keeps every request of a bucket
+//! from leaving before the `Retry-After` has passed; on its own it then lets them all
+//! go at once, and when the 429 came from another consumer spending the quota, the
+//! first of them draws the next 429 while all the others are already on the wire. So a
+//! throttled bucket *ramps*: the request that met the 429 goes first, alone (the probe);
+//! each success lets more go — 1, 2, 4, … in flight, doubling each time a whole window
+//! of them succeeded (one round trip) — until the window reaches the bucket's burst
+//! limit and the ramp ends. A 429 during the ramp pauses the bucket again and restarts
+//! the ramp at one.
+//!
+//! The ramp is a gate in front of the limiter, so it never holds a request past the
+//! slot its windows booked (every departure stays a take the windows allowed when it
+//! was booked): a request passes the gate first and reserves its slot after. Requests
+//! already waiting for a slot when a 429 turns their bucket to ramping give their slot
+//! back and go through the gate ([`wait`]).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+
+use super::{BucketKey, Demand, Grant, LocalStore};
+use crate::error::ProxyError;
+use crate::queue::{self, Admitted};
+
+/// The largest window of a ramp: past it the bucket's own limits pace it.
+pub const MAX_WINDOW: u32 = 64;
+
+/// The throttled buckets and their ramps.
+#[derive(Debug, Default)]
+pub struct Ramps {
+    ramps: DashMap<BucketKey, Arc<Ramp>>,
+}
+
+#[derive(Debug, Default)]
+struct Ramp {
+    state: Mutex<State>,
+    /// Told when the bucket starts ramping, so requests waiting for a slot booked
+    /// before the 429 come back through the gate.
+    throttled: Notify,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// `None`: not ramping, requests pass.
+    window: Option<u32>,
+    /// The largest window, then the ramp ends.
+    cap: u32,
+    /// Passes out now (sent, or waiting for their slot).
+    out: u32,
+    /// Successes since the window last grew.
+    acked: u32,
+    /// Bumped whenever the ramp restarts: passes of an older ramp count for nothing.
+    generation: u64,
+    /// Requests waiting to pass, in arrival order.
+    waiting: VecDeque<oneshot::Sender<u64>>,
+}
+
+/// Leave to send one request of a bucket; tell it how the request went
+/// ([`Pass::succeeded`], [`Pass::throttled`]). Dropped, it gives its place back.
+#[derive(Debug)]
+pub struct Pass {
+    ramp: Option<(Arc<Ramp>, u64)>,
+}
+
+/// What the gate says to a request of a bucket.
+#[derive(Debug)]
+pub enum Gate {
+    /// Not ramping: go and wait for your slot, but come back if the bucket starts
+    /// ramping meanwhile (the future completes then).
+    Open(Pass, RampWatch),
+    /// Ramping, and there is room in the window.
+    Pass(Pass),
+    /// Ramping and the window is full: wait for a pass.
+    Wait(Waiting),
+}
+
+/// Tells when the bucket (re)starts ramping.
+#[derive(Debug)]
+pub struct RampWatch(Arc<Ramp>);
+
+impl RampWatch {
+    /// Completes at the next 429 that (re)starts the bucket's ramp.
+    pub fn throttled(&self) -> tokio::sync::futures::Notified<'_> {
+        self.0.throttled.notified()
+    }
+}
+
+/// A request waiting for a pass.
+#[derive(Debug)]
+pub struct Waiting {
+    ramp: Arc<Ramp>,
+    rx: Option<oneshot::Receiver<u64>>,
+}
+
+impl Waiting {
+    /// The pass, when a success or a finished request makes room.
+    pub async fn pass(mut self) -> Pass {
+        let rx = self.rx.as_mut().expect("received once");
+        match rx.await {
+            Ok(generation) => {
+                self.rx = None;
+                Pass { ramp: Some((self.ramp.clone(), generation)) }
+            }
+            // The ramp ended: the bucket is open again.
+            Err(_) => {
+                self.rx = None;
+                Pass { ramp: None }
+            }
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        // Handed a pass but gone before taking it: the pass goes to the next one.
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if let Ok(generation) = rx.try_recv() {
+                drop(Pass { ramp: Some((self.ramp.clone(), generation)) });
+            }
+        }
+    }
+}
+
+fn lock(ramp: &Ramp) -> MutexGuard<'_, State> {
+    ramp.state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl State {
+    /// Hands passes to waiters while the window has room; ends the ramp (opening the
+    /// gate to everyone) once the window reached its cap and nobody waits, so the end
+    /// of a ramp never lets a queue go at once.
+    fn release(&mut self) {
+        let Some(window) = self.window else { return };
+        while self.out < window {
+            let Some(next) = self.waiting.pop_front() else { break };
+            if next.send(self.generation).is_ok() {
+                self.out += 1;
+            }
+        }
+        if window >= self.cap && self.waiting.is_empty() {
+            self.window = None;
+        }
+    }
+}
+
+impl Ramps {
+    /// No bucket ramping.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the gate of `key`.
+    pub fn enter(&self, key: BucketKey) -> Gate {
+        let ramp = self.ramps.entry(key).or_default().clone();
+        let mut s = lock(&ramp);
+        match s.window {
+            None => {
+                drop(s);
+                Gate::Open(Pass { ramp: None }, RampWatch(ramp))
+            }
+            Some(window) if s.out < window && s.waiting.is_empty() => {
+                s.out += 1;
+                let generation = s.generation;
+                drop(s);
+                Gate::Pass(Pass { ramp: Some((ramp, generation)) })
+            }
+            Some(_) => {
+                let (tx, rx) = oneshot::channel();
+                s.waiting.push_back(tx);
+                drop(s);
+                Gate::Wait(Waiting { ramp, rx: Some(rx) })
+            }
+        }
+    }
+
+    /// Whether the bucket is ramping now.
+    pub fn is_ramping(&self, key: &BucketKey) -> bool {
+        self.ramps.get(key).is_some_and(|r| lock(&r).window.is_some())
+    }
+
+    /// Drops the state of buckets that are neither ramping nor watched.
+    pub fn sweep(&self) {
+        self.ramps.retain(|_, r| Arc::strong_count(r) > 1 || lock(r).window.is_some());
+    }
+}
+
+impl Pass {
+    /// Whether the pass still counts: for a bucket that is not ramping, or in the ramp
+    /// that handed it out.
+    fn is_current(&self, ramps: &Ramps, key: &BucketKey) -> bool {
+        match &self.ramp {
+            None => !ramps.is_ramping(key),
+            Some((ramp, generation)) => lock(ramp).generation == *generation,
+        }
+    }
+
+    /// The request met a 429 on `key`: the bucket (re)starts ramping at one, and this
+    /// request is its probe (it keeps its pass and goes first when the pause ends) —
+    /// unless another request already is, when `None` says to go through the gate
+    /// again. `cap` is the window at which the ramp ends (the bucket's burst limit).
+    pub fn throttled(mut self, ramps: &Ramps, key: BucketKey, cap: u32) -> Option<Pass> {
+        let ramp = ramps.ramps.entry(key).or_default().clone();
+        let mut s = lock(&ramp);
+        let mine = self.ramp.as_ref().is_some_and(|(r, g)| Arc::ptr_eq(r, &ramp) && *g == s.generation);
+        if !mine && s.window == Some(1) && s.acked == 0 && s.out > 0 {
+            // Already restarted by another 429, whose request is the probe.
+            drop(s);
+            return None;
+        }
+        // Its place is taken over by the new ramp's count, not given back.
+        self.ramp = None;
+        s.generation += 1;
+        s.window = Some(1);
+        s.cap = cap.clamp(2, MAX_WINDOW);
+        s.acked = 0;
+        s.out = 1;
+        let generation = s.generation;
+        drop(s);
+        tracing::debug!("upstream 429: the bucket ramps again from one probe");
+        ramp.throttled.notify_waiters();
+        Some(Pass { ramp: Some((ramp, generation)) })
+    }
+
+    /// The request succeeded: the window grows when all of it has.
+    pub fn succeeded(mut self) {
+        let Some((ramp, generation)) = self.ramp.take() else { return };
+        let mut s = lock(&ramp);
+        if s.generation != generation {
+            return;
+        }
+        s.out = s.out.saturating_sub(1);
+        if let Some(window) = s.window {
+            s.acked += 1;
+            if s.acked >= window {
+                s.acked = 0;
+                s.window = Some(window.saturating_mul(2).min(s.cap));
+            }
+        }
+        s.release();
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        // Finished without a verdict (an error, a hang-up): the place goes to the next.
+        if let Some((ramp, generation)) = self.ramp.take() {
+            let mut s = lock(&ramp);
+            if s.generation == generation {
+                s.out = s.out.saturating_sub(1);
+                s.release();
+            }
+        }
+    }
+}
+
+/// Waits for a slot in the local store through the bucket's ramp gate; returns the
+/// time waited, the request's place in line and its pass. `requeued` is the grant and pass of a request
+/// that met a 429 (a probe goes with its grant; a request that is not the probe gives
+/// its grant back and passes the gate like the others).
+pub async fn wait(
+    store: &LocalStore,
+    ramps: &Ramps,
+    demands: &[Demand],
+    requeued: Option<(Grant, Option<Pass>)>,
+    deadline: Instant,
+    max_depth: u32,
+    operation: &'static str,
+) -> Result<(Admitted, Pass), ProxyError> {
+    let started = Instant::now();
+    let admitted = |place| Admitted { waited: started.elapsed(), place };
+    match requeued {
+        Some((grant, Some(pass))) => {
+            let place = grant.place();
+            queue::wait_for_grant(store, grant, deadline, operation).await?;
+            return Ok((admitted(Some(place)), pass));
+        }
+        Some((grant, None)) => store.cancel(&grant),
+        None => {}
+    }
+    let Some(key) = demands.first().map(|d| d.key) else {
+        let place = queue::wait_for_slot(store, demands, deadline, max_depth, operation).await?.place;
+        return Ok((admitted(place), Pass { ramp: None }));
+    };
+    loop {
+        let (pass, watch) = match ramps.enter(key) {
+            Gate::Open(pass, watch) => (pass, watch),
+            Gate::Pass(pass) => (pass, RampWatch(ramps.ramps.entry(key).or_default().clone())),
+            Gate::Wait(waiting) => match tokio::time::timeout_at(deadline, waiting.pass()).await {
+                Ok(pass) => (pass, RampWatch(ramps.ramps.entry(key).or_default().clone())),
+                Err(_) => {
+                    return Err(ProxyError::QueueTimeout { operation, retry_after: Duration::from_secs(1) });
+                }
+            },
+        };
+        let throttled = watch.throttled();
+        tokio::pin!(throttled);
+        // Registered before looking again, so a 429 from now on is seen.
+        throttled.as_mut().enable();
+        if !pass.is_current(ramps, &key) {
+            continue;
+        }
+        tokio::select! {
+            waited = queue::wait_for_slot(store, demands, deadline, max_depth, operation) => {
+                return Ok((admitted(waited?.place), pass));
+            }
+            // A 429 (re)started the ramp while this request waited for a slot booked
+            // before it: the slot is given back (dropping the wait cancels it), and the
+            // request passes the new ramp's gate.
+            () = throttled => continue,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limiter::{Account, BucketId};
+
+    fn key() -> BucketKey {
+        BucketKey { account: Account(1), bucket: BucketId::Endpoint(0) }
+    }
+
+    fn pass(gate: Gate) -> Option<Pass> {
+        match gate {
+            Gate::Open(p, _) | Gate::Pass(p) => Some(p),
+            Gate::Wait(_) => None,
+        }
+    }
+
+    /// The passes handed to `waiting` so far (taken out of it).
+    fn granted(waiting: &mut Vec<Waiting>) -> Vec<Pass> {
+        let mut got = Vec::new();
+        waiting.retain_mut(|w| match w.rx.as_mut().expect("not taken").try_recv() {
+            Ok(generation) => {
+                w.rx = None;
+                got.push(Pass { ramp: Some((w.ramp.clone(), generation)) });
+                false
+            }
+            Err(_) => true,
+        });
+        got
+    }
+
+    fn wait_all(ramps: &Ramps, n: usize) -> Vec<Waiting> {
+        (0..n)
+            .map(|_| match ramps.enter(key()) {
+                Gate::Wait(w) => w,
+                other => panic!("passed while the window was full: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_probe_then_two_then_four_until_the_cap() {
+        let ramps = Ramps::new();
+        // Not ramping: everyone passes.
+        assert!(matches!(ramps.enter(key()), Gate::Open(..)));
+        let first = pass(ramps.enter(key())).unwrap();
+        let probe = first.throttled(&ramps, key(), 8).expect("the first 429 makes a probe");
+        assert!(ramps.is_ramping(&key()));
+        // While the probe is out, nobody else passes.
+        let mut waiting = wait_all(&ramps, 40);
+        assert!(granted(&mut waiting).is_empty());
+        probe.succeeded();
+        // One round trip at a time: the window doubles when all of it succeeded.
+        let mut rounds = vec![1];
+        loop {
+            let round = granted(&mut waiting);
+            if !ramps.is_ramping(&key()) {
+                break;
+            }
+            rounds.push(round.len());
+            for p in round {
+                p.succeeded();
+            }
+        }
+        // 1, 2, 4, then 8 at a time (the cap) until the 40 waiters are through; then
+        // the ramp ends and the gate is open.
+        assert_eq!(rounds, [1, 2, 4, 8, 8, 8, 8]);
+        assert!(waiting.is_empty());
+        assert!(matches!(ramps.enter(key()), Gate::Open(..)));
+    }
+
+    #[test]
+    fn a_429_during_the_ramp_restarts_it_with_one_probe() {
+        let ramps = Ramps::new();
+        let probe = pass(ramps.enter(key())).unwrap().throttled(&ramps, key(), 64).unwrap();
+        let mut waiting = wait_all(&ramps, 3);
+        probe.succeeded();
+        // Window 2: two waiters got passes; both meet a 429.
+        let mut got = granted(&mut waiting);
+        assert_eq!(got.len(), 2);
+        let (second, first) = (got.pop().unwrap(), got.pop().unwrap());
+        let probe = first.throttled(&ramps, key(), 64).expect("it becomes the new probe");
+        assert!(second.throttled(&ramps, key(), 64).is_none(), "not a second probe");
+        // The third waiter's ramp is gone: it comes back through the gate, and waits.
+        assert!(matches!(ramps.enter(key()), Gate::Wait(_)), "one probe at a time again");
+        // A probe that fails otherwise (a 5xx, a hang-up) lets the next one probe.
+        let mut next = wait_all(&ramps, 1);
+        drop(probe);
+        assert!(granted(&mut next).len() + granted(&mut waiting).len() >= 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_that_gives_up_hands_its_turn_on() {
+        let ramps = Ramps::new();
+        let probe = pass(ramps.enter(key())).unwrap().throttled(&ramps, key(), 64).unwrap();
+        let mut waiting = wait_all(&ramps, 2);
+        let second = waiting.pop().unwrap();
+        // The first waiter's client hangs up.
+        drop(waiting);
+        probe.succeeded();
+        let got = tokio::time::timeout(Duration::from_millis(10), second.pass()).await;
+        assert!(got.unwrap().ramp.is_some(), "the turn went on to the next waiter");
+    }
+
+    /// The gate in front of the store: after a 429, requests queued for a slot booked
+    /// before it give the slot back and pass the ramp; none leaves before the probe.
+    #[tokio::test(start_paused = true)]
+    async fn waiters_booked_before_a_429_go_back_through_the_gate() {
+        use crate::limiter::{WindowSpec, Windows};
+        let store = Arc::new(LocalStore::new());
+        let ramps = Arc::new(Ramps::new());
+        let d = [Demand { key: key(), windows: Windows::new(&[WindowSpec { limit: 1, period: 1_000_000 }]) }];
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_secs(60);
+        // The first request leaves at once; four queue for slots at 1, 2, 3, 4 s.
+        let (first_in, first) = wait(&store, &ramps, &d, None, deadline, 100, "op").await.unwrap();
+        let left = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for n in 1..=4u32 {
+            let (store, ramps, left) = (store.clone(), ramps.clone(), left.clone());
+            tasks.push(tokio::spawn(async move {
+                let (_, pass) = wait(&store, &ramps, &d, None, deadline, 100, "op").await.unwrap();
+                left.lock().unwrap().push((n, Instant::now().duration_since(t0)));
+                // Each answers 20 ms later.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                pass.succeeded();
+            }));
+            tokio::task::yield_now().await;
+        }
+        // At 0.5 s the first meets a 429 with Retry-After: 5 s.
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let now = Instant::now();
+        let grant = store.pause_and_requeue(&d, first_in.place, now + Duration::from_secs(5), now, deadline).unwrap();
+        let probe = first.throttled(&ramps, key(), 64).unwrap();
+        let (_, probe) = wait(&store, &ramps, &d, Some((grant, Some(probe))), deadline, 100, "op").await.unwrap();
+        let probe_left = Instant::now().duration_since(t0);
+        assert_eq!(probe_left, Duration::from_millis(5500));
+        assert!(left.lock().unwrap().is_empty(), "nothing before the probe");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        probe.succeeded();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let left = left.lock().unwrap().clone();
+        // Behind the probe, the bucket's own limit (1/s) paces them, in order.
+        let order: Vec<u32> = left.iter().map(|(n, _)| *n).collect();
+        assert_eq!(order, [1, 2, 3, 4]);
+        assert!(left.iter().all(|(_, at)| *at >= Duration::from_millis(5520)), "{left:?}");
+    }
+}
