@@ -87,6 +87,9 @@ pub struct Services {
     /// The shared-limits store, when `limiter.store = "redis"`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limiter: Option<LimiterHealth>,
+    /// The webhook gate's delivery backlog, when the gate runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhooks: Option<crate::webhooks::WebhookHealth>,
     /// The event coalescer, when `coalesce.events = true`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub coalesce: Option<CoalesceHealth>,
@@ -124,6 +127,7 @@ pub struct Admin {
     probe: Mutex<Option<(Instant, ServiceHealth)>>,
     account_id: std::sync::Mutex<Option<String>>,
     routes: Arc<Router<Arc<Admin>>>,
+    webhooks: Option<Arc<crate::webhooks::Gate>>,
 }
 
 impl Admin {
@@ -136,6 +140,29 @@ impl Admin {
             probe: Mutex::new(None),
             account_id: std::sync::Mutex::new(None),
             routes: Arc::new(routes()),
+            webhooks: None,
+        }
+    }
+
+    /// Serves the webhook gate's backlog in `/health` and its routes under `/admin/webhooks`.
+    pub fn with_webhooks(mut self, gate: Option<Arc<crate::webhooks::Gate>>) -> Self {
+        self.webhooks = gate;
+        self
+    }
+
+    /// The gate's dead-letter routes under `/admin/webhooks` (see [`crate::webhooks::store::admin`]).
+    async fn webhooks(&self, method: Method, path: String) -> Response<ProxyBody> {
+        let Some(gate) = self.webhooks.clone() else {
+            return json(
+                StatusCode::NOT_FOUND,
+                &serde_json::json!({"error": "the webhook gate is off (webhooks.enabled)"}),
+            );
+        };
+        // redb reads and fsyncs block: off the async threads.
+        match tokio::task::spawn_blocking(move || gate.admin(&method, &path)).await {
+            Ok(Some((status, body))) => json(status, &body),
+            Ok(None) => json(StatusCode::NOT_FOUND, &serde_json::json!({"error": "not found"})),
+            Err(_) => json(StatusCode::INTERNAL_SERVER_ERROR, &serde_json::json!({"error": "webhook task failed"})),
         }
     }
 
@@ -219,9 +246,16 @@ impl Admin {
         {
             status = Status::Degraded;
         }
+        let webhooks = match self.webhooks.clone() {
+            Some(gate) => tokio::task::spawn_blocking(move || gate.health()).await.ok(),
+            None => None,
+        };
+        if webhooks.as_ref().is_some_and(|w| w.status == Status::Degraded) && status == Status::Healthy {
+            status = Status::Degraded;
+        }
         HealthReport {
             status,
-            services: Services { klaviyo, limiter, coalesce },
+            services: Services { klaviyo, limiter, coalesce, webhooks },
             timestamp: rfc3339(SystemTime::now()),
         }
     }
@@ -305,6 +339,11 @@ fn routes() -> Router<Arc<Admin>> {
         .any_under("/admin/spool", |admin, parts| {
             Box::pin(async move {
                 admin.spool(parts.method, parts.uri.path().trim_start_matches("/admin").to_string()).await
+            })
+        })
+        .any_under("/admin/webhooks", |admin, parts| {
+            Box::pin(async move {
+                admin.webhooks(parts.method, parts.uri.path().trim_start_matches("/admin").to_string()).await
             })
         })
 }

@@ -281,6 +281,8 @@ pub struct Config {
     pub limiter: LimiterConfig,
     /// Which Klaviyo account each credential belongs to.
     pub accounts: AccountsConfig,
+    /// The inbound webhook gate (off by default).
+    pub webhooks: crate::webhooks::WebhooksConfig,
     /// Coalescing single events into bulk jobs.
     pub coalesce: CoalesceConfig,
     /// The checklist's opt-in checks on request bodies.
@@ -923,6 +925,7 @@ impl Config {
         config.resolve_key(env)?;
         config.check_resilience()?;
         config.check_limiter()?;
+        config.webhooks.resolve(env)?;
         config.check_coalesce()?;
         Ok(config)
     }
@@ -1113,6 +1116,7 @@ impl Config {
     /// Checks that apply only when serving: a listener off loopback needs a client
     /// token unless explicitly opted out.
     pub fn check_serve(&self) -> Result<(), ConfigError> {
+        self.webhooks.check_serve()?;
         if !self.admin.listen.ip().is_loopback() {
             tracing::warn!(listen = %self.admin.listen, "the admin listener is not on loopback: /admin/reload and /metrics are open to that network");
         }

@@ -108,6 +108,12 @@ pub enum ProxyError {
     /// A bug or resource failure inside the proxy.
     #[error("internal proxy error")]
     Internal,
+    /// The webhook gate refused a webhook (bad signature, timestamp, webhook id or token).
+    #[error("webhook rejected: {0}")]
+    WebhookRejected(&'static str),
+    /// No webhook route at this method and path.
+    #[error("the webhook gate takes POST /webhooks/klaviyo and /webhooks/flow")]
+    WebhookRoute,
     /// A `create_event` body the coalescer refused before storing it: Klaviyo's own
     /// 400, answered by the proxy because Klaviyo will not see the event synchronously.
     #[error("{detail}")]
@@ -165,6 +171,8 @@ impl ProxyError {
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ScopeForbidden { .. } => StatusCode::FORBIDDEN,
             PhoneNotE164 { .. } => StatusCode::BAD_REQUEST,
+            WebhookRejected(_) => StatusCode::UNAUTHORIZED,
+            WebhookRoute => StatusCode::NOT_FOUND,
         }
     }
 
@@ -191,6 +199,8 @@ impl ProxyError {
             UpstreamChallenged => "proxy_upstream_challenged",
             UpstreamTimeout(_) => "proxy_upstream_timeout",
             Internal => "proxy_internal_error",
+            WebhookRejected(_) => "proxy_webhook_rejected",
+            WebhookRoute => "proxy_webhook_route",
             InvalidEvent { .. } => "proxy_invalid_event",
             CoalesceFull { .. } => "proxy_coalesce_full",
             ScopeForbidden { .. } => "proxy_scope_forbidden",
@@ -218,6 +228,8 @@ impl ProxyError {
             UpstreamUnreachable | UpstreamTimeout(_) => "Klaviyo is unavailable.",
             UpstreamChallenged => "Klaviyo's edge challenged the request.",
             Internal => "Internal proxy error.",
+            WebhookRejected(_) => "Webhook rejected.",
+            WebhookRoute => "Not found.",
             InvalidEvent { .. } => "Invalid input.",
             CoalesceFull { .. } => "Too many events waiting for delivery.",
             ScopeForbidden { .. } => "Scope not allowed on this proxy.",

@@ -30,6 +30,7 @@ pub mod sim;
 pub mod spool;
 pub mod stack;
 pub mod upstream;
+pub mod webhooks;
 pub mod workers;
 
 use std::future::Future;
@@ -57,12 +58,21 @@ pub struct App {
     proxy: Arc<Proxy>,
     ready: Arc<AtomicBool>,
     reloader: Option<Reloader>,
+    /// The inbound webhook gate, when `webhooks.enabled`.
+    webhooks: Option<Arc<webhooks::Gate>>,
 }
 
 impl App {
     /// Builds the proxy from a checked config.
     pub fn build(config: Config) -> Result<App, BuildError> {
-        Ok(App { proxy: Arc::new(Proxy::new(config)?), ready: Arc::new(AtomicBool::new(false)), reloader: None })
+        let webhooks_config = config.webhooks.clone();
+        let proxy = Arc::new(Proxy::new(config)?);
+        let webhooks = if webhooks_config.enabled {
+            Some(webhooks::Gate::new(&webhooks_config, proxy.metrics().clone())?)
+        } else {
+            None
+        };
+        Ok(App { proxy, ready: Arc::new(AtomicBool::new(false)), reloader: None, webhooks })
     }
 
     /// Lets `POST /admin/reload` (and [`App::reload`]) read a new config from `reloader`.
@@ -81,7 +91,15 @@ impl App {
 
     /// The admin endpoints of this app (for tests and for serving them elsewhere).
     pub fn admin(&self) -> Arc<Admin> {
-        Arc::new(Admin::new(self.proxy.clone(), self.ready.clone(), self.reloader.clone()))
+        Arc::new(
+            Admin::new(self.proxy.clone(), self.ready.clone(), self.reloader.clone())
+                .with_webhooks(self.webhooks.clone()),
+        )
+    }
+
+    /// The webhook gate, when enabled (its address, store and health).
+    pub fn webhooks(&self) -> Option<&Arc<webhooks::Gate>> {
+        self.webhooks.as_ref()
     }
 
     /// The request path (for tests and benches).
@@ -122,6 +140,13 @@ impl App {
             let limits = ConnLimits { drain_timeout: Duration::from_secs(1), ..ConnLimits::default() };
             tokio::spawn(server::serve(admin_listener, None, limits, service, async {
                 let _ = admin_stopped.await;
+            }))
+        });
+        // The gate answers Klaviyo on its own listener until the proxy has drained.
+        let (gate_stop, gate_stopped) = tokio::sync::oneshot::channel::<()>();
+        let gate_task = self.webhooks.clone().map(|gate| {
+            tokio::spawn(gate.serve(async {
+                let _ = gate_stopped.await;
             }))
         });
         let ready = self.ready.clone();
@@ -193,6 +218,10 @@ impl App {
         }
         let _ = admin_stop.send(());
         if let Some(task) = admin_task {
+            let _ = task.await;
+        }
+        let _ = gate_stop.send(());
+        if let Some(task) = gate_task {
             let _ = task.await;
         }
         background.abort();

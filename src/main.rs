@@ -97,8 +97,12 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
-    /// Run the Klaviyo simulator.
+    /// Run the Klaviyo simulator (or, with `webhooks`, send signed webhooks to a gate).
+    #[command(args_conflicts_with_subcommands = true)]
     Simulate {
+        /// A load to send instead of serving.
+        #[command(subcommand)]
+        load: Option<Box<SimulateLoad>>,
         /// Listen address.
         #[arg(long, default_value = "127.0.0.1:8081")]
         listen: SocketAddr,
@@ -121,6 +125,13 @@ enum Command {
         #[command(flatten)]
         faults: FaultArgs,
     },
+}
+
+/// `simulate` loads.
+#[derive(Subcommand)]
+enum SimulateLoad {
+    /// Send signed system webhooks to a webhook gate and print what it answered (JSON).
+    Webhooks(klaviyo_proxy::sim::webhooks::WebhookLoad),
 }
 
 /// `simulate` fault flags (see `klaviyo_proxy::sim::Faults`).
@@ -327,7 +338,13 @@ async fn run(command: Command) -> Result<()> {
             println!("{url}: HTTP {status}");
             Ok(())
         }
-        Command::Simulate { listen, seed, tls, ca_out, latency_ms, unlimited, faults } => {
+        Command::Simulate { load: Some(load), .. } => {
+            let SimulateLoad::Webhooks(load) = *load;
+            let report = klaviyo_proxy::sim::webhooks::send_webhooks(&load).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Simulate { load: None, listen, seed, tls, ca_out, latency_ms, unlimited, faults } => {
             let _ = init_logs("info", LogFormat::Human);
             let listener = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
             let faults = faults.faults()?;
@@ -433,6 +450,9 @@ async fn serve(
         let mut out = std::io::stdout();
         let _ = writeln!(out, "klaviyo-proxy listening on http://{addr}");
         let _ = writeln!(out, "admin listening on http://{admin_addr}");
+        if let Some(gate) = app.webhooks() {
+            let _ = writeln!(out, "webhooks listening on {}://{}", gate.scheme(), gate.local_addr());
+        }
         let _ = out.flush();
     }
     app.serve_threads(listener, others, Some(admin_listener), shutdown_signal()).await;

@@ -255,6 +255,8 @@ pub struct Metrics {
     accounts_unresolved: Gauge,
     /// One scrape at a time: a scrape clears and refills the limiter gauges.
     scrape: Mutex<()>,
+    /// The webhook gate's metrics (registered whether or not the gate runs).
+    pub webhooks: crate::webhooks::WebhookMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -364,6 +366,7 @@ impl Metrics {
             "Credentials whose account is unknown, on buckets of their own",
             accounts_unresolved.clone(),
         );
+        let webhooks = crate::webhooks::WebhookMetrics::register(&mut registry);
         let coalesce = CoalesceMetrics::register(&mut registry);
         Metrics {
             registry,
@@ -394,6 +397,7 @@ impl Metrics {
             account_lookups,
             accounts_unresolved,
             scrape: Mutex::new(()),
+            webhooks,
         }
     }
 

@@ -158,6 +158,9 @@ pub enum BuildError {
     /// The spool file cannot be opened.
     #[error(transparent)]
     Spool(#[from] spool::SpoolError),
+    /// The webhook gate cannot start.
+    #[error(transparent)]
+    Webhooks(#[from] crate::webhooks::GateError),
     /// The limiter settings do not work together.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -353,6 +356,10 @@ impl Proxy {
         }
         if new.limiter != old.limiter {
             return Err(ReloadError::NeedsRestart("limiter"));
+        }
+        // The gate's listener, store and secrets are set at start.
+        if new.webhooks != old.webhooks {
+            return Err(ReloadError::NeedsRestart("webhooks"));
         }
         if new.limiter.store == StoreKind::Redis && new.auth.account_hash_key != old.auth.account_hash_key {
             // Replicas must hash accounts alike; one replica changing alone splits buckets.

@@ -11,6 +11,7 @@
 mod bulk;
 pub mod faults;
 mod tls;
+pub mod webhooks;
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
