@@ -18,7 +18,7 @@ use crate::breaker::{self, Breaker, Phase};
 use crate::config::{is_beta_revision, AuthMode, Config, ConfigError, StoreKind};
 use crate::error::{Origin, ProxyError};
 use crate::limiter::redis::{RedisStore, RedisStoreError};
-use crate::limiter::{Account, BucketKey, Demand, Denied, Grant, Limiter, LocalStore, SharedStore};
+use crate::limiter::{Account, Demand, Denied, Limiter, LocalStore, SharedStore};
 use crate::metrics::{BreakerState, Metrics, RequestOutcome};
 use crate::queue;
 use crate::retry::{self, Backoff, Repeat, RetryBudget};
@@ -172,7 +172,9 @@ fn limiter(config: &Config) -> Result<Limiter, BuildError> {
             } else {
                 RedisStore::with_ca(url.expose(), &cfg.key_prefix, timeout, ca)?
             };
-            Ok(Limiter::Shared(Box::new(SharedStore::new(redis, cfg.replicas.map(|r| r.get())))))
+            let l = &config.limits;
+            let guard = Duration::from_millis(l.burst_guard_ms.min(l.steady_guard_ms).min(l.daily_guard_ms));
+            Ok(Limiter::Shared(Box::new(SharedStore::new(redis, cfg.replicas.map(|r| r.get()), guard))))
         }
         _ => Ok(Limiter::Local(LocalStore::new())),
     }
@@ -474,18 +476,14 @@ impl Proxy {
             base: Duration::from_millis(config.retry.base_ms),
             cap: Duration::from_millis(config.retry.cap_ms),
         };
-        let mut requeued: Option<Grant> = None;
+        let mut requeued: Option<queue::Requeued> = None;
         let mut retries = 0u32;
         let mut rng = fastrand::Rng::new();
         self.budget.deposit(Instant::now(), self.started);
         loop {
             // The limiter: a token in every bucket; a requeued request keeps its place.
             let waited = match requeued.take() {
-                Some(grant) => {
-                    let queued = Instant::now();
-                    queue::wait_for_grant(self.limiter.local(), grant, deadline, label).await?;
-                    queued.elapsed()
-                }
+                Some(place) => queue::wait_requeued(&self.limiter, place, &route.demands, deadline, label).await?,
                 None if limited => {
                     let depth = config.queue.max_depth;
                     queue::wait(&self.limiter, &route.demands, deadline, depth, label).await?
@@ -603,35 +601,22 @@ impl Proxy {
         }
     }
 
-    /// Pauses the request's buckets until `until` (an upstream 429). The local store
-    /// requeues the request at the head of its bucket's queue and returns its grant;
-    /// with Redis every replica pauses (and the local fallback too, should Redis go
-    /// away meanwhile) and the request simply asks again. `Err` when the pause ends
-    /// after `deadline`, with the wait.
+    /// Pauses the request's buckets until `until` (an upstream 429) and keeps the
+    /// request's place at the head of its queue (the local store's, or with Redis, its
+    /// line on this replica, every replica pausing). `Err` when the pause ends after
+    /// `deadline`, with the wait.
     async fn pause(
         &self,
         demands: &[Demand],
         until: Instant,
         now: Instant,
         deadline: Instant,
-    ) -> Result<Option<Grant>, Denied> {
+    ) -> Result<Option<queue::Requeued>, Denied> {
         match &self.limiter {
-            Limiter::Local(store) => store.pause_and_requeue(demands, until, now, deadline).map(Some),
-            Limiter::Shared(_) => {
-                let keys: Vec<BucketKey> = demands.iter().map(|d| d.key).collect();
-                if let Err(e) = self.limiter.pause(&keys, until).await {
-                    tracing::warn!(error = %e, "could not share an upstream pause through Redis");
-                }
-                let fallback = self.limiter.local();
-                if let Ok(head) = fallback.pause_and_requeue(demands, until, now, until) {
-                    fallback.cancel(&head);
-                }
-                if until > deadline {
-                    Err(Denied::Deadline { wait: until.saturating_duration_since(now) })
-                } else {
-                    Ok(None)
-                }
+            Limiter::Local(store) => {
+                store.pause_and_requeue(demands, until, now, deadline).map(|g| Some(queue::Requeued::Local(g)))
             }
+            Limiter::Shared(shared) => queue::pause_shared(shared, demands, until, now, deadline).await.map(Some),
         }
     }
 
