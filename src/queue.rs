@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::error::ProxyError;
 use crate::limiter::redis::{Decision, RedisStoreError};
-use crate::limiter::shared::Place;
+use crate::limiter::shared::Ticket;
 use crate::limiter::{Demand, Denied, Grant, Limiter, LocalStore, SharedStore};
 
 /// Waits until every demanded bucket grants a token, with whichever store the proxy
@@ -42,7 +42,7 @@ pub enum Requeued {
     /// A booked slot in the Redis store's fallback (Redis is away).
     Fallback(Grant),
     /// In front of this replica's line for Redis.
-    Shared(Place),
+    Shared(Ticket),
 }
 
 impl Requeued {
@@ -139,7 +139,7 @@ enum Failed {
 /// because Redis is down.
 async fn wait_shared(
     shared: &SharedStore,
-    mut place: Option<Place>,
+    mut place: Option<Ticket>,
     demands: &[Demand],
     deadline: Instant,
     max_depth: u32,
@@ -184,7 +184,7 @@ async fn decide(shared: &SharedStore, demands: &[Demand], ahead: u32) -> Result<
 #[allow(clippy::too_many_arguments)]
 async fn wait_in_line(
     shared: &SharedStore,
-    place: &Place,
+    place: &Ticket,
     ahead: u32,
     demands: &[Demand],
     deadline: Instant,

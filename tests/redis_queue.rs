@@ -99,9 +99,12 @@ async fn the_request_that_met_a_429_goes_again_first() {
     assert!(order.iter().all(|(_, at)| *at + Duration::from_millis(20) >= until), "one left during the pause");
 }
 
-/// A TCP relay to Redis whose next reply is held back by `delay` ms: a round trip that
-/// is slow after Redis stamped the grant.
-async fn slow_relay(redis_port: u16, delay: Arc<std::sync::atomic::AtomicU64>) -> u16 {
+/// Hold the next `.1` replies back by `.0` ms each.
+type Delay = Arc<Mutex<(u64, u32)>>;
+
+/// A TCP relay to Redis that holds replies back as `delay` says: a round trip that is
+/// slow after Redis stamped the grant.
+async fn slow_relay(redis_port: u16, delay: Delay) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -117,7 +120,15 @@ async fn slow_relay(redis_port: u16, delay: Arc<std::sync::atomic::AtomicU64>) -
                     if n == 0 {
                         break;
                     }
-                    let ms = delay.swap(0, std::sync::atomic::Ordering::AcqRel);
+                    let ms = {
+                        let mut d = delay.lock().unwrap();
+                        if d.1 > 0 {
+                            d.1 -= 1;
+                            d.0
+                        } else {
+                            0
+                        }
+                    };
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                     if cw.write_all(&buf[..n]).await.is_err() {
                         break;
@@ -136,7 +147,7 @@ async fn slow_relay(redis_port: u16, delay: Arc<std::sync::atomic::AtomicU64>) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_grant_is_discarded_and_asked_again() {
     let server = RedisServer::start();
-    let delay = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let delay = Delay::default();
     let relay = slow_relay(server.port, delay.clone()).await;
     let x = limiter(&format!("redis://127.0.0.1:{relay}/0"), "late", Duration::from_secs(3), GUARD);
     let y = limiter(&server.url(), "late", Duration::from_secs(3), GUARD);
@@ -147,7 +158,7 @@ async fn a_late_grant_is_discarded_and_asked_again() {
     for l in [&x, &y] {
         queue::wait(l, &[warm], far, 100, "warm").await.unwrap();
     }
-    delay.store(400, std::sync::atomic::Ordering::Release);
+    *delay.lock().unwrap() = (400, 1);
     let x_task = tokio::spawn(async move {
         queue::wait(&x, &[d], far, 100, "op").await.unwrap();
         Instant::now()
@@ -158,6 +169,26 @@ async fn a_late_grant_is_discarded_and_asked_again() {
     let x_left = x_task.await.unwrap();
     let gap = if x_left > y_left { x_left - y_left } else { y_left - x_left };
     assert!(gap >= Duration::from_secs(1), "X and Y left {gap:?} apart");
+}
+
+/// Item 6: grants late twice in a row mean Redis is too slow for the guard: the
+/// replica degrades and the request goes from its fallback at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_late_twice_count_as_redis_slow() {
+    let server = RedisServer::start();
+    let delay = Delay::default();
+    let relay = slow_relay(server.port, delay.clone()).await;
+    let x = limiter(&format!("redis://127.0.0.1:{relay}/0"), "late2", Duration::from_secs(3), GUARD);
+    let d = demand(BucketId::Endpoint(9), &[spec(10, 1_050)]);
+    let far = Instant::now() + Duration::from_secs(20);
+    queue::wait(&x, &[d], far, 100, "warm").await.unwrap();
+    *delay.lock().unwrap() = (200, 2);
+    queue::wait(&x, &[d], far, 100, "op").await.unwrap();
+    assert_eq!(x.state(), StoreState::Degraded);
+    assert_eq!(shared(&x).degradations(), 1);
+    // The two discarded grants and the warm-up are taken in Redis; the fallback's take
+    // waits for the hand-over.
+    assert_eq!(shared(&x).unsent(), 1);
 }
 
 /// Item 5: requests still queued in the fallback when Redis returns are counted in

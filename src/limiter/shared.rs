@@ -54,17 +54,18 @@ struct LineState {
     requeued: u64,
 }
 
-/// A request's place in a [`Line`]; dropping it leaves the line (and lets the next go).
+/// A request's ticket (its place) in a [`Line`]; dropping it leaves the line (and
+/// lets the next go).
 #[derive(Debug)]
-pub struct Place {
+pub struct Ticket {
     line: Arc<Line>,
-    ticket: u64,
+    number: u64,
     wake: Arc<Notify>,
 }
 
 impl Line {
     /// Joins at the back; returns the place and how many are ahead of it.
-    pub fn join(self: &Arc<Self>) -> (Place, u32) {
+    pub fn join(self: &Arc<Self>) -> (Ticket, u32) {
         let mut s = lock(&self.state);
         s.joined += 1;
         let ticket = BACK + s.joined;
@@ -73,17 +74,17 @@ impl Line {
     }
 
     /// Joins in front of every request that has not met a 429 (behind those that did).
-    pub fn join_front(self: &Arc<Self>) -> Place {
+    pub fn join_front(self: &Arc<Self>) -> Ticket {
         let mut s = lock(&self.state);
         s.requeued += 1;
         let ticket = s.requeued;
         self.insert(&mut s, ticket)
     }
 
-    fn insert(self: &Arc<Self>, s: &mut LineState, ticket: u64) -> Place {
+    fn insert(self: &Arc<Self>, s: &mut LineState, ticket: u64) -> Ticket {
         let wake = Arc::new(Notify::new());
         s.places.insert(ticket, wake.clone());
-        Place { line: self.clone(), ticket, wake }
+        Ticket { line: self.clone(), number: ticket, wake }
     }
 
     /// Places in the line.
@@ -97,9 +98,9 @@ impl Line {
     }
 }
 
-impl Place {
+impl Ticket {
     fn is_first(&self) -> bool {
-        lock(&self.line.state).places.keys().next() == Some(&self.ticket)
+        lock(&self.line.state).places.keys().next() == Some(&self.number)
     }
 
     /// Waits until this place is the first of its line.
@@ -111,11 +112,11 @@ impl Place {
     }
 }
 
-impl Drop for Place {
+impl Drop for Ticket {
     fn drop(&mut self) {
         let mut s = lock(&self.line.state);
-        let was_first = s.places.keys().next() == Some(&self.ticket);
-        s.places.remove(&self.ticket);
+        let was_first = s.places.keys().next() == Some(&self.number);
+        s.places.remove(&self.number);
         if was_first {
             if let Some(next) = s.places.values().next() {
                 next.notify_one();
