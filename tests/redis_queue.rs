@@ -140,6 +140,13 @@ async fn slow_relay(redis_port: u16, delay: Delay) -> u16 {
     port
 }
 
+/// A replica whose Redis replies go through a [`slow_relay`].
+async fn relayed(server: &RedisServer, prefix: &str) -> (Arc<Limiter>, Delay) {
+    let delay = Delay::default();
+    let relay = slow_relay(server.port, delay.clone()).await;
+    (limiter(&format!("redis://127.0.0.1:{relay}/0"), prefix, Duration::from_secs(3), GUARD), delay)
+}
+
 /// Item 6: replica X's grant comes back 400 ms after Redis stamped it (the guard is
 /// 50 ms). Sent anyway, it would leave 0.65 s before replica Y's grant of the next
 /// window, closer than the 1 s window allows. The late grant is discarded (its token
@@ -147,9 +154,7 @@ async fn slow_relay(redis_port: u16, delay: Delay) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_grant_is_discarded_and_asked_again() {
     let server = RedisServer::start();
-    let delay = Delay::default();
-    let relay = slow_relay(server.port, delay.clone()).await;
-    let x = limiter(&format!("redis://127.0.0.1:{relay}/0"), "late", Duration::from_secs(3), GUARD);
+    let (x, delay) = relayed(&server, "late").await;
     let y = limiter(&server.url(), "late", Duration::from_secs(3), GUARD);
     // 1 per second with a 50 ms guard.
     let d = demand(BucketId::Endpoint(9), &[spec(1, 1_050)]);
@@ -176,9 +181,7 @@ async fn a_late_grant_is_discarded_and_asked_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grants_late_twice_count_as_redis_slow() {
     let server = RedisServer::start();
-    let delay = Delay::default();
-    let relay = slow_relay(server.port, delay.clone()).await;
-    let x = limiter(&format!("redis://127.0.0.1:{relay}/0"), "late2", Duration::from_secs(3), GUARD);
+    let (x, delay) = relayed(&server, "late2").await;
     let d = demand(BucketId::Endpoint(9), &[spec(10, 1_050)]);
     let far = Instant::now() + Duration::from_secs(20);
     queue::wait(&x, &[d], far, 100, "warm").await.unwrap();
