@@ -99,8 +99,8 @@ async fn the_request_that_met_a_429_goes_again_first() {
     assert!(order.iter().all(|(_, at)| *at + Duration::from_millis(20) >= until), "one left during the pause");
 }
 
-/// Hold the next `.1` replies back by `.0` ms each.
-type Delay = Arc<Mutex<(u64, u32)>>;
+/// How long to hold back each of the next replies (ms), in order.
+type Delay = Arc<Mutex<std::collections::VecDeque<u64>>>;
 
 /// A TCP relay to Redis that holds replies back as `delay` says: a round trip that is
 /// slow after Redis stamped the grant.
@@ -120,15 +120,7 @@ async fn slow_relay(redis_port: u16, delay: Delay) -> u16 {
                     if n == 0 {
                         break;
                     }
-                    let ms = {
-                        let mut d = delay.lock().unwrap();
-                        if d.1 > 0 {
-                            d.1 -= 1;
-                            d.0
-                        } else {
-                            0
-                        }
-                    };
+                    let ms = delay.lock().unwrap().pop_front().unwrap_or(0);
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                     if cw.write_all(&buf[..n]).await.is_err() {
                         break;
@@ -142,9 +134,13 @@ async fn slow_relay(redis_port: u16, delay: Delay) -> u16 {
 
 /// A replica whose Redis replies go through a [`slow_relay`].
 async fn relayed(server: &RedisServer, prefix: &str) -> (Arc<Limiter>, Delay) {
+    relayed_with(server, prefix, Duration::from_secs(3)).await
+}
+
+async fn relayed_with(server: &RedisServer, prefix: &str, timeout: Duration) -> (Arc<Limiter>, Delay) {
     let delay = Delay::default();
     let relay = slow_relay(server.port, delay.clone()).await;
-    (limiter(&format!("redis://127.0.0.1:{relay}/0"), prefix, Duration::from_secs(3), GUARD), delay)
+    (limiter(&format!("redis://127.0.0.1:{relay}/0"), prefix, timeout, GUARD), delay)
 }
 
 /// Item 6: replica X's grant comes back 400 ms after Redis stamped it (the guard is
@@ -163,7 +159,7 @@ async fn a_late_grant_is_discarded_and_asked_again() {
     for l in [&x, &y] {
         queue::wait(l, &[warm], far, 100, "warm").await.unwrap();
     }
-    *delay.lock().unwrap() = (400, 1);
+    *delay.lock().unwrap() = [400].into();
     let x_task = tokio::spawn(async move {
         queue::wait(&x, &[d], far, 100, "op").await.unwrap();
         Instant::now()
@@ -185,7 +181,7 @@ async fn grants_late_twice_count_as_redis_slow() {
     let d = demand(BucketId::Endpoint(9), &[spec(10, 1_050)]);
     let far = Instant::now() + Duration::from_secs(20);
     queue::wait(&x, &[d], far, 100, "warm").await.unwrap();
-    *delay.lock().unwrap() = (200, 2);
+    *delay.lock().unwrap() = [200, 200].into();
     queue::wait(&x, &[d], far, 100, "op").await.unwrap();
     assert_eq!(x.state(), StoreState::Degraded);
     assert_eq!(shared(&x).degradations(), 1);
@@ -263,4 +259,69 @@ async fn a_failed_hand_over_keeps_every_take_and_stays_bounded() {
         s.taken_locally(&[d]);
     }
     assert_eq!(s.unsent(), 20, "only the newest `limit` takes of the longest window matter");
+}
+
+/// Item 5: a request that leaves the fallback while the hand-over is on its way (the
+/// replica still degraded) is handed over too, not lost when the replica goes back to
+/// Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_made_during_the_hand_over_is_not_lost() {
+    let server = RedisServer::start();
+    let (x, delay) = relayed(&server, "during").await;
+    let s = shared(&x);
+    assert_eq!(s.beat().await, StoreState::Redis);
+    let d = demand(BucketId::Endpoint(6), &[spec(10, 60_000)]);
+    s.mark_down(&klaviyo_proxy::limiter::redis::RedisStoreError::Timeout(Duration::from_millis(1)));
+    let far = Instant::now() + Duration::from_secs(20);
+    queue::wait(&x, &[d], far, 100, "op").await.unwrap();
+    // The heartbeat's reply and the hand-over's are each held back 500 ms.
+    *delay.lock().unwrap() = [500, 500].into();
+    let (state, ()) = tokio::join!(s.beat(), async {
+        tokio::time::sleep(Duration::from_millis(750)).await;
+        assert_eq!(x.state(), StoreState::Degraded, "the hand-over is still on its way");
+        queue::wait(&x, &[d], far, 100, "op").await.unwrap();
+    });
+    assert_eq!(state, StoreState::Redis);
+    let stem = s.redis().bucket_key(&d.key);
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let taken: u32 = redis::cmd("ZCARD").arg(format!("{stem}:w0")).query_async(&mut conn).await.unwrap();
+    assert_eq!(taken, 2, "both fallback takes are counted in Redis");
+    assert_eq!(s.unsent(), 0);
+}
+
+/// Item 5: a hand-over whose reply is lost to the timeout (Redis recorded it) is sent
+/// again at the next beat and counts each take once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_over_sent_twice_counts_once() {
+    let server = RedisServer::start();
+    let (x, delay) = relayed_with(&server, "twice", Duration::from_millis(300)).await;
+    let s = shared(&x);
+    let d = demand(BucketId::Endpoint(7), &[spec(10, 60_000)]);
+    let far = Instant::now() + Duration::from_secs(20);
+    let client = redis::Client::open(server.url()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("{}:w0", s.redis().bucket_key(&d.key));
+    let zcard = || {
+        let (mut conn, key) = (conn.clone(), key.clone());
+        async move { redis::cmd("ZCARD").arg(key).query_async::<u32>(&mut conn).await.unwrap() }
+    };
+    let outage = || async {
+        s.mark_down(&klaviyo_proxy::limiter::redis::RedisStoreError::Timeout(Duration::from_millis(1)));
+        queue::wait(&x, &[d], far, 100, "op").await.unwrap();
+    };
+    // A first outage and hand-over, so that Redis knows the scripts: the reply held
+    // back below is then the hand-over's own.
+    outage().await;
+    assert_eq!(s.beat().await, StoreState::Redis);
+    assert_eq!(zcard().await, 1);
+    outage().await;
+    // The heartbeat answers; the hand-over's answer comes after the timeout.
+    *delay.lock().unwrap() = [0, 600].into();
+    assert_eq!(s.beat().await, StoreState::Degraded);
+    assert_eq!(s.unsent(), 1);
+    assert_eq!(zcard().await, 2, "the hand-over reached Redis");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.beat().await, StoreState::Redis);
+    assert_eq!(zcard().await, 2, "the take handed over twice is counted once");
 }
