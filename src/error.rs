@@ -103,6 +103,21 @@ pub enum ProxyError {
     /// A bug or resource failure inside the proxy.
     #[error("internal proxy error")]
     Internal,
+    /// A `create_event` body the coalescer refused before storing it: Klaviyo's own
+    /// 400, answered by the proxy because Klaviyo will not see the event synchronously.
+    #[error("{detail}")]
+    InvalidEvent {
+        /// Where in the body, as a JSON pointer.
+        pointer: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The coalescer holds `coalesce.max_pending` undelivered events.
+    #[error("too many events wait for delivery; retry in {}s", secs(*.retry_after))]
+    CoalesceFull {
+        /// When to try again.
+        retry_after: Duration,
+    },
 }
 
 /// Whole seconds, rounded up, at least 1: `Retry-After` must be an integer for the SDKs.
@@ -116,7 +131,8 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             QueueFull { .. } | QueueTimeout { .. } | UpstreamThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
-            CircuitOpen { .. } | Disabled | Draining => StatusCode::SERVICE_UNAVAILABLE,
+            CircuitOpen { .. } | Disabled | Draining | CoalesceFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            InvalidEvent { .. } => StatusCode::BAD_REQUEST,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             BodyRead | BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -152,6 +168,8 @@ impl ProxyError {
             UpstreamUnreachable => "proxy_upstream_unreachable",
             UpstreamTimeout(_) => "proxy_upstream_timeout",
             Internal => "proxy_internal_error",
+            InvalidEvent { .. } => "proxy_invalid_event",
+            CoalesceFull { .. } => "proxy_coalesce_full",
         }
     }
 
@@ -174,6 +192,8 @@ impl ProxyError {
             ClientKeyForbidden => "Client API keys are not allowed.",
             UpstreamUnreachable | UpstreamTimeout(_) => "Klaviyo is unavailable.",
             Internal => "Internal proxy error.",
+            InvalidEvent { .. } => "Invalid input.",
+            CoalesceFull { .. } => "Too many events waiting for delivery.",
         }
     }
 
@@ -195,7 +215,8 @@ impl ProxyError {
             ProxyError::QueueFull { retry_after, .. }
             | ProxyError::QueueTimeout { retry_after, .. }
             | ProxyError::UpstreamThrottled { retry_after, .. }
-            | ProxyError::CircuitOpen { retry_after } => Some(*retry_after),
+            | ProxyError::CircuitOpen { retry_after }
+            | ProxyError::CoalesceFull { retry_after } => Some(*retry_after),
             _ => None,
         }
     }
@@ -211,7 +232,7 @@ impl ProxyError {
                 "code": self.code(),
                 "title": self.title(),
                 "detail": self.to_string(),
-                "source": {"pointer": null},
+                "source": {"pointer": match &self { ProxyError::InvalidEvent { pointer, .. } => json!(pointer), _ => json!(null) }},
                 "meta": {"origin": "klaviyo-proxy"},
             }]
         });
@@ -260,6 +281,12 @@ mod tests {
             ),
             (ProxyError::Disabled, 503, None),
             (ProxyError::Draining, 503, None),
+            (
+                ProxyError::InvalidEvent { pointer: "/data/type".into(), detail: "`type` must be `event`.".into() },
+                400,
+                None,
+            ),
+            (ProxyError::CoalesceFull { retry_after: Duration::from_secs(1) }, 503, Some("1")),
         ];
         for (err, status, retry) in cases {
             let code = err.code();

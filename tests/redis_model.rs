@@ -64,8 +64,6 @@ fn shared(l: &Limiter) -> &SharedStore {
     }
 }
 
-const PAUSES: f64 = 0.000001;
-
 /// Departures: (needed the conditional bucket too, when).
 type Log = Arc<Mutex<Vec<(bool, Instant)>>>;
 
@@ -127,7 +125,7 @@ fn check_all(log: &[(bool, Instant)], own: (u32, Duration), cond: (u32, Duration
 #[test]
 fn three_replicas_in_fallback_keep_every_window() {
     let mut runner = TestRunner::new(Config { cases: 64, ..Config::default() });
-    let strategy = ((1u32..8, 200u64..2_000), (1u32..4, 200u64..3_000), arrivals(60, 400, PAUSES));
+    let strategy = ((1u32..8, 200u64..2_000), (1u32..4, 200u64..3_000), arrivals(60, 400, 0.1));
     runner
         .run(&strategy, |((own_limit, own_ms), (cond_limit, cond_ms), arrivals)| {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();

@@ -172,10 +172,10 @@ async fn a_late_grant_is_discarded_and_asked_again() {
     assert!(gap >= Duration::from_secs(1), "X and Y left {gap:?} apart");
 }
 
-/// Item 6: grants late twice in a row mean Redis is too slow for the guard: the
-/// replica degrades and the request goes from its fallback at once.
+/// Item 6: a grant late twice in a row goes (Redis is steadily slower than the
+/// guard; discarding every grant would burn the quota), and Redis still decides.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grants_late_twice_count_as_redis_slow() {
+async fn a_grant_late_twice_goes() {
     let server = RedisServer::start();
     let (x, delay) = relayed(&server, "late2").await;
     let d = demand(BucketId::Endpoint(9), &[spec(10, 1_050)]);
@@ -183,11 +183,8 @@ async fn grants_late_twice_count_as_redis_slow() {
     queue::wait(&x, &[d], far, 100, "warm").await.unwrap();
     *delay.lock().unwrap() = [200, 200].into();
     queue::wait(&x, &[d], far, 100, "op").await.unwrap();
-    assert_eq!(x.state(), StoreState::Degraded);
-    assert_eq!(shared(&x).degradations(), 1);
-    // The two discarded grants and the warm-up are taken in Redis; the fallback's take
-    // waits for the hand-over.
-    assert_eq!(shared(&x).unsent(), 1);
+    assert_eq!(x.state(), StoreState::Redis);
+    assert_eq!(shared(&x).degradations(), 0);
 }
 
 /// Item 5: requests still queued in the fallback when Redis returns are counted in

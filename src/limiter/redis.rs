@@ -222,10 +222,6 @@ pub enum RedisStoreError {
     /// Redis did not answer within `limiter.timeout_ms`.
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
-    /// Grants came back later than the window guard, twice in a row: a request sent on
-    /// such a grant could reach Klaviyo closer to an earlier one than its window allows.
-    #[error("redis grants took {0:?}, longer than the window guard")]
-    Late(Duration),
 }
 
 /// How the store reaches Redis.

@@ -18,7 +18,7 @@ use tower::Service;
 use super::{BoxFuture, Routed};
 use crate::breaker;
 use crate::error::ProxyError;
-use crate::limiter::{Demand, Denied, Limiter};
+use crate::limiter::{Demand, Denied, Limiter, Place};
 use crate::metrics::RequestOutcome;
 use crate::proxy::{header_int, upstream_error, Live, Proxy};
 use crate::queue;
@@ -77,16 +77,20 @@ impl Proxy {
             cap: Duration::from_millis(config.retry.cap_ms),
         };
         let mut requeued: Option<queue::Requeued> = None;
+        // The request's place in line, kept when a 429 requeues it.
+        let mut place: Option<Place> = None;
         let mut retries = 0u32;
         let mut rng = fastrand::Rng::new();
         self.budget.deposit(Instant::now(), self.started);
         loop {
             // The limiter: a token in every bucket; a requeued request keeps its place.
             let waited = match requeued.take() {
-                Some(place) => queue::wait_requeued(&self.limiter, place, &route.demands, deadline, label).await?,
+                Some(kept) => queue::wait_requeued(&self.limiter, kept, &route.demands, deadline, label).await?,
                 None if limited => {
                     let depth = config.queue.max_depth;
-                    queue::wait(&self.limiter, &route.demands, deadline, depth, label).await?
+                    let admitted = queue::wait(&self.limiter, &route.demands, deadline, depth, label).await?;
+                    place = admitted.place;
+                    admitted.waited
                 }
                 None => Duration::ZERO,
             };
@@ -133,7 +137,7 @@ impl Proxy {
                     }
                     // Boxed, like the feedback below: their Redis calls are large futures that would
                     // otherwise sit in every queued request's state.
-                    match Box::pin(self.pause(&route.demands, now + wait, now, deadline)).await {
+                    match Box::pin(self.pause(&route.demands, place, now + wait, now, deadline)).await {
                         Ok(grant) => {
                             self.metrics.retry(label, "throttled");
                             requeued = grant;
@@ -210,13 +214,14 @@ impl Proxy {
     pub(crate) async fn pause(
         &self,
         demands: &[Demand],
+        place: Option<Place>,
         until: Instant,
         now: Instant,
         deadline: Instant,
     ) -> Result<Option<queue::Requeued>, Denied> {
         match &self.limiter {
             Limiter::Local(store) => {
-                store.pause_and_requeue(demands, until, now, deadline).map(|g| Some(queue::Requeued::Local(g)))
+                store.pause_and_requeue(demands, place, until, now, deadline).map(|g| Some(queue::Requeued::Local(g)))
             }
             Limiter::Shared(shared) => queue::pause_shared(shared, demands, until, now, deadline).await.map(Some),
         }
