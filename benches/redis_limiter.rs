@@ -3,7 +3,8 @@
 //!
 //! `cargo bench --bench redis_limiter` prints, per store: p50 / p99 / max latency of
 //! one decision made alone, and decisions per second with 64 requests in flight; for
-//! Redis also the prediction a request queued behind 20 others asks for.
+//! Redis also the prediction a request queued behind 20 others asks for, and the whole
+//! queue path a request takes (`queue::wait`: its line, the decision, the mirror).
 
 #[path = "../tests/redis_support/mod.rs"]
 mod redis_support;
@@ -13,7 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use klaviyo_proxy::limiter::redis::RedisStore;
-use klaviyo_proxy::limiter::{Account, BucketId, BucketKey, Demand, LocalStore, WindowSpec, Windows};
+use klaviyo_proxy::limiter::{
+    Account, BucketId, BucketKey, Demand, Limiter, LocalStore, SharedStore, WindowSpec, Windows,
+};
 use tokio::time::Instant;
 
 const ACCOUNTS: u128 = 5_000;
@@ -43,25 +46,30 @@ fn report(name: &str, mut lat: Vec<Duration>, per_sec: f64) {
     );
 }
 
-async fn redis_bench(store: &RedisStore, name: &str, demands: fn(u64) -> [Demand; 1], ahead: u32) {
+/// Latency of `one` made alone, then throughput with `IN_FLIGHT` at once.
+async fn measure<F, Fut>(name: &str, one: F)
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     for i in 0..1_000 {
-        store.decide(&demands(i), ahead).await.unwrap();
+        one(i).await;
     }
     let mut lat = Vec::with_capacity(SAMPLES);
     for i in 0..SAMPLES as u64 {
         let t = Instant::now();
-        store.decide(&demands(i), ahead).await.unwrap();
+        one(i).await;
         lat.push(t.elapsed());
     }
     let done = Arc::new(AtomicU64::new(0));
     let end = Instant::now() + THROUGHPUT_FOR;
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..IN_FLIGHT as u64 {
-        let (store, done) = (store.clone(), done.clone());
+        let (one, done) = (one.clone(), done.clone());
         tasks.spawn(async move {
             let mut i = w * 1_000_000;
             while Instant::now() < end {
-                store.decide(&demands(i), ahead).await.unwrap();
+                one(i).await;
                 done.fetch_add(1, Ordering::Relaxed);
                 i += 1;
             }
@@ -69,6 +77,29 @@ async fn redis_bench(store: &RedisStore, name: &str, demands: fn(u64) -> [Demand
     }
     while tasks.join_next().await.is_some() {}
     report(name, lat, done.load(Ordering::Relaxed) as f64 / THROUGHPUT_FOR.as_secs_f64());
+}
+
+async fn redis_bench(store: &RedisStore, name: &str, demands: fn(u64) -> [Demand; 1], ahead: u32) {
+    let store = store.clone();
+    measure(name, move |i| {
+        let store = store.clone();
+        async move {
+            store.decide(&demands(i), ahead).await.unwrap();
+        }
+    })
+    .await;
+}
+
+/// `queue::wait` on the shared store: the line, the decision and the mirror.
+async fn queue_bench(limiter: Arc<Limiter>, name: &str) {
+    measure(name, move |i| {
+        let limiter = limiter.clone();
+        async move {
+            let far = Instant::now() + Duration::from_secs(3_600);
+            klaviyo_proxy::queue::wait(&limiter, &demand(i), far, 1_000, "bench").await.unwrap();
+        }
+    })
+    .await;
 }
 
 fn local_bench(name: &str) {
@@ -115,5 +146,8 @@ fn main() {
         redis_bench(&store, "redis, 5000 accounts", demand, 0).await;
         redis_bench(&store, "redis, one saturated bucket", hot, 0).await;
         redis_bench(&store, "redis, prediction, 20 ahead", hot, 20).await;
+        let queued = RedisStore::new(&server.url(), "bench-queue", Duration::from_secs(1)).unwrap();
+        let limiter = Arc::new(Limiter::Shared(Box::new(SharedStore::new(queued, Some(1), Duration::from_secs(1)))));
+        queue_bench(limiter, "redis, queue::wait").await;
     });
 }

@@ -526,11 +526,13 @@ impl Klaviyo for Lookup<'_> {
             Limiter::Shared(shared) => {
                 shared.mirror(&demands);
                 for demand in &demands {
-                    for window in 0..demand.windows.as_slice().len() {
-                        if let Err(e) = shared.redis().record(demand, window, &[Duration::ZERO]).await {
-                            tracing::debug!(error = %e, "cannot charge a lookup to the account's bucket");
-                            return;
-                        }
+                    // One take, now, in every window of the bucket at once.
+                    let member = crate::retry::new_unique_id();
+                    let windows: Vec<Vec<(Duration, String)>> =
+                        demand.windows.as_slice().iter().map(|_| vec![(Duration::ZERO, member.clone())]).collect();
+                    if let Err(e) = shared.redis().record(demand, &windows).await {
+                        tracing::debug!(error = %e, "cannot charge a lookup to the account's bucket");
+                        return;
                     }
                 }
             }

@@ -206,7 +206,9 @@ fn limiter(config: &Config) -> Result<Limiter, BuildError> {
             } else {
                 RedisStore::with_ca(url.expose(), &cfg.key_prefix, timeout, ca)?
             };
-            Ok(Limiter::Shared(Box::new(SharedStore::new(redis, cfg.replicas.map(|r| r.get())))))
+            let l = &config.limits;
+            let guard = Duration::from_millis(l.burst_guard_ms.min(l.steady_guard_ms).min(l.daily_guard_ms));
+            Ok(Limiter::Shared(Box::new(SharedStore::new(redis, cfg.replicas.map(|r| r.get()), guard))))
         }
         _ => Ok(Limiter::Local(match &cfg.state_path {
             Some(path) => {

@@ -7,11 +7,10 @@
 //! request whose client hangs up is dropped mid-wait, and the drop gives its slot back
 //! to the requests behind it.
 //!
-//! With the shared (Redis) store the queue stays local: each replica keeps a FIFO per
-//! bucket whose head asks Redis for a token, sleeps for the wait Redis predicts, and
-//! asks again; Redis itself holds no reservations. See [`wait`].
+//! With the shared (Redis) store the queue stays local: each replica keeps a FIFO line
+//! per set of buckets whose head asks Redis for a token, sleeps for the wait Redis
+//! predicts, and asks again; Redis itself holds no reservations. See [`wait`].
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -19,7 +18,7 @@ use tokio::time::Instant;
 use crate::error::ProxyError;
 use crate::limiter::local::Turn;
 use crate::limiter::redis::{Decision, RedisStoreError};
-use crate::limiter::shared::Gate;
+use crate::limiter::shared::Ticket;
 use crate::limiter::{Demand, Denied, Grant, Limiter, LocalStore, Place, SharedStore};
 
 /// A request the limiter let go.
@@ -45,46 +44,103 @@ pub async fn wait(
         Limiter::Local(store) => wait_for_slot(store, demands, deadline, max_depth, operation).await,
         // Boxed: the Redis path's state is large, and the local path (the default) should
         // not carry its size in every queued request.
-        Limiter::Shared(shared) => Box::pin(wait_shared(shared, demands, deadline, max_depth, operation))
+        Limiter::Shared(shared) => Box::pin(wait_shared(shared, None, demands, deadline, max_depth, operation))
             .await
             .map(|waited| Admitted { waited, place: None }),
     }
 }
 
-/// Counts a request in its gate's line for as long as it waits.
-struct InLine<'a>(&'a Gate);
+/// A request's place after an upstream 429: it goes again before the requests that
+/// queued behind it.
+#[derive(Debug)]
+pub enum Requeued {
+    /// A booked slot in the local store.
+    Local(Grant),
+    /// A booked slot in the Redis store's fallback (Redis is away).
+    Fallback(Grant),
+    /// In front of this replica's line for Redis.
+    Shared(Ticket),
+}
 
-impl Drop for InLine<'_> {
-    fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+impl Requeued {
+    /// Gives the place back without going (a replay that only wanted the pause).
+    pub fn give_back(self, limiter: &Limiter) {
+        match self {
+            Requeued::Local(grant) | Requeued::Fallback(grant) => limiter.local().cancel(&grant),
+            Requeued::Shared(place) => drop(place),
+        }
     }
 }
 
-/// The shared store's queue: a local FIFO per bucket whose head retries Redis at the
-/// predicted time. Any Redis failure sends the request (and the replica) to the local
-/// fallback store; a request never fails only because Redis is down.
-async fn wait_shared(
-    shared: &SharedStore,
+/// Waits again after an upstream 429, from the place the pause kept; returns how long
+/// it waited.
+pub async fn wait_requeued(
+    limiter: &Limiter,
+    requeued: Requeued,
     demands: &[Demand],
     deadline: Instant,
-    max_depth: u32,
     operation: &'static str,
 ) -> Result<Duration, ProxyError> {
     let started = Instant::now();
-    let Some(gate) = shared.gate(demands).filter(|_| !shared.is_degraded()) else {
-        return wait_fallback(shared, demands, deadline, max_depth, operation, started).await;
-    };
-    match wait_in_line(shared, &gate, demands, deadline, max_depth, operation, started).await {
-        Ok(waited) => Ok(waited),
-        // Out of the line (and its head) first, so the fallback queue runs in parallel.
-        Err(Failed::Redis(e)) => {
-            if let Some(e) = e {
-                shared.mark_down(&e);
-            }
-            drop(gate);
-            wait_fallback(shared, demands, deadline, max_depth, operation, started).await
+    match (limiter, requeued) {
+        (Limiter::Shared(shared), Requeued::Shared(place)) => {
+            Box::pin(wait_shared(shared, Some(place), demands, deadline, u32::MAX, operation)).await
         }
-        Err(Failed::Refused(e)) => Err(e),
+        (Limiter::Shared(shared), Requeued::Fallback(grant)) => {
+            wait_for_grant(shared.fallback(), grant, deadline, operation).await?;
+            Box::pin(left_fallback(shared, demands)).await;
+            Ok(started.elapsed())
+        }
+        (limiter, Requeued::Local(grant) | Requeued::Fallback(grant)) => {
+            wait_for_grant(limiter.local(), grant, deadline, operation).await?;
+            Ok(started.elapsed())
+        }
+        (Limiter::Local(store), Requeued::Shared(_)) => {
+            wait_for_slot(store, demands, deadline, u32::MAX, operation).await.map(|a| a.waited)
+        }
+    }
+}
+
+/// Pauses the request's buckets until `until` for every replica (through Redis) and
+/// in this replica's fallback, at the fallback's own windows, and keeps the request's
+/// place in front: first in its Redis line, or first after the pause in the fallback
+/// while Redis is away. `Err` when the pause ends after `deadline`, with the wait.
+pub async fn pause_shared(
+    shared: &SharedStore,
+    demands: &[Demand],
+    until: Instant,
+    now: Instant,
+    deadline: Instant,
+) -> Result<Requeued, Denied> {
+    let keys: Vec<_> = demands.iter().map(|d| d.key).collect();
+    // While degraded the call would only wait out a timeout on the request's path.
+    if !shared.is_degraded() {
+        if let Err(e) = shared.redis().pause(&keys, until.saturating_duration_since(Instant::now())).await {
+            shared.mark_down(&e);
+            tracing::warn!(error = %e, "could not share an upstream pause through Redis");
+        }
+    }
+    let degraded = shared.is_degraded();
+    let local = shared.fallback_demands(demands);
+    let head = local.as_ref().and_then(|local| {
+        let fallback = shared.fallback();
+        fallback.pause_and_requeue(local, None, until, now, if degraded { deadline } else { until }).ok()
+    });
+    if until > deadline {
+        if let Some(head) = head {
+            shared.fallback().cancel(&head);
+        }
+        return Err(Denied::Deadline { wait: until.saturating_duration_since(now) });
+    }
+    match head {
+        Some(head) if degraded => Ok(Requeued::Fallback(head)),
+        head => {
+            if let Some(head) = head {
+                shared.fallback().cancel(&head);
+            }
+            let line = shared.line(demands).expect("a limited request needs a bucket");
+            Ok(Requeued::Shared(line.join_front()))
+        }
     }
 }
 
@@ -92,6 +148,45 @@ enum Failed {
     /// Redis failed this request (`Some`) or had failed another one (`None`).
     Redis(Option<RedisStoreError>),
     Refused(ProxyError),
+}
+
+/// The shared store's queue: a local line per set of buckets whose first place asks
+/// Redis at the predicted time, or the fallback while Redis is away. A request moves
+/// from one to the other when Redis goes away or comes back; it never fails only
+/// because Redis is down.
+async fn wait_shared(
+    shared: &SharedStore,
+    mut place: Option<Ticket>,
+    demands: &[Demand],
+    deadline: Instant,
+    max_depth: u32,
+    operation: &'static str,
+) -> Result<Duration, ProxyError> {
+    let started = Instant::now();
+    loop {
+        if shared.is_degraded() {
+            // Out of the line (and its head) first, so the fallback queue runs in parallel.
+            drop(place.take());
+            match wait_fallback(shared, demands, deadline, max_depth, operation).await {
+                Ok(()) => return Ok(started.elapsed()),
+                Err(Failed::Refused(e)) => return Err(e),
+                Err(Failed::Redis(_)) => continue,
+            }
+        }
+        let (place, ahead) = match place.take() {
+            Some(place) => (place, 0),
+            None => shared.line(demands).expect("a limited request needs a bucket").join(),
+        };
+        match wait_in_line(shared, &place, ahead, demands, deadline, max_depth, operation, started).await {
+            Ok(()) => return Ok(started.elapsed()),
+            Err(Failed::Redis(e)) => {
+                if let Some(e) = e {
+                    shared.mark_down(&e);
+                }
+            }
+            Err(Failed::Refused(e)) => return Err(e),
+        }
+    }
 }
 
 /// Asks Redis, unless another request already found it down: the others in line then
@@ -103,17 +198,17 @@ async fn decide(shared: &SharedStore, demands: &[Demand], ahead: u32) -> Result<
     shared.redis().decide(demands, ahead).await.map_err(|e| Failed::Redis(Some(e)))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn wait_in_line(
     shared: &SharedStore,
-    gate: &Gate,
+    place: &Ticket,
+    ahead: u32,
     demands: &[Demand],
     deadline: Instant,
     max_depth: u32,
     operation: &'static str,
     started: Instant,
-) -> Result<Duration, Failed> {
-    let ahead = gate.waiting.fetch_add(1, Ordering::AcqRel);
-    let _in_line = InLine(gate);
+) -> Result<(), Failed> {
     let timeout = |wait| Failed::Refused(ProxyError::QueueTimeout { operation, retry_after: wait });
     let mut predicted = Duration::ZERO;
     if ahead > 0 {
@@ -127,15 +222,30 @@ async fn wait_in_line(
             Decision::Granted => {}
         }
     }
-    // Other replicas took slots this one predicted: still in line at the deadline.
-    let Ok(_head) = tokio::time::timeout_at(deadline, gate.head.lock()).await else {
-        return Err(timeout(predicted.saturating_sub(started.elapsed()).max(Duration::from_secs(1))));
-    };
+    let mut late = 0;
     loop {
+        // Other replicas took slots this one predicted: still in line at the deadline.
+        if tokio::time::timeout_at(deadline, place.first()).await.is_err() {
+            return Err(timeout(predicted.saturating_sub(started.elapsed()).max(Duration::from_secs(1))));
+        }
+        let asked = Instant::now();
         match decide(shared, demands, 0).await? {
             Decision::Granted => {
                 shared.mirror(demands);
-                return Ok(started.elapsed());
+                let took = asked.elapsed();
+                if took <= shared.late_after() {
+                    return Ok(());
+                }
+                // Stamped in Redis up to `took` before it could leave: too close to a
+                // grant another replica may get a window later. The token stays taken.
+                // A second late grant in a row goes: Redis is then steadily slower than
+                // the guard, and discarding every grant would only burn the quota.
+                late += 1;
+                if late >= 2 {
+                    tracing::debug!(?took, "late redis grant kept: redis is slower than the window guard");
+                    return Ok(());
+                }
+                tracing::debug!(?took, "late redis grant discarded");
             }
             Decision::Wait(wait) => {
                 let at = Instant::now() + wait;
@@ -148,19 +258,52 @@ async fn wait_in_line(
     }
 }
 
-/// Redis is away: this replica's share of the quota, from the local store.
+/// Redis is away: this replica's share of the quota, from the local store, until the
+/// slot comes (`Ok`) or Redis decides again first (`Err(Failed::Redis)`). A replica
+/// whose share of a window is nothing waits for Redis.
 async fn wait_fallback(
     shared: &SharedStore,
     demands: &[Demand],
     deadline: Instant,
     max_depth: u32,
     operation: &'static str,
-    started: Instant,
-) -> Result<Duration, ProxyError> {
-    let local = shared.fallback_demands(demands);
-    wait_for_slot(shared.fallback(), &local, deadline, max_depth, operation).await?;
+) -> Result<(), Failed> {
+    let recovered = shared.recovered();
+    tokio::pin!(recovered);
+    recovered.as_mut().enable();
+    if !shared.is_degraded() {
+        return Err(Failed::Redis(None));
+    }
+    let Some(local) = shared.fallback_demands(demands) else {
+        return tokio::select! {
+            () = recovered => Err(Failed::Redis(None)),
+            () = tokio::time::sleep_until(deadline) => Err(Failed::Refused(ProxyError::QueueTimeout {
+                operation,
+                retry_after: crate::limiter::shared::HEARTBEAT_EVERY,
+            })),
+        };
+    };
+    tokio::select! {
+        biased;
+        slot = wait_for_slot(shared.fallback(), &local, deadline, max_depth, operation) => {
+            slot.map_err(Failed::Refused)?;
+            Box::pin(left_fallback(shared, demands)).await;
+            Ok(())
+        }
+        // Dropping the fallback's wait gives its reservation back.
+        () = recovered => Err(Failed::Redis(None)),
+    }
+}
+
+/// A request leaves on a fallback grant: Redis counts it, at once if it is back.
+async fn left_fallback(shared: &SharedStore, demands: &[Demand]) {
     shared.taken_locally(demands);
-    Ok(started.elapsed())
+    if !shared.is_degraded() {
+        let keys: Vec<_> = demands.iter().map(|d| d.key).collect();
+        if let Err(e) = shared.hand_over(Some(&keys)).await {
+            shared.mark_down(&e);
+        }
+    }
 }
 
 /// Gives a reservation back if the waiting request is dropped before its slot.

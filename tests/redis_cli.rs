@@ -17,8 +17,12 @@ use redis_support::RedisServer;
 const BIN: &str = env!("CARGO_BIN_EXE_klaviyo-proxy");
 
 fn proxy(redis: &RedisServer, hash_key: Option<&str>) -> Command {
+    proxy_to(redis, hash_key, "sim")
+}
+
+fn proxy_to(redis: &RedisServer, hash_key: Option<&str>, upstream: &str) -> Command {
     let mut cmd = Command::new(BIN);
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--upstream", "sim"])
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--upstream", upstream])
         .env("KLAVIYO_PROXY_LIMITER_STORE", "redis")
         .env("KLAVIYO_PROXY_REDIS_URL", redis.url())
         .env("KLAVIYO_PROXY_LOG_LEVEL", "warn")
@@ -43,7 +47,11 @@ impl Drop for Running {
 }
 
 fn start(redis: &RedisServer) -> Running {
-    let mut child = proxy(redis, Some("cli-shared-hash-key")).stderr(Stdio::null()).spawn().unwrap();
+    spawn(proxy(redis, Some("cli-shared-hash-key")))
+}
+
+fn spawn(mut cmd: Command) -> Running {
+    let mut child = cmd.stderr(Stdio::null()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let addr =
@@ -102,5 +110,71 @@ fn starts_and_serves_without_redis() {
             .body(Empty::new())
             .unwrap();
         assert_eq!(client.request(req).await.unwrap().status(), StatusCode::OK);
+    });
+}
+
+/// Item 8: a process that used a whole steady window is killed (`kill -9`); a fresh
+/// one on the same Redis finds the window still full and sends nothing more of it
+/// until it has passed. (The local store would start empty and send a second window.)
+#[test]
+fn a_restarted_process_does_not_send_a_second_steady_window() {
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sim = klaviyo_proxy::sim::Simulator::start(listener, Default::default()).unwrap();
+        let dir = std::env::temp_dir().join(format!("kp-redis-restart-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("proxy.toml");
+        // get_campaign at 10/s and 20/min: a whole steady window in about a second.
+        std::fs::write(&config, "[limits.operations.get_campaign]\nburst_per_second = 10\nsteady_per_minute = 20\n")
+            .unwrap();
+        let process = || {
+            let mut cmd = proxy_to(&redis, Some("cli-shared-hash-key"), &sim.url);
+            cmd.arg("--config").arg(&config);
+            spawn(cmd)
+        };
+        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let send = |addr: String, n: usize, max_wait_ms: u64| {
+            let client = client.clone();
+            async move {
+                let mut tasks = tokio::task::JoinSet::new();
+                for i in 0..n {
+                    let req = Request::get(format!("{addr}/api/campaigns/c{i}"))
+                        .header("authorization", "Klaviyo-API-Key pk_cli_test")
+                        .header("x-proxy-max-wait-ms", max_wait_ms.to_string())
+                        .body(Empty::new())
+                        .unwrap();
+                    let client = client.clone();
+                    tasks.spawn(async move {
+                        let resp = client.request(req).await.unwrap();
+                        (resp.status(), resp.headers().contains_key("x-klaviyo-proxy-error"))
+                    });
+                }
+                let mut answers = Vec::new();
+                while let Some(a) = tasks.join_next().await {
+                    answers.push(a.unwrap());
+                }
+                answers
+            }
+        };
+        let first = process();
+        let answers = send(first.1.clone(), 20, 10_000).await;
+        let sent = answers.iter().filter(|a| **a == (StatusCode::OK, false)).count() as u64;
+        // A grant slower than the guard (the first on a cold connection may be) is
+        // discarded with its token: the proxy refuses what no longer fits.
+        assert!(sent >= 18, "{answers:?}");
+        assert!(answers.iter().all(|a| *a == (StatusCode::OK, false) || *a == (StatusCode::TOO_MANY_REQUESTS, true)));
+        // kill -9: nothing of the first process' state survives but what Redis holds.
+        drop(first);
+        let second = process();
+        let answers = send(second.1.clone(), 10, 3_000).await;
+        assert!(answers.iter().all(|a| *a == (StatusCode::TOO_MANY_REQUESTS, true)), "{answers:?}");
+        let stats = sim.stats();
+        let bucket = stats.buckets.iter().find(|b| b.operation == "get_campaign").unwrap();
+        assert_eq!((bucket.requests, bucket.throttled), (sent, 0), "one steady window across both processes");
+        drop(second);
+        sim.stop().await;
+        let _ = std::fs::remove_dir_all(&dir);
     });
 }

@@ -301,3 +301,28 @@ async fn slow_redis_counts_as_down() {
     assert_eq!(r.shared(0).degradations(), 1, "one warning per transition");
     r.stop().await;
 }
+
+/// Item 3 end to end: 15 `GET /api/profiles/{id}?include=lists` at once queue on the
+/// condition's 1/s; a plain `GET /api/profiles/{id}` 0.1 s later goes at once, since the
+/// endpoint's own bucket (75/s) has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_profile_read_does_not_wait_behind_include_lists() {
+    let redis = RedisServer::start();
+    let r = std::sync::Arc::new(start(&redis, 1, Some(1), 1_000).await);
+    let mut conditional = tokio::task::JoinSet::new();
+    for i in 0..15 {
+        let r = r.clone();
+        conditional.spawn(async move {
+            r.get(0, &format!("/api/profiles/p{i}?include=lists"), Duration::from_secs(30)).await
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    assert_eq!(r.get(0, "/api/profiles/p1", Duration::from_secs(3)).await, (StatusCode::OK, false));
+    assert!(started.elapsed() < Duration::from_secs(1), "the plain read waited {:?}", started.elapsed());
+    conditional.abort_all();
+    while conditional.join_next().await.is_some() {}
+    let (_, throttled, _, _) = r.sim_bucket("get_profile");
+    assert_eq!(throttled, 0);
+    std::sync::Arc::into_inner(r).unwrap().stop().await;
+}

@@ -270,7 +270,7 @@ fn redis_cluster_runs_each_decision_on_one_slot() {
             .pause(&[BucketKey { account: Account(1), bucket: BucketId::Endpoint(1) }], Duration::from_secs(1))
             .await
             .unwrap();
-        assert_eq!(store.heartbeat(Duration::from_secs(5)).await.unwrap(), 1);
+        assert_eq!(store.heartbeat(Duration::from_secs(5)).await.unwrap(), [store.id().to_string()]);
         // The accounts' keys are spread over more than one node.
         let mut used = 0;
         for node in &cluster.nodes {

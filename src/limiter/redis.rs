@@ -133,27 +133,33 @@ return 1
 "#
 );
 
-/// Takes recorded without a decision: takes this replica made while Redis was away, or
-/// phantom takes for a `RateLimit-Remaining` correction. `KEYS[1]`: a window key. ARGV:
-/// period (µs), clock override, then the age (µs before now) of each take. Returns the
-/// number recorded.
+/// Takes recorded without a decision: the takes this replica's fallback made while
+/// Redis was away, handed over when it returns. KEYS: the window keys of one bucket.
+/// ARGV: a clock override, then per window its period (µs), a count `k` and `k` pairs
+/// of (age in µs before now, member). Members name takes uniquely and stably, so a
+/// hand-over sent twice (a reply lost to a timeout) counts each take once. Returns the
+/// number of takes added.
 pub const RECORD: &str = concat!(
     lua_clock!(),
     r#"
-local now = clock(tonumber(ARGV[2]))
-local period = tonumber(ARGV[1])
-local n = redis.call('ZCARD', KEYS[1])
+local now = clock(tonumber(ARGV[1]))
+local a = 2
 local added = 0
-for i = 3, #ARGV do
-  local age = tonumber(ARGV[i])
-  if age < period then
-    local tick = string.format('%d', now - age)
-    redis.call('ZADD', KEYS[1], tick, tick .. ':' .. (n + added) .. 'r')
-    added = added + 1
+for w = 1, #KEYS do
+  local period, k = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  a = a + 2
+  local any = false
+  for i = 1, k do
+    local age = tonumber(ARGV[a])
+    if age < period then
+      added = added + redis.call('ZADD', KEYS[w], string.format('%d', now - age), ARGV[a + 1])
+      any = true
+    end
+    a = a + 2
   end
-end
-if added > 0 then
-  redis.call('PEXPIRE', KEYS[1], string.format('%d', math.ceil(period / 1000) + 1000))
+  if any then
+    redis.call('PEXPIRE', KEYS[w], string.format('%d', math.ceil(period / 1000) + 1000))
+  end
 end
 return added
 "#
@@ -184,7 +190,7 @@ return missing
 );
 
 /// A replica's heartbeat: `KEYS[1]` the replica set, ARGV: replica id, ttl (µs).
-/// Returns how many replicas beat within the ttl.
+/// Returns the ids of the replicas that beat within the ttl.
 pub const HEARTBEAT: &str = concat!(
     lua_clock!(),
     r#"
@@ -193,7 +199,7 @@ local ttl = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], string.format('%d', now), ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now - ttl))
 redis.call('PEXPIRE', KEYS[1], string.format('%d', math.ceil(ttl / 1000) * 2))
-return redis.call('ZCARD', KEYS[1])
+return redis.call('ZRANGE', KEYS[1], 0, -1)
 "#
 );
 
@@ -408,17 +414,21 @@ impl RedisStore {
         self.run::<i64>(inv).await.map(drop)
     }
 
-    /// Records takes made elsewhere (this replica's fallback store while Redis was
-    /// away) in window `window` of a bucket, each `ages[i]` before Redis' now.
-    pub async fn record(&self, demand: &Demand, window: usize, ages: &[Duration]) -> Result<u64, RedisStoreError> {
-        let Some(spec) = demand.windows.as_slice().get(window) else { return Ok(0) };
-        if ages.is_empty() {
+    /// Records takes this replica made elsewhere (its fallback store, while Redis was
+    /// away) in every window of a bucket at once: per window, `(age, member)` pairs,
+    /// each take `age` before Redis' now, named by a member unique to the take.
+    pub async fn record(&self, demand: &Demand, windows: &[Vec<(Duration, String)>]) -> Result<u64, RedisStoreError> {
+        if windows.iter().all(Vec::is_empty) {
             return Ok(0);
         }
+        let stem = self.bucket_key(&demand.key);
         let mut inv = self.record.prepare_invoke();
-        inv.key(format!("{}:w{window}", self.bucket_key(&demand.key))).arg(spec.period).arg(0);
-        for age in ages {
-            inv.arg(ticks(*age));
+        inv.arg(0);
+        for ((i, spec), takes) in demand.windows.as_slice().iter().enumerate().zip(windows) {
+            inv.key(format!("{stem}:w{i}")).arg(spec.period).arg(takes.len());
+            for (age, member) in takes {
+                inv.arg(ticks(*age)).arg(member);
+            }
         }
         self.run(inv).await
     }
@@ -461,8 +471,13 @@ impl RedisStore {
         self.run::<i64>(inv).await.map(drop)
     }
 
-    /// Marks this replica alive for `ttl` and returns how many replicas are.
-    pub async fn heartbeat(&self, ttl: Duration) -> Result<u32, RedisStoreError> {
+    /// This replica's id (random per process), as its heartbeat names it.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Marks this replica alive for `ttl` and returns the ids of the replicas that are.
+    pub async fn heartbeat(&self, ttl: Duration) -> Result<Vec<String>, RedisStoreError> {
         let mut inv = self.heartbeat.prepare_invoke();
         inv.key(format!("{{{}}}:replicas", self.prefix)).arg(&self.id).arg(ticks(ttl));
         self.run(inv).await

@@ -147,7 +147,7 @@ impl Proxy {
                 if config.limits.enabled {
                     // Pause the bucket for live traffic too; the replay goes again later.
                     if let Ok(Some(head)) = self.pause(&route.demands, None, now + wait, now, now + wait).await {
-                        self.store().cancel(&head);
+                        head.give_back(&self.limiter);
                     }
                 }
                 Replay::Wait(wait)

@@ -19,7 +19,7 @@ use super::{BoxFuture, Routed};
 use crate::breaker;
 use crate::error::ProxyError;
 use crate::limiter::ramp::{self, Pass};
-use crate::limiter::{BucketId, BucketKey, Demand, Denied, Grant, Limiter, Place};
+use crate::limiter::{BucketId, Demand, Denied, Limiter, Place};
 use crate::metrics::RequestOutcome;
 use crate::proxy::{header_int, throttle_wait, upstream_error, Live, Proxy};
 use crate::queue;
@@ -80,8 +80,8 @@ impl Proxy {
             base: Duration::from_millis(config.retry.base_ms),
             cap: Duration::from_millis(config.retry.cap_ms),
         };
-        // A request that met a 429: its grant, and its pass if it is the ramp's probe.
-        let mut requeued: Option<(Grant, Option<Pass>)> = None;
+        // A request that met a 429: its place, and its pass if it is the ramp's probe.
+        let mut requeued: Option<(queue::Requeued, Option<Pass>)> = None;
         // The request's place in line, kept when a 429 requeues it.
         let mut place: Option<Place> = None;
         let mut retries = 0u32;
@@ -93,15 +93,21 @@ impl Proxy {
             let depth = config.queue.max_depth;
             let (waited, mut pass) = match (&self.limiter, requeued.take()) {
                 (Limiter::Local(store), requeued) if limited => {
+                    let requeued = match requeued {
+                        Some((queue::Requeued::Local(grant), pass)) => Some((grant, pass)),
+                        Some((other, _)) => {
+                            other.give_back(&self.limiter);
+                            None
+                        }
+                        None => None,
+                    };
                     let (admitted, pass) =
                         ramp::wait(store, &self.ramps, &route.demands, requeued, deadline, depth, label).await?;
                     place = admitted.place.or(place);
                     (admitted.waited, Some(pass))
                 }
-                (_, Some((grant, _))) => {
-                    let queued = Instant::now();
-                    queue::wait_for_grant(self.limiter.local(), grant, deadline, label).await?;
-                    (queued.elapsed(), None)
+                (_, Some((kept, _))) => {
+                    (queue::wait_requeued(&self.limiter, kept, &route.demands, deadline, label).await?, None)
                 }
                 (_, None) if limited => {
                     let admitted = queue::wait(&self.limiter, &route.demands, deadline, depth, label).await?;
@@ -247,11 +253,10 @@ impl Proxy {
         }
     }
 
-    /// Pauses the request's buckets until `until` (an upstream 429). The local store
-    /// requeues the request at the head of its bucket's queue and returns its grant;
-    /// with Redis every replica pauses (and the local fallback too, should Redis go
-    /// away meanwhile) and the request simply asks again. `Err` when the pause ends
-    /// after `deadline`, with the wait.
+    /// Pauses the request's buckets until `until` (an upstream 429) and keeps the
+    /// request's place at the head of its queue (the local store's, or with Redis, its
+    /// line on this replica, every replica pausing). `Err` when the pause ends after
+    /// `deadline`, with the wait.
     pub(crate) async fn pause(
         &self,
         demands: &[Demand],
@@ -259,24 +264,12 @@ impl Proxy {
         until: Instant,
         now: Instant,
         deadline: Instant,
-    ) -> Result<Option<Grant>, Denied> {
+    ) -> Result<Option<queue::Requeued>, Denied> {
         match &self.limiter {
-            Limiter::Local(store) => store.pause_and_requeue(demands, place, until, now, deadline).map(Some),
-            Limiter::Shared(_) => {
-                let keys: Vec<BucketKey> = demands.iter().map(|d| d.key).collect();
-                if let Err(e) = self.limiter.pause(&keys, until).await {
-                    tracing::warn!(error = %e, "could not share an upstream pause through Redis");
-                }
-                let fallback = self.limiter.local();
-                if let Ok(head) = fallback.pause_and_requeue(demands, None, until, now, until) {
-                    fallback.cancel(&head);
-                }
-                if until > deadline {
-                    Err(Denied::Deadline { wait: until.saturating_duration_since(now) })
-                } else {
-                    Ok(None)
-                }
+            Limiter::Local(store) => {
+                store.pause_and_requeue(demands, place, until, now, deadline).map(|g| Some(queue::Requeued::Local(g)))
             }
+            Limiter::Shared(shared) => queue::pause_shared(shared, demands, until, now, deadline).await.map(Some),
         }
     }
 
