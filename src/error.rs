@@ -103,6 +103,31 @@ pub enum ProxyError {
     /// A bug or resource failure inside the proxy.
     #[error("internal proxy error")]
     Internal,
+    // Hardening (issue 13): refusals of hostile or misdirected requests.
+    /// The `Host` (or `:authority`) is not a name this proxy answers to.
+    #[error("this proxy does not answer to that host name (see server.allowed_hosts)")]
+    UnknownHost,
+    /// `admin.token` is set and the request does not carry it.
+    #[error("missing or wrong admin token (Authorization: Bearer)")]
+    AdminAuthRequired,
+    /// A write to the admin listener sent by another site.
+    #[error("cross-site requests to the admin listener are refused")]
+    CrossSite,
+    /// A write to the admin listener without a JSON content type.
+    #[error("admin writes need Content-Type: application/json")]
+    UnsupportedMediaType,
+    /// The bodies held in memory are at their budget (`server.max_buffered_bytes`).
+    #[error("the proxy holds as many request bodies as it may; retry in {}s", secs(*.retry_after))]
+    Overloaded {
+        /// When to try again.
+        retry_after: Duration,
+    },
+    /// Every bucket slot is taken by a busy bucket (`limiter.max_buckets`).
+    #[error("the proxy tracks as many accounts as it may; retry in {}s", secs(*.retry_after))]
+    TooManyBuckets {
+        /// When to try again.
+        retry_after: Duration,
+    },
 }
 
 /// Whole seconds, rounded up, at least 1: `Retry-After` must be an integer for the SDKs.
@@ -127,6 +152,11 @@ impl ProxyError {
             UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            UnknownHost => StatusCode::MISDIRECTED_REQUEST,
+            AdminAuthRequired => StatusCode::UNAUTHORIZED,
+            CrossSite => StatusCode::FORBIDDEN,
+            UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Overloaded { .. } | TooManyBuckets { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -152,6 +182,12 @@ impl ProxyError {
             UpstreamUnreachable => "proxy_upstream_unreachable",
             UpstreamTimeout(_) => "proxy_upstream_timeout",
             Internal => "proxy_internal_error",
+            UnknownHost => "proxy_unknown_host",
+            AdminAuthRequired => "proxy_admin_auth_required",
+            CrossSite => "proxy_cross_site",
+            UnsupportedMediaType => "proxy_unsupported_media_type",
+            Overloaded { .. } => "proxy_overloaded",
+            TooManyBuckets { .. } => "proxy_too_many_buckets",
         }
     }
 
@@ -174,6 +210,11 @@ impl ProxyError {
             ClientKeyForbidden => "Client API keys are not allowed.",
             UpstreamUnreachable | UpstreamTimeout(_) => "Klaviyo is unavailable.",
             Internal => "Internal proxy error.",
+            UnknownHost => "Misdirected request.",
+            AdminAuthRequired => "Admin authentication required.",
+            CrossSite => "Cross-site request refused.",
+            UnsupportedMediaType => "Unsupported media type.",
+            Overloaded { .. } | TooManyBuckets { .. } => "The proxy is at capacity.",
         }
     }
 
@@ -195,7 +236,9 @@ impl ProxyError {
             ProxyError::QueueFull { retry_after, .. }
             | ProxyError::QueueTimeout { retry_after, .. }
             | ProxyError::UpstreamThrottled { retry_after, .. }
-            | ProxyError::CircuitOpen { retry_after } => Some(*retry_after),
+            | ProxyError::CircuitOpen { retry_after }
+            | ProxyError::Overloaded { retry_after }
+            | ProxyError::TooManyBuckets { retry_after } => Some(*retry_after),
             _ => None,
         }
     }
@@ -225,6 +268,9 @@ impl ProxyError {
         }
         if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
             h.insert(header::PROXY_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
     }
@@ -260,6 +306,12 @@ mod tests {
             ),
             (ProxyError::Disabled, 503, None),
             (ProxyError::Draining, 503, None),
+            (ProxyError::UnknownHost, 421, None),
+            (ProxyError::AdminAuthRequired, 401, None),
+            (ProxyError::CrossSite, 403, None),
+            (ProxyError::UnsupportedMediaType, 415, None),
+            (ProxyError::Overloaded { retry_after: Duration::from_secs(1) }, 503, Some("1")),
+            (ProxyError::TooManyBuckets { retry_after: Duration::from_secs(1) }, 503, Some("1")),
         ];
         for (err, status, retry) in cases {
             let code = err.code();

@@ -9,14 +9,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{request, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::breaker::{self, Breaker, Phase};
-use crate::config::{is_beta_revision, AuthMode, Config, ConfigError, StoreKind};
+use crate::config::{is_beta_revision, AuthMode, Config, ConfigError, Secret, StoreKind};
 use crate::error::{Origin, ProxyError};
+use crate::hardening::host::{HostPolicy, HostRefusal};
+use crate::hardening::random::{self, SecretBytes};
+use crate::hardening::{budget, budget::ByteBudget, hop, target, token};
 use crate::limiter::redis::{RedisStore, RedisStoreError};
 use crate::limiter::{Account, BucketKey, Demand, Denied, Grant, Limiter, LocalStore, SharedStore};
 use crate::metrics::{BreakerState, Metrics, RequestOutcome};
@@ -40,7 +43,7 @@ pub struct Proxy {
     live: RwLock<Arc<Live>>,
     /// The account hash key used when the config names none: random per start, kept
     /// across reloads so buckets keep their accounts.
-    fallback_hash_key: Vec<u8>,
+    fallback_hash_key: SecretBytes,
     limiter: Limiter,
     upstream: Upstream,
     metrics: Arc<Metrics>,
@@ -56,6 +59,8 @@ pub struct Proxy {
     spooled: tokio::sync::Notify,
     /// When a shutdown's drain time runs out.
     drain: tokio::sync::watch::Sender<Option<Instant>>,
+    /// Request bodies held in memory (`server.max_buffered_bytes`; read at start).
+    bodies: Arc<ByteBudget>,
 }
 
 /// The reloadable part: a request reads it once and keeps that view to the end.
@@ -65,14 +70,16 @@ struct Live {
     router: Router,
     /// `Klaviyo-API-Key <key>`, marked sensitive, in inject mode.
     injected_auth: Option<HeaderValue>,
-    client_token: Option<HeaderValue>,
+    client_token: Option<Secret>,
+    /// The names clients may reach the proxy by.
+    hosts: HostPolicy,
 }
 
 impl Live {
-    fn new(config: Config, fallback_hash_key: &[u8]) -> Result<Live, BuildError> {
+    fn new(config: Config, fallback_hash_key: &SecretBytes) -> Result<Live, BuildError> {
         let hash_key = match &config.auth.account_hash_key {
             Some(k) => k.expose().as_bytes(),
-            None => fallback_hash_key,
+            None => fallback_hash_key.expose(),
         };
         let injected_auth = match (&config.auth.mode, &config.auth.private_key) {
             (AuthMode::Inject, Some(key)) => {
@@ -80,14 +87,11 @@ impl Live {
             }
             _ => None,
         };
-        let client_token = match &config.server.client_token {
-            Some(t) => Some(sensitive(format!("Bearer {}", t.expose()), "server.client_token")?),
-            None => None,
-        };
         Ok(Live {
             router: Router::new(&config.limits, hash_key),
             injected_auth,
-            client_token,
+            client_token: config.server.client_token.clone(),
+            hosts: HostPolicy::new(&config.server.allowed_hosts),
             config: Arc::new(config),
         })
     }
@@ -187,7 +191,7 @@ fn sensitive(value: String, what: &'static str) -> Result<HeaderValue, BuildErro
 impl Proxy {
     /// Builds the proxy: routes, buckets and the pooled upstream client.
     pub fn new(config: Config) -> Result<Self, BuildError> {
-        let fallback_hash_key: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
+        let fallback_hash_key = SecretBytes::new(random::bytes::<32>().to_vec());
         let upstream = Upstream::new(&config.upstream)?;
         let limiter = limiter(&config)?;
         let metrics = Arc::new(Metrics::new());
@@ -200,6 +204,7 @@ impl Proxy {
             Duration::from_millis(config.retry.budget_window_ms),
         );
         let spool = config.spool.path.as_deref().map(Spool::open).transpose()?;
+        let bodies = ByteBudget::new(config.server.max_buffered_bytes);
         let live = Live::new(config, &fallback_hash_key)?;
         metrics.set_account_names(live.account_names());
         let proxy = Proxy {
@@ -214,6 +219,7 @@ impl Proxy {
             spool,
             spooled: tokio::sync::Notify::new(),
             drain: tokio::sync::watch::Sender::new(None),
+            bodies,
         };
         proxy.refresh_spool_gauges();
         Ok(proxy)
@@ -356,7 +362,7 @@ impl Proxy {
             .filter(|v| v.len() <= 128)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
-            .unwrap_or_else(|| format!("{:032x}", fastrand::u128(..)));
+            .unwrap_or_else(random::hex128);
         let method = req.method().clone();
         let mut outcome = Outcome::default();
         let mut resp = match self.forward(req, &mut outcome).await {
@@ -393,18 +399,22 @@ impl Proxy {
     async fn forward(&self, req: Request<Incoming>, outcome: &mut Outcome) -> Result<Response<ProxyBody>, ProxyError> {
         // One view of the config for the whole request, even if a reload lands meanwhile.
         let live = self.live();
-        // Never an open relay: only our upstream, only Klaviyo's API paths.
-        self.check_target(&req)?;
+        // Never an open relay: only our upstream, only Klaviyo's API paths, only names
+        // we answer to (a rebinding web page sends its own).
+        self.check_target(&live, &req)?;
         // Off loopback, clients prove they may use the proxy.
         check_client_token(&live, req.headers())?;
         let (mut parts, body) = req.into_parts();
+        // The client's hop-by-hop headers go before anything of ours is added.
+        hop::strip_client(&mut parts.headers)
+            .map_err(|p| ProxyError::BadRequest(format!("Connection may not name {}", p.0)))?;
         // The credential that goes upstream decides whose quota is spent.
         authorize(&live, &mut parts.headers)?;
         let route = self.route(&live, &parts);
         (outcome.operation, outcome.tier) = (route.label(), route.tier());
         let deadline = deadline(&live, &parts.headers);
         // Buffered so the client's upload time never holds a token, and bounded.
-        let body = read_body(&live, body).await?;
+        let (body, _held) = self.read_body(&live, &parts.headers, body).await?;
         upstream::outbound_headers(&mut parts.headers, live.config.upstream.revision.as_str());
         // Events get a unique_id, so Klaviyo deduplicates any repeat or replay.
         let (body, unique_id) = with_unique_id(&live, &route, body);
@@ -662,20 +672,36 @@ impl Proxy {
         }
     }
 
-    fn check_target(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
+    fn check_target(&self, live: &Live, req: &Request<Incoming>) -> Result<(), ProxyError> {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::Connect);
         }
         // HTTP/2's :authority names the proxy itself (it is HTTP/1's Host), so only an
         // HTTP/1 absolute-form target can ask for another host.
-        if req.version() < http::Version::HTTP_2 && !self.upstream.is_upstream(req.uri()) {
+        let http1 = req.version() < http::Version::HTTP_2;
+        if http1 && !self.upstream.is_upstream(req.uri()) {
             return Err(ProxyError::ForeignHost);
         }
-        let path = req.uri().path();
-        if !(path.starts_with("/api/") || path == "/api" || path.starts_with("/client/")) || path.contains("/../") {
-            return Err(ProxyError::UnknownPath);
-        }
-        Ok(())
+        live.hosts.check(req.uri(), req.headers(), http1).map_err(host_error)?;
+        target::check_path(req.uri().path()).map_err(|_| ProxyError::UnknownPath)
+    }
+
+    /// Buffers the body within `server.max_body_bytes` and the shared byte budget; the
+    /// reservation lives as long as the request.
+    async fn read_body(
+        &self,
+        live: &Live,
+        headers: &HeaderMap,
+        body: Incoming,
+    ) -> Result<(Bytes, budget::Reservation), ProxyError> {
+        let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+        let (limit, timeout) = (live.config.server.max_body_bytes, live.config.client_read_timeout());
+        budget::read_body(body, declared, limit, timeout, &self.bodies).await
+    }
+
+    /// Bytes of request bodies held now (for tests and metrics).
+    pub fn buffered_bytes(&self) -> usize {
+        self.bodies.used()
     }
 
     fn route(&self, live: &Live, parts: &request::Parts) -> Route {
@@ -744,14 +770,18 @@ fn header_int(headers: &HeaderMap, name: &str) -> Option<i64> {
 fn check_client_token(live: &Live, headers: &HeaderMap) -> Result<(), ProxyError> {
     match &live.client_token {
         None => Ok(()),
-        Some(token) => {
-            let given = headers.get(header::PROXY_AUTHORIZATION).map(HeaderValue::as_bytes).unwrap_or_default();
-            if constant_time_eq(given, token.as_bytes()) {
-                Ok(())
-            } else {
-                Err(ProxyError::ProxyAuthRequired)
-            }
+        Some(token) if token::bearer_matches(headers.get(header::PROXY_AUTHORIZATION), token.expose().as_bytes()) => {
+            Ok(())
         }
+        Some(_) => Err(ProxyError::ProxyAuthRequired),
+    }
+}
+
+/// The answer to a `Host` the proxy does not serve.
+pub fn host_error(refusal: HostRefusal) -> ProxyError {
+    match refusal {
+        HostRefusal::Unknown => ProxyError::UnknownHost,
+        HostRefusal::Malformed => ProxyError::BadRequest("malformed or repeated Host header".into()),
     }
 }
 
@@ -771,17 +801,6 @@ fn deadline(live: &Live, headers: &HeaderMap) -> Instant {
     let configured = live.config.queue.max_wait_ms;
     let asked = headers.get(MAX_WAIT_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
     Instant::now() + Duration::from_millis(asked.map_or(configured, |a| a.min(configured)))
-}
-
-async fn read_body(live: &Live, body: Incoming) -> Result<Bytes, ProxyError> {
-    let limit = live.config.server.max_body_bytes;
-    let timeout = live.config.client_read_timeout();
-    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
-        Err(_) => Err(ProxyError::ClientTimeout(timeout)),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
-        Ok(Err(_)) => Err(ProxyError::BodyRead),
-    }
 }
 
 /// What happened to a request, for its log line.
@@ -809,9 +828,4 @@ impl Default for Outcome {
             upstream: None,
         }
     }
-}
-
-/// Compares secrets without leaking their common prefix length through timing.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -217,7 +217,7 @@ pub fn repeat_rule(
 
 /// A fresh `unique_id` (128 random bits, hex).
 pub fn new_unique_id() -> String {
-    format!("kp-{:032x}", fastrand::u128(..))
+    format!("kp-{}", crate::hardening::random::hex128())
 }
 
 /// Reads an event body's `data.attributes.unique_id`, adding a fresh one when the body
