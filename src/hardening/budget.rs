@@ -94,30 +94,34 @@ where
     B: Body<Data = Bytes> + Unpin,
 {
     let mut reservation = budget.reserve();
-    let overloaded = || ProxyError::Overloaded { retry_after: RETRY_AFTER };
-    if let Some(n) = declared {
-        if n > limit as u64 {
-            return Err(ProxyError::BodyTooLarge { limit });
-        }
-        if !reservation.grow_to(n as usize) {
-            return Err(overloaded());
-        }
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ProxyError::BodyTooLarge { limit });
     }
+    // Over the budget the body is still read (and dropped): a client gets the 503
+    // rather than a broken pipe while it is still sending.
+    let mut admitted = declared.is_none_or(|n| reservation.grow_to(n as usize));
     let read = async {
         let mut body = body;
-        let mut buf = BytesMut::new();
+        // Sized to the declared length (already reserved), so growing never doubles it.
+        let mut buf = BytesMut::with_capacity(reservation.bytes());
+        let mut total = 0usize;
         while let Some(frame) = body.frame().await {
             let Ok(data) = frame.map_err(|_| ProxyError::BodyRead)?.into_data() else { continue };
-            let total = buf.len() + data.len();
+            total += data.len();
             if total > limit {
                 return Err(ProxyError::BodyTooLarge { limit });
             }
-            if !reservation.grow_to(total) {
-                return Err(overloaded());
+            admitted = admitted && reservation.grow_to(total);
+            if admitted {
+                buf.extend_from_slice(&data);
+            } else {
+                buf = BytesMut::new();
             }
-            buf.extend_from_slice(&data);
         }
-        Ok(buf.freeze())
+        match admitted {
+            true => Ok(buf.freeze()),
+            false => Err(ProxyError::Overloaded { retry_after: RETRY_AFTER }),
+        }
     };
     match tokio::time::timeout(timeout, read).await {
         Err(_) => Err(ProxyError::ClientTimeout(timeout)),
