@@ -24,6 +24,10 @@ use crate::metrics::BreakerState;
 use crate::proxy::{Probe, Proxy};
 use crate::reload::Reloader;
 
+mod router;
+
+use router::Router;
+
 /// Longest a health probe waits for Klaviyo's answer once it has its token.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -106,12 +110,20 @@ pub struct Admin {
     /// calls share one probe.
     probe: Mutex<Option<(Instant, ServiceHealth)>>,
     account_id: std::sync::Mutex<Option<String>>,
+    routes: Arc<Router<Arc<Admin>>>,
 }
 
 impl Admin {
     /// Admin endpoints for `proxy`; `ready` is flipped by the app at start and drain.
     pub fn new(proxy: Arc<Proxy>, ready: Arc<AtomicBool>, reloader: Option<Reloader>) -> Self {
-        Admin { proxy, ready, reloader, probe: Mutex::new(None), account_id: std::sync::Mutex::new(None) }
+        Admin {
+            proxy,
+            ready,
+            reloader,
+            probe: Mutex::new(None),
+            account_id: std::sync::Mutex::new(None),
+            routes: Arc::new(routes()),
+        }
     }
 
     /// Whether the app has started and is not draining.
@@ -143,45 +155,9 @@ impl Admin {
         if let Err(refusal) = admin_guard::check(&hosts, token, req.method(), req.uri(), req.headers()) {
             return Ok(refusal.error().into_response(&random::hex128()));
         }
-        let resp = match (req.method(), req.uri().path()) {
-            (&Method::GET, "/metrics") => {
-                self.proxy.metrics().limiter_state(self.proxy.limiter().state());
-                let text = self.proxy.metrics().encode(self.proxy.store());
-                response(StatusCode::OK, METRICS_CONTENT_TYPE, text)
-            }
-            (&Method::GET, "/health") => {
-                let report = self.health().await;
-                let status =
-                    if report.status == Status::Healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-                json(status, &serde_json::to_value(&report).unwrap_or_default())
-            }
-            (&Method::GET, "/ready") => {
-                let ready = self.is_ready();
-                let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-                json(status, &serde_json::json!({ "ready": ready }))
-            }
-            (&Method::GET, "/live") => json(StatusCode::OK, &serde_json::json!({ "live": true })),
-            (&Method::POST, "/admin/reload") => match &self.reloader {
-                None => json(
-                    StatusCode::NOT_IMPLEMENTED,
-                    &serde_json::json!({"status": "rejected", "error": "this proxy was started without a config source"}),
-                ),
-                Some(reloader) => match reloader.reload(&self.proxy) {
-                    Ok(()) => json(StatusCode::OK, &serde_json::json!({"status": "reloaded"})),
-                    Err(error) => {
-                        json(StatusCode::BAD_REQUEST, &serde_json::json!({"status": "rejected", "error": error}))
-                    }
-                },
-            },
-            (method, path) if path == "/admin/spool" || path.starts_with("/admin/spool/") => {
-                self.spool(method.clone(), path.trim_start_matches("/admin").to_string()).await
-            }
-            (_, "/metrics" | "/health" | "/ready" | "/live" | "/admin/reload") => {
-                json(StatusCode::METHOD_NOT_ALLOWED, &serde_json::json!({"error": "method not allowed"}))
-            }
-            _ => json(StatusCode::NOT_FOUND, &serde_json::json!({"error": "not found"})),
-        };
-        Ok(resp)
+        let (parts, _body) = req.into_parts();
+        let routes = self.routes.clone();
+        Ok(routes.answer(self, parts).await)
     }
 
     /// The health report: the cached (or a fresh) Klaviyo probe, overlaid with the
@@ -286,6 +262,58 @@ impl Admin {
             s => (Status::Degraded, Some(format!("Klaviyo answered {s}"))),
         };
         ServiceHealth { status, latency_ms, account_id: known_id(), error }
+    }
+}
+
+/// The admin endpoints.
+fn routes() -> Router<Arc<Admin>> {
+    Router::<Arc<Admin>>::default()
+        .get("/metrics", |admin, _| Box::pin(async move { admin.metrics() }))
+        .get("/health", |admin, _| Box::pin(async move { admin.health_answer().await }))
+        .get("/ready", |admin, _| Box::pin(async move { admin.ready_answer() }))
+        .get("/live", |_, _| Box::pin(async { json(StatusCode::OK, &serde_json::json!({ "live": true })) }))
+        .post("/admin/reload", |admin, _| Box::pin(async move { admin.reload() }))
+        .any_under("/admin/spool", |admin, parts| {
+            Box::pin(async move {
+                admin.spool(parts.method, parts.uri.path().trim_start_matches("/admin").to_string()).await
+            })
+        })
+}
+
+impl Admin {
+    /// `GET /metrics`: the limiter's state is sampled when scraped.
+    fn metrics(&self) -> Response<ProxyBody> {
+        self.proxy.metrics().limiter_state(self.proxy.limiter().state());
+        let text = self.proxy.metrics().encode(self.proxy.store());
+        response(StatusCode::OK, METRICS_CONTENT_TYPE, text)
+    }
+
+    /// `GET /health`: 200 only when healthy.
+    async fn health_answer(&self) -> Response<ProxyBody> {
+        let report = self.health().await;
+        let status = if report.status == Status::Healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        json(status, &serde_json::to_value(&report).unwrap_or_default())
+    }
+
+    /// `GET /ready`.
+    fn ready_answer(&self) -> Response<ProxyBody> {
+        let ready = self.is_ready();
+        let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        json(status, &serde_json::json!({ "ready": ready }))
+    }
+
+    /// `POST /admin/reload`.
+    fn reload(&self) -> Response<ProxyBody> {
+        match &self.reloader {
+            None => json(
+                StatusCode::NOT_IMPLEMENTED,
+                &serde_json::json!({"status": "rejected", "error": "this proxy was started without a config source"}),
+            ),
+            Some(reloader) => match reloader.reload(&self.proxy) {
+                Ok(()) => json(StatusCode::OK, &serde_json::json!({"status": "reloaded"})),
+                Err(error) => json(StatusCode::BAD_REQUEST, &serde_json::json!({"status": "rejected", "error": error})),
+            },
+        }
     }
 }
 

@@ -2,7 +2,8 @@
 //! endpoint's rate limits, queueing instead of failing.
 //!
 //! [`App::build`] makes a proxy from a [`config::Config`]; [`App::serve`] runs it on a
-//! listener. The request path is in [`proxy`]; the simulator in [`sim`].
+//! listener. The request path is composed in [`stack`] over the shared state in
+//! [`proxy`]; the simulator in [`sim`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -24,6 +25,7 @@ pub mod route;
 pub mod server;
 pub mod sim;
 pub mod spool;
+pub mod stack;
 pub mod upstream;
 
 use std::future::Future;
@@ -158,8 +160,7 @@ impl App {
             let proxy = self.proxy.clone();
             tokio::spawn(async move { proxy.limiter().run_background().await })
         };
-        let proxy = self.proxy.clone();
-        let service = hyper::service::service_fn(move |req| proxy.clone().handle(req));
+        let service = hyper_util::service::TowerToHyperService::new(stack::build(&self.proxy));
         server::serve(listener, None, limits, service, shutdown).await;
         sweeper.abort();
         replayer.abort();

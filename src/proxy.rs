@@ -1,33 +1,32 @@
-//! The request path, top to bottom: refuse what is not ours to forward, authorize,
-//! route, buffer the body, wait for a token, forward, stream the answer back.
+//! What the request path shares: the reloadable config view ([`Live`]), the bucket
+//! store, the upstream pool, the breaker, the retry budget, the spool and the metrics;
+//! building it, reloading it, and the health probe. The path itself is composed in
+//! [`crate::stack`].
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{request, Method, Request, Response, StatusCode};
+use http::{request, Request, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::body::ProxyBody;
-use crate::breaker::{self, Breaker, Phase};
+use crate::breaker::{Breaker, Phase};
 use crate::config::{is_beta_revision, AuthMode, Config, ConfigError, Secret, StoreKind};
-use crate::error::{Origin, ProxyError};
+use crate::error::ProxyError;
+use crate::hardening::budget::ByteBudget;
 use crate::hardening::host::{HostPolicy, HostRefusal};
 use crate::hardening::random::{self, SecretBytes};
-use crate::hardening::{budget, budget::ByteBudget, hop, target, token};
 use crate::limiter::redis::{RedisStore, RedisStoreError};
-use crate::limiter::{Account, BucketKey, Demand, Denied, Grant, Limiter, LocalStore, SharedStore};
-use crate::metrics::{BreakerState, Metrics, RequestOutcome};
+use crate::limiter::{Account, Limiter, LocalStore, SharedStore};
+use crate::metrics::{BreakerState, Metrics};
 use crate::queue;
-use crate::retry::{self, Backoff, Repeat, RetryBudget};
+use crate::retry::RetryBudget;
 use crate::route::{Route, Router};
 use crate::spool::{self, Spool};
-use crate::upstream::{self, Upstream, UpstreamError, MAX_WAIT_HEADER};
+use crate::upstream::{self, Upstream, UpstreamError};
 
 mod deferred;
 
@@ -40,43 +39,46 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// and the metrics live as long as the proxy, so queued requests survive a reload.
 #[derive(Debug)]
 pub struct Proxy {
-    live: RwLock<Arc<Live>>,
+    pub(crate) live: RwLock<Arc<Live>>,
     /// The account hash key used when the config names none: random per start, kept
     /// across reloads so buckets keep their accounts.
-    fallback_hash_key: SecretBytes,
-    limiter: Limiter,
-    upstream: Upstream,
-    metrics: Arc<Metrics>,
+    pub(crate) fallback_hash_key: SecretBytes,
+    pub(crate) limiter: Limiter,
+    pub(crate) upstream: Upstream,
+    pub(crate) metrics: Arc<Metrics>,
     /// The upstream's circuit breaker and the retry budget: like the store, they
     /// outlive reloads (their settings are read at start).
-    breaker: Breaker,
-    budget: RetryBudget,
+    pub(crate) breaker: Breaker,
+    pub(crate) budget: RetryBudget,
     /// A fixed instant for the retry budget's clock.
-    started: Instant,
+    pub(crate) started: Instant,
     /// Accepted writes waiting for delivery (`spool.path`; read at start).
-    spool: Option<Spool>,
+    pub(crate) spool: Option<Spool>,
     /// Wakes the replayer when a write is spooled.
-    spooled: tokio::sync::Notify,
+    pub(crate) spooled: tokio::sync::Notify,
     /// When a shutdown's drain time runs out.
-    drain: tokio::sync::watch::Sender<Option<Instant>>,
+    pub(crate) drain: tokio::sync::watch::Sender<Option<Instant>>,
     /// Request bodies held in memory (`server.max_buffered_bytes`; read at start).
-    bodies: Arc<ByteBudget>,
+    pub(crate) bodies: Arc<ByteBudget>,
 }
 
 /// The reloadable part: a request reads it once and keeps that view to the end.
 #[derive(Debug)]
-struct Live {
-    config: Arc<Config>,
-    router: Router,
+pub struct Live {
+    pub(crate) config: Arc<Config>,
+    pub(crate) router: Router,
     /// `Klaviyo-API-Key <key>`, marked sensitive, in inject mode.
-    injected_auth: Option<HeaderValue>,
-    client_token: Option<Secret>,
+    pub(crate) injected_auth: Option<HeaderValue>,
+    /// `server.client_token`.
+    pub(crate) client_token: Option<Secret>,
     /// The names clients may reach the proxy by.
-    hosts: HostPolicy,
+    pub(crate) hosts: HostPolicy,
+    /// The proxy's body budget (the same one across reloads).
+    pub(crate) bodies: Arc<ByteBudget>,
 }
 
 impl Live {
-    fn new(config: Config, fallback_hash_key: &SecretBytes) -> Result<Live, BuildError> {
+    fn new(config: Config, fallback_hash_key: &SecretBytes, bodies: Arc<ByteBudget>) -> Result<Live, BuildError> {
         let hash_key = match &config.auth.account_hash_key {
             Some(k) => k.expose().as_bytes(),
             None => fallback_hash_key.expose(),
@@ -92,8 +94,18 @@ impl Live {
             injected_auth,
             client_token: config.server.client_token.clone(),
             hosts: HostPolicy::new(&config.server.allowed_hosts),
+            bodies,
             config: Arc::new(config),
         })
+    }
+
+    /// Routes a request head under this config: the revision picks stable or beta
+    /// limits, the credential that will go upstream names the account.
+    pub(crate) fn route(&self, parts: &request::Parts) -> Route {
+        let revision = parts.headers.get("revision").and_then(|v| v.to_str().ok());
+        let beta = is_beta_revision(revision.unwrap_or(self.config.upstream.revision.as_str()));
+        let credential = parts.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+        self.router.route(parts.method.as_str(), parts.uri.path(), parts.uri.query(), beta, credential)
     }
 
     /// Configured account names, for metrics: the injected key's account.
@@ -205,7 +217,7 @@ impl Proxy {
         );
         let spool = config.spool.path.as_deref().map(Spool::open).transpose()?;
         let bodies = ByteBudget::new(config.server.max_buffered_bytes);
-        let live = Live::new(config, &fallback_hash_key)?;
+        let live = Live::new(config, &fallback_hash_key, bodies.clone())?;
         metrics.set_account_names(live.account_names());
         let proxy = Proxy {
             live: RwLock::new(Arc::new(live)),
@@ -225,7 +237,7 @@ impl Proxy {
         Ok(proxy)
     }
 
-    fn live(&self) -> Arc<Live> {
+    pub(crate) fn live(&self) -> Arc<Live> {
         self.live.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
@@ -270,7 +282,8 @@ impl Proxy {
         self.drain.send_replace(Some(until));
     }
 
-    async fn drain_ends(&self) {
+    /// Completes when a shutdown's drain time has run out.
+    pub(crate) async fn drain_ends(&self) {
         let mut rx = self.drain.subscribe();
         let Ok(until) = rx.wait_for(Option::is_some).await.map(|v| v.expect("some")) else {
             return std::future::pending().await;
@@ -313,7 +326,7 @@ impl Proxy {
             // Replicas must hash accounts alike; one replica changing alone splits buckets.
             return Err(ReloadError::NeedsRestart("auth.account_hash_key (with the redis store)"));
         }
-        let live = Arc::new(Live::new(new, &self.fallback_hash_key)?);
+        let live = Arc::new(Live::new(new, &self.fallback_hash_key, self.bodies.clone())?);
         self.metrics.set_account_names(live.account_names());
         *self.live.write().unwrap_or_else(PoisonError::into_inner) = live;
         Ok(())
@@ -332,7 +345,7 @@ impl Proxy {
             req.headers_mut().insert(header::AUTHORIZATION, auth.clone());
         }
         let (mut parts, ()) = req.into_parts();
-        let route = self.route(&live, &parts);
+        let route = live.route(&parts);
         upstream::outbound_headers(&mut parts.headers, live.config.upstream.revision.as_str());
         if live.config.limits.enabled {
             let deadline = Instant::now() + max_wait;
@@ -353,362 +366,14 @@ impl Proxy {
         Ok(Probe { status, body, latency, retry_after })
     }
 
-    /// Serves one client request; never fails at the HTTP level.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
-        let started = Instant::now();
-        let request_id = req
-            .headers()
-            .get(REQUEST_ID_HEADER)
-            .filter(|v| v.len() <= 128)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .unwrap_or_else(random::hex128);
-        let method = req.method().clone();
-        let mut outcome = Outcome::default();
-        let mut resp = match self.forward(req, &mut outcome).await {
-            Ok(resp) => resp,
-            Err(err) => {
-                outcome.error = Some(err.code());
-                outcome.kind = match err.origin() {
-                    Origin::Client => RequestOutcome::Rejected,
-                    Origin::Upstream | Origin::Internal => RequestOutcome::Failed,
-                };
-                err.into_response(&request_id)
-            }
-        };
-        self.metrics.request(outcome.operation, outcome.tier, outcome.kind);
-        if let Ok(v) = HeaderValue::from_str(&request_id) {
-            resp.headers_mut().insert(REQUEST_ID_HEADER, v);
-        }
-        tracing::info!(
-            request_id = %request_id,
-            %method,
-            operation = outcome.operation,
-            tier = outcome.tier,
-            status = resp.status().as_u16(),
-            outcome = outcome.error.unwrap_or(outcome.kind.as_str()),
-            queue_wait_ms = outcome.waited.as_millis() as u64,
-            attempts = outcome.attempts,
-            upstream_ms = outcome.upstream.map(|d| d.as_millis() as u64),
-            total_ms = started.elapsed().as_millis() as u64,
-            "request"
-        );
-        Ok(resp)
-    }
-
-    async fn forward(&self, req: Request<Incoming>, outcome: &mut Outcome) -> Result<Response<ProxyBody>, ProxyError> {
-        // One view of the config for the whole request, even if a reload lands meanwhile.
-        let live = self.live();
-        // Never an open relay: only our upstream, only Klaviyo's API paths, only names
-        // we answer to (a rebinding web page sends its own).
-        self.check_target(&live, &req)?;
-        // Off loopback, clients prove they may use the proxy.
-        check_client_token(&live, req.headers())?;
-        let (mut parts, body) = req.into_parts();
-        // The client's hop-by-hop headers go before anything of ours is added.
-        hop::strip_client(&mut parts.headers)
-            .map_err(|p| ProxyError::BadRequest(format!("Connection may not name {}", p.0)))?;
-        // The credential that goes upstream decides whose quota is spent.
-        authorize(&live, &mut parts.headers)?;
-        let route = self.route(&live, &parts);
-        (outcome.operation, outcome.tier) = (route.label(), route.tier());
-        let deadline = deadline(&live, &parts.headers);
-        // Buffered so the client's upload time never holds a token, and bounded.
-        let (body, _held) = self.read_body(&live, &parts.headers, body).await?;
-        upstream::outbound_headers(&mut parts.headers, live.config.upstream.revision.as_str());
-        // Events get a unique_id, so Klaviyo deduplicates any repeat or replay.
-        let (body, unique_id) = with_unique_id(&live, &route, body);
-        let repeat = repeat_rule(&live, &parts.method, &route, unique_id.is_some());
-        // Writes that may be accepted now and delivered later: with a spool, and only
-        // where a later delivery cannot make them happen twice.
-        let deferrable = self.spool.is_some() && is_deferrable(&live, &route) && repeat == Repeat::Safe;
-        // The kill switch (rollback option): answer at once, touch nothing upstream.
-        if !live.config.upstream.enabled {
-            if deferrable && live.config.spool.when_disabled {
-                if let Some(accepted) = self.defer(&parts, &body, &route, unique_id, outcome).await {
-                    return Ok(accepted);
-                }
-            }
-            return Err(ProxyError::Disabled);
-        }
-        // While Klaviyo is failing, fail fast instead of queueing for nothing.
-        if let Some(retry_after) = self.breaker_open(&live) {
-            if deferrable {
-                if let Some(accepted) = self.defer(&parts, &body, &route, unique_id, outcome).await {
-                    return Ok(accepted);
-                }
-            }
-            return Err(ProxyError::CircuitOpen { retry_after });
-        }
-        // Limiter, breaker, upstream, and again while a repeat is safe and in time;
-        // cut short when a shutdown's drain time runs out.
-        let result = tokio::select! {
-            result = self.exchange(&live, &parts, body.clone(), &route, deadline, repeat, outcome) => result,
-            () = self.drain_ends() => Err(ProxyError::Draining),
-        };
-        // A deferrable write that cannot be delivered now is accepted for later.
-        let undelivered = match &result {
-            Ok(resp) => resp.status().is_server_error(),
-            Err(e) => may_defer(e),
-        };
-        if deferrable && undelivered {
-            if let Some(accepted) = self.defer(&parts, &body, &route, unique_id, outcome).await {
-                return Ok(accepted);
-            }
-        }
-        let resp = result?;
-        let (mut parts, body) = resp.into_parts();
-        upstream::strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, body.boxed()))
-    }
-
-    /// Sends a request until it gets an answer worth returning: waits for its token,
-    /// asks the breaker, sends; on a 429 pauses the bucket and requeues the request at
-    /// its head; on a 5xx, timeout or connection error backs off and goes again while
-    /// repeating is safe, the budget allows and the deadline is not passed.
-    #[allow(clippy::too_many_arguments)]
-    async fn exchange(
-        &self,
-        live: &Live,
-        parts: &request::Parts,
-        body: Bytes,
-        route: &Route,
-        deadline: Instant,
-        repeat: Repeat,
-        outcome: &mut Outcome,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let config = &live.config;
-        let label = route.label();
-        let limited = config.limits.enabled;
-        let backoff = Backoff {
-            base: Duration::from_millis(config.retry.base_ms),
-            cap: Duration::from_millis(config.retry.cap_ms),
-        };
-        let mut requeued: Option<Grant> = None;
-        let mut retries = 0u32;
-        let mut rng = fastrand::Rng::new();
-        self.budget.deposit(Instant::now(), self.started);
-        loop {
-            // The limiter: a token in every bucket; a requeued request keeps its place.
-            let waited = match requeued.take() {
-                Some(grant) => {
-                    let queued = Instant::now();
-                    queue::wait_for_grant(self.limiter.local(), grant, deadline, label).await?;
-                    queued.elapsed()
-                }
-                None if limited => {
-                    let depth = config.queue.max_depth;
-                    queue::wait(&self.limiter, &route.demands, deadline, depth, label).await?
-                }
-                None => Duration::ZERO,
-            };
-            if limited {
-                self.metrics.queue_wait(outcome.operation, outcome.tier, waited);
-            }
-            outcome.waited += waited;
-            if !outcome.waited.is_zero() {
-                outcome.kind = RequestOutcome::Queued;
-            }
-            // The breaker decides last: it may have opened while the request queued.
-            let permit = match config.breaker.enabled {
-                true => Some(
-                    self.breaker
-                        .admit(Instant::now())
-                        .map_err(|retry_after| ProxyError::CircuitOpen { retry_after })?,
-                ),
-                false => None,
-            };
-            let sent = Instant::now();
-            outcome.attempts += 1;
-            let result = self.upstream.send(parts, body.clone()).await;
-            let latency = sent.elapsed();
-            outcome.upstream = Some(latency);
-            let now = Instant::now();
-            if let Ok(resp) = &result {
-                // Operators see Klaviyo's answers and its own count of what is left.
-                let remaining = header_int(resp.headers(), "ratelimit-remaining");
-                self.metrics.upstream_response(route, resp.status().as_u16(), latency, remaining);
-            }
-            let (verdict, failure, reason) = match result {
-                Ok(resp) if resp.status() == StatusCode::TOO_MANY_REQUESTS => {
-                    self.record(permit, breaker::Outcome::Success);
-                    // Klaviyo's quota is spent (by us or another consumer): the whole
-                    // bucket waits for Retry-After, this request at the head of its queue.
-                    let cap = Duration::from_millis(config.retry.retry_after_cap_ms);
-                    let wait = retry::retry_after_of(resp.headers(), cap)
-                        .unwrap_or_else(|| backoff.delay(retries, &mut rng).max(Duration::from_secs(1)));
-                    tracing::debug!(operation = label, ?wait, "upstream 429: bucket paused");
-                    if !limited {
-                        return Ok(resp);
-                    }
-                    // Boxed, like the feedback below: their Redis calls are large futures that would
-                    // otherwise sit in every queued request's state.
-                    match Box::pin(self.pause(&route.demands, now + wait, now, deadline)).await {
-                        Ok(grant) => {
-                            self.metrics.retry(label, "throttled");
-                            requeued = grant;
-                            continue;
-                        }
-                        Err(denied) => {
-                            let (Denied::Deadline { wait: retry_after } | Denied::QueueFull { wait: retry_after }) =
-                                denied;
-                            return Err(ProxyError::UpstreamThrottled { operation: label, retry_after });
-                        }
-                    }
-                }
-                Ok(resp) if resp.status().is_server_error() => {
-                    self.record(permit, breaker::Outcome::Failure);
-                    (Ok(resp), repeat == Repeat::Safe, "server_error")
-                }
-                Ok(resp) => {
-                    self.record(permit, breaker::Outcome::Success);
-                    Box::pin(self.feedback(live, route, &resp, now)).await;
-                    return Ok(resp);
-                }
-                Err(e) => {
-                    tracing::warn!(operation = label, error = %e.chain(), "upstream request failed");
-                    // A connection that was never made carried nothing: safe to repeat.
-                    let never_sent = matches!(&e, UpstreamError::Connect(c) if c.is_connect());
-                    let (kind, reason) = match e {
-                        UpstreamError::Connect(_) => (breaker::Outcome::ConnectFailure, "connect"),
-                        UpstreamError::Timeout(_) => (breaker::Outcome::Failure, "timeout"),
-                    };
-                    self.record(permit, kind);
-                    (Err(upstream_error(e)), repeat == Repeat::Safe || never_sent, reason)
-                }
-            };
-            // Backoff: only a safe repeat, within attempts, budget and deadline.
-            let delay = backoff.delay(retries, &mut rng);
-            let may = failure && retries + 1 < config.retry.max_attempts.get() && Instant::now() + delay < deadline;
-            if !may {
-                return verdict;
-            }
-            if !self.budget.withdraw(Instant::now(), self.started) {
-                self.metrics.retry_budget_exhausted(label);
-                return verdict;
-            }
-            retries += 1;
-            self.metrics.retry(label, reason);
-            tracing::debug!(operation = label, retry = retries, ?delay, "retrying after upstream failure");
-            drop(verdict);
-            tokio::time::sleep(delay).await;
-            // The breaker may have opened during the backoff.
-            if let Some(retry_after) = self.breaker_open(live) {
-                return Err(ProxyError::CircuitOpen { retry_after });
-            }
-        }
-    }
-
-    fn record(&self, permit: Option<breaker::Permit<'_>>, outcome: breaker::Outcome) {
-        if let Some(permit) = permit {
-            self.breaker.record(permit, outcome, Instant::now());
-        }
-    }
-
-    fn breaker_open(&self, live: &Live) -> Option<Duration> {
-        if live.config.breaker.enabled {
-            self.breaker.open_for(Instant::now())
-        } else {
-            None
-        }
-    }
-
-    /// Pauses the request's buckets until `until` (an upstream 429). The local store
-    /// requeues the request at the head of its bucket's queue and returns its grant;
-    /// with Redis every replica pauses (and the local fallback too, should Redis go
-    /// away meanwhile) and the request simply asks again. `Err` when the pause ends
-    /// after `deadline`, with the wait.
-    async fn pause(
-        &self,
-        demands: &[Demand],
-        until: Instant,
-        now: Instant,
-        deadline: Instant,
-    ) -> Result<Option<Grant>, Denied> {
-        match &self.limiter {
-            Limiter::Local(store) => store.pause_and_requeue(demands, until, now, deadline).map(Some),
-            Limiter::Shared(_) => {
-                let keys: Vec<BucketKey> = demands.iter().map(|d| d.key).collect();
-                if let Err(e) = self.limiter.pause(&keys, until).await {
-                    tracing::warn!(error = %e, "could not share an upstream pause through Redis");
-                }
-                let fallback = self.limiter.local();
-                if let Ok(head) = fallback.pause_and_requeue(demands, until, now, until) {
-                    fallback.cancel(&head);
-                }
-                if until > deadline {
-                    Err(Denied::Deadline { wait: until.saturating_duration_since(now) })
-                } else {
-                    Ok(None)
-                }
-            }
-        }
-    }
-
-    /// Klaviyo's `RateLimit-Remaining` lowers the proxy's view of the bucket when
-    /// another consumer spends the same quota.
-    async fn feedback(&self, live: &Live, route: &Route, resp: &Response<Incoming>, now: Instant) {
-        let remaining = header_int(resp.headers(), "ratelimit-remaining").and_then(|r| u32::try_from(r).ok());
-        let reset =
-            header_int(resp.headers(), "ratelimit-reset").and_then(|r| u64::try_from(r).ok()).map(Duration::from_secs);
-        let (Some(remaining), Some(demand), true) = (remaining, route.demands.first(), live.config.limits.enabled)
-        else {
-            return;
-        };
-        let phantoms = match &self.limiter {
-            Limiter::Local(store) => u64::from(store.observe_remaining(demand, remaining, reset, now)),
-            Limiter::Shared(_) => {
-                let reset = reset.unwrap_or(Duration::from_secs(60));
-                self.limiter.correct(demand, remaining, reset).await.unwrap_or(0)
-            }
-        };
-        if phantoms > 0 {
-            tracing::debug!(
-                operation = route.label(),
-                phantoms,
-                remaining,
-                "upstream reports less quota than expected"
-            );
-        }
-    }
-
-    fn check_target(&self, live: &Live, req: &Request<Incoming>) -> Result<(), ProxyError> {
-        if req.method() == Method::CONNECT {
-            return Err(ProxyError::Connect);
-        }
-        // HTTP/2's :authority names the proxy itself (it is HTTP/1's Host), so only an
-        // HTTP/1 absolute-form target can ask for another host.
-        let http1 = req.version() < http::Version::HTTP_2;
-        if http1 && !self.upstream.is_upstream(req.uri()) {
-            return Err(ProxyError::ForeignHost);
-        }
-        live.hosts.check(req.uri(), req.headers(), http1).map_err(host_error)?;
-        target::check_path(req.uri().path()).map_err(|_| ProxyError::UnknownPath)
-    }
-
-    /// Buffers the body within `server.max_body_bytes` and the shared byte budget; the
-    /// reservation lives as long as the request.
-    async fn read_body(
-        &self,
-        live: &Live,
-        headers: &HeaderMap,
-        body: Incoming,
-    ) -> Result<(Bytes, budget::Reservation), ProxyError> {
-        let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
-        let (limit, timeout) = (live.config.server.max_body_bytes, live.config.client_read_timeout());
-        budget::read_body(body, declared, limit, timeout, &self.bodies).await
-    }
-
+    /// The upstream client.
     /// Bytes of request bodies held now (for tests and metrics).
     pub fn buffered_bytes(&self) -> usize {
         self.bodies.used()
     }
 
-    fn route(&self, live: &Live, parts: &request::Parts) -> Route {
-        let revision = parts.headers.get("revision").and_then(|v| v.to_str().ok());
-        let beta = is_beta_revision(revision.unwrap_or(live.config.upstream.revision.as_str()));
-        let credential = parts.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
-        live.router.route(parts.method.as_str(), parts.uri.path(), parts.uri.query(), beta, credential)
+    pub(crate) fn upstream(&self) -> &Upstream {
+        &self.upstream
     }
 }
 
@@ -720,63 +385,6 @@ fn breaker_state(phase: Phase) -> BreakerState {
     }
 }
 
-fn with_unique_id(live: &Live, route: &Route, body: Bytes) -> (Bytes, Option<String>) {
-    if !route.operation.is_some_and(retry::is_event_create) {
-        return (body, None);
-    }
-    match retry::ensure_unique_id(&body) {
-        // Not adding ids, only an id the client sent (body unchanged) counts.
-        Some((with_id, id)) if live.config.retry.add_unique_id || with_id == body => (with_id, Some(id)),
-        _ => (body, None),
-    }
-}
-
-fn repeat_rule(live: &Live, method: &Method, route: &Route, has_unique_id: bool) -> Repeat {
-    let over = live.config.retry.operations.iter().find(|(k, _)| k.as_str() == route.label()).map(|(_, v)| *v);
-    retry::repeat_rule(method, route.operation, has_unique_id, over)
-}
-
-fn is_deferrable(live: &Live, route: &Route) -> bool {
-    live.config.spool.deferrable.iter().any(|o| o.as_str() == route.label())
-}
-
-/// Whether a deferrable write that failed this way may be accepted for later: it did
-/// not reach Klaviyo, or Klaviyo failed it (deferrable writes are safe to repeat).
-fn may_defer(e: &ProxyError) -> bool {
-    matches!(
-        e,
-        ProxyError::CircuitOpen { .. }
-            | ProxyError::QueueFull { .. }
-            | ProxyError::QueueTimeout { .. }
-            | ProxyError::UpstreamThrottled { .. }
-            | ProxyError::UpstreamUnreachable
-            | ProxyError::UpstreamTimeout(_)
-            | ProxyError::Draining
-    )
-}
-
-fn upstream_error(e: UpstreamError) -> ProxyError {
-    match e {
-        UpstreamError::Connect(_) => ProxyError::UpstreamUnreachable,
-        UpstreamError::Timeout(d) => ProxyError::UpstreamTimeout(d),
-    }
-}
-
-/// An integer header such as `RateLimit-Remaining` or `Retry-After` (seconds form).
-fn header_int(headers: &HeaderMap, name: &str) -> Option<i64> {
-    headers.get(name)?.to_str().ok()?.trim().parse().ok()
-}
-
-fn check_client_token(live: &Live, headers: &HeaderMap) -> Result<(), ProxyError> {
-    match &live.client_token {
-        None => Ok(()),
-        Some(token) if token::bearer_matches(headers.get(header::PROXY_AUTHORIZATION), token.expose().as_bytes()) => {
-            Ok(())
-        }
-        Some(_) => Err(ProxyError::ProxyAuthRequired),
-    }
-}
-
 /// The answer to a `Host` the proxy does not serve.
 pub fn host_error(refusal: HostRefusal) -> ProxyError {
     match refusal {
@@ -785,47 +393,14 @@ pub fn host_error(refusal: HostRefusal) -> ProxyError {
     }
 }
 
-fn authorize(live: &Live, headers: &mut HeaderMap) -> Result<(), ProxyError> {
-    let Some(ours) = &live.injected_auth else { return Ok(()) };
-    if headers.contains_key(header::AUTHORIZATION) {
-        if !live.config.auth.allow_client_keys {
-            return Err(ProxyError::ClientKeyForbidden);
-        }
-    } else {
-        headers.insert(header::AUTHORIZATION, ours.clone());
+pub(crate) fn upstream_error(e: UpstreamError) -> ProxyError {
+    match e {
+        UpstreamError::Connect(_) => ProxyError::UpstreamUnreachable,
+        UpstreamError::Timeout(d) => ProxyError::UpstreamTimeout(d),
     }
-    Ok(())
 }
 
-fn deadline(live: &Live, headers: &HeaderMap) -> Instant {
-    let configured = live.config.queue.max_wait_ms;
-    let asked = headers.get(MAX_WAIT_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
-    Instant::now() + Duration::from_millis(asked.map_or(configured, |a| a.min(configured)))
-}
-
-/// What happened to a request, for its log line.
-#[derive(Debug)]
-struct Outcome {
-    operation: &'static str,
-    tier: &'static str,
-    kind: RequestOutcome,
-    /// Times the request was sent upstream (retries add to it).
-    attempts: u32,
-    error: Option<&'static str>,
-    waited: Duration,
-    upstream: Option<Duration>,
-}
-
-impl Default for Outcome {
-    fn default() -> Self {
-        Outcome {
-            operation: "unknown",
-            tier: "unknown",
-            kind: RequestOutcome::Forwarded,
-            attempts: 0,
-            error: None,
-            waited: Duration::ZERO,
-            upstream: None,
-        }
-    }
+/// An integer header such as `RateLimit-Remaining` or `Retry-After` (seconds form).
+pub(crate) fn header_int(headers: &HeaderMap, name: &str) -> Option<i64> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
 }

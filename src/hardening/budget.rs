@@ -91,7 +91,7 @@ pub async fn read_body<B>(
     budget: &Arc<ByteBudget>,
 ) -> Result<(Bytes, Reservation), ProxyError>
 where
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes>,
 {
     let mut reservation = budget.reserve();
     if declared.is_some_and(|n| n > limit as u64) {
@@ -101,7 +101,7 @@ where
     // rather than a broken pipe while it is still sending.
     let mut admitted = declared.is_none_or(|n| reservation.grow_to(n as usize));
     let read = async {
-        let mut body = body;
+        let mut body = std::pin::pin!(body);
         // Sized to the declared length (already reserved), so growing never doubles it.
         let mut buf = BytesMut::with_capacity(reservation.bytes());
         let mut total = 0usize;

@@ -10,29 +10,24 @@ use http::header::{self, HeaderValue};
 use http::{request, Request, Response};
 use tokio::time::Instant;
 
-use super::{Outcome, Proxy};
+use super::Proxy;
 use crate::body::ProxyBody;
 use crate::breaker;
 use crate::metrics::RequestOutcome;
 use crate::queue;
 use crate::retry;
 use crate::retry::Backoff;
-use crate::route::Route;
 use crate::spool::{self, Spool};
+use crate::stack::Routed;
 use crate::upstream::UpstreamError;
 
 impl Proxy {
     /// Writes the request to the spool (synced to disk) and answers 202 with its id;
     /// `None` when the spool cannot take it (the caller then answers as it would have).
-    pub(super) async fn defer(
-        &self,
-        parts: &request::Parts,
-        body: &Bytes,
-        route: &Route,
-        unique_id: Option<String>,
-        outcome: &mut Outcome,
-    ) -> Option<Response<ProxyBody>> {
+    pub(crate) async fn defer(&self, routed: &Routed<Bytes>) -> Option<Response<ProxyBody>> {
         let spool = self.spool.as_ref()?;
+        let Routed { call, route, unique_id, .. } = routed;
+        let (parts, body) = (&call.parts, &call.body);
         let entry = spool::Entry {
             id: 0,
             operation: route.label().to_string(),
@@ -40,7 +35,7 @@ impl Proxy {
             path_and_query: parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_string(), |p| p.to_string()),
             headers: parts.headers.iter().map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec())).collect(),
             body: body.to_vec(),
-            unique_id,
+            unique_id: unique_id.clone(),
             accepted_at_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
@@ -55,7 +50,7 @@ impl Proxy {
         };
         self.spooled.notify_one();
         self.refresh_spool_gauges();
-        outcome.kind = RequestOutcome::Spooled;
+        call.record.update(|o| o.kind = RequestOutcome::Spooled);
         let mut resp = Response::new(crate::body::full(Bytes::new()));
         *resp.status_mut() = http::StatusCode::ACCEPTED;
         resp.headers_mut().insert(spool::SPOOL_ID_HEADER, HeaderValue::from(id));
@@ -116,7 +111,7 @@ impl Proxy {
             let _ = spool.dead_letter(entry.id, "unreadable spooled request");
             return Replay::Delivered;
         };
-        let route = self.route(&live, &parts);
+        let route = live.route(&parts);
         let now = Instant::now();
         if let Some(wait) = self.breaker_open(&live) {
             return Replay::Wait(wait.min(Duration::from_secs(1)));

@@ -1,0 +1,247 @@
+//! The answers that come before the exchange, and the one after it: the kill switch
+//! (`upstream.enabled = false`) answers at once; an open breaker fails fast instead of
+//! queueing for nothing; and a deferrable write (`spool.deferrable`, safe to repeat,
+//! with a spool) that cannot be delivered now is written to the spool and accepted
+//! with a 202.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::Response;
+use tower::{Layer, Service};
+
+use super::{BoxFuture, Routed};
+use crate::body::ProxyBody;
+use crate::error::ProxyError;
+use crate::proxy::{Live, Proxy};
+use crate::retry::Repeat;
+use crate::route::Route;
+
+/// See the module docs.
+#[derive(Debug, Clone)]
+pub struct DeferLayer {
+    proxy: Arc<Proxy>,
+}
+
+impl DeferLayer {
+    /// The layer, spooling to `proxy`'s spool.
+    pub fn new(proxy: Arc<Proxy>) -> Self {
+        DeferLayer { proxy }
+    }
+}
+
+impl<S> Layer<S> for DeferLayer {
+    type Service = Defer<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Defer { proxy: self.proxy.clone(), inner }
+    }
+}
+
+/// See [`DeferLayer`].
+#[derive(Debug, Clone)]
+pub struct Defer<S> {
+    proxy: Arc<Proxy>,
+    inner: S,
+}
+
+impl<S> Service<Routed<Bytes>> for Defer<S>
+where
+    S: Service<Routed<Bytes>, Response = Response<ProxyBody>, Error = ProxyError> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Response<ProxyBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<Response<ProxyBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, routed: Routed<Bytes>) -> Self::Future {
+        let proxy = self.proxy.clone();
+        let mut inner = self.inner.clone();
+        std::mem::swap(&mut inner, &mut self.inner);
+        Box::pin(async move {
+            let live = routed.call.live.clone();
+            // Only where a later delivery cannot make the write happen twice.
+            let deferrable =
+                proxy.spool().is_some() && is_deferrable(&live, &routed.route) && routed.repeat == Repeat::Safe;
+            // The kill switch (rollback option): answer at once, touch nothing upstream.
+            if !live.config.upstream.enabled {
+                if deferrable && live.config.spool.when_disabled {
+                    if let Some(accepted) = proxy.defer(&routed).await {
+                        return Ok(accepted);
+                    }
+                }
+                return Err(ProxyError::Disabled);
+            }
+            if let Some(retry_after) = proxy.breaker_open(&live) {
+                if deferrable {
+                    if let Some(accepted) = proxy.defer(&routed).await {
+                        return Ok(accepted);
+                    }
+                }
+                return Err(ProxyError::CircuitOpen { retry_after });
+            }
+            // The exchange owns the call; keep what the spool needs if it fails.
+            let kept = deferrable.then(|| keep(&routed));
+            let result = inner.call(routed).await;
+            let undelivered = match &result {
+                Ok(resp) => resp.status().is_server_error(),
+                Err(e) => may_defer(e),
+            };
+            if let (Some(kept), true) = (kept, undelivered) {
+                if let Some(accepted) = proxy.defer(&kept).await {
+                    return Ok(accepted);
+                }
+            }
+            result
+        })
+    }
+}
+
+/// A copy of a call for the spool (the body is shared, not copied).
+fn keep(routed: &Routed<Bytes>) -> Routed<Bytes> {
+    let call = &routed.call;
+    Routed {
+        call: super::Call {
+            parts: call.parts.clone(),
+            body: call.body.clone(),
+            live: call.live.clone(),
+            record: call.record.clone(),
+        },
+        route: routed.route.clone(),
+        deadline: routed.deadline,
+        repeat: routed.repeat,
+        unique_id: routed.unique_id.clone(),
+    }
+}
+
+fn is_deferrable(live: &Live, route: &Route) -> bool {
+    live.config.spool.deferrable.iter().any(|o| o.as_str() == route.label())
+}
+
+/// Whether a deferrable write that failed this way may be accepted for later: it did
+/// not reach Klaviyo, or Klaviyo failed it (deferrable writes are safe to repeat).
+fn may_defer(e: &ProxyError) -> bool {
+    matches!(
+        e,
+        ProxyError::CircuitOpen { .. }
+            | ProxyError::QueueFull { .. }
+            | ProxyError::QueueTimeout { .. }
+            | ProxyError::UpstreamThrottled { .. }
+            | ProxyError::UpstreamUnreachable
+            | ProxyError::UpstreamTimeout(_)
+            | ProxyError::Draining
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::metrics::RequestOutcome;
+    use crate::spool::SPOOL_ID_HEADER;
+    use crate::stack::idempotency::Idempotency;
+    use crate::stack::step::Check;
+    use crate::stack::testing;
+
+    const EVENT: &str = r#"{"data":{"type":"event","attributes":{"properties":{}}}}"#;
+
+    struct Fixture {
+        proxy: Arc<Proxy>,
+        calls: Arc<AtomicU32>,
+        _dir: TempDir,
+    }
+
+    /// A spool file in a directory removed at the end of the test.
+    struct TempDir(std::path::PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn fixture(extra: &str) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("kp-defer-{:016x}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("spool.redb");
+        let config =
+            format!("[spool]\npath = {:?}\ndeferrable = [\"create_event\"]\n{extra}", path.display().to_string());
+        Fixture { proxy: testing::proxy(&config), calls: Arc::new(AtomicU32::new(0)), _dir: TempDir(dir) }
+    }
+
+    /// Sends an event through the layer over an upstream answering `status` (or failing).
+    async fn send(f: &Fixture, answer: Result<StatusCode, ProxyError>) -> Result<Response<ProxyBody>, ProxyError> {
+        let calls = f.calls.clone();
+        let answer = Arc::new(std::sync::Mutex::new(Some(answer)));
+        let inner = tower::service_fn(move |_: Routed<Bytes>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let answer = answer.lock().unwrap().take().expect("called once");
+            async move {
+                answer.map(|s| {
+                    let mut r = Response::new(crate::body::full(Bytes::new()));
+                    *r.status_mut() = s;
+                    r
+                })
+            }
+        });
+        let req = Request::post("/api/events").body(Bytes::from_static(EVENT.as_bytes())).unwrap();
+        let routed = Idempotency.check(testing::routed(&f.proxy, req)).unwrap();
+        DeferLayer::new(f.proxy.clone()).layer(inner).oneshot(routed).await
+    }
+
+    #[tokio::test]
+    async fn delivered_writes_pass_through_untouched() {
+        let f = fixture("");
+        let resp = send(&f, Ok(StatusCode::ACCEPTED)).await.unwrap();
+        assert_eq!((resp.status(), resp.headers().get(SPOOL_ID_HEADER)), (StatusCode::ACCEPTED, None));
+        assert_eq!(f.proxy.spool().unwrap().pending_len().unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_undeliverable_write_is_spooled_and_accepted() {
+        let f = fixture("");
+        let resp = send(&f, Err(ProxyError::UpstreamUnreachable)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+        assert!(resp.headers().contains_key(SPOOL_ID_HEADER));
+        let resp = send(&f, Ok(StatusCode::BAD_GATEWAY)).await.unwrap();
+        assert!(resp.headers().contains_key(SPOOL_ID_HEADER));
+        assert_eq!(f.proxy.spool().unwrap().pending_len().unwrap(), 2);
+        // A client error is Klaviyo's final word: not spooled.
+        assert!(matches!(send(&f, Err(ProxyError::BodyRead)).await, Err(ProxyError::BodyRead)));
+        assert_eq!(f.calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn the_kill_switch_answers_without_calling_the_exchange() {
+        let f = fixture("when_disabled = false\n[upstream]\nenabled = false\n");
+        assert!(matches!(send(&f, Ok(StatusCode::OK)).await, Err(ProxyError::Disabled)));
+        let f = fixture("[upstream]\nenabled = false\n");
+        let resp = send(&f, Ok(StatusCode::OK)).await.unwrap();
+        assert!(resp.headers().contains_key(SPOOL_ID_HEADER));
+        assert_eq!(f.calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn the_outcome_says_spooled() {
+        let f = fixture("");
+        let calls = f.calls.clone();
+        let inner = tower::service_fn(move |_: Routed<Bytes>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err::<Response<ProxyBody>, _>(ProxyError::UpstreamUnreachable) }
+        });
+        let req = Request::post("/api/events").body(Bytes::from_static(EVENT.as_bytes())).unwrap();
+        let routed = Idempotency.check(testing::routed(&f.proxy, req)).unwrap();
+        let record = routed.call.record.clone();
+        DeferLayer::new(f.proxy.clone()).layer(inner).oneshot(routed).await.unwrap();
+        assert_eq!(record.get().kind, RequestOutcome::Spooled);
+    }
+}

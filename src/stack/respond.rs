@@ -1,0 +1,170 @@
+//! Every request gets an answer, an id, a count and one log line. A refusal from any
+//! stage below becomes the JSON:API error the proxy answers itself; the request id is
+//! the client's (`x-request-id`, up to 128 visible characters) or a fresh one.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::HeaderValue;
+use http::{Request, Response};
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use super::{BoxFuture, Call, Record};
+use crate::body::ProxyBody;
+use crate::error::{Origin, ProxyError};
+use crate::metrics::RequestOutcome;
+use crate::proxy::{Proxy, REQUEST_ID_HEADER};
+
+/// See the module docs.
+#[derive(Debug, Clone)]
+pub struct RespondLayer {
+    proxy: Arc<Proxy>,
+}
+
+impl RespondLayer {
+    /// The layer, counting in `proxy`'s metrics and reading its current config.
+    pub fn new(proxy: Arc<Proxy>) -> Self {
+        RespondLayer { proxy }
+    }
+}
+
+impl<S> Layer<S> for RespondLayer {
+    type Service = Respond<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Respond { proxy: self.proxy.clone(), inner }
+    }
+}
+
+/// See [`RespondLayer`].
+#[derive(Debug, Clone)]
+pub struct Respond<S> {
+    proxy: Arc<Proxy>,
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for Respond<S>
+where
+    S: Service<Call<B>, Response = Response<ProxyBody>, Error = ProxyError> + Clone + Send + 'static,
+    S::Future: Send,
+    B: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<ProxyBody>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The stages below are always ready; one that is not still gets its turn.
+        match self.inner.poll_ready(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(_) => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let proxy = self.proxy.clone();
+        let mut inner = self.inner.clone();
+        std::mem::swap(&mut inner, &mut self.inner);
+        Box::pin(async move {
+            let started = Instant::now();
+            let request_id = req
+                .headers()
+                .get(REQUEST_ID_HEADER)
+                .filter(|v| v.len() <= 128)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+                .unwrap_or_else(crate::hardening::random::hex128);
+            let method = req.method().clone();
+            let record = Record::default();
+            let (parts, body) = req.into_parts();
+            let call = Call { parts, body, live: proxy.live(), record: record.clone() };
+            let result = inner.call(call).await;
+            let mut outcome = record.get();
+            let mut resp = match result {
+                Ok(resp) => resp,
+                Err(err) => {
+                    outcome.error = Some(err.code());
+                    outcome.kind = match err.origin() {
+                        Origin::Client => RequestOutcome::Rejected,
+                        Origin::Upstream | Origin::Internal => RequestOutcome::Failed,
+                    };
+                    err.into_response(&request_id)
+                }
+            };
+            proxy.metrics().request(outcome.operation, outcome.tier, outcome.kind);
+            if let Ok(v) = HeaderValue::from_str(&request_id) {
+                resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+            }
+            tracing::info!(
+                request_id = %request_id,
+                %method,
+                operation = outcome.operation,
+                tier = outcome.tier,
+                status = resp.status().as_u16(),
+                outcome = outcome.error.unwrap_or(outcome.kind.as_str()),
+                queue_wait_ms = outcome.waited.as_millis() as u64,
+                attempts = outcome.attempts,
+                upstream_ms = outcome.upstream.map(|d| d.as_millis() as u64),
+                total_ms = started.elapsed().as_millis() as u64,
+                "request"
+            );
+            Ok(resp)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::StatusCode;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::error::PROXY_ERROR_HEADER;
+    use crate::stack::testing;
+
+    fn ok(
+        record_as: &'static str,
+    ) -> impl Service<Call<()>, Response = Response<ProxyBody>, Error = ProxyError, Future: Send> + Clone + Send + 'static
+    {
+        tower::service_fn(move |call: Call<()>| async move {
+            call.record.update(|o| (o.operation, o.tier) = (record_as, "XS"));
+            Ok(Response::new(crate::body::full("fine")))
+        })
+    }
+
+    #[tokio::test]
+    async fn answers_get_the_clients_request_id_and_are_counted() {
+        let proxy = testing::proxy("");
+        let svc = RespondLayer::new(proxy.clone()).layer(ok("get_accounts"));
+        let req = Request::get("/api/accounts").header(REQUEST_ID_HEADER, "abc-123").body(()).unwrap();
+        let resp = svc.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.headers()[REQUEST_ID_HEADER], "abc-123");
+        let resp = svc.oneshot(Request::get("/api/accounts").body(()).unwrap()).await.unwrap();
+        let fresh = resp.headers()[REQUEST_ID_HEADER].to_str().unwrap().to_string();
+        assert_eq!(fresh.len(), 32);
+        assert!(fresh.bytes().all(|b| b.is_ascii_hexdigit()));
+        let text = proxy.metrics().encode(proxy.store());
+        let line = text.lines().find(|l| l.contains("operation=\"get_accounts\"") && l.contains("forwarded"));
+        assert!(line.is_some_and(|l| l.ends_with(" 2")), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_below_becomes_the_proxys_json_api_error() {
+        let proxy = testing::proxy("");
+        let refuse = tower::service_fn(|_: Call<()>| async { Err::<Response<ProxyBody>, _>(ProxyError::UnknownPath) });
+        let long_id = "x".repeat(129);
+        let req = Request::get("/nope").header(REQUEST_ID_HEADER, long_id.as_str()).body(()).unwrap();
+        let resp = RespondLayer::new(proxy.clone()).layer(refuse).oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+        assert!(resp.headers().contains_key(PROXY_ERROR_HEADER));
+        assert_ne!(resp.headers()[REQUEST_ID_HEADER], long_id.as_str(), "an over-long id is replaced");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(doc["errors"][0]["status"], 404);
+        let text = proxy.metrics().encode(proxy.store());
+        assert!(text.lines().any(|l| l.contains("operation=\"unknown\"") && l.contains("rejected")), "{text}");
+    }
+}
