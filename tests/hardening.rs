@@ -203,3 +203,26 @@ async fn dot_segments_and_encoded_paths_are_refused() {
     }
     assert_eq!(raw(&s.proxy, "GET", "/api/accounts/", &[], "").await.status, StatusCode::OK);
 }
+
+/// `simulate --retry-after 18446744073709551615` (any fault value) answers and goes on
+/// answering instead of panicking.
+#[tokio::test]
+async fn simulator_survives_extreme_fault_values() {
+    use klaviyo_proxy::sim::{Faults, SimOptions};
+    let faults = Faults { throttle_rate: 1.0, retry_after: Some(u64::MAX.to_string()), ..Faults::default() };
+    let sim = support::sim(SimOptions { faults, ..SimOptions::default() }).await;
+    let addr = sim.url.trim_start_matches("http://").to_string();
+    for _ in 0..2 {
+        let r = raw(
+            &addr,
+            "GET",
+            "/api/accounts",
+            &[("authorization", "Klaviyo-API-Key pk_x"), ("revision", "2026-07-15")],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers["retry-after"], u64::MAX.to_string().as_str());
+    }
+    assert_eq!(sim.stats().throttled, 2);
+}
