@@ -77,7 +77,7 @@ fn local_bench(name: &str) {
     let mut lat = Vec::with_capacity(SAMPLES);
     for i in 0..SAMPLES as u64 {
         let t = Instant::now();
-        let _ = store.reserve(&demand(i), t, far, 1_000).map(|g| store.start(&g));
+        let _ = store.reserve(&demand(i), t, far, 1_000).map(|g| store.turn(&g, Instant::now()));
         lat.push(t.elapsed());
     }
     let done = Arc::new(AtomicU64::new(0));
@@ -89,7 +89,7 @@ fn local_bench(name: &str) {
                 let mut i = w * 1_000_000;
                 while Instant::now() < end {
                     let now = Instant::now();
-                    let _ = store.reserve(&demand(i), now, far, 1_000).map(|g| store.start(&g));
+                    let _ = store.reserve(&demand(i), now, far, 1_000).map(|g| store.turn(&g, Instant::now()));
                     done.fetch_add(1, Ordering::Relaxed);
                     i += 1;
                 }

@@ -89,6 +89,21 @@ pub struct Services {
     /// The shared-limits store, when `limiter.store = "redis"`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limiter: Option<LimiterHealth>,
+    /// The event coalescer, when `coalesce.events = true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coalesce: Option<CoalesceHealth>,
+}
+
+/// The event coalescer in `/health`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CoalesceHealth {
+    /// `degraded` while the oldest undelivered event is older than `coalesce.max_lag_ms`.
+    pub status: Status,
+    /// Events accepted and not yet delivered.
+    pub pending: u64,
+    /// Age of the oldest of them, in seconds.
+    pub oldest_age_s: u64,
 }
 
 /// The shared-limits store in `/health`.
@@ -197,11 +212,27 @@ impl Admin {
                 store: state.as_str(),
             }),
         };
+        // Accepted events not reaching Klaviyo in time: degraded, nothing is lost yet.
+        let coalesce = self.proxy.coalescer().map(|c| {
+            let (lagging, age) = c.lag();
+            CoalesceHealth {
+                status: if lagging { Status::Degraded } else { Status::Healthy },
+                pending: c.pending(),
+                oldest_age_s: age.as_secs(),
+            }
+        });
         let mut status = klaviyo.status;
-        if limiter.as_ref().is_some_and(|l| l.status == Status::Degraded) && status == Status::Healthy {
+        let degraded = |s: Option<Status>| s == Some(Status::Degraded);
+        if (degraded(limiter.as_ref().map(|l| l.status)) || degraded(coalesce.as_ref().map(|c| c.status)))
+            && status == Status::Healthy
+        {
             status = Status::Degraded;
         }
-        HealthReport { status, services: Services { klaviyo, limiter }, timestamp: rfc3339(SystemTime::now()) }
+        HealthReport {
+            status,
+            services: Services { klaviyo, limiter, coalesce },
+            timestamp: rfc3339(SystemTime::now()),
+        }
     }
 
     async fn probe_now(&self, max_wait: Duration) -> ServiceHealth {

@@ -279,6 +279,46 @@ pub struct Config {
     pub preflight: PreflightConfig,
     /// Where buckets live: this process, or Redis shared by every replica.
     pub limiter: LimiterConfig,
+    /// Coalescing single events into bulk jobs.
+    pub coalesce: CoalesceConfig,
+}
+
+/// `[coalesce]`: single `create_event` calls delivered as `bulk_create_events` jobs.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoalesceConfig {
+    /// Accept `POST /api/events` durably (202) and deliver them in bulk jobs.
+    pub events: bool,
+    /// The coalescer's file (redb); default: the spool's path with `.events` added.
+    pub path: Option<PathBuf>,
+    /// Longest an event waits for its job to fill.
+    pub linger_ms: u64,
+    /// Most undelivered events held; more are refused with 503 until some are delivered.
+    pub max_pending: u64,
+    /// `/health` degrades when the oldest undelivered event is older than this.
+    pub max_lag_ms: u64,
+}
+
+impl Default for CoalesceConfig {
+    fn default() -> Self {
+        CoalesceConfig { events: false, path: None, linger_ms: 250, max_pending: 1_000_000, max_lag_ms: 60_000 }
+    }
+}
+
+impl CoalesceConfig {
+    /// The coalescer's file, when coalescing is on.
+    pub fn store_path(&self, spool: &SpoolConfig) -> Option<PathBuf> {
+        if !self.events {
+            return None;
+        }
+        self.path.clone().or_else(|| {
+            spool.path.as_ref().map(|p| {
+                let mut s = p.clone().into_os_string();
+                s.push(".events");
+                PathBuf::from(s)
+            })
+        })
+    }
 }
 
 /// `[admin]`
@@ -788,6 +828,7 @@ impl Config {
         config.check_resilience()?;
         config.check_limiter()?;
         config.check_hardening()?;
+        config.check_coalesce()?;
         Ok(config)
     }
 
@@ -912,6 +953,27 @@ impl Config {
         }
         if self.limiter.timeout_ms == 0 {
             return Err(ConfigError::Conflict("limiter.timeout_ms must be > 0".into()));
+        }
+        Ok(())
+    }
+
+    /// Coalescing needs the spool (its dead letters) and a linger that lets jobs fill.
+    pub fn check_coalesce(&self) -> Result<(), ConfigError> {
+        let c = &self.coalesce;
+        if !c.events {
+            return Ok(());
+        }
+        if self.spool.path.is_none() {
+            return Err(ConfigError::Conflict(
+                "coalesce.events = true needs spool.path (or KLAVIYO_PROXY_SPOOL_PATH): refused events go to its dead letters"
+                    .into(),
+            ));
+        }
+        if c.linger_ms == 0 || c.linger_ms > 60_000 {
+            return Err(ConfigError::Conflict("coalesce.linger_ms must be between 1 and 60000".into()));
+        }
+        if c.max_pending == 0 {
+            return Err(ConfigError::Conflict("coalesce.max_pending must be > 0".into()));
         }
         Ok(())
     }

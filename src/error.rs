@@ -128,6 +128,21 @@ pub enum ProxyError {
         /// When to try again.
         retry_after: Duration,
     },
+    /// A `create_event` body the coalescer refused before storing it: Klaviyo's own
+    /// 400, answered by the proxy because Klaviyo will not see the event synchronously.
+    #[error("{detail}")]
+    InvalidEvent {
+        /// Where in the body, as a JSON pointer.
+        pointer: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The coalescer holds `coalesce.max_pending` undelivered events.
+    #[error("too many events wait for delivery; retry in {}s", secs(*.retry_after))]
+    CoalesceFull {
+        /// When to try again.
+        retry_after: Duration,
+    },
 }
 
 /// Whole seconds, rounded up, at least 1: `Retry-After` must be an integer for the SDKs.
@@ -141,7 +156,8 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             QueueFull { .. } | QueueTimeout { .. } | UpstreamThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
-            CircuitOpen { .. } | Disabled | Draining => StatusCode::SERVICE_UNAVAILABLE,
+            CircuitOpen { .. } | Disabled | Draining | CoalesceFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            InvalidEvent { .. } => StatusCode::BAD_REQUEST,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             BodyRead | BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -188,6 +204,8 @@ impl ProxyError {
             UnsupportedMediaType => "proxy_unsupported_media_type",
             Overloaded { .. } => "proxy_overloaded",
             TooManyBuckets { .. } => "proxy_too_many_buckets",
+            InvalidEvent { .. } => "proxy_invalid_event",
+            CoalesceFull { .. } => "proxy_coalesce_full",
         }
     }
 
@@ -215,6 +233,8 @@ impl ProxyError {
             CrossSite => "Cross-site request refused.",
             UnsupportedMediaType => "Unsupported media type.",
             Overloaded { .. } | TooManyBuckets { .. } => "The proxy is at capacity.",
+            InvalidEvent { .. } => "Invalid input.",
+            CoalesceFull { .. } => "Too many events waiting for delivery.",
         }
     }
 
@@ -238,7 +258,8 @@ impl ProxyError {
             | ProxyError::UpstreamThrottled { retry_after, .. }
             | ProxyError::CircuitOpen { retry_after }
             | ProxyError::Overloaded { retry_after }
-            | ProxyError::TooManyBuckets { retry_after } => Some(*retry_after),
+            | ProxyError::TooManyBuckets { retry_after }
+            | ProxyError::CoalesceFull { retry_after } => Some(*retry_after),
             _ => None,
         }
     }
@@ -254,7 +275,7 @@ impl ProxyError {
                 "code": self.code(),
                 "title": self.title(),
                 "detail": self.to_string(),
-                "source": {"pointer": null},
+                "source": {"pointer": match &self { ProxyError::InvalidEvent { pointer, .. } => json!(pointer), _ => json!(null) }},
                 "meta": {"origin": "klaviyo-proxy"},
             }]
         });
@@ -312,6 +333,12 @@ mod tests {
             (ProxyError::UnsupportedMediaType, 415, None),
             (ProxyError::Overloaded { retry_after: Duration::from_secs(1) }, 503, Some("1")),
             (ProxyError::TooManyBuckets { retry_after: Duration::from_secs(1) }, 503, Some("1")),
+            (
+                ProxyError::InvalidEvent { pointer: "/data/type".into(), detail: "`type` must be `event`.".into() },
+                400,
+                None,
+            ),
+            (ProxyError::CoalesceFull { retry_after: Duration::from_secs(1) }, 503, Some("1")),
         ];
         for (err, status, retry) in cases {
             let code = err.code();

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod body;
 pub mod breaker;
 pub mod catalog;
+pub mod coalesce;
 pub mod config;
 pub mod error;
 pub mod hardening;
@@ -135,6 +136,8 @@ impl App {
         let limits = ConnLimits { drain_timeout: drain + DRAIN_MARGIN, ..conn_limits(&config) };
         // Spooled writes go out in the background once Klaviyo is healthy.
         let replayer = tokio::spawn(self.proxy.clone().replay());
+        // Coalesced events go out as bulk jobs.
+        let batcher = self.proxy.coalescer().map(|c| tokio::spawn(c.clone().run(self.proxy.clone())));
         // At shutdown: stop accepting, finish what is in flight and queued until the
         // drain time is up, then spool deferrable writes and answer the rest 503.
         let shutdown = {
@@ -143,6 +146,9 @@ impl App {
                 shutdown.await;
                 tracing::info!(drain_ms = drain.as_millis() as u64, "draining");
                 proxy.begin_drain(tokio::time::Instant::now() + drain);
+                if let Some(c) = proxy.coalescer() {
+                    c.begin_drain();
+                }
             }
         };
         let sweeper = {
@@ -164,6 +170,10 @@ impl App {
         server::serve(listener, None, limits, service, shutdown).await;
         sweeper.abort();
         replayer.abort();
+        if let Some(batcher) = batcher {
+            // Jobs not sent stay in the coalescer's file for the next start.
+            batcher.abort();
+        }
         let _ = admin_stop.send(());
         if let Some(task) = admin_task {
             let _ = task.await;

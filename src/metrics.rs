@@ -223,6 +223,8 @@ pub struct Metrics {
     pub spool_dead_letters: Gauge,
     health_probes: Family<ResultLabel, Counter>,
     config_reloads: Family<ResultLabel, Counter>,
+    /// The event coalescer's metrics.
+    pub coalesce: CoalesceMetrics,
     /// Klaviyo's last `RateLimit-Remaining` per (account, endpoint), with when it came.
     reported: Mutex<HashMap<(Account, usize), (i64, Instant)>>,
     /// Configured names of accounts; the others show as their hash alias.
@@ -328,6 +330,7 @@ impl Metrics {
         registry.register(HEALTH_PROBES, "Klaviyo health probes by result", health_probes.clone());
         let config_reloads = Family::default();
         registry.register(CONFIG_RELOADS, "Config reloads by result", config_reloads.clone());
+        let coalesce = CoalesceMetrics::register(&mut registry);
         Metrics {
             registry,
             requests,
@@ -349,6 +352,7 @@ impl Metrics {
             spool_dead_letters,
             health_probes,
             config_reloads,
+            coalesce,
             reported: Mutex::new(HashMap::new()),
             account_names: RwLock::new(HashMap::new()),
             scrape: Mutex::new(()),
@@ -613,5 +617,80 @@ mod tests {
             }
             eprintln!("per-request metrics: {:?}", started.elapsed() / 1_000_000);
         });
+    }
+}
+
+/// Coalesced events by state: accepted, repeated (an `Idempotency-Key` seen before),
+/// refused (coalescer full), batched, delivered, dead_lettered (counter).
+pub const COALESCE_EVENTS: &str = "klaviyo_proxy_coalesce_events";
+/// Events per bulk job sent (histogram).
+pub const COALESCE_BATCH_SIZE: &str = "klaviyo_proxy_coalesce_batch_size";
+/// Jobs split in halves after a 400 without a usable pointer (counter).
+pub const COALESCE_SPLITS: &str = "klaviyo_proxy_coalesce_batch_splits";
+/// Coalesced events not yet delivered (gauge).
+pub const COALESCE_PENDING: &str = "klaviyo_proxy_coalesce_pending_events";
+/// Age of the oldest undelivered coalesced event (gauge).
+pub const COALESCE_OLDEST_AGE: &str = "klaviyo_proxy_coalesce_oldest_age_seconds";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+/// The event coalescer's metrics (registered with the app's others).
+#[derive(Debug, Clone)]
+pub struct CoalesceMetrics {
+    events: Family<StateLabel, Counter>,
+    /// Events per job.
+    pub batch_size: Histogram,
+    /// Jobs halved.
+    pub splits: Counter,
+    /// Undelivered events.
+    pub pending: Gauge,
+    /// Oldest undelivered event's age, seconds.
+    pub oldest_age_seconds: Gauge,
+}
+
+impl CoalesceMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = CoalesceMetrics {
+            events: Family::default(),
+            batch_size: Histogram::new([1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 750.0, 900.0, 1000.0]),
+            splits: Counter::default(),
+            pending: Gauge::default(),
+            oldest_age_seconds: Gauge::default(),
+        };
+        registry.register(COALESCE_EVENTS, "Coalesced create_event calls by state", m.events.clone());
+        registry.register(COALESCE_BATCH_SIZE, "Events per bulk_create_events job", m.batch_size.clone());
+        registry.register(COALESCE_SPLITS, "Bulk jobs split after a 400 without a usable pointer", m.splits.clone());
+        registry.register(COALESCE_PENDING, "Coalesced events not yet delivered", m.pending.clone());
+        registry.register(
+            COALESCE_OLDEST_AGE,
+            "Age of the oldest undelivered coalesced event",
+            m.oldest_age_seconds.clone(),
+        );
+        m
+    }
+
+    /// A detached set, for tests and benches.
+    pub fn detached() -> Self {
+        Self::register(&mut Registry::default())
+    }
+
+    /// Counts one event in `state`.
+    pub fn event(&self, state: &'static str) {
+        self.events.get_or_create(&StateLabel { state }).inc();
+    }
+
+    /// Counts `n` events in `state`.
+    pub fn events(&self, state: &'static str, n: u64) {
+        if n > 0 {
+            self.events.get_or_create(&StateLabel { state }).inc_by(n);
+        }
+    }
+
+    /// Events counted in `state` so far.
+    pub fn count(&self, state: &'static str) -> u64 {
+        self.events.get_or_create(&StateLabel { state }).get()
     }
 }

@@ -28,6 +28,7 @@ use crate::route::{Route, Router};
 use crate::spool::{self, Spool};
 use crate::upstream::{self, Upstream, UpstreamError};
 
+mod coalesced;
 mod deferred;
 
 /// Request id header: passed through when the client sends one, generated otherwise,
@@ -60,6 +61,8 @@ pub struct Proxy {
     pub(crate) drain: tokio::sync::watch::Sender<Option<Instant>>,
     /// Request bodies held in memory (`server.max_buffered_bytes`; read at start).
     pub(crate) bodies: Arc<ByteBudget>,
+    /// Single events delivered as bulk jobs (`coalesce.events`; read at start).
+    pub(crate) coalescer: Option<Arc<crate::coalesce::Coalescer>>,
 }
 
 /// The reloadable part: a request reads it once and keeps that view to the end.
@@ -160,6 +163,9 @@ pub enum BuildError {
     /// The Redis URL cannot be used.
     #[error(transparent)]
     Redis(#[from] RedisStoreError),
+    /// The coalescer's file cannot be opened.
+    #[error(transparent)]
+    Coalesce(#[from] crate::coalesce::StoreError),
     /// `limiter.redis_ca_file` cannot be read.
     #[error("cannot read limiter.redis_ca_file {path}: {source}")]
     RedisCa {
@@ -216,6 +222,7 @@ impl Proxy {
             Duration::from_millis(config.retry.budget_window_ms),
         );
         let spool = config.spool.path.as_deref().map(Spool::open).transpose()?;
+        let coalescer = coalesced::open(&config, spool.as_ref(), &metrics)?;
         let bodies = ByteBudget::new(config.server.max_buffered_bytes);
         let live = Live::new(config, &fallback_hash_key, bodies.clone())?;
         metrics.set_account_names(live.account_names());
@@ -232,6 +239,7 @@ impl Proxy {
             spooled: tokio::sync::Notify::new(),
             drain: tokio::sync::watch::Sender::new(None),
             bodies,
+            coalescer,
         };
         proxy.refresh_spool_gauges();
         Ok(proxy)

@@ -1,7 +1,11 @@
-//! Waiting for a token. Each bucket's queue is the sequence of its reservations: a
-//! request learns its slot on arrival, is refused at once when that slot is past its
-//! deadline or the queue is full, and otherwise sleeps until the slot. A request whose
-//! client hangs up is dropped mid-sleep, and the drop gives its tokens back.
+//! Waiting for a token. A request books its slot on arrival ([`LocalStore::reserve`])
+//! and is refused at once when that slot is past its deadline or the queue is full.
+//! Otherwise it waits in its lane (the requests that need the same buckets): the head
+//! sleeps until its slot, the others until the store wakes them; whenever the store
+//! moves the slot (a pause later, a cancellation earlier) the waiter is woken and asks
+//! again ([`LocalStore::turn`]), so it leaves at its current slot and no other. A
+//! request whose client hangs up is dropped mid-wait, and the drop gives its slot back
+//! to the requests behind it.
 //!
 //! With the shared (Redis) store the queue stays local: each replica keeps a FIFO per
 //! bucket whose head asks Redis for a token, sleeps for the wait Redis predicts, and
@@ -13,24 +17,37 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::ProxyError;
+use crate::limiter::local::Turn;
 use crate::limiter::redis::{Decision, RedisStoreError};
 use crate::limiter::shared::Gate;
-use crate::limiter::{Demand, Denied, Grant, Limiter, LocalStore, SharedStore};
+use crate::limiter::{Demand, Denied, Grant, Limiter, LocalStore, Place, SharedStore};
+
+/// A request the limiter let go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    /// How long it waited.
+    pub waited: Duration,
+    /// Its place in the local store's line, to keep should it meet a 429 (`None` with
+    /// the shared store, whose requests simply ask again).
+    pub place: Option<Place>,
+}
 
 /// Waits until every demanded bucket grants a token, with whichever store the proxy
-/// runs; returns how long it waited.
+/// runs.
 pub async fn wait(
     limiter: &Limiter,
     demands: &[Demand],
     deadline: Instant,
     max_depth: u32,
     operation: &'static str,
-) -> Result<Duration, ProxyError> {
+) -> Result<Admitted, ProxyError> {
     match limiter {
         Limiter::Local(store) => wait_for_slot(store, demands, deadline, max_depth, operation).await,
         // Boxed: the Redis path's state is large, and the local path (the default) should
         // not carry its size in every queued request.
-        Limiter::Shared(shared) => Box::pin(wait_shared(shared, demands, deadline, max_depth, operation)).await,
+        Limiter::Shared(shared) => Box::pin(wait_shared(shared, demands, deadline, max_depth, operation))
+            .await
+            .map(|waited| Admitted { waited, place: None }),
     }
 }
 
@@ -160,21 +177,22 @@ impl Drop for CancelOnDrop<'_> {
     }
 }
 
-/// Waits until every demanded bucket grants a token; returns how long it waited.
+/// Waits until every demanded bucket grants a token in the local store.
 pub async fn wait_for_slot(
     store: &LocalStore,
     demands: &[Demand],
     deadline: Instant,
     max_depth: u32,
     operation: &'static str,
-) -> Result<Duration, ProxyError> {
+) -> Result<Admitted, ProxyError> {
     let now = Instant::now();
     let grant = store.reserve(demands, now, deadline, max_depth).map_err(|denied| denied_error(denied, operation))?;
+    let place = Some(grant.place());
     if !grant.is_queued() {
-        return Ok(Duration::ZERO);
+        return Ok(Admitted { waited: Duration::ZERO, place });
     }
     wait_for_grant(store, grant, deadline, operation).await?;
-    Ok(now.elapsed())
+    Ok(Admitted { waited: now.elapsed(), place })
 }
 
 /// The client's answer when the limiter will not queue a request.
@@ -185,9 +203,9 @@ pub fn denied_error(denied: Denied, operation: &'static str) -> ProxyError {
     }
 }
 
-/// Sleeps until a grant's slot, following it when an upstream 429 pauses the bucket
-/// and moves it; gives the grant back if the request is dropped, or if the moved slot
-/// is past `deadline` (then answering with the truthful wait).
+/// Waits for a grant's slot, following it wherever the store moves it; gives the grant
+/// back if the request is dropped, and answers with the truthful wait if a pause moved
+/// the slot past `deadline`.
 pub async fn wait_for_grant(
     store: &LocalStore,
     grant: Grant,
@@ -199,21 +217,28 @@ pub async fn wait_for_grant(
     }
     let mut guard = CancelOnDrop { store, grant: Some(grant) };
     let grant = guard.grant.as_ref().expect("grant held until the slot");
-    let mut at = grant.at;
     loop {
-        if at > deadline {
-            let retry_after = at.saturating_duration_since(Instant::now());
-            return Err(ProxyError::QueueTimeout { operation, retry_after });
-        }
-        tokio::time::sleep_until(at).await;
-        match store.try_start(grant, Instant::now()) {
-            Ok(()) => break,
-            Err(moved) => at = moved,
+        let until = match store.turn(grant, Instant::now()) {
+            Turn::Go => break,
+            Turn::At(slot) => slot,
+            // The store refuses a waiter still behind at its deadline.
+            Turn::Behind => deadline,
+            Turn::Refused(retry_after) => {
+                guard.grant = None;
+                return Err(ProxyError::QueueTimeout { operation, retry_after });
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => {}
+            () = grant.woken() => {}
         }
     }
     guard.grant = None;
     Ok(())
 }
+
+#[cfg(test)]
+mod model;
 
 #[cfg(test)]
 mod tests {
@@ -232,8 +257,8 @@ mod tests {
         let store = LocalStore::new();
         let d = demand();
         let deadline = Instant::now() + Duration::from_secs(10);
-        assert_eq!(wait_for_slot(&store, &d, deadline, 10, "op").await.unwrap(), Duration::ZERO);
-        let waited = wait_for_slot(&store, &d, deadline, 10, "op").await.unwrap();
+        assert_eq!(wait_for_slot(&store, &d, deadline, 10, "op").await.unwrap().waited, Duration::ZERO);
+        let waited = wait_for_slot(&store, &d, deadline, 10, "op").await.unwrap().waited;
         assert_eq!(waited, Duration::from_secs(1));
         let err = wait_for_slot(&store, &d, Instant::now(), 10, "op").await.unwrap_err();
         assert_eq!(err.retry_after(), Some(Duration::from_secs(1)));
@@ -268,7 +293,7 @@ mod tests {
         let deadline = t0 + Duration::from_secs(60);
         let starts = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         // The first request leaves at once and meets the 429.
-        wait_for_slot(&store, &d, deadline, 10, "op").await.unwrap();
+        let first = wait_for_slot(&store, &d, deadline, 10, "op").await.unwrap();
         let mut tasks = Vec::new();
         for n in 1..=4u32 {
             let (store, starts, d) = (store.clone(), starts.clone(), d);
@@ -280,7 +305,7 @@ mod tests {
         }
         tokio::time::advance(Duration::from_millis(500)).await;
         let until = t0 + Duration::from_secs(3);
-        let head = store.pause_and_requeue(&d, until, Instant::now(), deadline).unwrap();
+        let head = store.pause_and_requeue(&d, first.place, until, Instant::now(), deadline).unwrap();
         let head_task = {
             let (store, starts) = (store.clone(), starts.clone());
             tokio::spawn(async move {
@@ -304,16 +329,18 @@ mod tests {
         let store = LocalStore::new();
         let d = demand();
         let t0 = Instant::now();
-        wait_for_slot(&store, &d, t0 + Duration::from_secs(60), 10, "op").await.unwrap();
+        let first = wait_for_slot(&store, &d, t0 + Duration::from_secs(60), 10, "op").await.unwrap();
         let short = t0 + Duration::from_secs(2);
         let waiter = wait_for_slot(&store, &d, short, 10, "op");
         tokio::pin!(waiter);
         assert!(futures_poll(&mut waiter).await.is_none());
-        store.pause_and_requeue(&d, t0 + Duration::from_secs(10), t0, t0 + Duration::from_secs(60)).unwrap();
+        let far = t0 + Duration::from_secs(60);
+        store.pause_and_requeue(&d, first.place, t0 + Duration::from_secs(10), t0, far).unwrap();
         let err = waiter.await.unwrap_err();
         assert_eq!(err.code(), "proxy_queue_timeout");
-        // Told at its old slot (1 s) to come back when its new slot (11 s) comes.
-        assert_eq!(err.retry_after(), Some(Duration::from_secs(10)));
+        // Told at once, with its new slot (11 s: after the requeued head at 10 s).
+        assert_eq!(Instant::now(), t0);
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(11)));
         assert_eq!(store.queued(&d[0].key), 1, "only the requeued head is left");
     }
 
@@ -324,5 +351,180 @@ mod tests {
             out = f => Some(out),
             () = std::future::ready(()) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod departures {
+    //! The scenarios, driven through the real store and queue.
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::limiter::{Account, BucketId, BucketKey, WindowSpec, Windows};
+
+    type Log = Arc<Mutex<Vec<(&'static str, Duration)>>>;
+
+    thread_local! {
+        /// Each request's place in line, by name, to requeue it after a 429 (per test:
+        /// each runs on its own thread).
+        static PLACES: std::cell::RefCell<Vec<(&'static str, Place)>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    fn place_of(name: &str) -> Option<Place> {
+        PLACES.with_borrow(|p| p.iter().rev().find(|(n, _)| *n == name).map(|(_, p)| *p))
+    }
+
+    fn bucket(id: BucketId, specs: &[(u32, u64)]) -> Demand {
+        let specs: Vec<WindowSpec> = specs.iter().map(|&(limit, ms)| WindowSpec { limit, period: ms * 1000 }).collect();
+        Demand { key: BucketKey { account: Account(9), bucket: id }, windows: Windows::new(&specs) }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Starts a request now; it records when it leaves, or gives up after `patience`.
+    fn request(
+        store: &Arc<LocalStore>,
+        demands: &[Demand],
+        name: &'static str,
+        patience: Option<Duration>,
+        t0: Instant,
+        log: &Log,
+    ) -> tokio::task::JoinHandle<()> {
+        let (store, demands, log) = (store.clone(), demands.to_vec(), log.clone());
+        let deadline = Instant::now() + Duration::from_secs(600);
+        tokio::spawn(async move {
+            let wait = wait_for_slot(&store, &demands, deadline, 1000, "op");
+            let left = match patience {
+                Some(p) => tokio::time::timeout(p, wait).await.ok(),
+                None => Some(wait.await),
+            };
+            if let Some(Ok(admitted)) = left {
+                log.lock().unwrap().push((name, t0.elapsed()));
+                PLACES.with_borrow_mut(|p| p.push((name, admitted.place.unwrap())));
+            }
+        })
+    }
+
+    /// A 429 for a request that left: its bucket pauses and it waits again at the head.
+    fn requeue(
+        store: &Arc<LocalStore>,
+        demands: &[Demand],
+        name: &'static str,
+        retry: Duration,
+        t0: Instant,
+        log: &Log,
+    ) {
+        let now = Instant::now();
+        let far = now + Duration::from_secs(600);
+        let first = name.split(' ').next().unwrap();
+        let grant = store.pause_and_requeue(demands, place_of(first), now + retry, now, far).unwrap();
+        let (store, log) = (store.clone(), log.clone());
+        tokio::spawn(async move {
+            wait_for_grant(&store, grant, far, "op").await.unwrap();
+            log.lock().unwrap().push((name, t0.elapsed()));
+        });
+    }
+
+    async fn at(t0: Instant, when: Duration) {
+        tokio::time::sleep_until(t0 + when).await;
+        for _ in 0..5 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn left(log: &Log) -> Vec<(&'static str, Duration)> {
+        let mut l = log.lock().unwrap().clone();
+        l.sort_by_key(|(_, t)| *t);
+        l
+    }
+
+    /// Item 1: with 1 per 1.05 s, B and C give up, A meets a 429 with Retry-After 1:
+    /// everyone leaves at their current slot, never at an old one.
+    #[tokio::test(start_paused = true)]
+    async fn waiters_leave_at_their_current_slot_after_cancels_and_a_pause() {
+        let store = Arc::new(LocalStore::new());
+        let d = [bucket(BucketId::Endpoint(1), &[(1, 1050)])];
+        let (t0, log): (Instant, Log) = (Instant::now(), Log::default());
+        request(&store, &d, "A", None, t0, &log);
+        at(t0, ms(0)).await;
+        for (name, patience) in [("B", Some(ms(100))), ("C", Some(ms(100))), ("D", None), ("E", None)] {
+            request(&store, &d, name, patience, t0, &log);
+            at(t0, ms(0)).await;
+        }
+        at(t0, ms(300)).await;
+        requeue(&store, &d, "A again", ms(1000), t0, &log);
+        at(t0, ms(3200)).await;
+        request(&store, &d, "F", None, t0, &log);
+        at(t0, ms(10_000)).await;
+        let left = left(&log);
+        assert_eq!(left, [("A", ms(0)), ("A again", ms(1300)), ("D", ms(2350)), ("E", ms(3400)), ("F", ms(4450))]);
+    }
+
+    /// Item 2 (the starvation scenario in small): a cancelled slot goes to the request
+    /// behind it, and a new arrival books right after.
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_slot_is_reused() {
+        let store = Arc::new(LocalStore::new());
+        let d = [bucket(BucketId::Endpoint(1), &[(1, 1000)])];
+        let (t0, log): (Instant, Log) = (Instant::now(), Log::default());
+        for (name, patience) in [("A", None), ("B", Some(ms(500))), ("C", None)] {
+            request(&store, &d, name, patience, t0, &log);
+            at(t0, ms(0)).await;
+        }
+        at(t0, ms(600)).await;
+        request(&store, &d, "D", None, t0, &log);
+        at(t0, ms(10_000)).await;
+        assert_eq!(left(&log), [("A", ms(0)), ("C", ms(1000)), ("D", ms(2000))]);
+    }
+
+    /// Item 3: 15 `include=lists` requests take the condition's 1/s; a plain request of
+    /// the same endpoint, arriving at 0.1 s, leaves at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waits_only_for_its_own_buckets() {
+        let store = Arc::new(LocalStore::new());
+        let endpoint = bucket(BucketId::Endpoint(4), &[(10, 1050), (150, 60_250)]);
+        let lists = bucket(BucketId::Condition(4, 0), &[(1, 1050), (15, 60_250)]);
+        let (t0, log): (Instant, Log) = (Instant::now(), Log::default());
+        for _ in 0..15 {
+            request(&store, &[endpoint, lists], "lists", None, t0, &log);
+        }
+        at(t0, ms(100)).await;
+        request(&store, &[endpoint], "plain", None, t0, &log);
+        at(t0, ms(100_000)).await;
+        let left = left(&log);
+        assert_eq!(left.iter().find(|(n, _)| *n == "plain").map(|(_, t)| *t), Some(ms(100)));
+        let lists: Vec<Duration> = left.iter().filter(|(n, _)| *n == "lists").map(|(_, t)| *t).collect();
+        assert_eq!(lists, (0..15).map(|i| ms(1050 * i)).collect::<Vec<_>>());
+    }
+
+    /// Item 7: two requests meet 429s one after the other; both go again before the
+    /// requests that were queued behind them, in their original order.
+    #[tokio::test(start_paused = true)]
+    async fn requeued_heads_keep_their_places() {
+        let store = Arc::new(LocalStore::new());
+        let d = [bucket(BucketId::Endpoint(1), &[(2, 1000)])];
+        let (t0, log): (Instant, Log) = (Instant::now(), Log::default());
+        for name in ["A", "B", "C", "D"] {
+            request(&store, &d, name, None, t0, &log);
+            at(t0, ms(0)).await;
+        }
+        at(t0, ms(300)).await;
+        requeue(&store, &d, "A again", ms(1000), t0, &log);
+        at(t0, ms(350)).await;
+        requeue(&store, &d, "B again", ms(1000), t0, &log);
+        at(t0, ms(10_000)).await;
+        assert_eq!(
+            left(&log),
+            [
+                ("A", ms(0)),
+                ("B", ms(0)),
+                ("A again", ms(1350)),
+                ("B again", ms(1350)),
+                ("C", ms(2350)),
+                ("D", ms(2350))
+            ]
+        );
     }
 }

@@ -1,47 +1,343 @@
-//! The in-process bucket store: a concurrent map of buckets, each behind its own lock.
-//! Requests reserve their slot at arrival (the FIFO queue is the sequence of
-//! reservations), so the admission time of a queued request is known at once.
+//! The in-process bucket store. Its contract is about **departures**: a grant names the
+//! instant (the *slot*) at which a request may leave; the store may move a waiting
+//! request's slot later (an upstream 429 pauses its buckets) or earlier (a request ahead
+//! gave up, or a take that held it went away) and wakes the waiter; a waiter leaves only
+//! when its current slot has come ([`LocalStore::turn`]), so every departure is a take
+//! the windows allowed when it was booked, and no window of actual departures holds more
+//! than its limit.
 //!
+//! # Layout
+//! One table keyed by account (the account is already a keyed hash, so it hashes by a
+//! multiply): each entry holds that account's buckets and its *lanes*, behind one lock.
+//! A request of an account never needs another account's state.
+//!
+//! - A **bucket** holds one log of takes per window (departures and the slots of
+//!   waiting requests), its pause and how many requests wait for it.
+//! - A **lane** is the line of the waiting requests that need exactly the same buckets,
+//!   in arrival order ([`Place`]), with one slot per waiter: the `i`-th waiter in the
+//!   lane leaves at the `i`-th slot. A request waits only for the buckets it needs: a
+//!   new arrival takes the earliest instant at which every window of every bucket it
+//!   needs stays within its limit ([`WindowLog::admits`]), before other lanes' slots if
+//!   they leave room, and never before an earlier waiter of its own lane (FIFO).
+//! - When a waiter gives up, the waiters behind it in its lane move up one slot each
+//!   and the lane's last slot is given back: O(1) for the lane, plus one search per
+//!   other lane whose head may now go earlier. Only a lane's head sleeps on its slot;
+//!   the others wait to be woken when they reach the head, so moving them costs nothing.
+//!   A head is re-placed (earlier, never later) whenever a take it could be waiting for
+//!   goes away, and when it becomes the head.
+//!
+//! # Pauses
 //! An upstream 429 pauses buckets ([`LocalStore::pause_and_requeue`]): nothing of the
-//! bucket leaves before the pause ends. Queued requests hold a shared slot that the
-//! pause moves: every waiter of a paused bucket is booked again, in its original order,
-//! from the end of the pause on, and a waiter that wakes at its old slot finds the new
-//! one and sleeps again ([`LocalStore::try_start`]).
+//! bucket leaves before the pause ends. Every waiter of a lane that needs a paused
+//! bucket is booked again from the pause on, in arrival order (the request that met the
+//! 429 keeps its original [`Place`], so it goes again first, across repeated pauses);
+//! every head is woken to sleep to its new slot; a waiter whose new slot is past its
+//! deadline is refused at once with the truthful wait.
+//!
+//! A ramp after a pause (one probe first, then 1, 2, 4, … per round trip) fits this
+//! shape: it is a bucket state that keeps its lanes' heads from being placed until the
+//! ramp releases `k` more (`Bucket::paused_until` becomes a small state enum; placing a
+//! head consults it, and a release re-places the heads, each stamped at its actual
+//! departure because a slot is only ever "now" when it is handed out).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::VecDeque;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::window::{earliest_all, Tick, WindowLog, WindowSpec};
+use super::window::{Tick, WindowLog, WindowSpec};
 use super::{ticks, Account, BucketId, BucketKey, Demand, Denied, Windows};
 
-/// A queued reservation's slot, shared between its waiter and the buckets it holds,
-/// so a pause can move it.
+/// Most buckets one request takes from: its endpoint's and up to two conditional
+/// limits (`get_profile` with `include=lists,segments`).
+pub const MAX_DEMANDS: usize = 3;
+
+/// How many candidate instants and window groups one placement may look at before it
+/// settles for the instant after every existing take (always allowed): keeps a decision
+/// bounded however many slots other lanes hold.
+const SEARCH_BUDGET: u32 = 64;
+
+/// How far from the front of its lane a waiter whose slot has come may leave at once.
+const DUE_SCAN: usize = 64;
+
+/// A request's place in its account's line: its arrival order, kept when a 429 puts it
+/// back at the head ([`LocalStore::pause_and_requeue`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Place(u64);
+
+const WAITING: u8 = 0;
+const STARTED: u8 = 1;
+const CANCELLED: u8 = 2;
+const REFUSED: u8 = 3;
+
+/// A waiting request as its lane holds it.
 #[derive(Debug)]
 struct Waiter {
-    /// The current slot; moves only later, and only under the locks of every bucket
-    /// in `demands`.
-    tick: AtomicU64,
-    demands: Vec<Demand>,
+    place: Place,
+    deadline: Tick,
+    /// `WAITING` until the store starts, cancels or refuses it (under the account lock).
+    state: AtomicU8,
+    /// The slot it was refused at (for its `Retry-After`).
+    refused_at: AtomicU64,
+    /// Woken when its slot moved earlier, it reached the head, or it was refused.
+    wake: Notify,
 }
 
-#[derive(Debug, Default)]
+/// The buckets of a lane, sorted.
+type LaneKey = [Option<BucketId>; MAX_DEMANDS];
+
+#[derive(Debug)]
+struct Lane {
+    key: LaneKey,
+    /// In arrival order; a cancelled waiter stays until it reaches the front, so the
+    /// front is always a live waiter.
+    waiters: VecDeque<Arc<Waiter>>,
+    /// One per live waiter, ascending: the `i`-th live waiter's slot.
+    slots: VecDeque<Tick>,
+}
+
+#[derive(Debug)]
 struct Bucket {
+    id: BucketId,
+    /// The windows of the latest decision.
+    windows: Windows,
     logs: [WindowLog; 3],
-    /// Reservations not yet started (queued requests), by arrival order.
-    waiting: BTreeMap<u64, Arc<Waiter>>,
     /// Nothing leaves before this tick (an upstream `Retry-After`).
     paused_until: Tick,
     /// After this tick the bucket holds nothing that matters and may be dropped.
     expires: Tick,
-    /// Set by the sweeper under the lock; a holder of a stale handle looks again.
-    removed: bool,
-    /// The windows of the latest decision, for [`LocalStore::snapshot`].
-    windows: Option<Windows>,
+    /// Requests waiting in lanes that need this bucket.
+    queued: u32,
+}
+
+/// One account's buckets and lanes.
+#[derive(Debug, Default)]
+struct Holder {
+    buckets: Vec<Bucket>,
+    lanes: Vec<Lane>,
+    next_place: u64,
+}
+
+/// Bucket indexes into [`Holder::buckets`], as many as `.1`.
+type Indexes = ([usize; MAX_DEMANDS], usize);
+
+impl Holder {
+    fn index(&self, id: BucketId) -> Option<usize> {
+        self.buckets.iter().position(|b| b.id == id)
+    }
+
+    /// The buckets of sorted, deduplicated demands (created if missing), pruned at `now`.
+    fn buckets_for(&mut self, demands: &[Demand], now: Tick) -> Indexes {
+        let mut idx = [0; MAX_DEMANDS];
+        for (slot, d) in idx.iter_mut().zip(demands) {
+            let i = match self.index(d.key.bucket) {
+                Some(i) => i,
+                None => {
+                    self.buckets.push(Bucket {
+                        id: d.key.bucket,
+                        windows: d.windows,
+                        logs: Default::default(),
+                        paused_until: 0,
+                        expires: 0,
+                        queued: 0,
+                    });
+                    self.buckets.len() - 1
+                }
+            };
+            let b = &mut self.buckets[i];
+            b.windows = d.windows;
+            for (log, spec) in b.logs.iter_mut().zip(d.windows.as_slice()) {
+                log.prune(now, spec.period);
+            }
+            *slot = i;
+        }
+        (idx, demands.len())
+    }
+
+    fn lane_indexes(&self, key: &LaneKey) -> Indexes {
+        let mut idx = [0; MAX_DEMANDS];
+        let mut n = 0;
+        // A lane's buckets stay while it has waiters; a grant handed back late may find
+        // one swept, and then has nothing to give back there.
+        for i in key.iter().flatten().filter_map(|id| self.index(*id)) {
+            idx[n] = i;
+            n += 1;
+        }
+        (idx, n)
+    }
+
+    fn lane(&self, key: &LaneKey) -> Option<usize> {
+        self.lanes.iter().position(|l| l.key == *key)
+    }
+
+    /// The earliest tick at or after `from` and every pause at which one take fits in
+    /// every window of the buckets `idx`.
+    fn earliest(&self, idx: &[usize], from: Tick) -> Tick {
+        let mut t = idx.iter().map(|&i| self.buckets[i].paused_until).fold(from, Tick::max);
+        let mut budget = SEARCH_BUDGET;
+        loop {
+            let start = t;
+            for &i in idx {
+                let b = &self.buckets[i];
+                for (log, spec) in b.logs.iter().zip(b.windows.as_slice()) {
+                    t = t.max(log.earliest_insert(t, *spec, &mut budget));
+                }
+            }
+            if t == start {
+                return t;
+            }
+        }
+    }
+
+    fn take(&mut self, idx: &[usize], t: Tick) {
+        for &i in idx {
+            let b = &mut self.buckets[i];
+            let windows = b.windows;
+            for log in &mut b.logs[..windows.as_slice().len()] {
+                log.insert(t, 1);
+            }
+            let longest = windows.as_slice().iter().map(|w| w.period).max().unwrap_or(0);
+            b.expires = b.expires.max(t.saturating_add(longest)).max(b.paused_until);
+        }
+    }
+
+    fn give_back(&mut self, idx: &[usize], t: Tick) {
+        for &i in idx {
+            for log in &mut self.buckets[i].logs {
+                log.remove(t);
+            }
+        }
+    }
+
+    fn count_queued(&mut self, idx: &[usize], up: bool) {
+        for &i in idx {
+            let q = &mut self.buckets[i].queued;
+            *q = if up { *q + 1 } else { q.saturating_sub(1) };
+        }
+    }
+
+    fn new_place(&mut self) -> Place {
+        self.next_place += 1;
+        Place(self.next_place)
+    }
+
+    /// Drops cancelled waiters from the front of a lane, so its front is live.
+    fn pop_dead(&mut self, l: usize) {
+        let lane = &mut self.lanes[l];
+        while lane.waiters.front().is_some_and(|w| w.state.load(Ordering::Acquire) != WAITING) {
+            lane.waiters.pop_front();
+        }
+    }
+
+    /// Moves every lane's head to the earliest instant it may leave, if that is earlier
+    /// than its slot, and wakes the heads that moved. A head moving frees a take that
+    /// another head may wait for, hence the rounds (heads only ever move earlier).
+    fn settle(&mut self, now: Tick) {
+        for _ in 0..4 {
+            let mut moved = false;
+            for l in 0..self.lanes.len() {
+                moved |= self.settle_head(l, now);
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    /// Re-places one lane's head; returns whether it moved (and then wakes it).
+    fn settle_head(&mut self, l: usize, now: Tick) -> bool {
+        let Some(&slot) = self.lanes[l].slots.front() else { return false };
+        if slot <= now {
+            return false;
+        }
+        let (idx, n) = self.lane_indexes(&self.lanes[l].key);
+        let idx = &idx[..n];
+        self.give_back(idx, slot);
+        let t = self.earliest(idx, now).min(slot);
+        self.take(idx, t);
+        if t == slot {
+            return false;
+        }
+        let lane = &mut self.lanes[l];
+        lane.slots[0] = t;
+        if let Some(w) = lane.waiters.front() {
+            w.wake.notify_one();
+        }
+        true
+    }
+
+    /// Wakes the lane's head, and every waiter near the front whose slot has come.
+    fn wake_due(&self, l: usize, now: Tick) {
+        let lane = &self.lanes[l];
+        let live = lane.waiters.iter().take(DUE_SCAN).filter(|x| x.state.load(Ordering::Acquire) == WAITING);
+        for (rank, w) in live.enumerate() {
+            if rank > 0 && lane.slots.get(rank).is_none_or(|&t| t > now) {
+                break;
+            }
+            w.wake.notify_one();
+        }
+    }
+
+    /// The slot of a live waiter: its rank among the live waiters of its lane.
+    fn slot_of(&self, l: usize, w: &Arc<Waiter>) -> Option<Tick> {
+        let lane = &self.lanes[l];
+        let rank = lane
+            .waiters
+            .iter()
+            .filter(|x| x.state.load(Ordering::Acquire) == WAITING)
+            .position(|x| Arc::ptr_eq(x, w))?;
+        lane.slots.get(rank).copied()
+    }
+
+    /// Takes a live waiter out of its lane (`state` says why): the waiters behind it
+    /// move up one slot, the lane's last slot is given back, and a new head is woken.
+    fn leave(&mut self, l: usize, w: &Arc<Waiter>, state: u8, now: Tick) {
+        w.state.store(state, Ordering::Release);
+        let (idx, n) = self.lane_indexes(&self.lanes[l].key);
+        let was_head = self.lanes[l].waiters.front().is_some_and(|f| Arc::ptr_eq(f, w));
+        if let Some(last) = self.lanes[l].slots.pop_back() {
+            self.give_back(&idx[..n], last);
+        }
+        self.count_queued(&idx[..n], false);
+        self.pop_dead(l);
+        if was_head {
+            if let Some(next) = self.lanes[l].waiters.front() {
+                next.wake.notify_one();
+            }
+        }
+        self.settle(now);
+        self.drop_empty_lanes();
+    }
+
+    fn drop_empty_lanes(&mut self) {
+        self.lanes.retain(|l| !l.waiters.is_empty());
+    }
+}
+
+/// Hashes an [`Account`] (already a keyed hash of the credential) with one multiply.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AccountHasher(u64);
+
+impl Hasher for AccountHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u128(&mut self, v: u128) {
+        let x = ((v as u64) ^ ((v >> 64) as u64) ^ self.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = x ^ (x >> 29);
+    }
 }
 
 /// One bucket as the metrics see it.
@@ -55,42 +351,22 @@ pub struct BucketView {
     pub windows: Vec<(WindowSpec, u64)>,
 }
 
-impl Bucket {
-    fn take(&mut self, d: &Demand, t: Tick) {
-        let windows = d.windows.as_slice();
-        for log in &mut self.logs[..windows.len()] {
-            log.record(t);
-        }
-        let longest = windows.iter().map(|w| w.period).max().unwrap_or(0);
-        self.expires = self.expires.max(t.saturating_add(longest)).max(self.paused_until);
-        self.windows = Some(d.windows);
-    }
-
-    fn give_back(&mut self, t: Tick) {
-        for log in &mut self.logs {
-            log.remove(t);
-        }
-    }
-}
-
-/// A reservation: the request may leave at `at`. Hand it back with
-/// [`LocalStore::try_start`] when the request goes, or [`LocalStore::cancel`] if it never does.
+/// A reservation: the request may leave at `at` (its slot when booked). A queued one
+/// waits with [`LocalStore::turn`] until its current slot; hand it back with
+/// [`LocalStore::cancel`] if it never goes.
 #[derive(Debug, Clone)]
 pub struct Grant {
-    /// When the request may leave (as booked; a pause may move a queued grant later,
+    /// When the request may leave, as booked (the store may move a queued grant's slot:
     /// see [`LocalStore::slot`]).
     pub at: Instant,
     tick: Tick,
     // One request's buckets all belong to one account: stored once, so a queued
     // request's grant stays small.
     account: Account,
-    buckets: [Option<BucketId>; MAX_DEMANDS],
-    waiter: Option<(u64, Arc<Waiter>)>,
+    lane: LaneKey,
+    place: Place,
+    waiter: Option<Arc<Waiter>>,
 }
-
-/// Most buckets one request takes from: its endpoint's and up to two conditional
-/// limits (`get_profile` with `include=lists,segments`).
-pub const MAX_DEMANDS: usize = 3;
 
 impl Grant {
     /// Whether the request has to wait for its slot.
@@ -98,22 +374,44 @@ impl Grant {
         self.waiter.is_some()
     }
 
-    fn keys(&self) -> impl Iterator<Item = BucketKey> + '_ {
-        self.buckets.iter().flatten().map(|&bucket| BucketKey { account: self.account, bucket })
+    /// The request's place in its account's line (give it back to
+    /// [`LocalStore::pause_and_requeue`] when the request meets a 429).
+    pub fn place(&self) -> Place {
+        self.place
     }
 
-    fn key_list(&self) -> Vec<BucketKey> {
-        self.keys().collect()
+    /// Completes when the store moved this grant's slot, made it the head of its lane,
+    /// or refused it; then ask [`LocalStore::turn`] again. Never completes for a grant
+    /// that was not queued.
+    pub async fn woken(&self) {
+        match &self.waiter {
+            Some(w) => w.wake.notified().await,
+            None => std::future::pending().await,
+        }
     }
 }
+
+/// What a queued request does next ([`LocalStore::turn`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// Leave now: the request is out of the queue and its take stays where it was booked.
+    Go,
+    /// At the head of its lane: sleep until this slot or until [`Grant::woken`].
+    At(Instant),
+    /// Behind earlier requests of its lane: wait for [`Grant::woken`] (or the deadline).
+    Behind,
+    /// A pause moved its slot past its deadline: it holds nothing now; it could go in
+    /// this long.
+    Refused(Duration),
+}
+
+type Table = DashMap<Account, Mutex<Holder>, BuildHasherDefault<AccountHasher>>;
 
 /// The local (single-process) bucket store.
 #[derive(Debug)]
 pub struct LocalStore {
     epoch: Instant,
-    buckets: DashMap<BucketKey, Arc<Mutex<Bucket>>>,
-    /// Arrival order of queued reservations.
-    seq: AtomicU64,
+    accounts: Table,
 }
 
 impl Default for LocalStore {
@@ -122,14 +420,38 @@ impl Default for LocalStore {
     }
 }
 
-fn lock(b: &Mutex<Bucket>) -> MutexGuard<'_, Bucket> {
-    b.lock().unwrap_or_else(PoisonError::into_inner)
+fn lock(h: &Mutex<Holder>) -> MutexGuard<'_, Holder> {
+    h.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Demands sorted by bucket and deduplicated (a fixed lock-free order for lanes).
+fn sorted(demands: &[Demand]) -> ([Demand; MAX_DEMANDS], usize, LaneKey) {
+    assert!(
+        !demands.is_empty()
+            && demands.len() <= MAX_DEMANDS
+            && demands.iter().all(|d| d.key.account == demands[0].key.account),
+        "a request takes from one to {MAX_DEMANDS} buckets, all of one account"
+    );
+    let mut buf = [demands[0]; MAX_DEMANDS];
+    let mut n = 0;
+    for d in demands {
+        if !buf[..n].iter().any(|e| e.key == d.key) {
+            buf[n] = *d;
+            n += 1;
+        }
+    }
+    buf[..n].sort_unstable_by_key(|d| d.key.bucket);
+    let mut key = [None; MAX_DEMANDS];
+    for (k, d) in key.iter_mut().zip(&buf[..n]) {
+        *k = Some(d.key.bucket);
+    }
+    (buf, n, key)
 }
 
 impl LocalStore {
     /// An empty store whose clock starts now.
     pub fn new() -> Self {
-        LocalStore { epoch: Instant::now(), buckets: DashMap::new(), seq: AtomicU64::new(0) }
+        LocalStore { epoch: Instant::now(), accounts: Table::default() }
     }
 
     fn tick(&self, at: Instant) -> Tick {
@@ -140,22 +462,26 @@ impl LocalStore {
         self.epoch + Duration::from_micros(tick)
     }
 
-    /// Locks the buckets of `keys` (sorted, deduplicated) in that order, creating the
-    /// missing ones; looks again if the sweeper removed one meanwhile.
-    fn with_locked<T>(&self, keys: &[BucketKey], f: impl FnOnce(&mut [MutexGuard<'_, Bucket>]) -> T) -> T {
-        loop {
-            let handles: Vec<Arc<Mutex<Bucket>>> =
-                keys.iter().map(|k| self.buckets.entry(*k).or_default().clone()).collect();
-            let mut guards: Vec<MutexGuard<'_, Bucket>> = handles.iter().map(|h| lock(h)).collect();
-            if guards.iter().any(|g| g.removed) {
-                continue;
-            }
-            return f(&mut guards);
+    /// Runs `f` on the account's state, created if missing; `get` first, so the common
+    /// case takes the shard's read lock only.
+    fn with_account<T>(&self, account: Account, f: impl FnOnce(&mut Holder) -> T) -> T {
+        if let Some(h) = self.accounts.get(&account) {
+            return f(&mut lock(&h));
         }
+        let h = self.accounts.entry(account).or_default().downgrade();
+        let out = f(&mut lock(&h));
+        out
     }
 
-    /// Reserves one token in every window of every demanded bucket at the earliest
-    /// moment all of them allow, or none if that moment is past `deadline` or a bucket
+    fn existing<T>(&self, account: Account, f: impl FnOnce(&mut Holder) -> T) -> Option<T> {
+        let h = self.accounts.get(&account)?;
+        let out = f(&mut lock(&h));
+        Some(out)
+    }
+
+    /// Books one take in every window of every demanded bucket at the earliest instant
+    /// at which all of them stay within their limits (after the earlier waiters with
+    /// the same buckets), or nothing if that instant is past `deadline` or a bucket
     /// already queues `max_depth` requests.
     pub fn reserve(
         &self,
@@ -164,72 +490,47 @@ impl LocalStore {
         deadline: Instant,
         max_depth: u32,
     ) -> Result<Grant, Denied> {
-        assert!(
-            demands.len() <= MAX_DEMANDS && demands.iter().all(|d| d.key.account == demands[0].key.account),
-            "a request takes from at most {MAX_DEMANDS} buckets, all of one account"
-        );
-        let mut demands: Vec<Demand> = demands.to_vec();
-        // A fixed lock order keeps two multi-bucket requests from deadlocking.
-        demands.sort_by_key(|d| d.key);
-        demands.dedup_by_key(|d| d.key);
-        let keys: Vec<BucketKey> = demands.iter().map(|d| d.key).collect();
-        self.with_locked(&keys, |guards| {
-            let now_t = self.tick(now);
-            let idx: Vec<usize> = (0..guards.len()).collect();
-            let t = self.earliest(&demands, guards, &idx, now_t);
+        let (buf, n, key) = sorted(demands);
+        let demands = &buf[..n];
+        let account = demands[0].key.account;
+        let now_t = self.tick(now);
+        self.with_account(account, |h| {
+            let (idx, n) = h.buckets_for(demands, now_t);
+            let idx = &idx[..n];
+            let lane = h.lane(&key);
+            let after = lane.and_then(|l| h.lanes[l].slots.back().copied()).unwrap_or(0);
+            let t = h.earliest(idx, now_t.max(after));
             let queued = t > now_t;
             if queued {
                 let wait = Duration::from_micros(t - now_t);
-                if guards.iter().any(|b| b.waiting.len() >= max_depth as usize) {
+                if idx.iter().any(|&i| h.buckets[i].queued >= max_depth) {
                     return Err(Denied::QueueFull { wait });
                 }
                 if self.instant(t) > deadline {
                     return Err(Denied::Deadline { wait });
                 }
             }
-            Ok(self.book(&demands, guards, &idx, t, queued))
+            h.take(idx, t);
+            let place = h.new_place();
+            let waiter = queued.then(|| {
+                let w = Arc::new(Waiter {
+                    place,
+                    deadline: self.tick(deadline),
+                    state: AtomicU8::new(WAITING),
+                    refused_at: AtomicU64::new(0),
+                    wake: Notify::new(),
+                });
+                let l = lane.unwrap_or_else(|| {
+                    h.lanes.push(Lane { key, waiters: VecDeque::new(), slots: VecDeque::new() });
+                    h.lanes.len() - 1
+                });
+                h.lanes[l].waiters.push_back(w.clone());
+                h.lanes[l].slots.push_back(t);
+                h.count_queued(idx, true);
+                w
+            });
+            Ok(Grant { at: self.instant(t), tick: t, account, lane: key, place, waiter })
         })
-    }
-
-    /// The earliest tick at or after `now_t` (and every pause) at which the demands,
-    /// whose buckets are `guards[idx[i]]`, all have a token.
-    fn earliest(&self, demands: &[Demand], guards: &mut [MutexGuard<'_, Bucket>], idx: &[usize], now_t: Tick) -> Tick {
-        for (d, &i) in demands.iter().zip(idx) {
-            for (log, spec) in guards[i].logs.iter_mut().zip(d.windows.as_slice()) {
-                log.prune(now_t, spec.period);
-            }
-        }
-        let pauses = idx.iter().map(|&i| guards[i].paused_until).max().unwrap_or(0);
-        let guards: &[MutexGuard<'_, Bucket>] = guards;
-        earliest_all(
-            now_t.max(pauses),
-            demands.iter().zip(idx).flat_map(|(d, &i)| guards[i].logs.iter().zip(d.windows.as_slice().iter().copied())),
-        )
-    }
-
-    fn book(
-        &self,
-        demands: &[Demand],
-        guards: &mut [MutexGuard<'_, Bucket>],
-        idx: &[usize],
-        t: Tick,
-        queued: bool,
-    ) -> Grant {
-        let waiter = queued.then(|| {
-            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-            (seq, Arc::new(Waiter { tick: AtomicU64::new(t), demands: demands.to_vec() }))
-        });
-        for (d, &i) in demands.iter().zip(idx) {
-            guards[i].take(d, t);
-            if let Some((seq, w)) = &waiter {
-                guards[i].waiting.insert(*seq, w.clone());
-            }
-        }
-        let mut buckets = [None; MAX_DEMANDS];
-        for (slot, d) in buckets.iter_mut().zip(demands) {
-            *slot = Some(d.key.bucket);
-        }
-        Grant { at: self.instant(t), tick: t, account: demands[0].key.account, buckets, waiter }
     }
 
     /// Records one take at `now` (or after the latest take) in every window of every
@@ -237,172 +538,236 @@ impl LocalStore {
     /// (the shared store mirrors its Redis grants here, so that if Redis goes away this
     /// store already counts what this replica sent).
     pub fn record(&self, demands: &[Demand], now: Instant) {
+        let (buf, n, _) = sorted(demands);
         let now_t = self.tick(now);
-        for d in demands {
-            loop {
-                let handle = self.buckets.entry(d.key).or_default().clone();
-                let mut b = lock(&handle);
-                if b.removed {
-                    continue;
-                }
-                let windows = d.windows.as_slice();
-                for (log, spec) in b.logs.iter_mut().zip(windows) {
-                    log.prune(now_t, spec.period);
+        self.with_account(buf[0].key.account, |h| {
+            let (idx, n) = h.buckets_for(&buf[..n], now_t);
+            for &i in &idx[..n] {
+                let b = &mut h.buckets[i];
+                let windows = b.windows;
+                for log in &mut b.logs[..windows.as_slice().len()] {
                     log.record(now_t.max(log.last().unwrap_or(0)));
                 }
-                let longest = windows.iter().map(|w| w.period).max().unwrap_or(0);
+                let longest = windows.as_slice().iter().map(|w| w.period).max().unwrap_or(0);
                 b.expires = b.expires.max(now_t.saturating_add(longest));
-                break;
             }
-        }
+        });
     }
 
-    fn each_bucket(&self, keys: impl Iterator<Item = BucketKey>, mut f: impl FnMut(&mut Bucket)) {
-        for key in keys {
-            let handle = self.buckets.get(&key).map(|h| h.clone());
-            if let Some(handle) = handle {
-                f(&mut lock(&handle));
-            }
-        }
-    }
-
-    /// The grant's current slot (later than [`Grant::at`] when a pause moved it).
-    pub fn slot(&self, grant: &Grant) -> Instant {
-        match &grant.waiter {
-            Some((_, w)) => self.instant(w.tick.load(Ordering::Acquire)),
-            None => grant.at,
-        }
-    }
-
-    /// Starts a reservation whose slot has come: it leaves the queue and keeps its
-    /// tokens. `Err(slot)` when a pause has moved the slot past `now`: wait until then
-    /// and try again.
-    pub fn try_start(&self, grant: &Grant, now: Instant) -> Result<(), Instant> {
-        let Some((seq, waiter)) = &grant.waiter else { return Ok(()) };
-        let now_t = self.tick(now);
-        self.with_locked(&grant.key_list(), |guards| {
-            let t = waiter.tick.load(Ordering::Acquire);
-            if t > now_t {
-                return Err(self.instant(t));
-            }
-            for g in guards.iter_mut() {
-                g.waiting.remove(seq);
-            }
-            Ok(())
+    /// The grant's current slot, while it waits (`None` once it left, gave up or was
+    /// refused). Walks its lane: for tests and diagnostics, not the request path.
+    pub fn slot(&self, grant: &Grant) -> Option<Instant> {
+        let w = grant.waiter.as_ref()?;
+        self.existing(grant.account, |h| {
+            let l = h.lane(&grant.lane)?;
+            h.slot_of(l, w)
         })
+        .flatten()
+        .map(|t| self.instant(t))
     }
 
-    /// Marks a queued reservation as started without checking its slot.
-    pub fn start(&self, grant: &Grant) {
-        if let Some((seq, _)) = &grant.waiter {
-            self.each_bucket(grant.keys(), |b| {
-                b.waiting.remove(seq);
-            });
-        }
-    }
-
-    /// Gives a reservation's tokens back (the request never left).
-    pub fn cancel(&self, grant: &Grant) {
-        match &grant.waiter {
-            None => self.each_bucket(grant.keys(), |b| b.give_back(grant.tick)),
-            Some((seq, waiter)) => self.with_locked(&grant.key_list(), |guards| {
-                let t = waiter.tick.load(Ordering::Acquire);
-                for g in guards.iter_mut() {
-                    // Only a grant still waiting holds tokens here; a started one has left.
-                    if g.waiting.remove(seq).is_some() {
-                        g.give_back(t);
-                    }
+    /// What a queued request does next at `now`: leave (its slot has come and it heads
+    /// its lane), sleep to its slot, wait behind its lane, or give up (refused). A
+    /// request past its deadline that has not reached its slot is refused here.
+    pub fn turn(&self, grant: &Grant, now: Instant) -> Turn {
+        let Some(w) = &grant.waiter else { return Turn::Go };
+        let now_t = self.tick(now);
+        let refused = |t: Tick| Turn::Refused(Duration::from_micros(t.saturating_sub(now_t)));
+        let turn = self.existing(grant.account, |h| {
+            match w.state.load(Ordering::Acquire) {
+                WAITING => {}
+                STARTED => return Turn::Go,
+                _ => return refused(w.refused_at.load(Ordering::Acquire)),
+            }
+            let l = h.lane(&grant.lane).expect("a waiting request's lane");
+            // Any waiter whose slot has come goes, not only the front: a burst of
+            // slots at one instant leaves together instead of one wake-up at a time.
+            let lane = &mut h.lanes[l];
+            let found = lane
+                .waiters
+                .iter()
+                .take(DUE_SCAN)
+                .enumerate()
+                .filter(|(_, x)| x.state.load(Ordering::Acquire) == WAITING)
+                .enumerate()
+                .find(|(_, (_, x))| Arc::ptr_eq(x, w))
+                .map(|(rank, (i, _))| (rank, i));
+            if let Some((rank, i)) = found {
+                let slot = lane.slots[rank];
+                if slot > now_t {
+                    return if rank == 0 { Turn::At(self.instant(slot)) } else { Turn::Behind };
                 }
-            }),
-        }
+                w.state.store(STARTED, Ordering::Release);
+                lane.waiters.remove(i);
+                lane.slots.remove(rank);
+                let (idx, n) = h.lane_indexes(&grant.lane);
+                h.count_queued(&idx[..n], false);
+                h.pop_dead(l);
+                h.wake_due(l, now_t);
+                // A new head moving up frees the take it held, which another lane's
+                // head may be waiting for.
+                if rank == 0 && h.settle_head(l, now_t) {
+                    h.settle(now_t);
+                }
+                h.drop_empty_lanes();
+                return Turn::Go;
+            }
+            if now_t >= w.deadline {
+                let slot = h.slot_of(l, w).unwrap_or(now_t);
+                w.refused_at.store(slot, Ordering::Release);
+                h.leave(l, w, REFUSED, now_t);
+                return refused(slot);
+            }
+            Turn::Behind
+        });
+        turn.unwrap_or(Turn::Go)
+    }
+
+    /// Gives a reservation's tokens back (the request never left). A queued one leaves
+    /// its lane: the requests behind it move up and the heads that can go earlier are
+    /// woken.
+    pub fn cancel(&self, grant: &Grant) {
+        let now_t = self.tick(Instant::now());
+        self.existing(grant.account, |h| match &grant.waiter {
+            None => {
+                let (idx, n) = h.lane_indexes(&grant.lane);
+                h.give_back(&idx[..n], grant.tick);
+                h.settle(now_t);
+            }
+            Some(w) => {
+                if w.state.load(Ordering::Acquire) != WAITING {
+                    return;
+                }
+                let l = h.lane(&grant.lane).expect("a waiting request's lane");
+                h.leave(l, w, CANCELLED, now_t);
+            }
+        });
     }
 
     /// Pauses every demanded bucket until `until` (an upstream 429's `Retry-After`) and
-    /// books the request that met the 429 again at the head of the queue: first after
-    /// the pause, before every request already queued in those buckets, which are
-    /// booked again behind it in their original order. No request of a paused bucket
-    /// leaves before `until`. Returns the requeued request's grant, or how long it would
-    /// wait if that is past `deadline` (it then holds no token).
+    /// books the request that met the 429 again. Every waiter of a lane that needs a
+    /// paused bucket is booked again from the pause on, in arrival order, the requeued
+    /// request at its original `place` (`None`: a new one, behind everyone); a waiter
+    /// whose new slot is past its deadline is refused (and woken to say so). No request
+    /// of a paused bucket leaves before `until`. Returns the requeued request's grant,
+    /// or how long it would wait if that is past `deadline` (it then holds no token).
     pub fn pause_and_requeue(
         &self,
         demands: &[Demand],
+        place: Option<Place>,
         until: Instant,
         now: Instant,
         deadline: Instant,
     ) -> Result<Grant, Denied> {
-        let mut demands: Vec<Demand> = demands.to_vec();
-        demands.sort_by_key(|d| d.key);
-        demands.dedup_by_key(|d| d.key);
-        let paused: BTreeSet<BucketKey> = demands.iter().map(|d| d.key).collect();
-        let until_t = self.tick(until);
-        let now_t = self.tick(now);
-        // The waiters of the paused buckets may hold other buckets too: lock them all,
-        // in key order, and look again if the set grew meanwhile.
-        let mut keys = paused.clone();
-        loop {
-            let key_list: Vec<BucketKey> = keys.iter().copied().collect();
-            let outcome = self.with_locked(&key_list, |guards| {
-                let pos = |k: &BucketKey| key_list.binary_search(k).expect("locked key");
-                let mut moved: BTreeMap<u64, Arc<Waiter>> = BTreeMap::new();
-                for k in &paused {
-                    moved.extend(guards[pos(k)].waiting.iter().map(|(s, w)| (*s, w.clone())));
-                }
-                let needed: BTreeSet<BucketKey> = moved
-                    .values()
-                    .flat_map(|w| w.demands.iter().map(|d| d.key))
-                    .chain(paused.iter().copied())
-                    .collect();
-                if !needed.is_subset(&keys) {
-                    return Err(needed);
-                }
-                for k in &paused {
-                    let b = &mut guards[pos(k)];
-                    b.paused_until = b.paused_until.max(until_t);
-                }
-                // Take the queued requests out, then book the requeued one first and
-                // the others behind it in arrival order.
-                for w in moved.values() {
-                    let t = w.tick.load(Ordering::Acquire);
-                    for d in &w.demands {
-                        guards[pos(&d.key)].give_back(t);
-                    }
-                }
-                let idx: Vec<usize> = demands.iter().map(|d| pos(&d.key)).collect();
-                let t = self.earliest(&demands, guards, &idx, now_t);
-                let head = if self.instant(t) > deadline {
-                    Err(Denied::Deadline { wait: Duration::from_micros(t.saturating_sub(now_t)) })
-                } else {
-                    Ok(self.book(&demands, guards, &idx, t, t > now_t))
-                };
-                for w in moved.values() {
-                    let idx: Vec<usize> = w.demands.iter().map(|d| pos(&d.key)).collect();
-                    let t = self.earliest(&w.demands, guards, &idx, now_t);
-                    for (d, &i) in w.demands.iter().zip(&idx) {
-                        guards[i].take(d, t);
-                    }
-                    w.tick.store(t, Ordering::Release);
-                }
-                Ok(head)
-            });
-            match outcome {
-                Ok(head) => return head,
-                Err(needed) => keys = needed,
+        let (buf, n, key) = sorted(demands);
+        let demands = &buf[..n];
+        let account = demands[0].key.account;
+        let (now_t, until_t, deadline_t) = (self.tick(now), self.tick(until), self.tick(deadline));
+        self.with_account(account, |h| {
+            let (idx, n) = h.buckets_for(demands, now_t);
+            for &i in &idx[..n] {
+                let b = &mut h.buckets[i];
+                b.paused_until = b.paused_until.max(until_t);
+                b.expires = b.expires.max(b.paused_until);
             }
-        }
+            if h.lane(&key).is_none() {
+                h.lanes.push(Lane { key, waiters: VecDeque::new(), slots: VecDeque::new() });
+            }
+            let paused = |k: &LaneKey| k.iter().flatten().any(|id| key.contains(&Some(*id)));
+            // Everyone waiting for a paused bucket leaves the line, then all are booked
+            // again in arrival order.
+            let mut line: Vec<(Place, usize, Option<Arc<Waiter>>)> = Vec::new();
+            for l in 0..h.lanes.len() {
+                if !paused(&h.lanes[l].key) {
+                    continue;
+                }
+                let (li, ln) = h.lane_indexes(&h.lanes[l].key);
+                let lane = &mut h.lanes[l];
+                let slots = std::mem::take(&mut lane.slots);
+                let waiters = std::mem::take(&mut lane.waiters);
+                for s in slots {
+                    h.give_back(&li[..ln], s);
+                }
+                line.extend(
+                    waiters
+                        .into_iter()
+                        .filter(|w| w.state.load(Ordering::Acquire) == WAITING)
+                        .map(|w| (w.place, l, Some(w))),
+                );
+            }
+            let head_lane = h.lane(&key).expect("just made");
+            let place = place.unwrap_or_else(|| h.new_place());
+            line.push((place, head_lane, None));
+            line.sort_by_key(|(p, _, _)| *p);
+            let mut head = Err(Denied::Deadline { wait: Duration::ZERO });
+            for (place, l, w) in line {
+                let (li, ln) = h.lane_indexes(&h.lanes[l].key);
+                let li = &li[..ln];
+                let after = h.lanes[l].slots.back().copied().unwrap_or(0);
+                let t = h.earliest(li, now_t.max(after));
+                let w = match w {
+                    Some(w) if t > w.deadline => {
+                        w.refused_at.store(t, Ordering::Release);
+                        w.state.store(REFUSED, Ordering::Release);
+                        h.count_queued(li, false);
+                        w.wake.notify_one();
+                        continue;
+                    }
+                    Some(w) => w,
+                    None if t > deadline_t => {
+                        head = Err(Denied::Deadline { wait: Duration::from_micros(t.saturating_sub(now_t)) });
+                        continue;
+                    }
+                    None => {
+                        let queued = t > now_t;
+                        let w = queued.then(|| {
+                            h.count_queued(li, true);
+                            Arc::new(Waiter {
+                                place,
+                                deadline: deadline_t,
+                                state: AtomicU8::new(WAITING),
+                                refused_at: AtomicU64::new(0),
+                                wake: Notify::new(),
+                            })
+                        });
+                        head = Ok(Grant { at: self.instant(t), tick: t, account, lane: key, place, waiter: w.clone() });
+                        match w {
+                            Some(w) => w,
+                            None => {
+                                h.take(li, t);
+                                continue;
+                            }
+                        }
+                    }
+                };
+                h.take(li, t);
+                h.lanes[l].slots.push_back(t);
+                h.lanes[l].waiters.push_back(w);
+            }
+            for lane in &h.lanes {
+                if let Some(w) = lane.waiters.front() {
+                    w.wake.notify_one();
+                }
+            }
+            h.settle(now_t);
+            h.drop_empty_lanes();
+            head
+        })
     }
 
     /// Lowers the proxy's view of a bucket's steady window to what the upstream reports
     /// (`RateLimit-Remaining`): when it has fewer tokens left than the proxy believes,
     /// another consumer spends the quota, and the difference is booked as phantom takes.
     /// With `RateLimit-Reset` they leave the window when Klaviyo's window resets;
-    /// without it, a whole window from now. Returns how many were added.
+    /// without it, a whole window from now. Returns how many were added. Requests
+    /// already booked keep their slots.
     pub fn observe_remaining(&self, demand: &Demand, remaining: u32, reset: Option<Duration>, now: Instant) -> u32 {
         let Some(&steady) = demand.windows.as_slice().get(1) else { return 0 };
         let now_t = self.tick(now);
-        self.with_locked(&[demand.key], |guards| {
-            let b = &mut guards[0];
+        self.with_account(demand.key.account, |h| {
+            let (idx, _) = h.buckets_for(std::slice::from_ref(demand), now_t);
+            let b = &mut h.buckets[idx[0]];
             let log = &mut b.logs[1];
-            log.prune(now_t, steady.period);
             let believed = u64::from(steady.limit).saturating_sub(log.in_use(now_t, steady));
             let phantoms = believed.saturating_sub(u64::from(remaining));
             let reset = reset.map_or(steady.period, |r| ticks(r).clamp(1_000_000, steady.period));
@@ -414,59 +779,94 @@ impl LocalStore {
         })
     }
 
+    fn bucket<T>(&self, key: &BucketKey, f: impl FnOnce(&Bucket) -> T) -> Option<T> {
+        self.existing(key.account, |h| h.index(key.bucket).map(|i| f(&h.buckets[i]))).flatten()
+    }
+
     /// When the bucket's pause ends, if it is paused at `now`.
     pub fn paused_until(&self, key: &BucketKey, now: Instant) -> Option<Instant> {
-        let handle = self.buckets.get(key).map(|h| h.clone())?;
-        let t = lock(&handle).paused_until;
+        let t = self.bucket(key, |b| b.paused_until)?;
         (t > self.tick(now)).then(|| self.instant(t))
     }
 
     /// Requests waiting in a bucket's queue.
     pub fn queued(&self, key: &BucketKey) -> u32 {
-        let handle = self.buckets.get(key).map(|h| h.clone());
-        handle.map_or(0, |h| lock(&h).waiting.len() as u32)
+        self.bucket(key, |b| b.queued).unwrap_or(0)
     }
 
     /// Every bucket held, with its queue and the tokens in use at `now`.
     pub fn snapshot(&self, now: Instant) -> Vec<BucketView> {
         let now_t = self.tick(now);
-        let handles: Vec<(BucketKey, Arc<Mutex<Bucket>>)> =
-            self.buckets.iter().map(|e| (*e.key(), e.value().clone())).collect();
-        handles
-            .into_iter()
-            .filter_map(|(key, handle)| {
-                let b = lock(&handle);
-                let windows = b.windows?;
-                let windows = windows
-                    .as_slice()
-                    .iter()
-                    .zip(&b.logs)
-                    .map(|(spec, log)| (*spec, log.in_use(now_t, *spec)))
-                    .collect();
-                Some(BucketView { key, queued: b.waiting.len() as u32, windows })
-            })
-            .collect()
+        let mut out = Vec::new();
+        for entry in self.accounts.iter() {
+            let account = *entry.key();
+            let h = lock(entry.value());
+            out.extend(h.buckets.iter().map(|b| {
+                BucketView {
+                    key: BucketKey { account, bucket: b.id },
+                    queued: b.queued,
+                    windows: b
+                        .windows
+                        .as_slice()
+                        .iter()
+                        .zip(&b.logs)
+                        .map(|(spec, log)| (*spec, log.in_use(now_t, *spec)))
+                        .collect(),
+                }
+            }));
+        }
+        out
+    }
+
+    /// The account's takes and lanes, for a failing test to show.
+    #[cfg(test)]
+    pub(crate) fn dump(&self, account: Account) -> String {
+        self.existing(account, |h| {
+            let mut out = String::new();
+            for b in &h.buckets {
+                for (log, spec) in b.logs.iter().zip(b.windows.as_slice()) {
+                    let mut takes = Vec::new();
+                    for r in log.debug_runs() {
+                        takes.push(r);
+                    }
+                    out += &format!("{:?} {}/{}: {:?}\n", b.id, spec.limit, spec.period / 1000, takes);
+                }
+                out += &format!("{:?} paused until {} queued {}\n", b.id, b.paused_until / 1000, b.queued);
+            }
+            for l in &h.lanes {
+                let places: Vec<(u64, u8)> =
+                    l.waiters.iter().map(|w| (w.place.0, w.state.load(Ordering::Acquire))).collect();
+                out += &format!(
+                    "lane {:?}: {:?} slots {:?}\n",
+                    l.key,
+                    places,
+                    l.slots.iter().map(|t| t / 1000).collect::<Vec<_>>()
+                );
+            }
+            out
+        })
+        .unwrap_or_default()
     }
 
     /// Number of buckets held.
     pub fn len(&self) -> usize {
-        self.buckets.len()
+        self.accounts.iter().map(|e| lock(e.value()).buckets.len()).sum()
     }
 
     /// Whether no bucket is held.
     pub fn is_empty(&self) -> bool {
-        self.buckets.is_empty()
+        self.accounts.is_empty()
     }
 
     /// Drops buckets whose takes are all older than their longest window and that
-    /// queue nothing, so memory follows the active accounts.
+    /// queue nothing, and accounts left without buckets, so memory follows the active
+    /// accounts.
     pub fn sweep(&self, now: Instant) {
         let now_t = self.tick(now);
-        self.buckets.retain(|_, handle| {
-            let mut b = lock(handle);
-            let idle = b.expires <= now_t && b.waiting.is_empty() && b.paused_until <= now_t;
-            b.removed = idle;
-            !idle
+        self.accounts.retain(|_, h| {
+            let h = h.get_mut().unwrap_or_else(PoisonError::into_inner);
+            h.buckets.retain(|b| b.expires > now_t || b.queued > 0 || b.paused_until > now_t);
+            !h.buckets.is_empty() || !h.lanes.is_empty()
         });
     }
 }
@@ -555,27 +955,66 @@ mod tests {
         let d = [demand(1, BucketId::Endpoint(0), 2, 1000)];
         let now = Instant::now();
         let far = now + Duration::from_secs(60);
-        let _a = store.reserve(&d, now, far, 10).unwrap();
+        let a = store.reserve(&d, now, far, 10).unwrap();
         let _b = store.reserve(&d, now, far, 10).unwrap();
         let queued: Vec<Grant> = (0..3).map(|_| store.reserve(&d, now, far, 10).unwrap()).collect();
         assert_eq!(queued[0].at, now + Duration::from_secs(1));
         let until = now + Duration::from_secs(5);
-        let head = store.pause_and_requeue(&d, until, now, far).unwrap();
-        assert_eq!(store.slot(&head), until);
-        let slots: Vec<Instant> = queued.iter().map(|g| store.slot(g)).collect();
-        assert_eq!(slots, [until, until + Duration::from_secs(1), until + Duration::from_secs(1)]);
+        let head = store.pause_and_requeue(&d, Some(a.place()), until, now, far).unwrap();
+        assert_eq!(store.slot(&head), Some(until));
+        let slots: Vec<Option<Instant>> = queued.iter().map(|g| store.slot(g)).collect();
+        let second = until + Duration::from_secs(1);
+        assert_eq!(slots, [Some(until), Some(second), Some(second)]);
         assert_eq!(store.queued(&d[0].key), 4);
-        // A waiter that wakes at its old slot is told to wait for the new one.
+        // Only the head of the line sleeps to its slot; the others wait their turn.
         let later = now + Duration::from_secs(1);
-        assert_eq!(store.try_start(&queued[0], later), Err(until));
-        assert_eq!(store.try_start(&queued[0], until), Ok(()));
+        assert_eq!(store.turn(&head, later), Turn::At(until));
+        assert_eq!(store.turn(&queued[0], later), Turn::Behind);
+        assert_eq!(store.turn(&head, until), Turn::Go);
+        assert_eq!(store.turn(&queued[0], until), Turn::Go);
+        assert_eq!(store.slot(&queued[0]), None, "left");
         // New arrivals queue behind everyone, after the pause.
         let late = store.reserve(&d, later, far, 10).unwrap();
         assert_eq!(late.at, until + Duration::from_secs(2));
         // A requeue whose slot is past its deadline is refused and books nothing.
-        let refused = store.pause_and_requeue(&d, until, now, now + Duration::from_secs(1)).unwrap_err();
+        let refused = store.pause_and_requeue(&d, None, until, now, now + Duration::from_secs(1)).unwrap_err();
         assert!(matches!(refused, Denied::Deadline { wait } if wait >= Duration::from_secs(5)));
         assert_eq!(store.paused_until(&d[0].key, now), Some(until));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_refuses_waiters_it_moves_past_their_deadline() {
+        let store = LocalStore::new();
+        let d = [demand(1, BucketId::Endpoint(0), 1, 1000)];
+        let now = Instant::now();
+        let a = store.reserve(&d, now, now, 10).unwrap();
+        let short = store.reserve(&d, now, now + Duration::from_secs(2), 10).unwrap();
+        let long = store.reserve(&d, now, now + Duration::from_secs(60), 10).unwrap();
+        store
+            .pause_and_requeue(&d, Some(a.place()), now + Duration::from_secs(10), now, now + Duration::from_secs(60))
+            .unwrap();
+        // Told at once, with the truthful wait (its slot would have been 11 s).
+        assert_eq!(store.turn(&short, now), Turn::Refused(Duration::from_secs(11)));
+        assert_eq!(store.slot(&long), Some(now + Duration::from_secs(11)), "moved up into the refused one's slot");
+        assert_eq!(store.queued(&d[0].key), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancellation_moves_the_line_up_in_its_lane_only() {
+        let store = LocalStore::new();
+        let own = demand(1, BucketId::Endpoint(0), 1, 1000);
+        let now = Instant::now();
+        let far = now + Duration::from_secs(60);
+        let grants: Vec<Grant> = (0..4).map(|_| store.reserve(&[own], now, far, 10).unwrap()).collect();
+        let at = |s: u64| Some(now + Duration::from_secs(s));
+        store.cancel(&grants[1]);
+        assert_eq!(grants.iter().map(|g| store.slot(g)).collect::<Vec<_>>(), [None, None, at(1), at(2)]);
+        // The head gives up: the next one becomes the head and is woken.
+        store.cancel(&grants[2]);
+        assert_eq!(store.slot(&grants[3]), at(1));
+        assert_eq!(store.turn(&grants[3], now), Turn::At(now + Duration::from_secs(1)));
+        assert_eq!(store.queued(&own.key), 1);
+        assert_eq!(store.reserve(&[own], now, far, 10).unwrap().at, now + Duration::from_secs(2));
     }
 
     #[tokio::test(start_paused = true)]
@@ -634,13 +1073,13 @@ mod tests {
                     now += Duration::from_millis(dt);
                     if pause {
                         let until = now + Duration::from_millis(len);
-                        grants.push(store.pause_and_requeue(&d, until, now, far).unwrap());
+                        grants.push(store.pause_and_requeue(&d, None, until, now, far).unwrap());
                         pauses.push((now, until));
                     } else {
                         grants.push(store.reserve(&d, now, far, u32::MAX).unwrap());
                     }
                 }
-                let mut slots: Vec<Instant> = grants.iter().map(|g| store.slot(g)).collect();
+                let mut slots: Vec<Instant> = grants.iter().map(|g| store.slot(g).unwrap_or(g.at)).collect();
                 for (at, until) in &pauses {
                     for s in &slots {
                         proptest::prop_assert!(!(at < s && s < until), "a slot inside a pause");

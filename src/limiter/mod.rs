@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-pub use local::{BucketView, Grant, LocalStore, MAX_DEMANDS};
+pub use local::{BucketView, Grant, LocalStore, Place, Turn, MAX_DEMANDS};
 pub use shared::{SharedStore, StoreState};
 pub use window::{Tick, WindowSpec};
 

@@ -86,6 +86,83 @@ impl WindowLog {
         t
     }
 
+    /// Takes recorded at ticks before `t`, counted from the log's start (a position).
+    fn position_before(&self, t: Tick) -> u64 {
+        let idx = self.runs.partition_point(|r| r.tick < t);
+        if idx == 0 {
+            self.base
+        } else {
+            self.runs[idx - 1].end
+        }
+    }
+
+    /// Whether one more take at `t`, wherever it falls among the recorded takes (before
+    /// reservations of other requests, too), keeps every interval of `spec.period` at or
+    /// under `spec.limit`. If not, `Err` names a tick before which no take fits.
+    ///
+    /// A take at `t` breaks the limit exactly when `limit` recorded takes within a
+    /// period of each other all lie in `(t - period, t + period)`: then one interval of
+    /// `period` holds them and `t`. `budget` bounds the groups looked at; when it runs
+    /// out, the answer is `Err(Tick::MAX)`: no (the caller appends after the latest take).
+    pub fn admits(&self, t: Tick, spec: WindowSpec, budget: &mut u32) -> Result<(), Tick> {
+        let n = u64::from(spec.limit);
+        let lo = match t.checked_sub(spec.period) {
+            Some(from) => self.position_before(from + 1),
+            None => self.base,
+        };
+        let hi = self.position_before(t.saturating_add(spec.period));
+        if hi - lo < n {
+            return Ok(());
+        }
+        // Groups of `n` consecutive takes starting in one run are tightest at its first
+        // position: look at one group per run.
+        let mut p = lo + 1;
+        while p + n - 1 <= hi {
+            if *budget == 0 {
+                return Err(Tick::MAX);
+            }
+            *budget -= 1;
+            let first = self.runs.partition_point(|r| r.end < p);
+            let start = self.runs[first].tick;
+            let end = self.runs[self.runs.partition_point(|r| r.end < p + n - 1)].tick;
+            if end - start < spec.period {
+                return Err(start + spec.period);
+            }
+            p = self.runs[first].end + 1;
+        }
+        Ok(())
+    }
+
+    /// The earliest tick at or after `from` at which one more take fits anywhere among
+    /// the recorded ones ([`WindowLog::admits`]), or, once `budget` is spent, after the
+    /// latest take ([`WindowLog::earliest`]).
+    pub fn earliest_insert(&self, from: Tick, spec: WindowSpec, budget: &mut u32) -> Tick {
+        let append = self.earliest(from, spec);
+        let mut t = from;
+        while t < append && *budget > 0 {
+            *budget -= 1;
+            match self.admits(t, spec, budget) {
+                Ok(()) => return t,
+                Err(next) => t = next,
+            }
+        }
+        append
+    }
+
+    /// The runs as (ms, count), for a failing test to show.
+    #[cfg(test)]
+    pub(crate) fn debug_runs(&self) -> Vec<(u64, u64)> {
+        let mut prev = self.base;
+        self.runs
+            .iter()
+            .map(|r| {
+                let n = r.end - prev;
+                prev = r.end;
+                (r.tick / 1000, n)
+            })
+            .collect()
+    }
+
     /// Records a take at `tick`, which must not be earlier than the latest take.
     pub fn record(&mut self, tick: Tick) {
         match self.runs.back_mut() {
@@ -106,6 +183,15 @@ impl WindowLog {
     pub fn insert(&mut self, tick: Tick, n: u64) {
         if n == 0 {
             return;
+        }
+        match self.runs.back_mut() {
+            Some(run) if run.tick == tick => return run.end += n,
+            Some(run) if run.tick < tick => {
+                let end = run.end + n;
+                return self.runs.push_back(Run { tick, end });
+            }
+            None => return self.runs.push_back(Run { tick, end: self.base + n }),
+            Some(_) => {}
         }
         let idx = self.runs.partition_point(|r| r.tick < tick);
         let before = if idx == 0 { self.base } else { self.runs[idx - 1].end };
@@ -265,6 +351,52 @@ mod tests {
                 prop_assert_eq!(log.in_use(t, spec).min(u64::from(spec.limit)), log.in_use(t, spec));
             }
             assert_invariant(&takes, spec)?;
+        }
+    }
+
+    /// Whether one more take at `t` keeps every interval of `spec.period` within the
+    /// limit, checked the slow way: every run of `limit + 1` takes spans a period.
+    fn fits(takes: &[Tick], t: Tick, spec: WindowSpec) -> bool {
+        let mut all = takes.to_vec();
+        all.push(t);
+        all.sort_unstable();
+        let n = spec.limit as usize;
+        all.windows(n + 1).all(|w| w[n] - w[0] >= spec.period)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// A take fits anywhere among booked takes (before other requests' slots too)
+        /// exactly where the slow check says so, and the search finds the first such
+        /// instant.
+        #[test]
+        fn insertion_finds_the_first_instant_that_fits(
+            spec in spec(),
+            ops in proptest::collection::vec((0u64..3_000, 0u64..300), 1..40),
+            from in 0u64..4_000,
+        ) {
+            // Build a valid log of takes at scattered instants (as lanes of different
+            // buckets leave them), each placed where it fits.
+            let mut log = WindowLog::default();
+            let mut takes = Vec::new();
+            for (at, _) in &ops {
+                let mut budget = u32::MAX;
+                let t = log.earliest_insert(*at, spec, &mut budget);
+                prop_assert!(fits(&takes, t, spec), "placed where it does not fit: {t} in {takes:?}");
+                // Whether a take fits changes only where another leaves a period behind.
+                let candidates = takes.iter().map(|a| a + spec.period).chain([*at]).filter(|u| (*at..t).contains(u));
+                for u in candidates {
+                    prop_assert!(!fits(&takes, u, spec), "{u} fits before {t} in {takes:?}");
+                }
+                log.insert(t, 1);
+                takes.push(t);
+            }
+            for (_, dt) in &ops {
+                let t = from + dt;
+                let mut budget = u32::MAX;
+                prop_assert_eq!(log.admits(t, spec, &mut budget).is_ok(), fits(&takes, t, spec), "at {}", t);
+            }
         }
     }
 

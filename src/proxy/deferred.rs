@@ -145,7 +145,7 @@ impl Proxy {
                 let wait = retry::retry_after_of(resp.headers(), cap).unwrap_or(Duration::from_secs(1));
                 if config.limits.enabled {
                     // Pause the bucket for live traffic too; the replay goes again later.
-                    if let Ok(Some(head)) = self.pause(&route.demands, now + wait, now, now + wait).await {
+                    if let Ok(Some(head)) = self.pause(&route.demands, None, now + wait, now, now + wait).await {
                         self.store().cancel(&head);
                     }
                 }

@@ -8,6 +8,7 @@
 //! proxy: per bucket, requests, 429s, the most requests seen in one of its fixed
 //! windows and the most seen in any sliding interval of each window's length.
 
+mod bulk;
 pub mod faults;
 mod tls;
 
@@ -558,6 +559,10 @@ impl State {
             .ok()
             .and_then(|v| v["data"]["attributes"]["unique_id"].as_str().map(str::to_string))
             .unwrap_or_default();
+        self.note_event(id);
+    }
+
+    fn note_event(&self, id: String) {
         let mut events = lock(&self.events);
         let seen = events.entry(id.clone()).or_insert(0);
         *seen += 1;
@@ -709,6 +714,12 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Response<ProxyBo
             if op.id == "create_event" || op.id == "create_client_event" {
                 state.record_event(&body);
             }
+            if op.id == "bulk_create_events" {
+                match bulk::check(&body) {
+                    Ok(ids) => ids.into_iter().for_each(|id| state.note_event(id)),
+                    Err(refusal) => return refusal.into_response(),
+                }
+            }
             let mut resp = success(op, &parts.method, &path, &body);
             let h = resp.headers_mut();
             h.insert("ratelimit-limit", HeaderValue::from(limit));
@@ -760,7 +771,7 @@ fn success(op: &Operation, method: &Method, path: &str, body: &[u8]) -> Response
                 "links": {"self": self_link, "next": null, "prev": null}}),
         );
     }
-    if op.id == "create_event" || op.path.starts_with("/client/") {
+    if op.id == "create_event" || op.id == "bulk_create_events" || op.path.starts_with("/client/") {
         let mut resp = Response::new(full(Bytes::new()));
         *resp.status_mut() = StatusCode::ACCEPTED;
         return resp;

@@ -18,7 +18,7 @@ use tower::Service;
 use super::{BoxFuture, Routed};
 use crate::breaker;
 use crate::error::ProxyError;
-use crate::limiter::{BucketKey, Demand, Denied, Grant, Limiter};
+use crate::limiter::{BucketKey, Demand, Denied, Grant, Limiter, Place};
 use crate::metrics::RequestOutcome;
 use crate::proxy::{header_int, upstream_error, Live, Proxy};
 use crate::queue;
@@ -77,6 +77,8 @@ impl Proxy {
             cap: Duration::from_millis(config.retry.cap_ms),
         };
         let mut requeued: Option<Grant> = None;
+        // The request's place in line, kept when a 429 requeues it.
+        let mut place: Option<Place> = None;
         let mut retries = 0u32;
         let mut rng = fastrand::Rng::new();
         self.budget.deposit(Instant::now(), self.started);
@@ -90,7 +92,9 @@ impl Proxy {
                 }
                 None if limited => {
                     let depth = config.queue.max_depth;
-                    queue::wait(&self.limiter, &route.demands, deadline, depth, label).await?
+                    let admitted = queue::wait(&self.limiter, &route.demands, deadline, depth, label).await?;
+                    place = admitted.place;
+                    admitted.waited
                 }
                 None => Duration::ZERO,
             };
@@ -137,7 +141,7 @@ impl Proxy {
                     }
                     // Boxed, like the feedback below: their Redis calls are large futures that would
                     // otherwise sit in every queued request's state.
-                    match Box::pin(self.pause(&route.demands, now + wait, now, deadline)).await {
+                    match Box::pin(self.pause(&route.demands, place, now + wait, now, deadline)).await {
                         Ok(grant) => {
                             self.metrics.retry(label, "throttled");
                             requeued = grant;
@@ -215,19 +219,20 @@ impl Proxy {
     pub(crate) async fn pause(
         &self,
         demands: &[Demand],
+        place: Option<Place>,
         until: Instant,
         now: Instant,
         deadline: Instant,
     ) -> Result<Option<Grant>, Denied> {
         match &self.limiter {
-            Limiter::Local(store) => store.pause_and_requeue(demands, until, now, deadline).map(Some),
+            Limiter::Local(store) => store.pause_and_requeue(demands, place, until, now, deadline).map(Some),
             Limiter::Shared(_) => {
                 let keys: Vec<BucketKey> = demands.iter().map(|d| d.key).collect();
                 if let Err(e) = self.limiter.pause(&keys, until).await {
                     tracing::warn!(error = %e, "could not share an upstream pause through Redis");
                 }
                 let fallback = self.limiter.local();
-                if let Ok(head) = fallback.pause_and_requeue(demands, until, now, until) {
+                if let Ok(head) = fallback.pause_and_requeue(demands, None, until, now, until) {
                     fallback.cancel(&head);
                 }
                 if until > deadline {

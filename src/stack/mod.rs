@@ -27,6 +27,7 @@ pub mod authorize;
 pub mod body;
 pub mod cleanup;
 pub mod client_token;
+pub mod coalesce;
 pub mod defer;
 pub mod exchange;
 pub mod idempotency;
@@ -65,6 +66,8 @@ where
         .layer(body::BufferLayer)
         // Only what Klaviyo should see leaves: no hop-by-hop or proxy-only headers.
         .layer(step::StepLayer::new(outbound::Outbound))
+        // Single events become bulk jobs: stored durably, answered 202 as Klaviyo does.
+        .layer(coalesce::CoalesceLayer::new(proxy.clone()))
         // Events get a unique_id, so Klaviyo deduplicates any repeat or replay.
         .layer(step::StepLayer::new(idempotency::Idempotency))
         // Kill switch, breaker fail-fast, and deferrable writes accepted for later.

@@ -1,0 +1,378 @@
+//! The coalescer's durable queue: every accepted event is in a redb file, fsynced,
+//! before its client hears `202`, and leaves the file only once Klaviyo accepted the
+//! job that carried it (or it went to the spool's dead letters).
+//!
+//! One writer thread owns every write transaction and commits whatever has arrived
+//! meanwhile in one transaction: many events share one fsync (group commit), which is
+//! what lets a single account accept thousands of events a second on one disk.
+
+// redb's own error type is large; it only passes between the transaction closures here.
+#![allow(clippy::result_large_err)]
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableTable, TableDefinition};
+use tokio::sync::oneshot;
+
+/// Accepted events by id (arrival order).
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// `Idempotency-Key` (with the credential's hash) → (event id, accepted at ms).
+const IDEMPOTENCY: TableDefinition<&[u8], (u64, u64)> = TableDefinition::new("idempotency");
+/// `next_id`.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// How long an `Idempotency-Key` is remembered: Klaviyo's own retry horizon for
+/// webhooks, and longer than any SDK retries a request.
+pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Most operations one commit carries.
+const GROUP_COMMIT_MAX: usize = 1024;
+
+/// Where a batch goes: the credential and revision it is sent with.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Group {
+    /// The `Authorization` value (sensitive: never printed).
+    pub authorization: Vec<u8>,
+    /// The `revision` header.
+    pub revision: String,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group").field("authorization", &"<redacted>").field("revision", &self.revision).finish()
+    }
+}
+
+/// One accepted event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The id (set by the store; also the client's `x-klaviyo-proxy-spool-id`).
+    pub id: u64,
+    /// Where it goes.
+    pub group: Group,
+    /// Its `unique_id`.
+    pub unique_id: String,
+    /// Profile and metric, for keeping equal ids out of one job.
+    pub identity: String,
+    /// The bulk job entry.
+    pub entry: String,
+    /// When it was accepted, ms since the Unix epoch.
+    pub accepted_at_ms: u64,
+}
+
+impl Record {
+    /// Bytes on disk: a version byte, then length-prefixed fields.
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(
+            32 + self.group.authorization.len()
+                + self.group.revision.len()
+                + self.unique_id.len()
+                + self.identity.len()
+                + self.entry.len(),
+        );
+        out.push(1u8);
+        out.extend_from_slice(&self.accepted_at_ms.to_le_bytes());
+        for field in [
+            self.group.authorization.as_slice(),
+            self.group.revision.as_bytes(),
+            self.unique_id.as_bytes(),
+            self.identity.as_bytes(),
+            self.entry.as_bytes(),
+        ] {
+            out.extend_from_slice(&(field.len() as u32).to_le_bytes());
+            out.extend_from_slice(field);
+        }
+        out
+    }
+
+    fn decode(id: u64, bytes: &[u8]) -> Option<Record> {
+        let (&version, mut rest) = bytes.split_first()?;
+        if version != 1 {
+            return None;
+        }
+        let accepted_at_ms = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
+        rest = &rest[8..];
+        let mut fields: [&[u8]; 5] = [&[]; 5];
+        for f in &mut fields {
+            let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+            *f = rest.get(4..4 + len)?;
+            rest = &rest[4 + len..];
+        }
+        let text = |b: &[u8]| String::from_utf8(b.to_vec()).ok();
+        Some(Record {
+            id,
+            group: Group { authorization: fields[0].to_vec(), revision: text(fields[1])? },
+            unique_id: text(fields[2])?,
+            identity: text(fields[3])?,
+            entry: text(fields[4])?,
+            accepted_at_ms,
+        })
+    }
+}
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The file could not be opened or written.
+    #[error("coalesce store {path}: {message}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The writer thread is gone (the proxy is stopping).
+    #[error("coalesce store is closed")]
+    Closed,
+}
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored under this id.
+    New(u64),
+    /// The `Idempotency-Key` was seen already, for this id: nothing stored.
+    Repeat(u64),
+}
+
+enum Op {
+    Append { record: Record, idempotency: Option<Vec<u8>>, reply: oneshot::Sender<Result<Appended, StoreError>> },
+    Remove { ids: Vec<u64>, reply: oneshot::Sender<Result<(), StoreError>> },
+}
+
+/// The durable queue. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    ops: mpsc::Sender<Op>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "coalesce::Store({})", self.path.display())
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Store {
+    /// Opens (or creates, mode 0600) the file and returns the store with the events
+    /// still undelivered, oldest first.
+    pub fn open(path: &Path) -> Result<(Store, Vec<Record>), StoreError> {
+        let err = |e: &dyn std::fmt::Display| StoreError::Io { path: path.into(), message: e.to_string() };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
+        }
+        // The file holds credentials: created private, never widened.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(|e| err(&e))?;
+        }
+        let db = Database::create(path).map_err(|e| err(&e))?;
+        let tx = db.begin_write().map_err(|e| err(&e))?;
+        let cutoff = now_ms().saturating_sub(IDEMPOTENCY_TTL.as_millis() as u64);
+        {
+            tx.open_table(EVENTS).map_err(|e| err(&e))?;
+            tx.open_table(META).map_err(|e| err(&e))?;
+            let mut idem = tx.open_table(IDEMPOTENCY).map_err(|e| err(&e))?;
+            idem.retain(|_, (_, at)| at >= cutoff).map_err(|e| err(&e))?;
+        }
+        tx.commit().map_err(|e| err(&e))?;
+        let mut pending = Vec::new();
+        {
+            let rx = db.begin_read().map_err(|e| err(&e))?;
+            let table = rx.open_table(EVENTS).map_err(|e| err(&e))?;
+            for row in table.iter().map_err(|e| err(&e))? {
+                let (k, v) = row.map_err(|e| err(&e))?;
+                match Record::decode(k.value(), v.value()) {
+                    Some(r) => pending.push(r),
+                    None => tracing::error!(id = k.value(), "undecodable coalesced event left in the store"),
+                }
+            }
+        }
+        let (ops, rx) = mpsc::channel();
+        let writer_path = path.to_path_buf();
+        std::thread::Builder::new()
+            .name("coalesce-store".into())
+            .spawn(move || writer(db, rx, writer_path))
+            .map_err(|e| err(&e))?;
+        Ok((Store { ops, path: path.into() }, pending))
+    }
+
+    /// Stores an event durably; with an idempotency key seen before, stores nothing and
+    /// names the earlier event.
+    pub async fn append(&self, record: Record, idempotency: Option<Vec<u8>>) -> Result<Appended, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.ops.send(Op::Append { record, idempotency, reply }).map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Forgets delivered (or dead-lettered) events.
+    pub async fn remove(&self, ids: Vec<u64>) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let (reply, answer) = oneshot::channel();
+        self.ops.send(Op::Remove { ids, reply }).map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// The writer: takes every operation waiting, applies them in one transaction, commits
+/// (one fsync), then answers them all.
+fn writer(db: Database, ops: mpsc::Receiver<Op>, path: PathBuf) {
+    let err = |e: &dyn std::fmt::Display| StoreError::Io { path: path.clone(), message: e.to_string() };
+    while let Ok(first) = ops.recv() {
+        let mut batch = vec![first];
+        while batch.len() < GROUP_COMMIT_MAX {
+            match ops.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        match commit(&db, &mut batch) {
+            Ok(outcomes) => {
+                for (op, outcome) in batch.into_iter().zip(outcomes) {
+                    match op {
+                        Op::Append { reply, .. } => {
+                            let _ = reply.send(Ok(outcome));
+                        }
+                        Op::Remove { reply, .. } => {
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                tracing::error!(error = %message, "coalesce store write failed");
+                for op in batch {
+                    match op {
+                        Op::Append { reply, .. } => {
+                            let _ = reply.send(Err(err(&message)));
+                        }
+                        Op::Remove { reply, .. } => {
+                            let _ = reply.send(Err(err(&message)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One transaction for the whole batch. A failure fails every operation in it (none is
+/// acknowledged as stored).
+fn commit(db: &Database, batch: &mut [Op]) -> Result<Vec<Appended>, redb::Error> {
+    let tx = db.begin_write()?;
+    let mut out = Vec::with_capacity(batch.len());
+    {
+        let mut events = tx.open_table(EVENTS)?;
+        let mut meta = tx.open_table(META)?;
+        let mut idem = tx.open_table(IDEMPOTENCY)?;
+        let mut next = meta.get("next_id")?.map_or(1, |v| v.value());
+        let now = now_ms();
+        for op in batch.iter_mut() {
+            match op {
+                Op::Append { record, idempotency, .. } => {
+                    if let Some(key) = idempotency.as_deref() {
+                        if let Some(seen) = idem.get(key)? {
+                            let (id, at) = seen.value();
+                            if now.saturating_sub(at) < IDEMPOTENCY_TTL.as_millis() as u64 {
+                                out.push(Appended::Repeat(id));
+                                continue;
+                            }
+                        }
+                    }
+                    record.id = next;
+                    next += 1;
+                    events.insert(record.id, record.encode().as_slice())?;
+                    if let Some(key) = idempotency.as_deref() {
+                        idem.insert(key, (record.id, now))?;
+                    }
+                    out.push(Appended::New(record.id));
+                }
+                Op::Remove { ids, .. } => {
+                    for id in ids.iter() {
+                        events.remove(*id)?;
+                    }
+                    out.push(Appended::New(0));
+                }
+            }
+        }
+        meta.insert("next_id", next)?;
+    }
+    tx.commit()?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(uid: &str) -> Record {
+        Record {
+            id: 0,
+            group: Group { authorization: b"Klaviyo-API-Key pk_x".to_vec(), revision: "2026-07-15".into() },
+            unique_id: uid.into(),
+            identity: "a@example.com\u{1f}Viewed".into(),
+            entry: r#"{"type":"event-bulk-create"}"#.into(),
+            accepted_at_ms: 42,
+        }
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let mut r = record("u1");
+        r.id = 7;
+        assert_eq!(Record::decode(7, &r.encode()), Some(r));
+        assert_eq!(Record::decode(1, &[2, 0, 0]), None);
+        assert_eq!(Record::decode(1, &[1, 0]), None);
+    }
+
+    #[test]
+    fn debug_hides_the_credential() {
+        assert!(!format!("{:?}", record("u")).contains("pk_x"));
+    }
+
+    #[tokio::test]
+    async fn appends_survive_reopen_and_idempotency_keys_repeat() {
+        let dir = std::env::temp_dir().join(format!("kp-coalesce-{}", fastrand::u64(..)));
+        let path = dir.join("events.redb");
+        {
+            let (store, pending) = Store::open(&path).unwrap();
+            assert!(pending.is_empty());
+            let a = store.append(record("a"), Some(b"k1".to_vec())).await.unwrap();
+            let b = store.append(record("b"), None).await.unwrap();
+            let again = store.append(record("a2"), Some(b"k1".to_vec())).await.unwrap();
+            let (Appended::New(a), Appended::New(b)) = (a, b) else { panic!("both new") };
+            assert_eq!(again, Appended::Repeat(a));
+            assert!(b > a);
+            store.remove(vec![a]).await.unwrap();
+        }
+        // The writer thread of the first store may still hold the file briefly.
+        let mut reopened = None;
+        for _ in 0..500 {
+            match Store::open(&path) {
+                Ok(r) => {
+                    reopened = Some(r);
+                    break;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let (_store, pending) = reopened.expect("reopens");
+        assert_eq!(pending.iter().map(|r| r.unique_id.as_str()).collect::<Vec<_>>(), ["b"]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
