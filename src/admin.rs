@@ -17,6 +17,8 @@ use tokio::time::Instant;
 
 use crate::body::{full, ProxyBody};
 use crate::error::ProxyError;
+use crate::hardening::host::HostPolicy;
+use crate::hardening::{admin_guard, random};
 use crate::limiter::StoreState;
 use crate::metrics::BreakerState;
 use crate::proxy::{Probe, Proxy};
@@ -188,6 +190,13 @@ impl Admin {
 
     /// Serves one admin request (no endpoint reads a body).
     pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Result<Response<ProxyBody>, Infallible> {
+        // Rebinding pages, cross-site posts and (with admin.token) anyone without it.
+        let config = self.proxy.config();
+        let token = config.admin.token.as_ref().map(|t| t.expose().as_bytes());
+        let hosts = HostPolicy::new(&config.server.allowed_hosts);
+        if let Err(refusal) = admin_guard::check(&hosts, token, req.method(), req.uri(), req.headers()) {
+            return Ok(refusal.error().into_response(&random::hex128()));
+        }
         let (parts, _body) = req.into_parts();
         let routes = self.routes.clone();
         Ok(routes.answer(self, parts).await)

@@ -392,6 +392,9 @@ pub struct AdminConfig {
     pub health_cache_ms: u64,
     /// Longest the probe waits for a token before `/health` reports rate-limited.
     pub health_max_wait_ms: u64,
+    /// Token every admin route but `/live` and `/ready` needs (`Authorization: Bearer`);
+    /// required when `listen` is off loopback.
+    pub token: Option<Secret>,
 }
 
 impl Default for AdminConfig {
@@ -400,6 +403,7 @@ impl Default for AdminConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             health_cache_ms: 30_000,
             health_max_wait_ms: 2_000,
+            token: None,
         }
     }
 }
@@ -439,6 +443,20 @@ pub struct ServerConfig {
     pub client_read_timeout_ms: u64,
     /// At SIGTERM/SIGINT, how long in-flight and queued requests may take to finish.
     pub drain_timeout_ms: u64,
+    // Hardening (issue 13).
+    /// Public names clients reach the proxy by, besides `localhost` and IP literals
+    /// (a `Host` naming anything else is refused with 421).
+    pub allowed_hosts: Vec<String>,
+    /// Time a new connection has to send its first byte.
+    pub first_byte_timeout_ms: u64,
+    /// A connection with no request in flight for this long is closed (HTTP/1 and 2).
+    pub idle_timeout_ms: u64,
+    /// HTTP/2 keep-alive ping interval; a peer silent for another interval is dropped.
+    pub keep_alive_interval_ms: u64,
+    /// Open connections per listener; beyond it new connections are closed at once.
+    pub max_connections: usize,
+    /// All request bodies held in memory at once (buffered and queued); beyond it 503.
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -452,6 +470,12 @@ impl Default for ServerConfig {
             max_header_bytes: 64 * 1024,
             client_read_timeout_ms: 30_000,
             drain_timeout_ms: 30_000,
+            allowed_hosts: Vec::new(),
+            first_byte_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            keep_alive_interval_ms: 30_000,
+            max_connections: 4096,
+            max_buffered_bytes: 128 * 1024 * 1024,
         }
     }
 }
@@ -926,6 +950,7 @@ impl Config {
         config.check_resilience()?;
         config.check_limiter()?;
         config.webhooks.resolve(env)?;
+        config.check_hardening()?;
         config.check_coalesce()?;
         Ok(config)
     }
@@ -1002,6 +1027,13 @@ impl Config {
         }
         if let Some(v) = env("KLAVIYO_PROXY_ACCOUNT_HASH_KEY") {
             self.auth.account_hash_key = Some(Secret(v));
+        }
+        if let Some(v) = env("KLAVIYO_PROXY_ALLOWED_HOSTS") {
+            self.server.allowed_hosts =
+                v.split(',').map(str::trim).filter(|h| !h.is_empty()).map(String::from).collect();
+        }
+        if let Some(v) = env("KLAVIYO_PROXY_ADMIN_TOKEN") {
+            self.admin.token = Some(Secret(v));
         }
         if let Some(v) = env("KLAVIYO_PROXY_LOG_LEVEL") {
             self.log.level = v;
@@ -1113,12 +1145,41 @@ impl Config {
         problem.map_or(Ok(()), |p| Err(ConfigError::Conflict(p)))
     }
 
+    /// Checks the hardening keys: tokens long enough to resist guessing, timeouts and
+    /// caps that let the proxy work.
+    pub fn check_hardening(&self) -> Result<(), ConfigError> {
+        let min = crate::hardening::token::MIN_TOKEN_LEN;
+        for (key, token) in [("server.client_token", &self.server.client_token), ("admin.token", &self.admin.token)] {
+            if token.as_ref().is_some_and(|t| t.expose().trim().len() < min) {
+                return Err(ConfigError::Conflict(format!("{key} must be at least {min} characters")));
+            }
+        }
+        let s = &self.server;
+        let problem = if s.first_byte_timeout_ms == 0 || s.idle_timeout_ms == 0 || s.keep_alive_interval_ms == 0 {
+            Some("server.first_byte_timeout_ms, idle_timeout_ms and keep_alive_interval_ms must be > 0")
+        } else if s.max_connections == 0 {
+            Some("server.max_connections must be > 0")
+        } else if s.max_buffered_bytes < s.max_body_bytes {
+            Some("server.max_buffered_bytes must be at least server.max_body_bytes")
+        } else if s.allowed_hosts.iter().any(|h| h.is_empty() || h.contains([':', '/', ' ', '@'])) {
+            Some("server.allowed_hosts entries are host names without port, like \"proxy.internal\"")
+        } else {
+            None
+        };
+        problem.map_or(Ok(()), |p| Err(ConfigError::Conflict(p.into())))
+    }
+
     /// Checks that apply only when serving: a listener off loopback needs a client
-    /// token unless explicitly opted out.
+    /// token unless explicitly opted out; the admin listener off loopback needs its token.
     pub fn check_serve(&self) -> Result<(), ConfigError> {
         self.webhooks.check_serve()?;
-        if !self.admin.listen.ip().is_loopback() {
-            tracing::warn!(listen = %self.admin.listen, "the admin listener is not on loopback: /admin/reload and /metrics are open to that network");
+        self.check_hardening()?;
+        if !self.admin.listen.ip().is_loopback() && self.admin.token.is_none() {
+            return Err(ConfigError::Conflict(format!(
+                "admin.listen = \"{}\" is not a loopback address: set admin.token (or KLAVIYO_PROXY_ADMIN_TOKEN) \
+                 so admin requests must send `Authorization: Bearer <token>`",
+                self.admin.listen
+            )));
         }
         let ip = self.server.listen.ip();
         if !ip.is_loopback() && self.server.client_token.is_none() && !self.server.allow_unauthenticated_remote {
@@ -1290,6 +1351,16 @@ mod tests {
         c.server.listen = "0.0.0.0:8080".parse().unwrap();
         assert!(c.check_serve().unwrap_err().to_string().contains("client_token"));
         c.server.client_token = Some(Secret::new("t"));
+        let e = c.check_serve().unwrap_err().to_string();
+        assert!(e.contains("server.client_token must be at least 16"), "{e}");
+        c.server.client_token = Some(Secret::new("0123456789abcdef"));
+        c.check_serve().unwrap();
+        // The admin listener off loopback needs its own token.
+        c.admin.listen = "0.0.0.0:9090".parse().unwrap();
+        assert!(c.check_serve().unwrap_err().to_string().contains("admin.token"));
+        c.admin.token = Some(Secret::new(""));
+        assert!(c.check_serve().unwrap_err().to_string().contains("admin.token must be at least"));
+        c.admin.token = Some(Secret::new("admin-0123456789abcdef"));
         c.check_serve().unwrap();
         let mut c = Config::default();
         c.auth.mode = AuthMode::Inject;

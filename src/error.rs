@@ -114,6 +114,31 @@ pub enum ProxyError {
     /// No webhook route at this method and path.
     #[error("the webhook gate takes POST /webhooks/klaviyo and /webhooks/flow")]
     WebhookRoute,
+    // Hardening (issue 13): refusals of hostile or misdirected requests.
+    /// The `Host` (or `:authority`) is not a name this proxy answers to.
+    #[error("this proxy does not answer to that host name (see server.allowed_hosts)")]
+    UnknownHost,
+    /// `admin.token` is set and the request does not carry it.
+    #[error("missing or wrong admin token (Authorization: Bearer)")]
+    AdminAuthRequired,
+    /// A write to the admin listener sent by another site.
+    #[error("cross-site requests to the admin listener are refused")]
+    CrossSite,
+    /// A write to the admin listener without a JSON content type.
+    #[error("admin writes need Content-Type: application/json")]
+    UnsupportedMediaType,
+    /// The bodies held in memory are at their budget (`server.max_buffered_bytes`).
+    #[error("the proxy holds as many request bodies as it may; retry in {}s", secs(*.retry_after))]
+    Overloaded {
+        /// When to try again.
+        retry_after: Duration,
+    },
+    /// Every bucket slot is taken by a busy bucket (`limiter.max_buckets`).
+    #[error("the proxy tracks as many accounts as it may; retry in {}s", secs(*.retry_after))]
+    TooManyBuckets {
+        /// When to try again.
+        retry_after: Duration,
+    },
     /// A `create_event` body the coalescer refused before storing it: Klaviyo's own
     /// 400, answered by the proxy because Klaviyo will not see the event synchronously.
     #[error("{detail}")]
@@ -173,6 +198,11 @@ impl ProxyError {
             PhoneNotE164 { .. } => StatusCode::BAD_REQUEST,
             WebhookRejected(_) => StatusCode::UNAUTHORIZED,
             WebhookRoute => StatusCode::NOT_FOUND,
+            UnknownHost => StatusCode::MISDIRECTED_REQUEST,
+            AdminAuthRequired => StatusCode::UNAUTHORIZED,
+            CrossSite => StatusCode::FORBIDDEN,
+            UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Overloaded { .. } | TooManyBuckets { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -201,6 +231,12 @@ impl ProxyError {
             Internal => "proxy_internal_error",
             WebhookRejected(_) => "proxy_webhook_rejected",
             WebhookRoute => "proxy_webhook_route",
+            UnknownHost => "proxy_unknown_host",
+            AdminAuthRequired => "proxy_admin_auth_required",
+            CrossSite => "proxy_cross_site",
+            UnsupportedMediaType => "proxy_unsupported_media_type",
+            Overloaded { .. } => "proxy_overloaded",
+            TooManyBuckets { .. } => "proxy_too_many_buckets",
             InvalidEvent { .. } => "proxy_invalid_event",
             CoalesceFull { .. } => "proxy_coalesce_full",
             ScopeForbidden { .. } => "proxy_scope_forbidden",
@@ -230,6 +266,11 @@ impl ProxyError {
             Internal => "Internal proxy error.",
             WebhookRejected(_) => "Webhook rejected.",
             WebhookRoute => "Not found.",
+            UnknownHost => "Misdirected request.",
+            AdminAuthRequired => "Admin authentication required.",
+            CrossSite => "Cross-site request refused.",
+            UnsupportedMediaType => "Unsupported media type.",
+            Overloaded { .. } | TooManyBuckets { .. } => "The proxy is at capacity.",
             InvalidEvent { .. } => "Invalid input.",
             CoalesceFull { .. } => "Too many events waiting for delivery.",
             ScopeForbidden { .. } => "Scope not allowed on this proxy.",
@@ -266,6 +307,8 @@ impl ProxyError {
             | ProxyError::QueueTimeout { retry_after, .. }
             | ProxyError::UpstreamThrottled { retry_after, .. }
             | ProxyError::CircuitOpen { retry_after }
+            | ProxyError::Overloaded { retry_after }
+            | ProxyError::TooManyBuckets { retry_after }
             | ProxyError::CoalesceFull { retry_after } => Some(*retry_after),
             _ => None,
         }
@@ -296,6 +339,9 @@ impl ProxyError {
         }
         if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
             h.insert(header::PROXY_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
     }
@@ -332,6 +378,12 @@ mod tests {
             ),
             (ProxyError::Disabled, 503, None),
             (ProxyError::Draining, 503, None),
+            (ProxyError::UnknownHost, 421, None),
+            (ProxyError::AdminAuthRequired, 401, None),
+            (ProxyError::CrossSite, 403, None),
+            (ProxyError::UnsupportedMediaType, 415, None),
+            (ProxyError::Overloaded { retry_after: Duration::from_secs(1) }, 503, Some("1")),
+            (ProxyError::TooManyBuckets { retry_after: Duration::from_secs(1) }, 503, Some("1")),
             (
                 ProxyError::InvalidEvent { pointer: "/data/type".into(), detail: "`type` must be `event`.".into() },
                 400,

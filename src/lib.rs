@@ -17,6 +17,7 @@ pub mod coalesce;
 pub mod config;
 pub mod credential;
 pub mod error;
+pub mod hardening;
 pub mod limiter;
 pub mod metrics;
 pub mod preflight;
@@ -51,6 +52,20 @@ const DRAIN_MARGIN: Duration = Duration::from_millis(500);
 
 /// How often idle buckets are dropped.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// Connection limits of both listeners from `[server]`.
+fn conn_limits(config: &Config) -> ConnLimits {
+    let s = &config.server;
+    ConnLimits {
+        max_header_bytes: s.max_header_bytes,
+        header_read_timeout: config.client_read_timeout(),
+        drain_timeout: Duration::from_millis(s.drain_timeout_ms),
+        first_byte_timeout: Duration::from_millis(s.first_byte_timeout_ms),
+        idle_timeout: Duration::from_millis(s.idle_timeout_ms),
+        keep_alive_interval: Duration::from_millis(s.keep_alive_interval_ms),
+        max_connections: s.max_connections,
+    }
+}
 
 /// A proxy ready to serve.
 #[derive(Debug, Clone)]
@@ -137,7 +152,7 @@ impl App {
         let admin_task = admin.map(|admin_listener| {
             let admin = self.admin();
             let service = hyper::service::service_fn(move |req| admin.clone().handle(req));
-            let limits = ConnLimits { drain_timeout: Duration::from_secs(1), ..ConnLimits::default() };
+            let limits = ConnLimits { drain_timeout: Duration::from_secs(1), ..conn_limits(&self.proxy.config()) };
             tokio::spawn(server::serve(admin_listener, None, limits, service, async {
                 let _ = admin_stopped.await;
             }))
@@ -158,12 +173,8 @@ impl App {
         };
         let config = self.proxy.config();
         let drain = Duration::from_millis(config.server.drain_timeout_ms);
-        let limits = ConnLimits {
-            max_header_bytes: config.server.max_header_bytes,
-            header_read_timeout: config.client_read_timeout(),
-            // The proxy answers what is left a little before the connections are cut.
-            drain_timeout: drain + DRAIN_MARGIN,
-        };
+        // The proxy answers what is left a little before the connections are cut.
+        let limits = ConnLimits { drain_timeout: drain + DRAIN_MARGIN, ..conn_limits(&config) };
         // Spooled writes go out in the background once Klaviyo is healthy.
         let replayer = tokio::spawn(self.proxy.clone().replay());
         // Inject mode: learn the one key's account now, not on the first request.

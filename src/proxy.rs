@@ -16,9 +16,12 @@ use tokio::time::Instant;
 use crate::account::{self, Resolver};
 use crate::breaker::{Breaker, Phase};
 use crate::checklist::Checklist;
-use crate::config::{is_beta_revision, AuthMode, Config, ConfigError, StoreKind};
+use crate::config::{is_beta_revision, AuthMode, Config, ConfigError, Secret, StoreKind};
 use crate::credential::{self, Credential};
 use crate::error::ProxyError;
+use crate::hardening::budget::ByteBudget;
+use crate::hardening::host::{HostPolicy, HostRefusal};
+use crate::hardening::random::{self, SecretBytes};
 use crate::limiter::ramp::Ramps;
 use crate::limiter::redis::{RedisStore, RedisStoreError};
 use crate::limiter::{Limiter, LocalStore, SharedStore};
@@ -44,7 +47,7 @@ pub struct Proxy {
     pub(crate) live: RwLock<Arc<Live>>,
     /// The account hash key used when the config names none: random per start, kept
     /// across reloads so buckets keep their accounts.
-    pub(crate) fallback_hash_key: Vec<u8>,
+    pub(crate) fallback_hash_key: SecretBytes,
     pub(crate) limiter: Limiter,
     pub(crate) upstream: Upstream,
     pub(crate) metrics: Arc<Metrics>,
@@ -66,6 +69,8 @@ pub struct Proxy {
     pub(crate) checklist: Checklist,
     /// The Klaviyo account behind each credential (outlives reloads).
     pub(crate) resolver: Resolver,
+    /// Request bodies held in memory (`server.max_buffered_bytes`; read at start).
+    pub(crate) bodies: Arc<ByteBudget>,
     /// Single events delivered as bulk jobs (`coalesce.events`; read at start).
     pub(crate) coalescer: Option<Arc<crate::coalesce::Coalescer>>,
 }
@@ -77,15 +82,19 @@ pub struct Live {
     pub(crate) router: Router,
     /// `Klaviyo-API-Key <key>`, marked sensitive, in inject mode.
     pub(crate) injected_auth: Option<HeaderValue>,
-    /// `Bearer <server.client_token>`, marked sensitive.
-    pub(crate) client_token: Option<HeaderValue>,
+    /// `server.client_token`.
+    pub(crate) client_token: Option<Secret>,
+    /// The names clients may reach the proxy by.
+    pub(crate) hosts: HostPolicy,
+    /// The proxy's body budget (the same one across reloads).
+    pub(crate) bodies: Arc<ByteBudget>,
 }
 
 impl Live {
-    fn new(config: Config, fallback_hash_key: &[u8]) -> Result<Live, BuildError> {
+    fn new(config: Config, fallback_hash_key: &SecretBytes, bodies: Arc<ByteBudget>) -> Result<Live, BuildError> {
         let hash_key = match &config.auth.account_hash_key {
             Some(k) => k.expose().as_bytes(),
-            None => fallback_hash_key,
+            None => fallback_hash_key.expose(),
         };
         let injected_auth = match (&config.auth.mode, &config.auth.private_key) {
             (AuthMode::Inject, Some(key)) => {
@@ -93,14 +102,12 @@ impl Live {
             }
             _ => None,
         };
-        let client_token = match &config.server.client_token {
-            Some(t) => Some(sensitive(format!("Bearer {}", t.expose()), "server.client_token")?),
-            None => None,
-        };
         Ok(Live {
             router: Router::new(&config.limits, hash_key),
             injected_auth,
-            client_token,
+            client_token: config.server.client_token.clone(),
+            hosts: HostPolicy::new(&config.server.allowed_hosts),
+            bodies,
             config: Arc::new(config),
         })
     }
@@ -228,7 +235,7 @@ fn sensitive(value: String, what: &'static str) -> Result<HeaderValue, BuildErro
 impl Proxy {
     /// Builds the proxy: routes, buckets and the pooled upstream client.
     pub fn new(config: Config) -> Result<Self, BuildError> {
-        let fallback_hash_key: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
+        let fallback_hash_key = SecretBytes::new(random::bytes::<32>().to_vec());
         let upstream = Upstream::new(&config.upstream)?;
         let limiter = limiter(&config)?;
         let metrics = Arc::new(Metrics::new());
@@ -247,7 +254,8 @@ impl Proxy {
         };
         let resolver = Resolver::new(config.limiter.state_path.as_deref(), redis, metrics.clone());
         let coalescer = coalesced::open(&config, spool.as_ref(), &metrics)?;
-        let live = Live::new(config, &fallback_hash_key)?;
+        let bodies = ByteBudget::new(config.server.max_buffered_bytes);
+        let live = Live::new(config, &fallback_hash_key, bodies.clone())?;
         let proxy = Proxy {
             live: RwLock::new(Arc::new(live)),
             fallback_hash_key,
@@ -263,6 +271,7 @@ impl Proxy {
             drain: tokio::sync::watch::Sender::new(None),
             checklist: Checklist::new(),
             resolver,
+            bodies,
             coalescer,
         };
         proxy.refresh_spool_gauges();
@@ -367,7 +376,7 @@ impl Proxy {
             // Replicas must hash accounts alike; one replica changing alone splits buckets.
             return Err(ReloadError::NeedsRestart("auth.account_hash_key (with the redis store)"));
         }
-        let live = Arc::new(Live::new(new, &self.fallback_hash_key)?);
+        let live = Arc::new(Live::new(new, &self.fallback_hash_key, self.bodies.clone())?);
         *self.live.write().unwrap_or_else(PoisonError::into_inner) = live;
         Ok(())
     }
@@ -407,6 +416,11 @@ impl Proxy {
     }
 
     /// The upstream client.
+    /// Bytes of request bodies held now (for tests and metrics).
+    pub fn buffered_bytes(&self) -> usize {
+        self.bodies.used()
+    }
+
     pub(crate) fn upstream(&self) -> &Upstream {
         &self.upstream
     }
@@ -458,6 +472,14 @@ fn breaker_state(phase: Phase) -> BreakerState {
         Phase::Closed => BreakerState::Closed,
         Phase::HalfOpen => BreakerState::HalfOpen,
         Phase::Open => BreakerState::Open,
+    }
+}
+
+/// The answer to a `Host` the proxy does not serve.
+pub fn host_error(refusal: HostRefusal) -> ProxyError {
+    match refusal {
+        HostRefusal::Unknown => ProxyError::UnknownHost,
+        HostRefusal::Malformed => ProxyError::BadRequest("malformed or repeated Host header".into()),
     }
 }
 

@@ -5,13 +5,13 @@
 //! Everything here is pure or takes the time as an argument, so it is table-tested and
 //! tested under paused tokio time.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::Method;
-use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use crate::catalog::Operation;
@@ -59,7 +59,7 @@ pub fn parse_retry_after(value: &str, now: SystemTime, cap: Duration) -> Option<
 /// phrase, a zero or unparsable number.
 pub fn retry_after_from_body(body: &[u8], cap: Duration) -> Option<Duration> {
     const PHRASE: &str = "expected available in ";
-    let doc: Value = serde_json::from_slice(body).ok()?;
+    let doc: serde_json::Value = serde_json::from_slice(body).ok()?;
     doc.get("errors")?.as_array()?.iter().find_map(|e| {
         let detail = e.get("detail")?.as_str()?.to_ascii_lowercase();
         let rest = &detail[detail.find(PHRASE)? + PHRASE.len()..];
@@ -256,28 +256,39 @@ pub fn repeat_rule(
 
 /// A fresh `unique_id` (128 random bits, hex).
 pub fn new_unique_id() -> String {
-    format!("kp-{:032x}", fastrand::u128(..))
+    format!("kp-{}", crate::hardening::random::hex128())
 }
 
 /// Reads an event body's `data.attributes.unique_id`, adding a fresh one when the body
 /// is a JSON:API event without it. Returns the body to send and the id, or `None` when
 /// the body is not an event object (it is then sent unchanged).
 pub fn ensure_unique_id(body: &Bytes) -> Option<(Bytes, String)> {
-    let mut doc: Value = serde_json::from_slice(body).ok()?;
-    let attributes = doc.get_mut("data")?.get_mut("attributes")?.as_object_mut()?;
-    if let Some(id) = attributes.get("unique_id").and_then(Value::as_str).filter(|s| !s.is_empty()) {
-        return Some((body.clone(), id.to_string()));
+    // Only the three objects on the way to `unique_id` are split into their members; every
+    // other value stays a borrowed slice of the body (checked, never built as a tree: a
+    // 5 MB array of zeros would cost ~100 MB as `serde_json::Value`s).
+    type Members<'a> = BTreeMap<String, &'a RawValue>;
+    let mut doc: Members = serde_json::from_slice(body).ok()?;
+    let mut data: Members = serde_json::from_str(doc.get("data")?.get()).ok()?;
+    let mut attributes: Members = serde_json::from_str(data.get("attributes")?.get()).ok()?;
+    let given = attributes.get("unique_id").and_then(|v| serde_json::from_str::<String>(v.get()).ok());
+    if let Some(id) = given.filter(|s| !s.is_empty()) {
+        return Some((body.clone(), id));
     }
     let id = new_unique_id();
-    attributes.insert("unique_id".into(), Value::String(id.clone()));
-    let bytes = serde_json::to_vec(&doc).ok()?;
-    Some((Bytes::from(bytes), id))
+    let id_raw = serde_json::value::to_raw_value(&id).ok()?;
+    attributes.insert("unique_id".into(), &id_raw);
+    let attributes_raw = serde_json::value::to_raw_value(&attributes).ok()?;
+    data.insert("attributes".into(), &attributes_raw);
+    let data_raw = serde_json::value::to_raw_value(&data).ok()?;
+    doc.insert("data".into(), &data_raw);
+    Some((Bytes::from(serde_json::to_vec(&doc).ok()?), id))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::catalog;
+    use serde_json::Value;
 
     #[test]
     fn retry_after_forms() {
@@ -441,5 +452,19 @@ mod tests {
         assert_eq!((again, same), (with, id));
         assert!(ensure_unique_id(&Bytes::from_static(b"not json")).is_none());
         assert!(ensure_unique_id(&Bytes::from_static(br#"{"data":[]}"#)).is_none());
+        assert!(ensure_unique_id(&Bytes::from_static(br#"{"data":{"attributes":[1]}}"#)).is_none());
+        assert!(ensure_unique_id(&Bytes::from_static(br#"{"data":{"attributes":{"a":[1,}}}"#)).is_none());
+        // A non-string or empty id is replaced; other members are kept byte for byte.
+        let body = Bytes::from_static(
+            br#"{"data":{"type":"event","attributes":{"unique_id":7,"p":{"x":[1.50,"\u00e9"]}}},"z":1}"#,
+        );
+        let (with, id) = ensure_unique_id(&body).unwrap();
+        let text = std::str::from_utf8(&with).unwrap();
+        assert!(
+            text.contains(r#""p":{"x":[1.50,"\u00e9"]}"#) && text.contains(&format!(r#""unique_id":"{id}""#)),
+            "{text}"
+        );
+        let v: Value = serde_json::from_slice(&with).unwrap();
+        assert_eq!((v["z"].as_i64(), v["data"]["type"].as_str()), (Some(1), Some("event")));
     }
 }

@@ -1,5 +1,6 @@
 //! Accepting connections: HTTP/1.1 and h2c (or TLS) by hyper-util's auto builder, with
-//! limits on request heads and read time, and a graceful stop.
+//! limits on request heads and read time, idle and connection-count limits
+//! ([`crate::hardening::conn`]), and a graceful stop.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -10,10 +11,11 @@ use hyper::body::{Body, Incoming};
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+
+use crate::hardening::conn::{self, Activity, ConnCap, Tracked};
 
 /// Whether a gated server takes connections (the simulator's outage faults).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -37,6 +39,14 @@ pub struct ConnLimits {
     pub header_read_timeout: Duration,
     /// How long in-flight requests may take to finish at shutdown.
     pub drain_timeout: Duration,
+    /// Time a new connection has to send its first byte (before TLS or the protocol).
+    pub first_byte_timeout: Duration,
+    /// A connection with no request in flight for this long is closed gracefully.
+    pub idle_timeout: Duration,
+    /// HTTP/2 keep-alive ping interval (and how long an answer may take).
+    pub keep_alive_interval: Duration,
+    /// Open connections at most; more are closed at once (with a warning).
+    pub max_connections: usize,
 }
 
 impl Default for ConnLimits {
@@ -45,6 +55,10 @@ impl Default for ConnLimits {
             max_header_bytes: 64 * 1024,
             header_read_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
+            first_byte_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            keep_alive_interval: Duration::from_secs(30),
+            max_connections: 4096,
         }
     }
 }
@@ -105,8 +119,16 @@ pub async fn serve_gated<S, B>(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192));
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
-    let graceful = GracefulShutdown::new();
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .keep_alive_interval(limits.keep_alive_interval)
+        .keep_alive_timeout(limits.keep_alive_interval);
+    // Open connections, capped; at shutdown each is told to stop and the drain waits
+    // until all have ended.
+    let cap = ConnCap::new(limits.max_connections);
+    let (stop, stopping) = watch::channel(false);
     tokio::pin!(shutdown);
     let addr = listener.local_addr().ok();
     let mut listener = Some(listener);
@@ -149,25 +171,44 @@ pub async fn serve_gated<S, B>(
             drop(stream);
             continue;
         }
+        let Some(slot) = cap.admit(&addr.map(|a| a.to_string()).unwrap_or_default()) else { continue };
         let _ = stream.set_nodelay(true);
         let closes = gate_closes(gate.clone());
-        let service = service.clone();
+        let activity = Activity::new();
+        let service = Tracked::new(service.clone(), activity.clone());
         let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let mut stopping = stopping.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
+            let _slot = slot;
+            let stop = async move {
+                let _ = stopping.wait_for(|s| *s).await;
+            };
+            let idle = limits.idle_timeout;
             let serve = async move {
+                // A socket that never speaks holds a descriptor for nothing.
+                match tokio::time::timeout(limits.first_byte_timeout, stream.peek(&mut [0u8; 1])).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return Ok(()),
+                }
                 match tls {
-                    Some(acceptor) => match acceptor.accept(stream).await {
-                        Ok(stream) => {
-                            watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await
+                    Some(acceptor) => {
+                        match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(stream)) => {
+                                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                                conn::drive(conn, activity, idle, stop).await
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "TLS handshake failed");
+                                Ok(())
+                            }
+                            Err(_) => Ok(()),
                         }
-                        Err(e) => {
-                            tracing::debug!(error = %e, "TLS handshake failed");
-                            Ok(())
-                        }
-                    },
-                    None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await,
+                    }
+                    None => {
+                        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                        conn::drive(conn, activity, idle, stop).await
+                    }
                 }
             };
             // An outage drops open connections mid-request, as a crashed upstream would.
@@ -181,7 +222,8 @@ pub async fn serve_gated<S, B>(
         });
     }
     drop(listener);
-    if tokio::time::timeout(limits.drain_timeout, graceful.shutdown()).await.is_err() {
+    let _ = stop.send(true);
+    if tokio::time::timeout(limits.drain_timeout, cap.all_closed()).await.is_err() {
         tracing::warn!("drain timeout passed with connections still open");
     }
 }

@@ -27,8 +27,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Response header carrying the spool id of an accepted write.
 pub const SPOOL_ID_HEADER: &str = "x-klaviyo-proxy-spool-id";
 
-/// One spooled request, as it will go upstream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One spooled request, as it will go upstream. Its `Debug` shows no header value,
+/// query or body: they hold keys and `company_id`s.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     /// The spool id (set by [`Spool::append`]).
     pub id: u64,
@@ -48,6 +49,23 @@ pub struct Entry {
     pub accepted_at_ms: u64,
     /// Why it is in the dead-letter table.
     pub last_error: Option<String>,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let path = self.path_and_query.split('?').next().unwrap_or_default();
+        f.debug_struct("Entry")
+            .field("id", &self.id)
+            .field("operation", &self.operation)
+            .field("method", &self.method)
+            .field("path", &path)
+            .field("headers", &self.headers.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
+            .field("body_bytes", &self.body.len())
+            .field("unique_id", &self.unique_id)
+            .field("accepted_at_ms", &self.accepted_at_ms)
+            .field("last_error", &self.last_error)
+            .finish()
+    }
 }
 
 /// What an operator sees of an entry: never a header value.
@@ -120,12 +138,23 @@ impl Spool {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
         }
-        let db = Database::create(path).map_err(|e| err(&e))?;
+        // Created 0600 in the same call that creates it: no moment when another local
+        // user could open it (it holds keys). An older file keeps its data, loses
+        // wider permissions.
+        let mut open = std::fs::OpenOptions::new();
+        open.read(true).write(true).create(true).truncate(false);
         #[cfg(unix)]
         {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| err(&e))?;
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            open.mode(0o600);
+            let file = open.open(path).map_err(|e| err(&e))?;
+            if file.metadata().map_err(|e| err(&e))?.permissions().mode() & 0o077 != 0 {
+                file.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(|e| err(&e))?;
+            }
         }
+        #[cfg(not(unix))]
+        open.open(path).map_err(|e| err(&e))?;
+        let db = Database::create(path).map_err(|e| err(&e))?;
         let spool = Spool { db: Arc::new(db), path: path.into() };
         // Create the tables, so readers find them.
         spool.write(|tx| {
@@ -348,5 +377,26 @@ mod tests {
         assert_eq!(spool.list_dead(10).unwrap().len(), 0);
         drop(spool);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn file_is_private_and_debug_shows_no_secret() {
+        let dir = std::env::temp_dir().join(format!("kp-spool-perm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("spool.redb");
+        let spool = Spool::open(&path).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        spool.append(entry(1)).unwrap();
+        let printed = format!("{:?} {spool:?}", spool.first_pending().unwrap().unwrap());
+        for secret in ["pk_secret", "SECRETCO", "Klaviyo-API-Key"] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+        assert!(printed.contains("authorization") && printed.contains("body_bytes: 3"), "{printed}");
+        drop(spool);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

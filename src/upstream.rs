@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{request, Request, Response, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -60,38 +60,12 @@ impl UpstreamError {
     }
 }
 
-/// Headers that belong to one hop and never cross the proxy (RFC 9110 §7.6.1), plus
-/// the proxy's own request headers.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
 /// Request header with which a client shortens its maximum queue wait.
 pub const MAX_WAIT_HEADER: &str = "x-proxy-max-wait-ms";
 
 /// Removes hop-by-hop headers, including any the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
-    }
+    crate::hardening::hop::strip(headers);
 }
 
 /// The pooled client for the one configured upstream.

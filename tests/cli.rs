@@ -92,7 +92,7 @@ fn check_config_names_key_and_line() {
     let good = dir.join("good.toml");
     std::fs::write(
         &good,
-        "[auth]\naccount_hash_key = \"hash-secret-xyz\"\n[server]\nclient_token = \"tok-secret-xyz\"\n",
+        "[auth]\naccount_hash_key = \"hash-secret-xyz\"\n[server]\nclient_token = \"tok-secret-xyz-0123456789\"\n",
     )
     .unwrap();
     let (ok, out, err) = run(&["check-config", good.to_str().unwrap()]);

@@ -147,13 +147,16 @@ fn service_manifest_matches_the_proxy_defaults() {
     // And the env the manifest sets is a config the proxy accepts.
     let vars = [
         ("KLAVIYO_PROXY_LISTEN", "0.0.0.0:8080"),
-        ("KLAVIYO_PROXY_CLIENT_TOKEN", "t0ken"),
+        ("KLAVIYO_PROXY_CLIENT_TOKEN", "t0ken-0123456789abcdef"),
         ("KLAVIYO_PROXY_AUTH_MODE", "inject"),
         ("KLAVIYO_PRIVATE_KEY", "pk_test_deploy"),
+        ("KLAVIYO_PROXY_ALLOWED_HOSTS", env(c, "KLAVIYO_PROXY_ALLOWED_HOSTS").unwrap()["value"].as_str().unwrap()),
     ];
     let lookup = |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string());
     let config = Config::load(None, &lookup).unwrap();
     config.check_serve().unwrap();
+    // Apps reach it by the Service's name.
+    assert!(config.server.allowed_hosts.iter().any(|h| h == "klaviyo-proxy"), "{:?}", config.server.allowed_hosts);
 }
 
 #[test]

@@ -390,7 +390,8 @@ async fn reload_keeps_queued_requests_and_rejects_a_bad_file() {
     let key_b = "pk_rotated_key_b_0123456789abcdef";
     write(&key_file, key_b);
     write(&file, &format!("{base}{}[queue]\nmax_wait_ms = 20000\n", limits(5)));
-    let r = send(&c, Method::POST, &format!("{}/admin/reload", ops.admin), &[], "").await;
+    let r = send(&c, Method::POST, &format!("{}/admin/reload", ops.admin), &[("content-type", "application/json")], "")
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     let config = ops.app.proxy().config();
     assert_eq!(config.queue.max_wait_ms, 20_000);
@@ -408,12 +409,14 @@ async fn reload_keeps_queued_requests_and_rejects_a_bad_file() {
 
     // A bad file is refused, and the running config stays.
     write(&file, &format!("{base}[limits]\nshare = 7\n"));
-    let r = send(&c, Method::POST, &format!("{}/admin/reload", ops.admin), &[], "").await;
+    let r = send(&c, Method::POST, &format!("{}/admin/reload", ops.admin), &[("content-type", "application/json")], "")
+        .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert!(r.json()["error"].as_str().unwrap().contains("limits.share"), "{:?}", r.json());
     // A change only a restart can make is refused too.
     write(&file, &base.replace(&sim.url, "http://127.0.0.1:1"));
-    let r = send(&c, Method::POST, &format!("{}/admin/reload", ops.admin), &[], "").await;
+    let r = send(&c, Method::POST, &format!("{}/admin/reload", ops.admin), &[("content-type", "application/json")], "")
+        .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert!(r.json()["error"].as_str().unwrap().contains("restart"));
     assert_eq!(ops.app.proxy().config().queue.max_wait_ms, 20_000);

@@ -161,7 +161,8 @@ async fn a_client_that_hangs_up_frees_its_place() {
     assert_eq!(get(&client, &url, KEY_A).await.status, StatusCode::OK);
     // A raw client queues for the next slot, then hangs up.
     let mut raw = TcpStream::connect(proxy.addr).await.unwrap();
-    let head = format!("GET /api/accounts HTTP/1.1\r\nhost: x\r\nauthorization: Klaviyo-API-Key {KEY_A}\r\n\r\n");
+    let head =
+        format!("GET /api/accounts HTTP/1.1\r\nhost: localhost\r\nauthorization: Klaviyo-API-Key {KEY_A}\r\n\r\n");
     raw.write_all(head.as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     // It holds the only place in the queue.
@@ -215,8 +216,8 @@ async fn never_an_open_relay() {
         ("GET http://169.254.169.254/latest/meta-data HTTP/1.1\r\nhost: 169.254.169.254\r\nconnection: close\r\n\r\n", "403", "proxy_forbidden_host"),
         ("GET http://evil.example/api/accounts HTTP/1.1\r\nhost: evil.example\r\nconnection: close\r\n\r\n", "403", "proxy_forbidden_host"),
         ("CONNECT evil.example:443 HTTP/1.1\r\nhost: evil.example:443\r\n\r\n", "405", "proxy_connect_refused"),
-        ("GET /admin HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n", "404", "proxy_unknown_path"),
-        ("GET //evil.example/api/accounts HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n", "404", "proxy_unknown_path"),
+        ("GET /admin HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n", "404", "proxy_unknown_path"),
+        ("GET //evil.example/api/accounts HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n", "404", "proxy_unknown_path"),
     ];
     for (req, status, code) in cases {
         let reply = raw(proxy.addr, req).await;
@@ -225,7 +226,7 @@ async fn never_an_open_relay() {
         assert!(reply.to_lowercase().contains("x-klaviyo-proxy-error"), "{reply}");
     }
     // An absolute-form request for the upstream itself is fine.
-    let own = format!("GET {}/api/accounts HTTP/1.1\r\nhost: x\r\nauthorization: Klaviyo-API-Key {KEY_A}\r\nconnection: close\r\n\r\n", sim.url);
+    let own = format!("GET {}/api/accounts HTTP/1.1\r\nhost: localhost\r\nauthorization: Klaviyo-API-Key {KEY_A}\r\nconnection: close\r\n\r\n", sim.url);
     assert!(raw(proxy.addr, &own).await.starts_with("HTTP/1.1 200"));
     assert_eq!(sim.stats().requests, 1, "nothing else reached the upstream");
 }
@@ -284,18 +285,18 @@ async fn headers_bodies_and_auth_modes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_token_guards_remote_listeners() {
     let sim = sim(SimOptions::default()).await;
-    let proxy = proxy(config(&sim.url, "[server]\nclient_token = \"s3cret-token\"\n")).await;
+    let proxy = proxy(config(&sim.url, "[server]\nclient_token = \"s3cret-token-0123456789\"\n")).await;
     let client = client();
     let url = format!("{}/api/accounts", proxy.url());
     let auth = format!("Klaviyo-API-Key {KEY_A}");
     let r = send(&client, Method::GET, &url, &[("authorization", &auth)], "").await;
     assert_eq!(r.status, StatusCode::PROXY_AUTHENTICATION_REQUIRED);
-    assert!(!String::from_utf8_lossy(&r.body).contains("s3cret-token"));
+    assert!(!String::from_utf8_lossy(&r.body).contains("s3cret-token-0123456789"));
     let r = send(
         &client,
         Method::GET,
         &url,
-        &[("authorization", &auth), ("proxy-authorization", "Bearer s3cret-token")],
+        &[("authorization", &auth), ("proxy-authorization", "Bearer s3cret-token-0123456789")],
         "",
     )
     .await;
@@ -382,19 +383,21 @@ async fn the_steady_window_holds_end_to_end() {
 async fn oversized_heads_and_slow_clients_are_cut_off() {
     let sim = sim(SimOptions::default()).await;
     let proxy = proxy(config(&sim.url, "[server]\nmax_header_bytes = 16384\nclient_read_timeout_ms = 300\n")).await;
-    let big =
-        format!("GET /api/accounts HTTP/1.1\r\nhost: x\r\nx-big: {}\r\nconnection: close\r\n\r\n", "a".repeat(40_000));
+    let big = format!(
+        "GET /api/accounts HTTP/1.1\r\nhost: localhost\r\nx-big: {}\r\nconnection: close\r\n\r\n",
+        "a".repeat(40_000)
+    );
     let reply = raw(proxy.addr, &big).await;
     assert!(reply.is_empty() || reply.starts_with("HTTP/1.1 431"), "{reply}");
     // A client that never finishes its head is disconnected after the read timeout.
     let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
-    slow.write_all(b"GET /api/accounts HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    slow.write_all(b"GET /api/accounts HTTP/1.1\r\nhost: localhost\r\n").await.unwrap();
     let mut buf = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "connection still open after 5 s");
     // A body that is never finished gets 408 in the JSON:API shape.
     let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
-    let head = format!("POST /api/events HTTP/1.1\r\nhost: x\r\nauthorization: Klaviyo-API-Key {KEY_A}\r\ncontent-length: 100\r\n\r\n{{");
+    let head = format!("POST /api/events HTTP/1.1\r\nhost: localhost\r\nauthorization: Klaviyo-API-Key {KEY_A}\r\ncontent-length: 100\r\n\r\n{{");
     slow.write_all(head.as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 4096];
     let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf)).await.unwrap().unwrap();

@@ -249,7 +249,7 @@ fn upstream_failures(sdk: Sdk) {
     let opened = (0..40).any(|_| {
         let mut s = std::net::TcpStream::connect(&addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let req = "GET /api/campaigns HTTP/1.1\r\nhost: x\r\nauthorization: Klaviyo-API-Key pk_opener\r\n\
+        let req = "GET /api/campaigns HTTP/1.1\r\nhost: localhost\r\nauthorization: Klaviyo-API-Key pk_opener\r\n\
                    connection: close\r\n\r\n";
         s.write_all(req.as_bytes()).unwrap();
         let mut out = String::new();

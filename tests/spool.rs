@@ -128,7 +128,12 @@ async fn outage_spools_then_replays_in_order_once() {
     let admin = app.admin();
     let call = |method: &str, path: String| {
         let admin = admin.clone();
-        let req = Request::builder().method(method).uri(path).body(Full::new(Bytes::new())).unwrap();
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
         async move {
             let resp = admin.handle(req).await.unwrap();
             let status = resp.status();

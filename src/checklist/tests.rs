@@ -204,7 +204,15 @@ async fn errors_reaching_the_app_and_alert_states() {
 fn alert_rules_match_config_alerts_yml() {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/alerts.yml")).unwrap();
     let yaml: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
-    let rules = yaml["groups"][0]["rules"].as_sequence().unwrap();
+    // The request path's rules; the webhook gate's rules (Webhook*) are the gate's own,
+    // read from its metrics, and not on the checklist.
+    let rules: Vec<&serde_yaml::Value> = yaml["groups"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_sequence().unwrap())
+        .filter(|r| !r["alert"].as_str().unwrap().starts_with("Webhook"))
+        .collect();
     let ours = alerts(&[Minute::default(); MINUTES], &ctx(&label, None));
     let names: Vec<&str> = rules.iter().map(|r| r["alert"].as_str().unwrap()).collect();
     let mut mine: Vec<&str> = ours.iter().map(|a| a.name.as_str()).collect();

@@ -161,7 +161,12 @@ impl Model {
                 let added = self.store.observe_remaining(&demand(X), remaining, reset, now);
                 let steady = specs(X)[1];
                 let now_t = self.tick(now);
-                let reset_t = reset.map_or(steady.period, |r| ticks(r).clamp(1_000_000, steady.period));
+                // Klaviyo's reset is whole seconds, rounded down: a phantom stays until
+                // reset + 1 s + the steady guard (the store's rule, issue 11).
+                let guard = steady.period.saturating_sub(60_000_000);
+                let reset_t = reset.map_or(steady.period, |r| {
+                    ticks(r).saturating_add(1_000_000 + guard).clamp(1_000_000, steady.period)
+                });
                 let at = (now_t + reset_t).saturating_sub(steady.period).max(now_t.saturating_sub(steady.period) + 1);
                 self.phantoms.extend(std::iter::repeat_n(at, added as usize));
             }

@@ -155,7 +155,7 @@ impl Faults {
     /// The extra delay for one response.
     pub fn delay(&self, rng: &mut fastrand::Rng) -> Duration {
         let slow = self.slow_rate > 0.0 && rng.f64() < self.slow_rate;
-        Duration::from_millis(self.latency_ms + if slow { self.slow_ms } else { 0 })
+        Duration::from_millis(self.latency_ms.saturating_add(if slow { self.slow_ms } else { 0 }))
     }
 }
 
@@ -182,5 +182,25 @@ mod tests {
         assert!(serde_json::from_str::<Faults>(r#"{"bogus":1}"#).is_err());
         assert!(Faults { error_rate: 2.0, ..Faults::default() }.check().is_err());
         assert!(Faults { error_statuses: vec![404], ..Faults::default() }.check().is_err());
+    }
+
+    #[test]
+    fn extreme_values_never_panic() {
+        let mut rng = fastrand::Rng::with_seed(1);
+        let f = Faults {
+            latency_ms: u64::MAX,
+            slow_ms: u64::MAX,
+            slow_rate: 1.0,
+            throttle_for_ms: u64::MAX,
+            outage_ms: u64::MAX,
+            retry_after: Some(u64::MAX.to_string()),
+            ..Faults::default()
+        };
+        assert!(f.delay(&mut rng) >= Duration::from_millis(u64::MAX));
+        assert!(
+            matches!(f.verdict(Duration::ZERO, &mut rng), Verdict::Throttle(Some(ref v), _) if *v == u64::MAX.to_string())
+        );
+        let f = Faults { throttle_for_ms: u64::MAX, ..Faults::default() };
+        assert!(matches!(f.verdict(Duration::MAX, &mut rng), Verdict::Pass));
     }
 }

@@ -535,7 +535,8 @@ impl State {
 
     fn note_retry_after(&self, keys: &[BucketKey], now: Instant, retry_after: Option<&str>) {
         let Some(secs) = retry_after.and_then(|v| v.trim().parse::<u64>().ok()) else { return };
-        let end = now + Duration::from_secs(secs);
+        // Any fault value is allowed, `u64::MAX` included: a year stands for "forever".
+        let end = now + Duration::from_secs(secs.min(365 * 86_400));
         let mut until = lock(&self.throttled_until);
         for k in keys {
             match until.get_mut(k) {

@@ -6,6 +6,7 @@ use http::header;
 use super::step::Check;
 use super::Call;
 use crate::error::ProxyError;
+use crate::hardening::hop;
 
 /// Adds the injected key (inject mode), or refuses a client's own key where forbidden.
 #[derive(Debug, Clone, Copy)]
@@ -15,6 +16,10 @@ impl<B> Check<Call<B>> for Authorize {
     type Out = Call<B>;
 
     fn check(&self, mut call: Call<B>) -> Result<Call<B>, ProxyError> {
+        // The client's hop-by-hop headers go before anything of ours is added, and its
+        // `Connection` may not name what we add (it would strip the injected key).
+        hop::strip_client(&mut call.parts.headers)
+            .map_err(|p| ProxyError::BadRequest(format!("Connection may not name {}", p.0)))?;
         let Some(ours) = &call.live.injected_auth else { return Ok(call) };
         let headers = &mut call.parts.headers;
         if headers.contains_key(header::AUTHORIZATION) {
@@ -51,6 +56,15 @@ mod tests {
     }
 
     const INJECT: &str = "[auth]\nmode = \"inject\"\n";
+
+    #[tokio::test]
+    async fn connection_cannot_name_the_key() {
+        let proxy = testing::proxy(INJECT);
+        let req = Request::get("/api/accounts").header("connection", "authorization").body(()).unwrap();
+        let inner = tower::service_fn(|_: Call<()>| async { Ok::<_, ProxyError>(()) });
+        let got = StepLayer::new(Authorize).layer(inner).oneshot(testing::call(&proxy, req)).await;
+        assert!(matches!(got, Err(ProxyError::BadRequest(_))));
+    }
 
     #[tokio::test]
     async fn pass_through_leaves_the_clients_key() {

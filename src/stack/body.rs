@@ -1,16 +1,18 @@
 //! The body is read whole before the request queues: the client's upload time never
 //! holds a token, a retry or a replay can send it again, and it is bounded in size
-//! (`server.max_body_bytes`) and in time (`server.client_read_timeout_ms`).
+//! (`server.max_body_bytes`), in time (`server.client_read_timeout_ms`) and, with every
+//! other body held, by `server.max_buffered_bytes` ([`crate::hardening::budget`]).
 
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
+use http::header;
 use hyper::body::Body;
 use tower::{Layer, Service};
 
 use super::{BoxFuture, Call, Routed};
 use crate::error::ProxyError;
+use crate::hardening::budget;
 
 /// Buffers the body of every request.
 #[derive(Debug, Clone, Copy)]
@@ -52,18 +54,15 @@ where
         Box::pin(async move {
             let Routed { call, route, deadline, repeat, unique_id } = routed;
             let Call { parts, body, live, record } = call;
+            let bodies = live.bodies.clone();
             let limit = live.config.server.max_body_bytes;
             let timeout = live.config.client_read_timeout();
-            let body = match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
-                Err(_) => return Err(ProxyError::ClientTimeout(timeout)),
-                Ok(Ok(collected)) => collected.to_bytes(),
-                Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                    return Err(ProxyError::BodyTooLarge { limit })
-                }
-                Ok(Err(_)) => return Err(ProxyError::BodyRead),
-            };
+            let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+            // Counted against the shared budget until the request is answered.
+            let (body, _held) = budget::read_body(body, declared, limit, timeout, &bodies).await?;
             let call = Call { parts, body, live, record };
             inner.call(Routed { call, route, deadline, repeat, unique_id }).await
+            // `_held` lives to here: queued bodies count too.
         })
     }
 }

@@ -1,11 +1,12 @@
 //! Off loopback, clients prove they may use the proxy: `server.client_token`, sent as
 //! `Proxy-Authorization: Bearer <token>`.
 
-use http::header::{self, HeaderValue};
+use http::header;
 
 use super::step::Check;
 use super::Call;
 use crate::error::ProxyError;
+use crate::hardening::token::bearer_matches;
 
 /// Refuses a request without the configured client token (none configured: all pass).
 #[derive(Debug, Clone, Copy)]
@@ -16,18 +17,13 @@ impl<B> Check<Call<B>> for ClientToken {
 
     fn check(&self, call: Call<B>) -> Result<Call<B>, ProxyError> {
         let Some(token) = &call.live.client_token else { return Ok(call) };
-        let given = call.parts.headers.get(header::PROXY_AUTHORIZATION).map(HeaderValue::as_bytes).unwrap_or_default();
-        if constant_time_eq(given, token.as_bytes()) {
+        let given = call.parts.headers.get(header::PROXY_AUTHORIZATION);
+        if bearer_matches(given, token.expose().as_bytes()) {
             Ok(call)
         } else {
             Err(ProxyError::ProxyAuthRequired)
         }
     }
-}
-
-/// Compares secrets without leaking their common prefix length through timing.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
@@ -57,12 +53,7 @@ mod tests {
         assert!(matches!(status(with, None).await, Err(ProxyError::ProxyAuthRequired)));
         assert!(matches!(status(with, Some("Bearer s3cret-token-valuX")).await, Err(ProxyError::ProxyAuthRequired)));
         assert!(matches!(status(with, Some("s3cret-token-value")).await, Err(ProxyError::ProxyAuthRequired)));
-    }
-
-    #[test]
-    fn constant_time_eq_compares_whole_values() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        assert!(status(with, Some("bearer s3cret-token-value")).await.is_ok());
     }
 }

@@ -70,7 +70,7 @@ where
             .filter(|v| v.len() <= 128)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
-            .unwrap_or_else(|| format!("{:032x}", fastrand::u128(..)));
+            .unwrap_or_else(crate::hardening::random::hex128);
         let method = req.method().clone();
         let record = Record::default();
         let (parts, body) = req.into_parts();

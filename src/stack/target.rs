@@ -1,5 +1,6 @@
 //! Never an open relay: a request is forwarded only to the configured upstream, only on
-//! Klaviyo's API paths, and never as a tunnel.
+//! Klaviyo's API paths (see [`crate::hardening::target`]), for a `Host` it answers to
+//! ([`crate::hardening::host`]), and never as a tunnel.
 
 use std::sync::Arc;
 
@@ -8,7 +9,8 @@ use http::Method;
 use super::step::Check;
 use super::Call;
 use crate::error::ProxyError;
-use crate::proxy::Proxy;
+use crate::hardening;
+use crate::proxy::{host_error, Proxy};
 
 /// Refuses `CONNECT`, absolute-form targets naming another host, and paths outside
 /// `/api/` and `/client/`.
@@ -34,13 +36,14 @@ impl<B> Check<Call<B>> for Target {
         }
         // HTTP/2's :authority names the proxy itself (it is HTTP/1's Host), so only an
         // HTTP/1 absolute-form target can ask for another host.
-        if parts.version < http::Version::HTTP_2 && !self.proxy.upstream().is_upstream(&parts.uri) {
+        let http1 = parts.version < http::Version::HTTP_2;
+        if http1 && !self.proxy.upstream().is_upstream(&parts.uri) {
             return Err(ProxyError::ForeignHost);
         }
-        let path = parts.uri.path();
-        if !(path.starts_with("/api/") || path == "/api" || path.starts_with("/client/")) || path.contains("/../") {
-            return Err(ProxyError::UnknownPath);
-        }
+        // Only names we answer to: a web page rebinding its DNS name sends its own.
+        call.live.hosts.check(&parts.uri, &parts.headers, http1).map_err(host_error)?;
+        // Checked after percent-decoding: no spelling of `..` or `/` gets through.
+        hardening::target::check_path(parts.uri.path()).map_err(|_| ProxyError::UnknownPath)?;
         Ok(call)
     }
 }
