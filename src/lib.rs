@@ -64,6 +64,7 @@ fn conn_limits(config: &Config) -> ConnLimits {
         idle_timeout: Duration::from_millis(s.idle_timeout_ms),
         keep_alive_interval: Duration::from_millis(s.keep_alive_interval_ms),
         max_connections: s.max_connections,
+        cap: None,
     }
 }
 
@@ -175,6 +176,8 @@ impl App {
         let drain = Duration::from_millis(config.server.drain_timeout_ms);
         // The proxy answers what is left a little before the connections are cut.
         let limits = ConnLimits { drain_timeout: drain + DRAIN_MARGIN, ..conn_limits(&config) };
+        // Every serving thread counts against one cap: clients see one listener.
+        let limits = ConnLimits { cap: Some(hardening::conn::ConnCap::new(limits.max_connections)), ..limits };
         // Spooled writes go out in the background once Klaviyo is healthy.
         let replayer = tokio::spawn(self.proxy.clone().replay());
         // Inject mode: learn the one key's account now, not on the first request.
@@ -187,7 +190,7 @@ impl App {
         // At shutdown: stop accepting, finish what is in flight and queued until the
         // drain time is up, then spool deferrable writes and answer the rest 503.
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let threads = workers::spawn(others, &self.proxy, limits, stopped);
+        let threads = workers::spawn(others, &self.proxy, limits.clone(), stopped);
         let shutdown = {
             let proxy = self.proxy.clone();
             async move {

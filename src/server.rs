@@ -31,7 +31,7 @@ pub enum Gate {
 }
 
 /// Limits applied to every client connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnLimits {
     /// Largest request head.
     pub max_header_bytes: usize,
@@ -47,6 +47,9 @@ pub struct ConnLimits {
     pub keep_alive_interval: Duration,
     /// Open connections at most; more are closed at once (with a warning).
     pub max_connections: usize,
+    /// One cap shared by several listeners (the serving threads' `SO_REUSEPORT`
+    /// listeners are one listener to clients); `None`: a cap of this listener's own.
+    pub cap: Option<ConnCap>,
 }
 
 impl Default for ConnLimits {
@@ -59,6 +62,7 @@ impl Default for ConnLimits {
             idle_timeout: Duration::from_secs(60),
             keep_alive_interval: Duration::from_secs(30),
             max_connections: 4096,
+            cap: None,
         }
     }
 }
@@ -127,7 +131,7 @@ pub async fn serve_gated<S, B>(
         .keep_alive_timeout(limits.keep_alive_interval);
     // Open connections, capped; at shutdown each is told to stop and the drain waits
     // until all have ended.
-    let cap = ConnCap::new(limits.max_connections);
+    let cap = limits.cap.clone().unwrap_or_else(|| ConnCap::new(limits.max_connections));
     let (stop, stopping) = watch::channel(false);
     tokio::pin!(shutdown);
     let addr = listener.local_addr().ok();

@@ -67,6 +67,7 @@ pub fn spawn(
     let mut handles = Vec::with_capacity(listeners.len());
     for (i, listener) in listeners.into_iter().enumerate() {
         let (proxy, mut stop) = (proxy.clone(), stop.clone());
+        let limits = limits.clone();
         let thread = std::thread::Builder::new().name(format!("serve-{}", i + 1)).spawn(move || {
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,

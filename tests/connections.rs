@@ -30,7 +30,8 @@ fn serve(name: &str, toml: &str) -> Served {
     let dir = std::env::temp_dir().join(format!("kp-conn-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("proxy.toml");
-    std::fs::write(&config, toml).unwrap();
+    // Account lookups are not what these tests are about.
+    std::fs::write(&config, format!("{toml}\n[accounts]\nresolve = false\n")).unwrap();
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--upstream", "sim", "--config"])
         .arg(&config)
@@ -57,10 +58,11 @@ fn serve(name: &str, toml: &str) -> Served {
 /// One request on a fresh connection, the way a normal client sends it.
 async fn get_accounts(addr: &str) -> Option<u16> {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    // A key of its own each time: the simulator's 1/s for get_accounts is per account.
+    // An account of its own each time (the simulator reads `pk_<account>_…`): its 1/s
+    // for get_accounts is per account.
     let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let mut s = TcpStream::connect(addr).await.ok()?;
-    let req = format!("GET /api/accounts HTTP/1.1\r\nhost: localhost\r\nauthorization: Klaviyo-API-Key pk_conn_test_{n}\r\nconnection: close\r\n\r\n");
+    let req = format!("GET /api/accounts HTTP/1.1\r\nhost: localhost\r\nauthorization: Klaviyo-API-Key pk_conn{n}_test\r\nconnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.ok()?;
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out)).await.ok()?.ok()?;
@@ -97,7 +99,9 @@ async fn idle_connections_are_closed_while_requests_are_served() {
             1 => c.write_all(H2C_PREFACE).await.unwrap(),
             // One request, then an idle HTTP/1 keep-alive.
             _ => {
-                let req = "GET /api/accounts HTTP/1.1\r\nhost: localhost\r\nauthorization: Klaviyo-API-Key pk_conn_test_0123456789\r\n\r\n";
+                // Another account than the normal requests': the simulator's get_accounts
+                // quota (1/s) is the normal requests' alone.
+                let req = "GET /api/accounts HTTP/1.1\r\nhost: localhost\r\nauthorization: Klaviyo-API-Key pk_idle_0123456789\r\n\r\n";
                 c.write_all(req.as_bytes()).await.unwrap();
             }
         }

@@ -335,7 +335,8 @@ fn checklist_names_the_sdks_and_a_raw_client() {
     let (py_key, node_key, raw_key) =
         ("pk_sdk_test_checklist_py_0123456789", "pk_sdk_test_checklist_node_0123456789", "pk_raw_checklist_0123456789");
     let (_sim, sim_url) = start(&["simulate", "--listen", "127.0.0.1:0", "--seed", "5"]);
-    let config = TempFile::new(&format!("[auth]\naccount_hash_key = \"{HASH_KEY}\"\n"));
+    // Accounts named by their credential's hash alias, as this test computes them.
+    let config = TempFile::new(&format!("[auth]\naccount_hash_key = \"{HASH_KEY}\"\n[accounts]\nresolve = false\n"));
     let args = process::serve_args(&sim_url, config.0.to_str());
     let (_proxy, urls) = process::start_urls(BIN, &args, &[("KLAVIYO_PROXY_LOG_LEVEL", "warn")], 2);
     let (proxy_url, admin_url) = (&urls[0], &urls[1]);

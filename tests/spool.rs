@@ -64,6 +64,8 @@ async fn start_in_process(sim: &Simulator, spool_path: &Path) -> (SocketAddr, to
     config.upstream.url = UpstreamUrl::try_from(sim.url.clone()).unwrap();
     config.spool.path = Some(spool_path.into());
     config.breaker.cool_down_ms = 500;
+    // Account lookups would add upstream requests these tests count.
+    config.accounts.resolve = false;
     let app = App::build(config).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -366,6 +368,7 @@ async fn drain_spools_queued_deferrable_writes() {
     config.upstream.url = UpstreamUrl::try_from(sim.url.clone()).unwrap();
     config.spool.path = Some(dir.join("spool.redb"));
     config.server.drain_timeout_ms = 1000;
+    config.accounts.resolve = false;
     // One profile upsert per second through the proxy, so they queue.
     config.limits = Config::parse(
         "[limits.operations.create_or_update_profile]\nburst_per_second = 1\nsteady_per_minute = 60\n",

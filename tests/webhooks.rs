@@ -456,7 +456,8 @@ async fn partial_batches_flow_webhooks_refusals_and_dead_letters() {
     assert_eq!(metric(&proxy.admin, "klaviyo_proxy_webhook_dead_letters").await, 1.0);
     app.refuse_poison.store(false, std::sync::atomic::Ordering::SeqCst);
     let id = dead["dead"][0]["id"].as_u64().unwrap();
-    let (status, _) = post(&format!("{}/admin/webhooks/dead/{id}/requeue", proxy.admin), &[], "").await;
+    let json = [("content-type", "application/json".to_string())];
+    let (status, _) = post(&format!("{}/admin/webhooks/dead/{id}/requeue", proxy.admin), &json, "{}").await;
     assert_eq!(status, StatusCode::OK);
     app.wait_for(&["flow:poison".to_string()].into(), Duration::from_secs(30)).await;
     let seen = app.seen();

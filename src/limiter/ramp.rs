@@ -288,11 +288,18 @@ pub async fn wait(
         let place = queue::wait_for_slot(store, demands, deadline, max_depth, operation).await?.place;
         return Ok((admitted(place), Pass { ramp: None }));
     };
+    // Whether the request was held anywhere; one that went at once waited zero.
+    let mut held = false;
     loop {
         let (pass, watch) = match ramps.enter(key) {
             Gate::Open(pass, watch) => (pass, watch),
             Gate::Pass(pass) => (pass, RampWatch(ramps.ramps.entry(key).or_default().clone())),
-            Gate::Wait(waiting) => match tokio::time::timeout_at(deadline, waiting.pass()).await {
+            Gate::Wait(waiting) => match tokio::time::timeout_at(deadline, {
+                held = true;
+                waiting.pass()
+            })
+            .await
+            {
                 Ok(pass) => (pass, RampWatch(ramps.ramps.entry(key).or_default().clone())),
                 Err(_) => {
                     return Err(ProxyError::QueueTimeout { operation, retry_after: Duration::from_secs(1) });
@@ -308,12 +315,19 @@ pub async fn wait(
         }
         tokio::select! {
             waited = queue::wait_for_slot(store, demands, deadline, max_depth, operation) => {
-                return Ok((admitted(waited?.place), pass));
+                let waited = waited?;
+                if !held && waited.waited.is_zero() {
+                    return Ok((Admitted { waited: Duration::ZERO, place: waited.place }, pass));
+                }
+                return Ok((admitted(waited.place), pass));
             }
             // A 429 (re)started the ramp while this request waited for a slot booked
             // before it: the slot is given back (dropping the wait cancels it), and the
             // request passes the new ramp's gate.
-            () = throttled => continue,
+            () = throttled => {
+                held = true;
+                continue;
+            }
         }
     }
 }

@@ -221,6 +221,14 @@ impl Proxy {
                 && Instant::now() + delay < deadline
                 && self.breaker_open(live).is_none();
             if !may {
+                // A failure that opened the breaker (a failed probe, or the streak's
+                // last) answers as the breaker does: 503 with its Retry-After, which
+                // the SDKs retry, not a 502 they raise.
+                if let (Err(ProxyError::UpstreamUnreachable | ProxyError::UpstreamTimeout(_)), Some(retry_after)) =
+                    (&verdict, self.breaker_open(live))
+                {
+                    return Err(ProxyError::CircuitOpen { retry_after });
+                }
                 return verdict;
             }
             if !self.budget.withdraw(Instant::now(), self.started) {
