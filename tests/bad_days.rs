@@ -95,7 +95,8 @@ impl Stack {
         args.extend_from_slice(sim_flags);
         let (sim, urls) = start(&args, 1);
         let sim_url = urls[0].clone();
-        let config = config.map(TempFile::new);
+        // Always a config file: TempFile switches account lookups off (they add upstream requests).
+        let config = Some(TempFile::new(config.unwrap_or("")));
         let (proxy, target, admin) = if direct {
             (None, sim_url.clone(), None)
         } else {
