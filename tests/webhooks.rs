@@ -530,8 +530,11 @@ async fn https_gate_driven_by_the_simulate_command() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(app.counts().len(), 78);
-    assert!(app.counts().values().all(|n| *n == 1));
+    // A "duplicate" the sender made of a webhook whose original was refused (bad
+    // signature) is new to the gate: up to one more webhook (3 events) may arrive.
+    let arrived = app.counts().len();
+    assert!((78..=81).contains(&arrived), "{arrived} events arrived");
+    assert!(app.counts().values().all(|n| *n == 1), "every event once");
     // Plain HTTP with no TLS off loopback: refused at start, naming the way out.
     let config = config_file(&dir, &app.url, "");
     let text = std::fs::read_to_string(&config).unwrap().replace("127.0.0.1:0", "0.0.0.0:0");
