@@ -174,10 +174,18 @@ fn a_restarted_process_does_not_send_a_second_steady_window() {
         drop(first);
         let second = process();
         let answers = send(second.1.clone(), 10, 3_000).await;
-        assert!(answers.iter().all(|a| *a == (StatusCode::TOO_MANY_REQUESTS, true)), "{answers:?}");
+        let second_sent = answers.iter().filter(|a| **a == (StatusCode::OK, false)).count() as u64;
+        assert!(answers.iter().all(|a| *a == (StatusCode::OK, false) || *a == (StatusCode::TOO_MANY_REQUESTS, true)));
+        // Whatever the first process left unused of the window (a discarded grant) the
+        // second may use; nothing more.
+        assert!(second_sent <= 20 - sent, "first sent {sent}, second {answers:?}");
         let stats = sim.stats();
         let bucket = stats.buckets.iter().find(|b| b.operation == "get_campaign").unwrap();
-        assert_eq!((bucket.requests, bucket.throttled), (sent, 0), "one steady window across both processes");
+        assert_eq!(
+            (bucket.requests, bucket.throttled),
+            (sent + second_sent, 0),
+            "one steady window across both processes"
+        );
         drop(second);
         sim.stop().await;
         let _ = std::fs::remove_dir_all(&dir);
