@@ -65,7 +65,12 @@ impl TempFile {
         let name = format!("klaviyo-proxy-bad-days-{}-{}.toml", std::process::id(), fastrand::u64(..));
         let path = std::env::temp_dir().join(name);
         // Account lookups would add upstream requests these scenarios count.
-        std::fs::write(&path, format!("{text}\n[accounts]\nresolve = false\n")).unwrap();
+        let mut text = format!("{text}\n[accounts]\nresolve = false\n");
+        // With `BAD_DAYS_LOG`, the proxy's log level (e.g. `klaviyo_proxy=debug`).
+        if let Ok(level) = std::env::var("BAD_DAYS_LOG_LEVEL") {
+            text.push_str(&format!("[log]\nlevel = {level:?}\n"));
+        }
+        std::fs::write(&path, text).unwrap();
         TempFile(path)
     }
 }
@@ -385,24 +390,24 @@ async fn ten_second_reset_outage_costs_klaviyo_little_and_ends_at_once() {
 }
 
 /// Another consumer's 429s, shortened to 75 GETs (15 s): no 429 reaches a client, and
-/// after a 429 the bucket sends one probe, then ramps, instead of letting its whole
-/// queue go at once.
+/// after a 429 the bucket sends one probe, then ramps with a window kept small while
+/// 429s keep coming, instead of letting its whole queue go at once.
 ///
-/// The targets (for 150 GETs: ≤ 25 requests inside an announced Retry-After,
-/// client p50 ≤ 2.5 s) are not met, and the bounds below are what the probe and ramp
-/// guarantee here (before them: 194 inside, 281 upstream requests for 75). With every
-/// request reaching Klaviyo drawing a 2 s hold at 10%, the bucket serves at most about
-/// 9 requests per 2.2 s hold cycle, under the 5/s that arrive: the queue grows for the
-/// whole run, so the ramp's window grows too, and a draw among a window of `w` in
-/// flight puts the others inside the new hold (see docs/benchmarks.md).
+/// The target of ≤ 25 requests inside an announced Retry-After is for 150 GETs;
+/// for 75 the bound is half of it (4–6 seen; 194 before the ramp, 28–29 with the ramp
+/// alone). The target p50 of 2.5 s cannot be met by any proxy that keeps arrival order:
+/// each request reaching Klaviyo outside a hold draws a 2 s hold at 10%, so serving
+/// the 150 costs about 17 holds (21 with this seed), 34–42 s of holds for 30 s of
+/// arrivals; the queue grows all run (see docs/benchmarks.md for the ideal schedule).
+/// The p50 bound is generous; the ramp's cost over an unlimited window is about 0.8 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_consumers_429s_end_without_a_stampede() {
     let f = another_consumer(false, 75).await;
     println!("FIGURES another consumer: {f:?}");
     assert_eq!(f.client_429s, 0, "{f:?}");
     assert_eq!(f.client_ok, f.requests, "{f:?}");
-    assert!(f.inside_retry_after <= 45, "{f:?}");
-    assert!(f.upstream <= 2 * f.requests as u64, "{f:?}");
+    assert!(f.inside_retry_after <= 12, "{f:?}");
+    assert!(f.upstream <= f.requests as u64 * 3 / 2, "{f:?}");
     assert!(f.p50 <= Duration::from_secs(15), "{f:?}");
 }
 
@@ -413,11 +418,19 @@ async fn another_consumers_429s_end_without_a_stampede() {
 async fn measure_bad_days() {
     let secs = |d: Duration| format!("{:.2} s", d.as_secs_f64());
     let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
+    // `BAD_DAYS_ONLY=consumer` (or `unavailable`, `reset`, `proxied`) runs a part.
+    let only = std::env::var("BAD_DAYS_ONLY").unwrap_or_default();
+    let runs = |part: &str| {
+        let parts: Vec<&str> = only.split(',').filter(|p| !p.is_empty()).collect();
+        let direct = [true, false].into_iter().filter(|d| !(parts.contains(&"proxied") && *d));
+        let wanted = parts.iter().all(|p| *p == "proxied") || parts.contains(&part);
+        direct.filter(move |_| wanted).collect::<Vec<bool>>()
+    };
     println!(
         "| scenario | run | upstream requests | inside an announced Retry-After | client 429s | client p50 / p99 |"
     );
     println!("|---|---|---|---|---|---|");
-    for direct in [true, false] {
+    for direct in runs("consumer") {
         let f = another_consumer(direct, 150).await;
         println!(
             "| another consumer's 429s, 150 GETs at 5/s | {} | {} | {} | {} | {} / {} |",
@@ -433,7 +446,7 @@ async fn measure_bad_days() {
     println!("| scenario | run | upstream requests during the outage | client errors started after it | recovery | fail-fast answers, p99 |");
     println!("|---|---|---|---|---|---|");
     for mode in ["unavailable", "reset"] {
-        for direct in [true, false] {
+        for direct in runs(mode) {
             let f = outage(mode, direct, Duration::from_secs(5), Duration::from_secs(15)).await;
             println!(
                 "| 10 s outage ({mode}), 150 GETs at 5/s | {} | {} | {} | {} | {}, {} |",
