@@ -26,6 +26,8 @@ use support::process::{self, Running};
 use tokio::time::Instant;
 
 const BIN: &str = env!("CARGO_BIN_EXE_klaviyo-proxy");
+/// The simulator's seed: its random 429s come in the same order in every run.
+const SEED: u64 = 11;
 const AUTH: &str = "Klaviyo-API-Key pk_bad_days_0123456789";
 /// An L-tier read (75/s, 750/min): its own limits are far above the arrival rate.
 const PATH: &str = "/api/lists";
@@ -34,7 +36,9 @@ type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// A started binary and the URLs of its first `lines` stdout lines.
 fn start(args: &[&str], lines: usize) -> (Running, Vec<String>) {
-    let mut child = Command::new(BIN)
+    // `BAD_DAYS_BIN` runs another build (a release one) for the measurements.
+    let bin = std::env::var("BAD_DAYS_BIN").unwrap_or_else(|_| BIN.to_string());
+    let mut child = Command::new(bin)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -70,6 +74,10 @@ impl TempFile {
         if let Ok(level) = std::env::var("BAD_DAYS_LOG_LEVEL") {
             text.push_str(&format!("[log]\nlevel = {level:?}\n"));
         }
+        // `BAD_DAYS_CONFIG` adds sections (e.g. `[breaker]` with another cool_down_max_ms).
+        if let Ok(extra) = std::env::var("BAD_DAYS_CONFIG") {
+            text.push_str(&format!("{extra}\n"));
+        }
         std::fs::write(&path, text).unwrap();
         TempFile(path)
     }
@@ -96,7 +104,8 @@ struct Stack {
 
 impl Stack {
     fn start(sim_flags: &[&str], direct: bool, config: Option<&str>) -> Stack {
-        let mut args = vec!["simulate", "--listen", "127.0.0.1:0", "--seed", "11", "--latency-ms", "20"];
+        let seed = SEED.to_string();
+        let mut args = vec!["simulate", "--listen", "127.0.0.1:0", "--seed", &seed, "--latency-ms", "20"];
         args.extend_from_slice(sim_flags);
         let (sim, urls) = start(&args, 1);
         let sim_url = urls[0].clone();
@@ -295,6 +304,37 @@ async fn another_consumer(direct: bool, n: usize) -> ConsumerFigures {
     }
 }
 
+/// The best any proxy that keeps arrival order could do in [`another_consumer`] with
+/// the simulator's seed: a zero round trip and one request at a time, each going the
+/// instant the bucket is free, so none is ever sent inside a hold. The simulator draws
+/// one number per request reaching it outside a hold (10%: a 429 and a 2 s hold), plus
+/// two for the bucket's window phases after the first; the client p50 and p99.
+fn ideal_consumer(n: usize) -> (Duration, Duration) {
+    let mut rng = fastrand::Rng::with_seed(SEED);
+    let mut draws = 0u32;
+    let mut throttled = || {
+        let hit = rng.f64() < 0.1;
+        draws += 1;
+        if draws == 1 {
+            (rng.u64(..), rng.u64(..));
+        }
+        hit
+    };
+    let mut free = Duration::ZERO;
+    let took: Vec<Duration> = (0..n)
+        .map(|i| {
+            let arrived = EVERY * i as u32;
+            let mut at = arrived.max(free);
+            while throttled() {
+                at += Duration::from_secs(2);
+            }
+            free = at;
+            at - arrived
+        })
+        .collect();
+    (percentile(took.clone(), 0.5), percentile(took, 0.99))
+}
+
 /// Klaviyo is down for 10 s (`unavailable`: every request answered 503; `reset`: every
 /// connection reset), `before` and `after` it requests flow; GETs at 5/s throughout.
 #[derive(Debug)]
@@ -309,6 +349,7 @@ struct OutageFigures {
     /// The proxy's fail-fast answers (`proxy_circuit_open` to requests arriving once
     /// the breaker was seen open): how many, p99.
     fail_fast: usize,
+    fail_fast_p50: Duration,
     fail_fast_p99: Duration,
 }
 
@@ -352,6 +393,7 @@ async fn outage(mode: &str, direct: bool, before: Duration, after: Duration) -> 
         errors_after,
         recovery,
         fail_fast: fast.len(),
+        fail_fast_p50: percentile(fast.clone(), 0.5),
         fail_fast_p99: percentile(fast, 0.99),
     }
 }
@@ -359,16 +401,17 @@ async fn outage(mode: &str, direct: bool, before: Duration, after: Duration) -> 
 /// Both outages against the targets (≤ 10 upstream requests during the outage,
 /// ≤ 2 client errors started after it, recovery ≤ 1 s, fail-fast ≤ 5 ms p99), as far
 /// as probing with real requests can meet them at 5 requests/s: the breaker opens
-/// after 3 failures and probes 0.5 s later, then every 1 s (the interval counts from the
-/// failed probe, and the probe is the next request to arrive, up to 0.2 s later). So
-/// 10 s of outage cost 3 + 8 or 9 requests, and the outage's end falls anywhere in a
-/// gap of up to 1.2 s: up to 6 requests arrive before the probe that closes the
-/// breaker, 2 on average. A longer interval trades the one target for the other (see
+/// after 3 failures (a retry may be in flight then: 3 or 4 requests) and probes 0.5 s
+/// later, then 1 s after each failed probe's answer; the probe is the next request to
+/// arrive, and on the 200 ms arrival grid that makes probes 1.2 s apart. So 10 s of
+/// outage cost 3–4 + 8–9 requests (11–12 seen; at most 13), and the outage's end falls
+/// anywhere in a 1.2 s gap: up to 6 requests arrive before the probe that closes the
+/// breaker (0–4 seen). A longer interval trades the one target for the other (see
 /// docs/benchmarks.md); the bounds below are what this schedule guarantees, with the
 /// latencies generous for a loaded machine.
 fn assert_outage_targets(mode: &str, f: &OutageFigures) {
     println!("FIGURES outage {mode}: {f:?}");
-    assert!(f.upstream_during <= 12, "{mode}: {} upstream requests during the 10 s outage", f.upstream_during);
+    assert!(f.upstream_during <= 13, "{mode}: {} upstream requests during the 10 s outage", f.upstream_during);
     assert!(f.errors_after <= 6, "{mode}: {} client errors started after the outage ended", f.errors_after);
     assert!(f.recovery <= Duration::from_secs(2), "{mode}: recovered {:?} after the end", f.recovery);
     assert!(f.fail_fast > 30, "{mode}: the breaker answered for Klaviyo while open: {f:?}");
@@ -430,6 +473,14 @@ async fn measure_bad_days() {
         "| scenario | run | upstream requests | inside an announced Retry-After | client 429s | client p50 / p99 |"
     );
     println!("|---|---|---|---|---|---|");
+    if !runs("consumer").is_empty() {
+        let (p50, p99) = ideal_consumer(150);
+        println!(
+            "| another consumer's 429s, 150 GETs at 5/s | ideal (arrival order, zero round trip) | — | 0 | 0 | {} / {} |",
+            secs(p50),
+            secs(p99)
+        );
+    }
     for direct in runs("consumer") {
         let f = another_consumer(direct, 150).await;
         println!(
@@ -443,18 +494,19 @@ async fn measure_bad_days() {
         );
     }
     println!();
-    println!("| scenario | run | upstream requests during the outage | client errors started after it | recovery | fail-fast answers, p99 |");
+    println!("| scenario | run | upstream requests during the outage | client errors started after it | recovery | fail-fast answers, p50 / p99 |");
     println!("|---|---|---|---|---|---|");
     for mode in ["unavailable", "reset"] {
         for direct in runs(mode) {
             let f = outage(mode, direct, Duration::from_secs(5), Duration::from_secs(15)).await;
             println!(
-                "| 10 s outage ({mode}), 150 GETs at 5/s | {} | {} | {} | {} | {}, {} |",
+                "| 10 s outage ({mode}), 150 GETs at 5/s | {} | {} | {} | {} | {}, {} / {} |",
                 if direct { "direct" } else { "proxied" },
                 f.upstream_during,
                 f.errors_after,
                 secs(f.recovery),
                 f.fail_fast,
+                ms(f.fail_fast_p50),
                 ms(f.fail_fast_p99)
             );
         }
