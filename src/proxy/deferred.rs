@@ -13,19 +13,26 @@ use tokio::time::Instant;
 use super::Proxy;
 use crate::body::ProxyBody;
 use crate::breaker;
+use crate::error::ProxyError;
 use crate::metrics::RequestOutcome;
 use crate::queue;
 use crate::retry;
 use crate::retry::Backoff;
-use crate::spool::{self, Spool};
+use crate::spool::{self, Spool, SpoolError};
+
+/// `Retry-After` when the spool is full: replay frees room at Klaviyo's pace.
+const FULL_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// `Retry-After` when the spool file cannot be written: it is reopened within a second.
+const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(5);
 use crate::stack::Routed;
 use crate::upstream::UpstreamError;
 
 impl Proxy {
     /// Writes the request to the spool (synced to disk) and answers 202 with its id;
-    /// `None` when the spool cannot take it (the caller then answers as it would have).
-    pub(crate) async fn defer(&self, routed: &Routed<Bytes>) -> Option<Response<ProxyBody>> {
-        let spool = self.spool.as_ref()?;
+    /// when the spool cannot take it (full, or its file cannot be written), the 503 to
+    /// answer instead: a write is never acknowledged that is not on disk.
+    pub(crate) async fn defer(&self, routed: &Routed<Bytes>) -> Result<Response<ProxyBody>, ProxyError> {
+        let Some(spool) = self.spool.as_ref() else { return Err(ProxyError::Internal) };
         let Routed { call, route, unique_id, .. } = routed;
         let (parts, body) = (&call.parts, &call.body);
         let entry = spool::Entry {
@@ -43,9 +50,14 @@ impl Proxy {
         };
         let id = match spool.append_async(entry).await {
             Ok(id) => id,
+            Err(e @ SpoolError::Full(_)) => {
+                tracing::warn!(operation = route.label(), error = %e, "spool full: deferrable write refused");
+                return Err(ProxyError::SpoolFull { retry_after: FULL_RETRY_AFTER });
+            }
             Err(e) => {
-                tracing::error!(operation = route.label(), error = %e, "spool write failed");
-                return None;
+                tracing::error!(operation = route.label(), error = %e, "spool write failed: deferrable write refused");
+                self.refresh_spool_gauges();
+                return Err(ProxyError::SpoolUnavailable { retry_after: UNAVAILABLE_RETRY_AFTER });
             }
         };
         self.spooled.notify_one();
@@ -55,7 +67,7 @@ impl Proxy {
         *resp.status_mut() = http::StatusCode::ACCEPTED;
         resp.headers_mut().insert(spool::SPOOL_ID_HEADER, HeaderValue::from(id));
         resp.headers_mut().insert(crate::error::PROXY_ERROR_HEADER, HeaderValue::from_static("proxy_spooled"));
-        Some(resp)
+        Ok(resp)
     }
 
     /// Replays spooled writes in order, one at a time, through the same limiter and
@@ -232,19 +244,18 @@ impl Proxy {
         self.spooled.notify_one();
     }
 
-    /// Sets the spool gauges: depth, dead letters, age of the oldest pending write.
+    /// Sets the spool gauges: depth, dead letters, age of the oldest pending write
+    /// (from the spool's counters in memory: nothing is read from disk).
     pub(super) fn refresh_spool_gauges(&self) {
         let Some(spool) = &self.spool else { return };
         let m = &self.metrics;
-        if let Ok(n) = spool.pending_len() {
-            m.spool_depth.set(i64::try_from(n).unwrap_or(i64::MAX));
-        }
-        if let Ok(n) = spool.dead_len() {
-            m.spool_dead_letters.set(i64::try_from(n).unwrap_or(i64::MAX));
-        }
+        let stats = spool.stats();
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        m.spool_depth.set(gauge(stats.pending));
+        m.spool_dead_letters.set(gauge(stats.dead));
         let now_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        let age = spool.first_pending().ok().flatten().map_or(0, |e| now_ms.saturating_sub(e.accepted_at_ms) / 1000);
-        m.spool_oldest_age_seconds.set(i64::try_from(age).unwrap_or(i64::MAX));
+        let age = stats.oldest_pending_ms.map_or(0, |at| now_ms.saturating_sub(at) / 1000);
+        m.spool_oldest_age_seconds.set(gauge(age));
     }
 }
