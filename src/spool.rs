@@ -237,6 +237,17 @@ pub struct Queued {
     pub entry: Result<Entry, String>,
 }
 
+/// What [`Spool::next_pending`] found.
+#[derive(Debug)]
+pub enum Next {
+    /// This one can go now.
+    Ready(Queued),
+    /// Pending writes, none of them ready.
+    Waiting,
+    /// Nothing pending.
+    Empty,
+}
+
 /// Why the spool failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -628,6 +639,25 @@ impl Spool {
                 out.push(Queued { id, entry: Head::decode(id, value.value()).map(|(h, _)| h.entry) });
             }
             Ok(out)
+        })
+    }
+
+    /// The oldest pending write `ready` accepts (or that cannot be read: it must be
+    /// moved out of the way), looking at most `max_scan` heads; no body is read.
+    pub fn next_pending(&self, max_scan: usize, ready: impl Fn(&Entry) -> bool) -> Result<Next, SpoolError> {
+        self.read(|tx| {
+            let table = tx.open_table(PENDING)?;
+            let mut skipped = false;
+            for row in table.iter()?.take(max_scan) {
+                let (id, value) = row?;
+                let id = id.value();
+                let entry = Head::decode(id, value.value()).map(|(h, _)| h.entry);
+                if entry.as_ref().map_or(true, &ready) {
+                    return Ok(Next::Ready(Queued { id, entry }));
+                }
+                skipped = true;
+            }
+            Ok(if skipped { Next::Waiting } else { Next::Empty })
         })
     }
 

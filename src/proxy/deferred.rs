@@ -18,7 +18,7 @@ use crate::metrics::RequestOutcome;
 use crate::queue;
 use crate::retry;
 use crate::retry::Backoff;
-use crate::spool::{self, Spool, SpoolError};
+use crate::spool::{self, Next, Spool, SpoolError};
 
 /// `Retry-After` when the spool is full: replay frees room at Klaviyo's pace.
 const FULL_RETRY_AFTER: Duration = Duration::from_secs(30);
@@ -70,65 +70,102 @@ impl Proxy {
         Ok(resp)
     }
 
-    /// Replays spooled writes in order, one at a time, through the same limiter and
-    /// breaker, taking only tokens no live request waits for. Runs until dropped.
+    /// Replays spooled writes one at a time, through the same limiter and breaker,
+    /// taking only tokens no live request waits for; each lane (credential and
+    /// `company_id`) in order, a lane that must wait never holding up another. Deletes
+    /// expired dead letters once a minute. Runs until dropped.
     pub async fn replay(self: Arc<Self>) {
         let Some(spool) = self.spool.clone() else { return };
-        let mut rng = fastrand::Rng::new();
+        let mut lanes = Lanes::new();
         let mut failures = 0u32;
+        let mut next_expiry = Instant::now();
         loop {
-            let pause = match self.replay_one(&spool).await {
-                Replay::Delivered => {
+            if Instant::now() >= next_expiry {
+                next_expiry = Instant::now() + EXPIRE_EVERY;
+                self.expire_dead_letters(&spool).await;
+            }
+            let pause = match self.replay_one(&spool, &mut lanes).await {
+                Replay::Progress => {
                     failures = 0;
                     continue;
                 }
-                Replay::Idle => {
-                    // Woken by the next spooled write, or look again in a while.
-                    let _ = tokio::time::timeout(Duration::from_millis(500), self.spooled.notified()).await;
+                Replay::Idle => Duration::from_millis(500),
+                // Every lane waits: a new write (of another lane, perhaps) wakes it too.
+                Replay::Lanes(d) => d,
+                Replay::Wait(d) => {
+                    tokio::time::sleep(d).await;
                     continue;
                 }
-                Replay::Wait(d) => d,
                 Replay::Failed => {
                     failures += 1;
-                    let retry = &self.live().config.retry;
-                    let backoff = Backoff {
-                        base: Duration::from_millis(retry.base_ms),
-                        cap: Duration::from_millis(retry.cap_ms),
-                    };
-                    backoff.delay(failures.min(10), &mut rng).max(Duration::from_millis(50))
+                    let delay = lanes.backoff(&self.live().config.retry, failures);
+                    tokio::time::sleep(delay).await;
+                    continue;
                 }
             };
-            tokio::time::sleep(pause).await;
+            let _ = tokio::time::timeout(pause, self.spooled.notified()).await;
         }
     }
 
-    async fn replay_one(&self, spool: &Spool) -> Replay {
+    async fn expire_dead_letters(&self, spool: &Spool) {
+        let reader = spool.clone();
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        match tokio::task::spawn_blocking(move || reader.expire_dead(now_ms, EXPIRE_MAX)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => {
+                tracing::info!(expired = n, "expired dead letters deleted (spool.dead_letter_ttl_s)");
+                self.refresh_spool_gauges();
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "spool: expiring dead letters failed"),
+            Err(_) => {}
+        }
+    }
+
+    async fn replay_one(&self, spool: &Spool, lanes: &mut Lanes) -> Replay {
         // One view of the config per replay, like a request.
         let live = self.live();
         let config = &live.config;
         if !config.upstream.enabled {
             return Replay::Wait(Duration::from_secs(1));
         }
+        if let Some(wait) = self.breaker_open(&live) {
+            return Replay::Wait(wait.min(Duration::from_secs(1)));
+        }
+        let now = Instant::now();
+        let (held, hasher) = (lanes.held(now), lanes.hasher.clone());
         let reader = spool.clone();
-        let entry = match tokio::task::spawn_blocking(move || reader.first_pending()).await {
-            Ok(Ok(Some(entry))) => entry,
-            Ok(Ok(None)) => return Replay::Idle,
+        let found =
+            tokio::task::spawn_blocking(move || reader.next_pending(MAX_SCAN, |e| !held.contains(&lane(&hasher, e))))
+                .await;
+        let queued = match found {
+            Ok(Ok(Next::Ready(queued))) => queued,
+            Ok(Ok(Next::Empty)) => return Replay::Idle,
+            Ok(Ok(Next::Waiting)) => return Replay::Lanes(lanes.next_free(now)),
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "spool read failed");
                 return Replay::Wait(Duration::from_secs(1));
             }
             Err(_) => return Replay::Wait(Duration::from_secs(1)),
         };
+        let id = queued.id;
+        let entry = match queued.entry {
+            Ok(entry) => entry,
+            Err(why) => return self.set_aside(spool, id, format!("unreadable spooled request: {why}")).await,
+        };
+        let this = lane(&lanes.hasher, &entry);
+        let reader = spool.clone();
+        let body = match tokio::task::spawn_blocking(move || reader.body(id)).await {
+            Ok(Ok(Some(body))) => body,
+            Ok(Ok(None)) => return self.set_aside(spool, id, "unreadable spooled request: no body".into()).await,
+            _ => return Replay::Wait(Duration::from_secs(1)),
+        };
         let Some(mut parts) = entry_parts(&entry) else {
-            let _ = spool.dead_letter(entry.id, "unreadable spooled request");
-            return Replay::Delivered;
+            return self.set_aside(spool, id, "unreadable spooled request: bad method, path or header".into()).await;
         };
         self.resolve(&live, &mut parts).await;
         let route = live.route(&parts);
         let now = Instant::now();
-        if let Some(wait) = self.breaker_open(&live) {
-            return Replay::Wait(wait.min(Duration::from_secs(1)));
-        }
         let permit = if config.breaker.enabled {
             match self.breaker.admit(now) {
                 Ok(p) => Some(p),
@@ -139,16 +176,19 @@ impl Proxy {
         };
         // Below live traffic: only when no live request queues in its buckets here, and
         // only a token free right now (a probe permit dropped unused is given back).
+        // Either wait holds this lane only.
         if config.limits.enabled {
             if route.demands.iter().any(|d| self.store().queued(&d.key) > 0) {
-                return Replay::Wait(Duration::from_millis(50));
+                lanes.hold(this, now + Duration::from_millis(50));
+                return Replay::Progress;
             }
             if let Err(e) = queue::wait(&self.limiter, &route.demands, now, 0, route.label()).await {
                 let wait = e.retry_after().unwrap_or(Duration::from_secs(1));
-                return Replay::Wait(wait.clamp(Duration::from_millis(10), Duration::from_secs(1)));
+                lanes.hold(this, now + wait.clamp(Duration::from_millis(10), Duration::from_secs(1)));
+                return Replay::Progress;
             }
         }
-        let result = self.upstream.send(&parts, Bytes::from(entry.body.clone())).await;
+        let result = self.upstream.send(&parts, Bytes::from(body)).await;
         let now = Instant::now();
         let finish = |outcome| self.record(permit, outcome);
         match result {
@@ -162,7 +202,8 @@ impl Proxy {
                         head.give_back(&self.limiter);
                     }
                 }
-                Replay::Wait(wait)
+                lanes.hold(this, now + wait);
+                Replay::Progress
             }
             // A Cloudflare challenge is about this address, not the write: keep it for later.
             Ok(resp) if retry::is_challenge(resp.status(), resp.headers()) => {
@@ -171,13 +212,14 @@ impl Proxy {
             }
             Ok(resp) if resp.status().is_server_error() => {
                 finish(breaker::Outcome::Failure);
-                Replay::Failed
+                let reason = format!("upstream answered {}", resp.status().as_u16());
+                self.attempt_failed(spool, lanes, this, id, reason, config).await
             }
             Ok(resp) => {
                 finish(breaker::Outcome::Success);
                 self.feedback(&live, &route, &resp, now).await;
+                lanes.clear(this);
                 let status = resp.status();
-                let id = entry.id;
                 let spool = spool.clone();
                 let done = tokio::task::spawn_blocking(move || {
                     if status.is_client_error() {
@@ -198,29 +240,142 @@ impl Proxy {
                     status = status.as_u16(),
                     "spooled write replayed"
                 );
-                Replay::Delivered
+                Replay::Progress
             }
-            Err(e) => {
-                finish(match e {
-                    UpstreamError::Connect(_) => breaker::Outcome::ConnectFailure,
-                    UpstreamError::Timeout(_) => breaker::Outcome::Failure,
-                });
+            // Not reaching Klaviyo is no fault of the write: every lane backs off.
+            Err(UpstreamError::Connect(_)) => {
+                finish(breaker::Outcome::ConnectFailure);
                 Replay::Failed
             }
+            Err(UpstreamError::Timeout(_)) => {
+                finish(breaker::Outcome::Failure);
+                self.attempt_failed(spool, lanes, this, id, "upstream did not answer in time".into(), config).await
+            }
+        }
+    }
+
+    /// Counts a failed replay (the write goes to the dead letters past
+    /// `spool.max_attempts` or `max_age_s`) and holds its lane for a backoff.
+    async fn attempt_failed(
+        &self,
+        spool: &Spool,
+        lanes: &mut Lanes,
+        this: u64,
+        id: u64,
+        reason: String,
+        config: &crate::config::Config,
+    ) -> Replay {
+        lanes.fail(this, &config.retry);
+        let writer = spool.clone();
+        let why = reason.clone();
+        match tokio::task::spawn_blocking(move || writer.failed_attempt(id, &why)).await {
+            Ok(Ok(true)) => {
+                tracing::warn!(spool_id = id, reason = %reason, "spooled write given up: moved to the dead letters");
+                self.refresh_spool_gauges();
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::error!(spool_id = id, error = %e, "spool update after a failed replay failed"),
+            Err(_) => {}
+        }
+        Replay::Progress
+    }
+
+    /// Moves an entry that cannot be replayed at all to the dead letters.
+    async fn set_aside(&self, spool: &Spool, id: u64, reason: String) -> Replay {
+        tracing::error!(spool_id = id, reason = %reason, "spooled write cannot be replayed: moved to the dead letters");
+        let writer = spool.clone();
+        let moved = tokio::task::spawn_blocking(move || writer.dead_letter(id, &reason)).await;
+        self.refresh_spool_gauges();
+        if matches!(moved, Ok(Ok(()))) {
+            Replay::Progress
+        } else {
+            Replay::Wait(Duration::from_secs(1))
         }
     }
 }
 
+/// Most pending heads one replay looks through for a write whose lane may go.
+const MAX_SCAN: usize = 4096;
+/// How often expired dead letters are deleted, and most deleted at once.
+const EXPIRE_EVERY: Duration = Duration::from_secs(60);
+const EXPIRE_MAX: usize = 10_000;
+
 /// How one replay attempt went.
 enum Replay {
-    /// Delivered (or dead-lettered): go on with the next.
-    Delivered,
+    /// Something was done (delivered, dead-lettered, or a lane held): go on.
+    Progress,
     /// Nothing to replay.
     Idle,
-    /// Try again after this long.
+    /// Pending writes, but every lane holds for at least this long.
+    Lanes(Duration),
+    /// Nothing may go (kill switch, breaker): try again after this long.
     Wait(Duration),
-    /// The upstream failed: back off.
+    /// The upstream could not be reached: every lane backs off.
     Failed,
+}
+
+/// A replay lane: writes of one credential (and `company_id`) go in order. The hash
+/// is this process's own and never leaves memory.
+fn lane(hasher: &std::hash::RandomState, entry: &spool::Entry) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = hasher.build_hasher();
+    for (name, value) in &entry.headers {
+        if name.eq_ignore_ascii_case("authorization") {
+            value.hash(&mut h);
+        }
+    }
+    let query = entry.path_and_query.split_once('?').map_or("", |(_, q)| q);
+    query.split('&').find(|kv| kv.starts_with("company_id=")).hash(&mut h);
+    h.finish()
+}
+
+/// Lanes that must wait: until when, and after how many failures in a row.
+struct Lanes {
+    hasher: std::hash::RandomState,
+    waiting: std::collections::HashMap<u64, (Instant, u32)>,
+    rng: fastrand::Rng,
+}
+
+impl Lanes {
+    fn new() -> Self {
+        Lanes { hasher: std::hash::RandomState::new(), waiting: Default::default(), rng: fastrand::Rng::new() }
+    }
+
+    /// The lanes held at `now`. A lane free again forgets its failures a minute later,
+    /// so the map holds only lanes with recent trouble.
+    fn held(&mut self, now: Instant) -> std::collections::HashSet<u64> {
+        self.waiting.retain(|_, (until, failures)| {
+            *until > now || (*failures > 0 && now.duration_since(*until) < Duration::from_secs(60))
+        });
+        self.waiting.iter().filter(|(_, (until, _))| *until > now).map(|(lane, _)| *lane).collect()
+    }
+
+    /// How long until the first held lane may go (at least 10 ms, at most 1 s).
+    fn next_free(&self, now: Instant) -> Duration {
+        let first = self.waiting.values().map(|(until, _)| until.saturating_duration_since(now)).min();
+        first.unwrap_or(Duration::from_secs(1)).clamp(Duration::from_millis(10), Duration::from_secs(1))
+    }
+
+    fn hold(&mut self, lane: u64, until: Instant) {
+        let failures = self.waiting.get(&lane).map_or(0, |(_, f)| *f);
+        self.waiting.insert(lane, (until, failures));
+    }
+
+    /// A failed replay: the lane backs off, longer after each failure in a row.
+    fn fail(&mut self, lane: u64, retry: &crate::config::RetryConfig) {
+        let failures = self.waiting.get(&lane).map_or(0, |(_, f)| *f) + 1;
+        let delay = self.backoff(retry, failures);
+        self.waiting.insert(lane, (Instant::now() + delay, failures));
+    }
+
+    fn clear(&mut self, lane: u64) {
+        self.waiting.remove(&lane);
+    }
+
+    fn backoff(&mut self, retry: &crate::config::RetryConfig, failures: u32) -> Duration {
+        let backoff = Backoff { base: Duration::from_millis(retry.base_ms), cap: Duration::from_millis(retry.cap_ms) };
+        backoff.delay(failures.min(10), &mut self.rng).max(Duration::from_millis(50))
+    }
 }
 
 /// The request head of a spooled entry.
