@@ -378,6 +378,9 @@ impl Proxy {
             return Err(ReloadError::NeedsRestart("auth.account_hash_key (with the redis store)"));
         }
         let live = Arc::new(Live::new(new, &self.fallback_hash_key, self.bodies.clone())?);
+        if let Some(spool) = &self.spool {
+            spool.set_limits(spool::SpoolLimits::from_config(&live.config.spool));
+        }
         *self.live.write().unwrap_or_else(PoisonError::into_inner) = live;
         Ok(())
     }

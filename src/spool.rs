@@ -1014,12 +1014,17 @@ pub fn admin(spool: &Spool, method: &http::Method, path: &str) -> Option<(http::
     let rest = path.strip_prefix("/spool")?;
     let parts: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     let result = match (method, parts.as_slice()) {
-        (&Method::GET, []) => spool.list_pending(100).map(|pending| {
+        (&Method::GET, []) => {
+            // The counts come from memory: shown even while the file cannot be read.
+            let (pending, unreadable) = match spool.list_pending(100) {
+                Ok(pending) => (pending, None),
+                Err(e) => (Vec::new(), Some(e.to_string())),
+            };
             let health = spool.health();
-            json!({"pending": health.pending, "dead": health.dead, "bytes": health.bytes,
+            Ok(json!({"pending": health.pending, "dead": health.dead, "bytes": health.bytes,
                 "max_bytes": health.max_bytes, "max_entries": health.max_entries,
-                "status": health.status, "error": health.error, "oldest_pending": pending})
-        }),
+                "status": health.status, "error": health.error.or(unreadable), "oldest_pending": pending}))
+        }
         (&Method::GET, ["dead"]) => spool.list_dead(1000).map(|dead| json!({"dead": dead})),
         (&Method::POST, ["dead", id, "requeue"]) => match id.parse() {
             Ok(id) => spool.requeue(id).map(|()| json!({"requeued": id})),
