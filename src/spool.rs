@@ -233,6 +233,8 @@ impl Head {
 pub struct Queued {
     /// The spool id.
     pub id: u64,
+    /// Its lane ([`Spool::lane`]).
+    pub lane: u64,
     /// The request without its body ([`Spool::body`] has it), or why it is unreadable.
     pub entry: Result<Entry, String>,
 }
@@ -349,6 +351,8 @@ type Opener = Box<dyn Fn(&Path) -> Result<Database, String> + Send + Sync>;
 
 struct Inner {
     path: PathBuf,
+    /// Names lanes; this process's own, never stored.
+    hasher: std::hash::RandomState,
     opener: Opener,
     /// `None` while a reopen failed.
     db: RwLock<Option<Database>>,
@@ -360,6 +364,9 @@ struct Inner {
 #[derive(Default)]
 struct State {
     stats: SpoolStats,
+    /// The pending entries by lane, for replay to find each lane's oldest without
+    /// reading the heads of lanes that wait.
+    lanes: LaneIndex,
     /// The database refused a call for an I/O reason: reopen before the next.
     broken: bool,
     /// The last write failed, with this reason; cleared by the next write that succeeds.
@@ -436,6 +443,7 @@ impl Spool {
         let spool = Spool {
             inner: Arc::new(Inner {
                 path: path.into(),
+                hasher: std::hash::RandomState::new(),
                 opener,
                 db: RwLock::new(None),
                 state: Mutex::new(State::default()),
@@ -450,11 +458,43 @@ impl Spool {
     /// Makes `db` the spool's database: creates the tables and counts what it holds.
     fn install(&self, db: Database) -> Result<(), SpoolError> {
         let stats = prepare(&db).map_err(|e| self.store_err(e))?;
+        let lanes = self.index(&db).map_err(|e| self.store_err(e))?;
         *self.inner.db.write().unwrap_or_else(PoisonError::into_inner) = Some(db);
         let mut state = self.state();
         state.stats = stats;
+        state.lanes = lanes;
         state.broken = false;
         Ok(())
+    }
+
+    /// The lane of an entry: one credential (and `company_id`), whose writes replay
+    /// in order. Never [`UNREADABLE`].
+    pub fn lane(&self, entry: &Entry) -> u64 {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let mut h = self.inner.hasher.build_hasher();
+        for (name, value) in &entry.headers {
+            if name.eq_ignore_ascii_case("authorization") {
+                value.hash(&mut h);
+            }
+        }
+        let query = entry.path_and_query.split_once('?').map_or("", |(_, q)| q);
+        query.split('&').find(|kv| kv.starts_with("company_id=")).hash(&mut h);
+        h.finish() | 1
+    }
+
+    fn lane_of(&self, id: u64, raw: &[u8]) -> u64 {
+        Head::decode(id, raw).map_or(UNREADABLE, |(h, _)| self.lane(&h.entry))
+    }
+
+    /// The lane index of a database's pending entries (heads read once, at open).
+    fn index(&self, db: &Database) -> Result<LaneIndex, redb::Error> {
+        let tx = db.begin_read()?;
+        let mut index = LaneIndex::default();
+        for row in tx.open_table(PENDING)?.iter()? {
+            let (id, value) = row?;
+            index.insert(id.value(), self.lane_of(id.value(), value.value()));
+        }
+        Ok(index)
     }
 
     /// Applies new limits (a reload).
@@ -604,11 +644,14 @@ impl Spool {
                 } else {
                     s.pending += 1;
                     s.oldest_pending_ms.get_or_insert(head.entry.accepted_at_ms);
+                    let lane = self.lane(&head.entry);
+                    state.lanes.insert(id, lane);
                 }
                 Ok(id)
             }
             Err(e) => {
-                state.stats.bytes -= size;
+                // Saturating: a reopen meanwhile recounted from the file.
+                state.stats.bytes = state.stats.bytes.saturating_sub(size);
                 Err(e)
             }
         }
@@ -636,29 +679,28 @@ impl Spool {
             for row in table.iter()?.take(limit) {
                 let (id, value) = row?;
                 let id = id.value();
-                out.push(Queued { id, entry: Head::decode(id, value.value()).map(|(h, _)| h.entry) });
+                let (lane, entry) =
+                    (self.lane_of(id, value.value()), Head::decode(id, value.value()).map(|(h, _)| h.entry));
+                out.push(Queued { id, lane, entry });
             }
             Ok(out)
         })
     }
 
-    /// The oldest pending write `ready` accepts (or that cannot be read: it must be
-    /// moved out of the way), looking at most `max_scan` heads; no body is read.
-    pub fn next_pending(&self, max_scan: usize, ready: impl Fn(&Entry) -> bool) -> Result<Next, SpoolError> {
-        self.read(|tx| {
-            let table = tx.open_table(PENDING)?;
-            let mut skipped = false;
-            for row in table.iter()?.take(max_scan) {
-                let (id, value) = row?;
-                let id = id.value();
-                let entry = Head::decode(id, value.value()).map(|(h, _)| h.entry);
-                if entry.as_ref().map_or(true, &ready) {
-                    return Ok(Next::Ready(Queued { id, entry }));
-                }
-                skipped = true;
-            }
-            Ok(if skipped { Next::Waiting } else { Next::Empty })
-        })
+    /// The oldest pending write whose lane is not in `held` (or that cannot be read:
+    /// it must be moved out of the way). The lane index finds it without reading any
+    /// other head; no body is read.
+    pub fn next_pending(&self, held: &std::collections::HashSet<u64>) -> Result<Next, SpoolError> {
+        let (first, any) = {
+            let state = self.state();
+            (state.lanes.first_free(held), !state.lanes.is_empty())
+        };
+        let Some((id, lane)) = first else { return Ok(if any { Next::Waiting } else { Next::Empty }) };
+        let raw = self.read(|tx| Ok(tx.open_table(PENDING)?.get(id)?.map(|v| v.value().to_vec())))?;
+        // Gone meanwhile (an operator's change): look again.
+        let Some(raw) = raw else { return Ok(Next::Waiting) };
+        let entry = Head::decode(id, &raw).map(|(h, _)| h.entry);
+        Ok(Next::Ready(Queued { id, lane, entry }))
     }
 
     /// The body of a pending or dead entry.
@@ -749,6 +791,7 @@ impl Spool {
             change.oldest_pending = Some(oldest(&pending)?);
             Ok(change)
         })?;
+        self.state().lanes.remove(id);
         self.account(change);
         Ok(())
     }
@@ -788,6 +831,7 @@ impl Spool {
         })?;
         // A legacy head held its body; now the body is stored on its own.
         let Some((old_total, new_total, oldest)) = change else { return Err(SpoolError::NotFound(id)) };
+        self.state().lanes.remove(id);
         let mut change =
             Change { pending_removed: 1, dead_added: 1, oldest_pending: Some(oldest), ..Change::default() };
         if new_total >= old_total {
@@ -873,9 +917,10 @@ impl Spool {
             };
             let mut pending = tx.open_table(PENDING)?;
             pending.insert(id, bytes.as_slice())?;
-            Ok(Some((raw.len() as u64, bytes.len() as u64, oldest(&pending)?)))
+            Ok(Some((raw.len() as u64, bytes.len() as u64, oldest(&pending)?, self.lane_of(id, &bytes))))
         })?;
-        let Some((old, new, oldest)) = change else { return Err(SpoolError::NotFound(id)) };
+        let Some((old, new, oldest, lane)) = change else { return Err(SpoolError::NotFound(id)) };
+        self.state().lanes.insert(id, lane);
         self.account(Change {
             pending_added: 1,
             dead_removed: 1,
@@ -944,6 +989,49 @@ struct Change {
     bytes_removed: u64,
     /// The new oldest pending entry, when the transaction looked.
     oldest_pending: Option<Option<u64>>,
+}
+
+/// The lane of entries that cannot be read: never held, so they are set aside at once.
+pub const UNREADABLE: u64 = 0;
+
+/// Pending ids by lane, both ways.
+#[derive(Default)]
+struct LaneIndex {
+    by_lane: std::collections::BTreeSet<(u64, u64)>,
+    by_id: std::collections::HashMap<u64, u64>,
+}
+
+impl LaneIndex {
+    fn insert(&mut self, id: u64, lane: u64) {
+        if let Some(old) = self.by_id.insert(id, lane) {
+            self.by_lane.remove(&(old, id));
+        }
+        self.by_lane.insert((lane, id));
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(lane) = self.by_id.remove(&id) {
+            self.by_lane.remove(&(lane, id));
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    /// The oldest entry of a lane not in `held`: one step per lane, jumping from each
+    /// lane's first entry to the next lane.
+    fn first_free(&self, held: &std::collections::HashSet<u64>) -> Option<(u64, u64)> {
+        let mut best: Option<(u64, u64)> = None;
+        let mut next = self.by_lane.first().copied();
+        while let Some((lane, id)) = next {
+            if !held.contains(&lane) && best.is_none_or(|(b, _)| id < b) {
+                best = Some((id, lane));
+            }
+            next = lane.checked_add(1).and_then(|l| self.by_lane.range((l, 0)..).next().copied());
+        }
+        best
+    }
 }
 
 /// A dead head standing for an entry that cannot be read.

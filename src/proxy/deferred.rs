@@ -133,11 +133,9 @@ impl Proxy {
             return Replay::Wait(wait.min(Duration::from_secs(1)));
         }
         let now = Instant::now();
-        let (held, hasher) = (lanes.held(now), lanes.hasher.clone());
+        let held = lanes.held(now);
         let reader = spool.clone();
-        let found =
-            tokio::task::spawn_blocking(move || reader.next_pending(MAX_SCAN, |e| !held.contains(&lane(&hasher, e))))
-                .await;
+        let found = tokio::task::spawn_blocking(move || reader.next_pending(&held)).await;
         let queued = match found {
             Ok(Ok(Next::Ready(queued))) => queued,
             Ok(Ok(Next::Empty)) => return Replay::Idle,
@@ -148,12 +146,11 @@ impl Proxy {
             }
             Err(_) => return Replay::Wait(Duration::from_secs(1)),
         };
-        let id = queued.id;
+        let (id, this) = (queued.id, queued.lane);
         let entry = match queued.entry {
             Ok(entry) => entry,
             Err(why) => return self.set_aside(spool, id, format!("unreadable spooled request: {why}")).await,
         };
-        let this = lane(&lanes.hasher, &entry);
         let reader = spool.clone();
         let body = match tokio::task::spawn_blocking(move || reader.body(id)).await {
             Ok(Ok(Some(body))) => body,
@@ -294,8 +291,6 @@ impl Proxy {
     }
 }
 
-/// Most pending heads one replay looks through for a write whose lane may go.
-const MAX_SCAN: usize = 4096;
 /// How often expired dead letters are deleted, and most deleted at once.
 const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 const EXPIRE_MAX: usize = 10_000;
@@ -314,31 +309,16 @@ enum Replay {
     Failed,
 }
 
-/// A replay lane: writes of one credential (and `company_id`) go in order. The hash
-/// is this process's own and never leaves memory.
-fn lane(hasher: &std::hash::RandomState, entry: &spool::Entry) -> u64 {
-    use std::hash::{BuildHasher, Hash, Hasher};
-    let mut h = hasher.build_hasher();
-    for (name, value) in &entry.headers {
-        if name.eq_ignore_ascii_case("authorization") {
-            value.hash(&mut h);
-        }
-    }
-    let query = entry.path_and_query.split_once('?').map_or("", |(_, q)| q);
-    query.split('&').find(|kv| kv.starts_with("company_id=")).hash(&mut h);
-    h.finish()
-}
-
 /// Lanes that must wait: until when, and after how many failures in a row.
+/// (A lane is one credential and `company_id`, [`Spool::lane`].)
 struct Lanes {
-    hasher: std::hash::RandomState,
     waiting: std::collections::HashMap<u64, (Instant, u32)>,
     rng: fastrand::Rng,
 }
 
 impl Lanes {
     fn new() -> Self {
-        Lanes { hasher: std::hash::RandomState::new(), waiting: Default::default(), rng: fastrand::Rng::new() }
+        Lanes { waiting: Default::default(), rng: fastrand::Rng::new() }
     }
 
     /// The lanes held at `now`. A lane free again forgets its failures a minute later,

@@ -134,10 +134,18 @@ fn bodies_are_stored_raw() {
     let dir = TempDir::new("raw");
     let spool = Spool::open(&dir.file()).unwrap();
     let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-    spool.append(Entry { body: body.clone(), ..entry(0) }).unwrap();
-    // As a JSON array of numbers the body alone would take ~3.5 bytes a byte.
+    let event = Entry { body: body.clone(), ..entry(0) };
+    spool.append(event.clone()).unwrap();
+    // As a JSON array of numbers (the old format) the body alone takes ~3.5 bytes a byte.
     let stored = spool.stats().bytes;
+    let old = serde_json::to_vec(&event).unwrap().len();
+    println!(
+        "FIGURES spool entry with a {}-byte body: {stored} bytes stored, {old} in the old format ({:.2}x)",
+        body.len(),
+        old as f64 / stored as f64
+    );
     assert!(stored < body.len() as u64 + 512, "{stored} bytes stored for a {}-byte body", body.len());
+    assert!(old as u64 > 3 * stored);
     assert_eq!(spool.first_pending().unwrap().unwrap().body, body);
 }
 
@@ -303,4 +311,48 @@ fn an_io_error_is_recovered_by_reopening() {
     let pending: Vec<u64> = spool.list_pending(10).unwrap().iter().map(|e| e.id).collect();
     assert_eq!(pending, [1, 2]);
     assert_eq!(spool.stats().pending, 2);
+}
+
+#[test]
+fn next_pending_skips_held_lanes_without_reading_them() {
+    let dir = TempDir::new("lanes");
+    let path = dir.file();
+    let spool = Spool::open(&path).unwrap();
+    let of = |key: &str, n: u8| Entry { headers: vec![("authorization".into(), key.as_bytes().to_vec())], ..entry(n) };
+    for n in 0..100u32 {
+        spool.append(of("Klaviyo-API-Key pk_a", (n % 200) as u8)).unwrap();
+    }
+    let b = spool.append(of("Klaviyo-API-Key pk_b", 1)).unwrap();
+    // Same key, other company: another lane.
+    let c = spool
+        .append(Entry { path_and_query: "/client/events?company_id=OTHER".into(), ..of("Klaviyo-API-Key pk_b", 2) })
+        .unwrap();
+    let ready = |held: &[u64]| match spool.next_pending(&held.iter().copied().collect()).unwrap() {
+        Next::Ready(q) => Some((q.id, q.lane)),
+        _ => None,
+    };
+    let (first, lane_a) = ready(&[]).unwrap();
+    assert_eq!(first, 1);
+    let (id, lane_b) = ready(&[lane_a]).unwrap();
+    assert_eq!(id, b);
+    let (id, lane_c) = ready(&[lane_a, lane_b]).unwrap();
+    assert_eq!(id, c);
+    assert!(matches!(spool.next_pending(&[lane_a, lane_b, lane_c].into_iter().collect()).unwrap(), Next::Waiting));
+    // The index follows delivery, dead letters and requeues, and a reopen.
+    spool.delivered(b).unwrap();
+    spool.dead_letter(c, "400").unwrap();
+    assert!(matches!(spool.next_pending(&[lane_a].into_iter().collect()).unwrap(), Next::Waiting));
+    spool.requeue(c).unwrap();
+    drop(spool);
+    let spool = Spool::open(&path).unwrap();
+    let lane_a = spool.lane(&of("Klaviyo-API-Key pk_a", 0));
+    match spool.next_pending(&[lane_a].into_iter().collect()).unwrap() {
+        Next::Ready(q) => assert_eq!(q.id, c),
+        other => panic!("{other:?}"),
+    }
+    for id in 1..=100 {
+        spool.delivered(id).unwrap();
+    }
+    spool.delivered(c).unwrap();
+    assert!(matches!(spool.next_pending(&Default::default()).unwrap(), Next::Empty));
 }
