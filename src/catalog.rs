@@ -116,14 +116,23 @@ struct Template {
     op: &'static Operation,
 }
 
-/// Templates indexed by (method, segment count), built once from [`OPERATIONS`].
-static INDEX: LazyLock<HashMap<(&'static str, usize), Vec<Template>>> = LazyLock::new(|| {
-    let mut index: HashMap<(&'static str, usize), Vec<Template>> = HashMap::new();
+/// The index key: method, segment count, and the resource (the second segment, as in
+/// `/api/profiles/...`) when it is a literal; `""` files templates whose resource is a
+/// parameter. A request looks at two short lists, not at every template of its method.
+type IndexKey = (&'static str, usize, &'static str);
+
+/// Templates by [`IndexKey`], built once from [`OPERATIONS`].
+static INDEX: LazyLock<HashMap<IndexKey, Vec<Template>>> = LazyLock::new(|| {
+    let mut index: HashMap<IndexKey, Vec<Template>> = HashMap::new();
     for op in OPERATIONS {
         let segments: Vec<Segment> =
             split(op.path).map(|s| if s.starts_with('{') { Segment::Param } else { Segment::Literal(s) }).collect();
         let literals = segments.iter().filter(|s| matches!(s, Segment::Literal(_))).count();
-        index.entry((op.method, segments.len())).or_default().push(Template { segments, literals, op });
+        let resource = match segments.get(1) {
+            Some(Segment::Literal(l)) => *l,
+            _ => "",
+        };
+        index.entry((op.method, segments.len(), resource)).or_default().push(Template { segments, literals, op });
     }
     index
 });
@@ -138,10 +147,20 @@ fn split(path: &str) -> impl Iterator<Item = &str> {
 /// the stable version of the same endpoint. Literal segments win over parameters, so
 /// `/api/profiles/bulk` never matches `/api/profiles/{id}` when both exist.
 pub fn find(method: &str, path: &str, beta: bool) -> Option<&'static Operation> {
-    // Split twice rather than collect: no allocation on the request path.
-    let candidates = INDEX.get(&(method, split(path).count()))?;
-    candidates
+    // Split rather than collect: no allocation on the request path.
+    let mut count = 0;
+    let mut resource = "";
+    for (i, s) in split(path).enumerate() {
+        if i == 1 {
+            resource = s;
+        }
+        count = i + 1;
+    }
+    let named = INDEX.get(&(method, count, resource)).map(Vec::as_slice).unwrap_or_default();
+    let any = INDEX.get(&(method, count, "")).map(Vec::as_slice).unwrap_or_default();
+    named
         .iter()
+        .chain(any)
         .filter(|t| beta || !t.op.beta)
         .filter(|t| {
             t.segments.iter().zip(split(path)).all(|(t, s)| match t {
@@ -182,6 +201,21 @@ mod tests {
         ];
         for (method, path, beta, want) in cases {
             assert_eq!(find(method, path, *beta).map(|o| o.id), *want, "{method} {path}");
+        }
+    }
+
+    /// The index by resource finds every operation of the catalog by its own template.
+    #[test]
+    fn every_operation_is_found_by_its_template() {
+        for op in OPERATIONS {
+            let concrete: String = op
+                .path
+                .split('/')
+                .map(|s| if s.starts_with('{') { "x1" } else { s })
+                .collect::<Vec<_>>()
+                .join("/");
+            let found = find(op.method, &concrete, op.beta).unwrap_or_else(|| panic!("{} {concrete}", op.method));
+            assert_eq!(found.endpoint, op.endpoint, "{} {concrete}: found {}", op.method, found.id);
         }
     }
 

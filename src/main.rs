@@ -11,9 +11,15 @@ use klaviyo_proxy::config::{Config, LogFormat, UpstreamUrl};
 use klaviyo_proxy::preflight::{self, PreflightOptions};
 use klaviyo_proxy::reload::{ConfigSource, LogLevelHook, Reloader};
 use klaviyo_proxy::sim::{Faults, Outage, SimOptions, Simulator};
+
 use klaviyo_proxy::App;
 use klaviyo_proxy::{catalog, checklist};
 use tokio::net::TcpListener;
+
+/// mimalloc: per-thread free lists suit a server whose requests allocate and free on
+/// one thread each; glibc's malloc spent a tenth of the request path's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
