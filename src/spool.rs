@@ -373,6 +373,9 @@ struct State {
     write_error: Option<String>,
     /// A write was refused for a bound since the last removal.
     full: bool,
+    /// Entries and bytes of writes under way, counted against the bounds (and kept
+    /// apart from `stats`, which a reopen recounts from the file).
+    reserved: (u64, u64),
     last_reopen: Option<std::time::Instant>,
 }
 
@@ -611,11 +614,11 @@ impl Spool {
         {
             let limits = self.limits();
             let mut state = self.state();
-            let s = &state.stats;
+            let (s, reserved) = (&state.stats, state.reserved);
             if dead.is_none() {
-                let over = if s.pending + s.dead >= limits.max_entries {
+                let over = if s.pending + s.dead + reserved.0 >= limits.max_entries {
                     Some("spool.max_entries")
-                } else if s.bytes + size > limits.max_bytes {
+                } else if s.bytes + reserved.1 + size > limits.max_bytes {
                     Some("spool.max_bytes")
                 } else {
                     None
@@ -625,7 +628,8 @@ impl Spool {
                     return Err(SpoolError::Full(bound));
                 }
             }
-            state.stats.bytes += size;
+            state.reserved.0 += 1;
+            state.reserved.1 += size;
         }
         let result = self.write(|tx| {
             let mut meta = tx.open_table(META)?;
@@ -636,9 +640,12 @@ impl Spool {
             Ok(id)
         });
         let mut state = self.state();
+        state.reserved.0 -= 1;
+        state.reserved.1 -= size;
         match result {
             Ok(id) => {
                 let s = &mut state.stats;
+                s.bytes += size;
                 if dead.is_some() {
                     s.dead += 1;
                 } else {
@@ -649,11 +656,7 @@ impl Spool {
                 }
                 Ok(id)
             }
-            Err(e) => {
-                // Saturating: a reopen meanwhile recounted from the file.
-                state.stats.bytes = state.stats.bytes.saturating_sub(size);
-                Err(e)
-            }
+            Err(e) => Err(e),
         }
     }
 

@@ -127,6 +127,19 @@ fn bounds_refuse_writes_until_room_is_made() {
     spool.delivered(1).unwrap();
     spool.append(big(4_000)).unwrap();
     assert_eq!(spool.pending_len().unwrap(), 2);
+
+    // Concurrent writers cannot both take the last room.
+    let dir = TempDir::new("race");
+    let spool = Spool::open_with(&dir.file(), SpoolLimits { max_entries: 5, ..SpoolLimits::default() }).unwrap();
+    let writers: Vec<_> = (0..8)
+        .map(|n| {
+            let spool = spool.clone();
+            std::thread::spawn(move || spool.append(entry(n)).is_ok())
+        })
+        .collect();
+    let stored = writers.into_iter().map(|w| w.join().unwrap()).filter(|ok| *ok).count();
+    assert_eq!((stored, spool.pending_len().unwrap()), (5, 5));
+    assert_counted(&spool);
 }
 
 #[test]
