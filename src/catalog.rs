@@ -208,12 +208,8 @@ mod tests {
     #[test]
     fn every_operation_is_found_by_its_template() {
         for op in OPERATIONS {
-            let concrete: String = op
-                .path
-                .split('/')
-                .map(|s| if s.starts_with('{') { "x1" } else { s })
-                .collect::<Vec<_>>()
-                .join("/");
+            let concrete: String =
+                op.path.split('/').map(|s| if s.starts_with('{') { "x1" } else { s }).collect::<Vec<_>>().join("/");
             let found = find(op.method, &concrete, op.beta).unwrap_or_else(|| panic!("{} {concrete}", op.method));
             assert_eq!(found.endpoint, op.endpoint, "{} {concrete}: found {}", op.method, found.id);
         }

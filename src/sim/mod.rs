@@ -46,6 +46,9 @@ pub struct SimOptions {
     pub tls: bool,
     /// Added to every response.
     pub latency: Duration,
+    /// With `tls`: each new connection's handshake starts this late, as a distant
+    /// server's round trips delay it (a cold client pool pays it per connection).
+    pub handshake_delay: Duration,
     /// Lift every limit (for measuring the proxy's overhead against a fast upstream).
     pub unlimited: bool,
     /// Faults in force from the start ([`Simulator::set_faults`] changes them).
@@ -367,7 +370,11 @@ impl Simulator {
         let (stop, stopped) = oneshot::channel::<()>();
         let svc_state = state.clone();
         let service = hyper::service::service_fn(move |req| handle(svc_state.clone(), req));
-        let limits = ConnLimits { drain_timeout: Duration::from_secs(1), ..ConnLimits::default() };
+        let limits = ConnLimits {
+            drain_timeout: Duration::from_secs(1),
+            handshake_delay: state.options.handshake_delay,
+            ..ConnLimits::default()
+        };
         let stopped = async {
             let _ = stopped.await;
         };
