@@ -415,3 +415,135 @@ async fn drain_spools_queued_deferrable_writes() {
     assert_eq!(sim.stats().requests, 2);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A spooled `create_event` as the proxy would have stored it, with this key.
+fn spooled_event(key: &str, unique_id: &str) -> spool::Entry {
+    spool::Entry {
+        id: 0,
+        operation: "create_event".into(),
+        method: "POST".into(),
+        path_and_query: "/api/events".into(),
+        headers: vec![
+            ("authorization".into(), key.as_bytes().to_vec()),
+            ("content-type".into(), b"application/vnd.api+json".to_vec()),
+            ("revision".into(), klaviyo_proxy::config::DEFAULT_REVISION.as_bytes().to_vec()),
+        ],
+        body: event(unique_id).into_bytes(),
+        unique_id: Some(unique_id.into()),
+        accepted_at_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64,
+        last_error: None,
+    }
+}
+
+/// An upstream that fails every request made with `failing` (503) and accepts the
+/// others (202), counting both: one account's outage, the other's good day.
+async fn split_upstream(failing: &'static str) -> (String, Arc<[std::sync::atomic::AtomicU32; 2]>) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let counts: Arc<[AtomicU32; 2]> = Arc::new([AtomicU32::new(0), AtomicU32::new(0)]);
+    let seen = counts.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let bad = req.headers().get("authorization").is_some_and(|v| v.as_bytes() == failing.as_bytes());
+                    seen[usize::from(!bad)].fetch_add(1, Ordering::SeqCst);
+                    let status = if bad { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::ACCEPTED };
+                    async move {
+                        let _ = req.into_body().collect().await;
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder().status(status).body(Full::new(Bytes::new())).unwrap(),
+                        )
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    (url, counts)
+}
+
+/// One account's writes failing (5xx) do not hold up another account's: the other's
+/// are delivered while the failing ones wait, and the failing ones go to the dead
+/// letters after `spool.max_attempts`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failing_account_does_not_block_another() {
+    use std::sync::atomic::Ordering;
+    const BAD: &str = "Klaviyo-API-Key pk_failing_account";
+    let (url, counts) = split_upstream(BAD).await;
+    let dir = temp_dir("spool-lanes");
+    let path = dir.join("spool.redb");
+    {
+        let spool = Spool::open(&path).unwrap();
+        for n in 0..3 {
+            spool.append(spooled_event(BAD, &format!("bad-{n}"))).unwrap();
+        }
+        for n in 0..5 {
+            spool.append(spooled_event(KEY, &format!("good-{n}"))).unwrap();
+        }
+    }
+    let mut config = Config::parse(
+        "[breaker]\nenabled = false\n[retry]\nbase_ms = 20\ncap_ms = 200\n[spool]\nmax_attempts = 4\n[accounts]\nresolve = false\n",
+        "t",
+    )
+    .unwrap();
+    config.upstream.url = UpstreamUrl::try_from(url).unwrap();
+    config.spool.path = Some(path);
+    let app = App::build(config).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.clone().serve(listener, async {
+        let _ = stopped.await;
+    }));
+    let spool = app.proxy().spool().unwrap().clone();
+    assert!(wait_until(Duration::from_secs(20), || counts[1].load(Ordering::SeqCst) >= 5).await, "good delivered");
+    assert!(
+        wait_until(Duration::from_secs(20), || spool.dead_len().unwrap() == 3 && spool.pending_len().unwrap() == 0)
+            .await,
+        "the failing account's writes given up: {:?}",
+        spool.stats()
+    );
+    let dead = spool.list_dead(10).unwrap();
+    assert!(
+        dead.iter().all(|d| d.attempts == 4 && d.last_error.as_deref().unwrap().starts_with("gave up")),
+        "{dead:?}"
+    );
+    // Each failing write was tried exactly max_attempts times, in order.
+    assert_eq!(counts[0].load(Ordering::SeqCst), 12);
+    assert_eq!(counts[1].load(Ordering::SeqCst), 5);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// An entry that cannot be read goes to the dead letters at once, and the writes
+/// behind it are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_entry_does_not_block_replay() {
+    let sim = Simulator::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), SimOptions::default()).unwrap();
+    let dir = temp_dir("spool-unreadable");
+    let path = dir.join("spool.redb");
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let tx = db.begin_write().unwrap();
+        let pending: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("pending");
+        tx.open_table(pending).unwrap().insert(1, &b"\x09not an entry"[..]).unwrap();
+        let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+        tx.open_table(meta).unwrap().insert("next_id", 2).unwrap();
+        tx.commit().unwrap();
+    }
+    {
+        let spool = Spool::open(&path).unwrap();
+        spool.append(spooled_event(KEY, "after-garbage")).unwrap();
+    }
+    let (_proxy, _stop, app) = start_in_process(&sim, &path).await;
+    let spool = app.proxy().spool().unwrap().clone();
+    assert!(wait_until(Duration::from_secs(20), || spool.pending_len().unwrap() == 0).await, "{:?}", spool.stats());
+    assert_eq!(sim.events().ids, vec!["after-garbage".to_string()]);
+    let dead = spool.list_dead(10).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].last_error.as_deref().unwrap().contains("unreadable"), "{dead:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
