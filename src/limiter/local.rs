@@ -339,6 +339,53 @@ impl Holder {
         self.drop_empty_lanes();
     }
 
+    /// Books every waiter of the lanes that need bucket `id` again, in arrival order,
+    /// from `now` on: takes appeared under their slots (phantoms Klaviyo reported), and
+    /// a booked slot must stay a take its windows allow. A waiter whose new slot is past
+    /// its deadline is refused and woken; every head is woken to sleep to its new slot.
+    /// (The baddays branch's: kept apart from the rest of the store.)
+    fn rebook(&mut self, id: BucketId, now: Tick) {
+        let mut line: Vec<(Place, usize, Arc<Waiter>)> = Vec::new();
+        for l in 0..self.lanes.len() {
+            if !self.lanes[l].key.contains(&Some(id)) {
+                continue;
+            }
+            let (li, ln) = self.lane_indexes(&self.lanes[l].key);
+            let slots = std::mem::take(&mut self.lanes[l].slots);
+            let waiters = std::mem::take(&mut self.lanes[l].waiters);
+            for s in slots {
+                self.give_back(&li[..ln], s);
+            }
+            let live = waiters.into_iter().filter(|w| w.state.load(Ordering::Acquire) == WAITING);
+            line.extend(live.map(|w| (w.place, l, w)));
+        }
+        line.sort_by_key(|(p, _, _)| *p);
+        for (_, l, w) in line {
+            let (li, ln) = self.lane_indexes(&self.lanes[l].key);
+            let li = &li[..ln];
+            let after = self.lanes[l].slots.back().copied().unwrap_or(0);
+            let t = self.earliest(li, now.max(after));
+            if t > w.deadline {
+                w.refused_at.store(t, Ordering::Release);
+                w.state.store(REFUSED, Ordering::Release);
+                self.count_queued(li, false);
+                w.wake.notify_one();
+                continue;
+            }
+            self.take(li, t);
+            self.lanes[l].slots.push_back(t);
+            self.lanes[l].waiters.push_back(w);
+        }
+        for lane in &self.lanes {
+            if let Some(w) = lane.waiters.front() {
+                w.wake.notify_one();
+            }
+        }
+        // Booked in arrival order across lanes, a head may now go earlier.
+        self.settle(now);
+        self.drop_empty_lanes();
+    }
+
     fn drop_empty_lanes(&mut self) {
         self.lanes.retain(|l| !l.waiters.is_empty());
     }
@@ -899,7 +946,7 @@ impl LocalStore {
     /// another consumer spends the quota, and the difference is booked as phantom takes.
     /// With `RateLimit-Reset` they leave the window when Klaviyo's window resets;
     /// without it, a whole window from now. Returns how many were added. Requests
-    /// already booked keep their slots.
+    /// already queued for the bucket move behind them ([`Holder::rebook`]).
     pub fn observe_remaining(&self, demand: &Demand, remaining: u32, reset: Option<Duration>, now: Instant) -> u32 {
         let Some(&steady) = demand.windows.as_slice().get(1) else { return 0 };
         let now_t = self.tick(now);
@@ -918,6 +965,9 @@ impl LocalStore {
             let at = (now_t + reset).saturating_sub(steady.period).max(now_t.saturating_sub(steady.period) + 1);
             log.insert(at, phantoms);
             b.expires = b.expires.max(at.saturating_add(steady.period));
+            if phantoms > 0 {
+                h.rebook(demand.key.bucket, now_t);
+            }
             phantoms as u32
         })
     }
@@ -1158,6 +1208,36 @@ mod tests {
         assert_eq!(store.turn(&grants[3], now), Turn::At(now + Duration::from_secs(1)));
         assert_eq!(store.queued(&own.key), 1);
         assert_eq!(store.reserve(&[own], now, far, 10).unwrap().at, now + Duration::from_secs(2));
+    }
+
+    /// Phantoms (Klaviyo reports fewer tokens left than the proxy believes) fill the
+    /// window now: requests already queued move behind them, not only new ones.
+    #[tokio::test(start_paused = true)]
+    async fn phantoms_move_queued_requests_behind_them() {
+        let store = LocalStore::new();
+        let d = Demand {
+            key: BucketKey { account: Account(1), bucket: BucketId::Endpoint(0) },
+            windows: Windows::new(&[
+                WindowSpec { limit: 1, period: 1_000_000 },
+                WindowSpec { limit: 20, period: 60_000_000 },
+            ]),
+        };
+        let now = Instant::now();
+        let (far, secs) = (now + Duration::from_secs(120), |s| now + Duration::from_secs(s));
+        assert!(!store.reserve(&[d], now, far, 100).unwrap().is_queued());
+        let queued: Vec<Grant> = (0..3).map(|_| store.reserve(&[d], now, far, 100).unwrap()).collect();
+        let slots = |q: &[Grant]| q.iter().map(|g| store.slot(g)).collect::<Vec<_>>();
+        assert_eq!(slots(&queued), [Some(secs(1)), Some(secs(2)), Some(secs(3))]);
+        // Klaviyo: nothing left of the minute, which resets in 10 s (11 s: whole seconds).
+        assert_eq!(store.observe_remaining(&d, 0, Some(Duration::from_secs(10)), now), 19);
+        assert_eq!(slots(&queued), [Some(secs(11)), Some(secs(12)), Some(secs(13))]);
+        assert_eq!(store.turn(&queued[0], now), Turn::At(secs(11)));
+        // One whose deadline comes before is refused at once, with the truthful wait.
+        let store = LocalStore::new();
+        store.reserve(&[d], now, far, 100).unwrap();
+        let short = store.reserve(&[d], now, secs(5), 100).unwrap();
+        store.observe_remaining(&d, 0, Some(Duration::from_secs(10)), now);
+        assert_eq!(store.turn(&short, now), Turn::Refused(Duration::from_secs(11)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -86,6 +86,8 @@ impl Proxy {
         let mut place: Option<Place> = None;
         let mut retries = 0u32;
         let mut rng = fastrand::Rng::new();
+        // Its turn at a ramp's gate, kept when a 429 sends it through the gate again.
+        let arrived = Instant::now();
         self.budget.deposit(Instant::now(), self.started);
         loop {
             // The limiter: a token in every bucket; a requeued request keeps its place.
@@ -111,7 +113,8 @@ impl Proxy {
                         None => None,
                     };
                     let (admitted, pass) =
-                        ramp::wait(store, &self.ramps, &route.demands, requeued, deadline, depth, label).await?;
+                        ramp::wait(store, &self.ramps, arrived, &route.demands, requeued, deadline, depth, label)
+                            .await?;
                     place = admitted.place.or(place);
                     (admitted.waited, Some(pass))
                 }
