@@ -194,9 +194,7 @@ impl Proxy {
                             continue;
                         }
                         Err(denied) => {
-                            let (Denied::Deadline { wait: retry_after } | Denied::QueueFull { wait: retry_after }) =
-                                denied;
-                            return Err(ProxyError::UpstreamThrottled { operation: label, retry_after });
+                            return Err(ProxyError::UpstreamThrottled { operation: label, retry_after: denied.wait() });
                         }
                     }
                 }
