@@ -162,7 +162,7 @@ impl Pool {
         }
         let guard = LeaseCount(self.clone());
         let (sender, reused) = self.sender().await.ok()?;
-        Some(Lease { sender: Some(sender), reused, _count: guard })
+        Some(Lease { sender: Some(sender), reused, since: Instant::now(), _count: guard })
     }
 }
 
@@ -178,22 +178,29 @@ impl Drop for LeaseCount {
 pub struct Lease {
     sender: Option<Sender>,
     reused: bool,
+    /// When the connection was handed over.
+    since: Instant,
     _count: LeaseCount,
 }
 
 impl Lease {
     /// The connection if it is still usable (`Ok`, with whether it served before),
-    /// else whether it was a new one: an idle connection the upstream closed while the
-    /// request queued is replaced, but one closed before it carried anything is the
-    /// upstream turning connections away (an outage), and is not dialled again.
+    /// else whether to dial again (`Err(true)`). A connection the upstream closed
+    /// while the request queued is replaced (an idle one, or a new one that sent
+    /// nothing for longer than the upstream waits for a first request); a new one
+    /// closed within [`TURNED_AWAY`] of being made is the upstream turning connections
+    /// away (an outage), and is not dialled again.
     pub fn take(mut self) -> Result<(Sender, bool), bool> {
         let reused = self.reused;
         match self.sender.take() {
             Some(s) if s.open() && (!reused || s.usable()) => Ok((s, reused)),
-            _ => Err(reused),
+            _ => Err(reused || self.since.elapsed() >= TURNED_AWAY),
         }
     }
 }
+
+/// A new connection closed sooner than this was turned away, not timed out.
+const TURNED_AWAY: Duration = Duration::from_secs(1);
 
 impl Drop for Lease {
     fn drop(&mut self) {
