@@ -877,6 +877,10 @@ pub struct LimiterConfig {
     /// last snapshot sit next to it). Unset: a restart starts with empty buckets. The
     /// account cache is kept beside it (`<state_path>.accounts`).
     pub state_path: Option<PathBuf>,
+    /// Most buckets held by the local store (and the Redis store's fallback): buckets
+    /// are made for whatever credential or `company_id` a client sends. At the cap idle
+    /// buckets make room; with none idle, a request needing a new bucket gets 503.
+    pub max_buckets: NonZeroU32,
 }
 
 impl Default for LimiterConfig {
@@ -890,6 +894,7 @@ impl Default for LimiterConfig {
             timeout_ms: 100,
             replicas: None,
             state_path: None,
+            max_buckets: NonZeroU32::new(crate::limiter::DEFAULT_MAX_BUCKETS as u32).expect("non-zero"),
         }
     }
 }

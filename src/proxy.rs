@@ -238,6 +238,7 @@ impl Proxy {
         let fallback_hash_key = SecretBytes::new(random::bytes::<32>().to_vec());
         let upstream = Upstream::new(&config.upstream)?;
         let limiter = limiter(&config)?;
+        limiter.local().set_max_buckets(config.limiter.max_buckets.get() as usize);
         let metrics = Arc::new(Metrics::new());
         let observer = metrics.clone();
         let breaker = Breaker::new(config.breaker.settings())

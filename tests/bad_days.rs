@@ -26,6 +26,8 @@ use support::process::{self, Running};
 use tokio::time::Instant;
 
 const BIN: &str = env!("CARGO_BIN_EXE_klaviyo-proxy");
+/// The simulator's seed: its random 429s come in the same order in every run.
+const SEED: u64 = 11;
 const AUTH: &str = "Klaviyo-API-Key pk_bad_days_0123456789";
 /// An L-tier read (75/s, 750/min): its own limits are far above the arrival rate.
 const PATH: &str = "/api/lists";
@@ -34,7 +36,9 @@ type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// A started binary and the URLs of its first `lines` stdout lines.
 fn start(args: &[&str], lines: usize) -> (Running, Vec<String>) {
-    let mut child = Command::new(BIN)
+    // `BAD_DAYS_BIN` runs another build (a release one) for the measurements.
+    let bin = std::env::var("BAD_DAYS_BIN").unwrap_or_else(|_| BIN.to_string());
+    let mut child = Command::new(bin)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -65,7 +69,16 @@ impl TempFile {
         let name = format!("klaviyo-proxy-bad-days-{}-{}.toml", std::process::id(), fastrand::u64(..));
         let path = std::env::temp_dir().join(name);
         // Account lookups would add upstream requests these scenarios count.
-        std::fs::write(&path, format!("{text}\n[accounts]\nresolve = false\n")).unwrap();
+        let mut text = format!("{text}\n[accounts]\nresolve = false\n");
+        // With `BAD_DAYS_LOG`, the proxy's log level (e.g. `klaviyo_proxy=debug`).
+        if let Ok(level) = std::env::var("BAD_DAYS_LOG_LEVEL") {
+            text.push_str(&format!("[log]\nlevel = {level:?}\n"));
+        }
+        // `BAD_DAYS_CONFIG` adds sections (e.g. `[breaker]` with another cool_down_max_ms).
+        if let Ok(extra) = std::env::var("BAD_DAYS_CONFIG") {
+            text.push_str(&format!("{extra}\n"));
+        }
+        std::fs::write(&path, text).unwrap();
         TempFile(path)
     }
 }
@@ -91,7 +104,8 @@ struct Stack {
 
 impl Stack {
     fn start(sim_flags: &[&str], direct: bool, config: Option<&str>) -> Stack {
-        let mut args = vec!["simulate", "--listen", "127.0.0.1:0", "--seed", "11", "--latency-ms", "20"];
+        let seed = SEED.to_string();
+        let mut args = vec!["simulate", "--listen", "127.0.0.1:0", "--seed", &seed, "--latency-ms", "20"];
         args.extend_from_slice(sim_flags);
         let (sim, urls) = start(&args, 1);
         let sim_url = urls[0].clone();
@@ -290,6 +304,39 @@ async fn another_consumer(direct: bool, n: usize) -> ConsumerFigures {
     }
 }
 
+/// The best any proxy that keeps arrival order could do in [`another_consumer`] with
+/// the simulator's seed: a zero round trip and one request at a time, each going the
+/// instant the bucket is free, so none is ever sent inside a hold. The simulator draws
+/// one number per request reaching it outside a hold (10%: a 429 and a 2 s hold), plus
+/// two for the bucket's window phases after the first; the client p50 and p99.
+fn ideal_consumer(n: usize) -> (Duration, Duration) {
+    let mut rng = fastrand::Rng::with_seed(SEED);
+    let mut draws = 0u32;
+    let mut throttled = || {
+        let hit = rng.f64() < 0.1;
+        draws += 1;
+        if draws == 1 {
+            // The window phases of the bucket the first request created.
+            rng.u64(..);
+            rng.u64(..);
+        }
+        hit
+    };
+    let mut free = Duration::ZERO;
+    let took: Vec<Duration> = (0..n)
+        .map(|i| {
+            let arrived = EVERY * i as u32;
+            let mut at = arrived.max(free);
+            while throttled() {
+                at += Duration::from_secs(2);
+            }
+            free = at;
+            at - arrived
+        })
+        .collect();
+    (percentile(took.clone(), 0.5), percentile(took, 0.99))
+}
+
 /// Klaviyo is down for 10 s (`unavailable`: every request answered 503; `reset`: every
 /// connection reset), `before` and `after` it requests flow; GETs at 5/s throughout.
 #[derive(Debug)]
@@ -304,6 +351,7 @@ struct OutageFigures {
     /// The proxy's fail-fast answers (`proxy_circuit_open` to requests arriving once
     /// the breaker was seen open): how many, p99.
     fail_fast: usize,
+    fail_fast_p50: Duration,
     fail_fast_p99: Duration,
 }
 
@@ -347,6 +395,7 @@ async fn outage(mode: &str, direct: bool, before: Duration, after: Duration) -> 
         errors_after,
         recovery,
         fail_fast: fast.len(),
+        fail_fast_p50: percentile(fast.clone(), 0.5),
         fail_fast_p99: percentile(fast, 0.99),
     }
 }
@@ -354,16 +403,17 @@ async fn outage(mode: &str, direct: bool, before: Duration, after: Duration) -> 
 /// Both outages against the targets (≤ 10 upstream requests during the outage,
 /// ≤ 2 client errors started after it, recovery ≤ 1 s, fail-fast ≤ 5 ms p99), as far
 /// as probing with real requests can meet them at 5 requests/s: the breaker opens
-/// after 3 failures and probes 0.5 s later, then every 1 s (the interval counts from the
-/// failed probe, and the probe is the next request to arrive, up to 0.2 s later). So
-/// 10 s of outage cost 3 + 8 or 9 requests, and the outage's end falls anywhere in a
-/// gap of up to 1.2 s: up to 6 requests arrive before the probe that closes the
-/// breaker, 2 on average. A longer interval trades the one target for the other (see
+/// after 3 failures (a retry may be in flight then: 3 or 4 requests) and probes 0.5 s
+/// later, then 1 s after each failed probe's answer; the probe is the next request to
+/// arrive, and on the 200 ms arrival grid that makes probes 1.2 s apart. So 10 s of
+/// outage cost 3–4 + 8–9 requests (11–12 seen; at most 13), and the outage's end falls
+/// anywhere in a 1.2 s gap: up to 6 requests arrive before the probe that closes the
+/// breaker (0–4 seen). A longer interval trades the one target for the other (see
 /// docs/benchmarks.md); the bounds below are what this schedule guarantees, with the
 /// latencies generous for a loaded machine.
 fn assert_outage_targets(mode: &str, f: &OutageFigures) {
     println!("FIGURES outage {mode}: {f:?}");
-    assert!(f.upstream_during <= 12, "{mode}: {} upstream requests during the 10 s outage", f.upstream_during);
+    assert!(f.upstream_during <= 13, "{mode}: {} upstream requests during the 10 s outage", f.upstream_during);
     assert!(f.errors_after <= 6, "{mode}: {} client errors started after the outage ended", f.errors_after);
     assert!(f.recovery <= Duration::from_secs(2), "{mode}: recovered {:?} after the end", f.recovery);
     assert!(f.fail_fast > 30, "{mode}: the breaker answered for Klaviyo while open: {f:?}");
@@ -385,24 +435,24 @@ async fn ten_second_reset_outage_costs_klaviyo_little_and_ends_at_once() {
 }
 
 /// Another consumer's 429s, shortened to 75 GETs (15 s): no 429 reaches a client, and
-/// after a 429 the bucket sends one probe, then ramps, instead of letting its whole
-/// queue go at once.
+/// after a 429 the bucket sends one probe, then ramps with a window kept small while
+/// 429s keep coming, instead of letting its whole queue go at once.
 ///
-/// The targets (for 150 GETs: ≤ 25 requests inside an announced Retry-After,
-/// client p50 ≤ 2.5 s) are not met, and the bounds below are what the probe and ramp
-/// guarantee here (before them: 194 inside, 281 upstream requests for 75). With every
-/// request reaching Klaviyo drawing a 2 s hold at 10%, the bucket serves at most about
-/// 9 requests per 2.2 s hold cycle, under the 5/s that arrive: the queue grows for the
-/// whole run, so the ramp's window grows too, and a draw among a window of `w` in
-/// flight puts the others inside the new hold (see docs/benchmarks.md).
+/// The target of ≤ 25 requests inside an announced Retry-After is for 150 GETs;
+/// for 75 the bound is half of it (4–6 seen; 194 before the ramp, 28–29 with the ramp
+/// alone). The target p50 of 2.5 s cannot be met by any proxy that keeps arrival order:
+/// each request reaching Klaviyo outside a hold draws a 2 s hold at 10%, so serving
+/// the 150 costs about 17 holds (21 with this seed), 34–42 s of holds for 30 s of
+/// arrivals; the queue grows all run (see docs/benchmarks.md for the ideal schedule).
+/// The p50 bound is generous; the ramp's cost over an unlimited window is about 0.8 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_consumers_429s_end_without_a_stampede() {
     let f = another_consumer(false, 75).await;
     println!("FIGURES another consumer: {f:?}");
     assert_eq!(f.client_429s, 0, "{f:?}");
     assert_eq!(f.client_ok, f.requests, "{f:?}");
-    assert!(f.inside_retry_after <= 45, "{f:?}");
-    assert!(f.upstream <= 2 * f.requests as u64, "{f:?}");
+    assert!(f.inside_retry_after <= 12, "{f:?}");
+    assert!(f.upstream <= f.requests as u64 * 3 / 2, "{f:?}");
     assert!(f.p50 <= Duration::from_secs(15), "{f:?}");
 }
 
@@ -413,11 +463,27 @@ async fn another_consumers_429s_end_without_a_stampede() {
 async fn measure_bad_days() {
     let secs = |d: Duration| format!("{:.2} s", d.as_secs_f64());
     let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
+    // `BAD_DAYS_ONLY=consumer` (or `unavailable`, `reset`, `proxied`) runs a part.
+    let only = std::env::var("BAD_DAYS_ONLY").unwrap_or_default();
+    let runs = |part: &str| {
+        let parts: Vec<&str> = only.split(',').filter(|p| !p.is_empty()).collect();
+        let direct = [true, false].into_iter().filter(|d| !(parts.contains(&"proxied") && *d));
+        let wanted = parts.iter().all(|p| *p == "proxied") || parts.contains(&part);
+        direct.filter(move |_| wanted).collect::<Vec<bool>>()
+    };
     println!(
         "| scenario | run | upstream requests | inside an announced Retry-After | client 429s | client p50 / p99 |"
     );
     println!("|---|---|---|---|---|---|");
-    for direct in [true, false] {
+    if !runs("consumer").is_empty() {
+        let (p50, p99) = ideal_consumer(150);
+        println!(
+            "| another consumer's 429s, 150 GETs at 5/s | ideal (arrival order, zero round trip) | — | 0 | 0 | {} / {} |",
+            secs(p50),
+            secs(p99)
+        );
+    }
+    for direct in runs("consumer") {
         let f = another_consumer(direct, 150).await;
         println!(
             "| another consumer's 429s, 150 GETs at 5/s | {} | {} | {} | {} | {} / {} |",
@@ -430,18 +496,19 @@ async fn measure_bad_days() {
         );
     }
     println!();
-    println!("| scenario | run | upstream requests during the outage | client errors started after it | recovery | fail-fast answers, p99 |");
+    println!("| scenario | run | upstream requests during the outage | client errors started after it | recovery | fail-fast answers, p50 / p99 |");
     println!("|---|---|---|---|---|---|");
     for mode in ["unavailable", "reset"] {
-        for direct in [true, false] {
+        for direct in runs(mode) {
             let f = outage(mode, direct, Duration::from_secs(5), Duration::from_secs(15)).await;
             println!(
-                "| 10 s outage ({mode}), 150 GETs at 5/s | {} | {} | {} | {} | {}, {} |",
+                "| 10 s outage ({mode}), 150 GETs at 5/s | {} | {} | {} | {} | {}, {} / {} |",
                 if direct { "direct" } else { "proxied" },
                 f.upstream_during,
                 f.errors_after,
                 secs(f.recovery),
                 f.fail_fast,
+                ms(f.fail_fast_p50),
                 ms(f.fail_fast_p99)
             );
         }

@@ -10,6 +10,13 @@
 //! limit and the ramp ends. A 429 during the ramp pauses the bucket again and restarts
 //! the ramp at one.
 //!
+//! A 429 catches every request of the bucket already in flight. When 429s keep coming
+//! (another consumer spending the quota as fast as it frees), the window is kept to
+//! `1 + successes between 429s / 8`, so those caught stay about an eighth of what gets
+//! through; a run without 429s raises the ceiling again, and a ramp that met no 429 for
+//! [`RAMP_MEMORY`] is forgotten. Waiters pass in the order they first came to the gate,
+//! so a request caught in flight goes again before those that came after it.
+//!
 //! The ramp is a gate in front of the limiter, so it never holds a request past the
 //! slot its windows booked (every departure stays a take the windows allowed when it
 //! was booked): a request passes the gate first and reserves its slot after. Requests
@@ -30,6 +37,9 @@ use crate::queue::{self, Admitted};
 
 /// The largest window of a ramp: past it the bucket's own limits pace it.
 pub const MAX_WINDOW: u32 = 64;
+
+/// A ramp that met no 429 for this long ends: its bucket starts afresh.
+pub const RAMP_MEMORY: Duration = Duration::from_secs(60);
 
 /// The throttled buckets and their ramps.
 #[derive(Debug, Default)]
@@ -55,10 +65,17 @@ struct State {
     out: u32,
     /// Successes since the window last grew.
     acked: u32,
+    /// Successes since the ramp last (re)started.
+    run: u32,
+    /// The successes between this ramp's 429s, smoothed (halfway to each new run):
+    /// `None` until a 429 came during a ramp.
+    between: Option<u32>,
+    /// When a 429 last (re)started the ramp.
+    since: Option<Instant>,
     /// Bumped whenever the ramp restarts: passes of an older ramp count for nothing.
     generation: u64,
-    /// Requests waiting to pass, in arrival order.
-    waiting: VecDeque<oneshot::Sender<u64>>,
+    /// Requests waiting to pass, oldest arrival first.
+    waiting: VecDeque<(Instant, oneshot::Sender<u64>)>,
 }
 
 /// Leave to send one request of a bucket; tell it how the request went
@@ -132,20 +149,50 @@ fn lock(ramp: &Ramp) -> MutexGuard<'_, State> {
     ramp.state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// A 429 catches every request of its bucket in flight (they reach Klaviyo inside the
+/// hold it announces): a window of `w` loses up to `w - 1`. Once 429s come during a
+/// ramp, the window is kept to `1 + successes between 429s / SHARE`, so those caught
+/// stay about an eighth of what gets through; a run without 429s raises it again.
+const SHARE: u32 = 8;
+
 impl State {
+    /// The largest window the successes between 429s allow (the cap when 429s are rare).
+    fn ceiling(&self) -> u32 {
+        match self.between {
+            None => self.cap,
+            Some(between) => (1 + between.max(self.run) / SHARE).min(self.cap),
+        }
+    }
+
+    /// Ends the ramp: the gate opens to everyone, and the next 429 starts afresh.
+    fn end(&mut self) {
+        self.window = None;
+        self.between = None;
+        self.since = None;
+    }
+
     /// Hands passes to waiters while the window has room; ends the ramp (opening the
     /// gate to everyone) once the window reached its cap and nobody waits, so the end
     /// of a ramp never lets a queue go at once.
     fn release(&mut self) {
         let Some(window) = self.window else { return };
         while self.out < window {
-            let Some(next) = self.waiting.pop_front() else { break };
+            let Some((_, next)) = self.waiting.pop_front() else { break };
             if next.send(self.generation).is_ok() {
                 self.out += 1;
             }
         }
         if window >= self.cap && self.waiting.is_empty() {
-            self.window = None;
+            self.end();
+        }
+    }
+
+    /// Forgets a ramp that met no 429 for [`RAMP_MEMORY`] and holds nobody back.
+    fn expire(&mut self, now: Instant) {
+        self.waiting.retain(|(_, tx)| !tx.is_closed());
+        let quiet = self.since.is_some_and(|since| now.saturating_duration_since(since) >= RAMP_MEMORY);
+        if quiet && self.waiting.is_empty() && self.window.is_some_and(|w| self.out < w) {
+            self.end();
         }
     }
 }
@@ -156,10 +203,12 @@ impl Ramps {
         Self::default()
     }
 
-    /// Asks the gate of `key`.
-    pub fn enter(&self, key: BucketKey) -> Gate {
+    /// Asks the gate of `key` for a request that first came to it at `arrived` (kept
+    /// across 429s): waiters pass oldest first.
+    pub fn enter(&self, key: BucketKey, arrived: Instant) -> Gate {
         let ramp = self.ramps.entry(key).or_default().clone();
         let mut s = lock(&ramp);
+        s.expire(Instant::now());
         match s.window {
             None => {
                 drop(s);
@@ -173,7 +222,8 @@ impl Ramps {
             }
             Some(_) => {
                 let (tx, rx) = oneshot::channel();
-                s.waiting.push_back(tx);
+                let at = s.waiting.partition_point(|(a, _)| *a <= arrived);
+                s.waiting.insert(at, (arrived, tx));
                 drop(s);
                 Gate::Wait(Waiting { ramp, rx: Some(rx) })
             }
@@ -216,10 +266,16 @@ impl Pass {
         }
         // Its place is taken over by the new ramp's count, not given back.
         self.ramp = None;
+        if s.window.is_some() {
+            // A 429 during a ramp: the successes since the last one say how often they come.
+            s.between = Some(s.between.map_or(s.run, |b| (b + s.run) / 2));
+        }
         s.generation += 1;
         s.window = Some(1);
         s.cap = cap.clamp(2, MAX_WINDOW);
         s.acked = 0;
+        s.run = 0;
+        s.since = Some(Instant::now());
         s.out = 1;
         let generation = s.generation;
         drop(s);
@@ -238,9 +294,10 @@ impl Pass {
         s.out = s.out.saturating_sub(1);
         if let Some(window) = s.window {
             s.acked += 1;
+            s.run = s.run.saturating_add(1);
             if s.acked >= window {
                 s.acked = 0;
-                s.window = Some(window.saturating_mul(2).min(s.cap));
+                s.window = Some(window.saturating_mul(2).min(s.ceiling()).max(window));
             }
         }
         s.release();
@@ -264,9 +321,11 @@ impl Drop for Pass {
 /// time waited, the request's place in line and its pass. `requeued` is the grant and pass of a request
 /// that met a 429 (a probe goes with its grant; a request that is not the probe gives
 /// its grant back and passes the gate like the others).
+#[allow(clippy::too_many_arguments)]
 pub async fn wait(
     store: &LocalStore,
     ramps: &Ramps,
+    arrived: Instant,
     demands: &[Demand],
     requeued: Option<(Grant, Option<Pass>)>,
     deadline: Instant,
@@ -291,7 +350,7 @@ pub async fn wait(
     // Whether the request was held anywhere; one that went at once waited zero.
     let mut held = false;
     loop {
-        let (pass, watch) = match ramps.enter(key) {
+        let (pass, watch) = match ramps.enter(key, arrived) {
             Gate::Open(pass, watch) => (pass, watch),
             Gate::Pass(pass) => (pass, RampWatch(ramps.ramps.entry(key).or_default().clone())),
             Gate::Wait(waiting) => match tokio::time::timeout_at(deadline, {
@@ -364,7 +423,7 @@ mod tests {
 
     fn wait_all(ramps: &Ramps, n: usize) -> Vec<Waiting> {
         (0..n)
-            .map(|_| match ramps.enter(key()) {
+            .map(|_| match ramps.enter(key(), Instant::now()) {
                 Gate::Wait(w) => w,
                 other => panic!("passed while the window was full: {other:?}"),
             })
@@ -375,8 +434,8 @@ mod tests {
     fn a_probe_then_two_then_four_until_the_cap() {
         let ramps = Ramps::new();
         // Not ramping: everyone passes.
-        assert!(matches!(ramps.enter(key()), Gate::Open(..)));
-        let first = pass(ramps.enter(key())).unwrap();
+        assert!(matches!(ramps.enter(key(), Instant::now()), Gate::Open(..)));
+        let first = pass(ramps.enter(key(), Instant::now())).unwrap();
         let probe = first.throttled(&ramps, key(), 8).expect("the first 429 makes a probe");
         assert!(ramps.is_ramping(&key()));
         // While the probe is out, nobody else passes.
@@ -399,13 +458,13 @@ mod tests {
         // the ramp ends and the gate is open.
         assert_eq!(rounds, [1, 2, 4, 8, 8, 8, 8]);
         assert!(waiting.is_empty());
-        assert!(matches!(ramps.enter(key()), Gate::Open(..)));
+        assert!(matches!(ramps.enter(key(), Instant::now()), Gate::Open(..)));
     }
 
     #[test]
     fn a_429_during_the_ramp_restarts_it_with_one_probe() {
         let ramps = Ramps::new();
-        let probe = pass(ramps.enter(key())).unwrap().throttled(&ramps, key(), 64).unwrap();
+        let probe = pass(ramps.enter(key(), Instant::now())).unwrap().throttled(&ramps, key(), 64).unwrap();
         let mut waiting = wait_all(&ramps, 3);
         probe.succeeded();
         // Window 2: two waiters got passes; both meet a 429.
@@ -415,17 +474,121 @@ mod tests {
         let probe = first.throttled(&ramps, key(), 64).expect("it becomes the new probe");
         assert!(second.throttled(&ramps, key(), 64).is_none(), "not a second probe");
         // The third waiter's ramp is gone: it comes back through the gate, and waits.
-        assert!(matches!(ramps.enter(key()), Gate::Wait(_)), "one probe at a time again");
+        assert!(matches!(ramps.enter(key(), Instant::now()), Gate::Wait(_)), "one probe at a time again");
         // A probe that fails otherwise (a 5xx, a hang-up) lets the next one probe.
         let mut next = wait_all(&ramps, 1);
         drop(probe);
         assert!(granted(&mut next).len() + granted(&mut waiting).len() >= 1);
     }
 
+    fn wait_at(ramps: &Ramps, arrived: Instant) -> Waiting {
+        match ramps.enter(key(), arrived) {
+            Gate::Wait(w) => w,
+            other => panic!("passed while the window was full: {other:?}"),
+        }
+    }
+
+    /// A request that met a 429 while in flight (not the probe) goes back through the
+    /// gate: ahead of the requests that arrived after it, not behind them.
+    #[test]
+    fn a_request_sent_back_through_the_gate_keeps_its_turn() {
+        let ramps = Ramps::new();
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let first = pass(ramps.enter(key(), at(0))).unwrap();
+        let second = pass(ramps.enter(key(), at(10))).unwrap();
+        let probe = first.throttled(&ramps, key(), 64).unwrap();
+        let mut later = vec![wait_at(&ramps, at(20)), wait_at(&ramps, at(30))];
+        assert!(second.throttled(&ramps, key(), 64).is_none());
+        let mut again = vec![wait_at(&ramps, at(10))];
+        // The probe succeeds: a window of two, for the two oldest.
+        probe.succeeded();
+        let (went, with) = (granted(&mut again), granted(&mut later));
+        assert_eq!(went.len(), 1, "the request of 10 ms goes");
+        assert_eq!(with.len(), 1, "with the one of 20 ms");
+        assert_eq!(later.len(), 1, "the one of 30 ms waits");
+    }
+
+    /// Drives a ramp through `cycles` 429s, each after `run` successes (the probe's
+    /// included), the window kept full; returns how many other requests were in flight
+    /// when each 429 came (a 429 catches them all: they reach Klaviyo inside its hold).
+    fn cycles(ramps: &Ramps, cycles: usize, run: usize, cap: u32) -> Vec<usize> {
+        let t0 = Instant::now();
+        let mut probe = pass(ramps.enter(key(), t0)).unwrap().throttled(ramps, key(), cap);
+        let mut waiting: Vec<Waiting> = (0..cycles * run * 2).map(|_| wait_at(ramps, t0)).collect();
+        let mut caught = Vec::new();
+        for _ in 0..cycles {
+            probe.take().expect("the probe of the last 429").succeeded();
+            let mut out: Vec<Pass> = Vec::new();
+            for n in 2..=run + 1 {
+                out.extend(granted(&mut waiting));
+                let p = out.remove(0);
+                if n <= run {
+                    p.succeeded();
+                    continue;
+                }
+                caught.push(out.len());
+                probe = Some(p.throttled(ramps, key(), cap).expect("a new probe"));
+                for other in out.drain(..) {
+                    assert!(other.throttled(ramps, key(), cap).is_none());
+                    waiting.insert(0, wait_at(ramps, t0));
+                }
+            }
+        }
+        caught
+    }
+
+    /// Another consumer spends the quota: a 429 every 6 successes. The first ramp knows
+    /// nothing and doubles; after that the window stays at 1 + 6 / 8 = 1, so no 429
+    /// catches another request in flight.
+    #[test]
+    fn when_429s_come_often_the_window_stays_small() {
+        let ramps = Ramps::new();
+        let caught = cycles(&ramps, 8, 6, 64);
+        assert!(caught[0] > 0, "{caught:?}");
+        assert!(caught[1..].iter().all(|&n| n == 0), "{caught:?}");
+        // Every 24 successes: a window of up to 1 + 24 / 8 = 4, three others caught.
+        let ramps = Ramps::new();
+        let caught = cycles(&ramps, 8, 24, 64);
+        assert!(caught[2..].iter().all(|&n| n <= 3), "{caught:?}");
+    }
+
+    /// Once 429s stop, the window grows back to the cap and the ramp ends.
+    #[test]
+    fn without_429s_the_window_grows_back_and_the_ramp_ends() {
+        let ramps = Ramps::new();
+        cycles(&ramps, 4, 6, 8);
+        // The last probe is out: successes one window at a time until the gate opens.
+        let t0 = Instant::now();
+        let mut out: Vec<Pass> = pass(ramps.enter(key(), t0)).into_iter().collect();
+        let mut waiting: Vec<Waiting> = (0..200).map(|_| wait_at(&ramps, t0)).collect();
+        let mut rounds = Vec::new();
+        while ramps.is_ramping(&key()) {
+            out.extend(granted(&mut waiting));
+            rounds.push(out.len());
+            out.pop().expect("a pass out").succeeded();
+            assert!(rounds.len() < 200, "the ramp never ended: {rounds:?}");
+        }
+        assert!(rounds.iter().max() <= Some(&8), "{rounds:?}");
+        assert!(matches!(ramps.enter(key(), t0), Gate::Open(..)));
+    }
+
+    /// A bucket that met no 429 for a minute starts afresh: the gate opens.
+    #[tokio::test(start_paused = true)]
+    async fn a_ramp_is_forgotten_after_a_quiet_minute() {
+        let ramps = Ramps::new();
+        cycles(&ramps, 4, 6, 64);
+        // Still one request at a time.
+        assert!(matches!(ramps.enter(key(), Instant::now()), Gate::Pass(_)));
+        assert!(ramps.is_ramping(&key()));
+        tokio::time::advance(RAMP_MEMORY + Duration::from_secs(1)).await;
+        assert!(matches!(ramps.enter(key(), Instant::now()), Gate::Open(..)));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_waiter_that_gives_up_hands_its_turn_on() {
         let ramps = Ramps::new();
-        let probe = pass(ramps.enter(key())).unwrap().throttled(&ramps, key(), 64).unwrap();
+        let probe = pass(ramps.enter(key(), Instant::now())).unwrap().throttled(&ramps, key(), 64).unwrap();
         let mut waiting = wait_all(&ramps, 2);
         let second = waiting.pop().unwrap();
         // The first waiter's client hangs up.
@@ -446,13 +609,13 @@ mod tests {
         let t0 = Instant::now();
         let deadline = t0 + Duration::from_secs(60);
         // The first request leaves at once; four queue for slots at 1, 2, 3, 4 s.
-        let (first_in, first) = wait(&store, &ramps, &d, None, deadline, 100, "op").await.unwrap();
+        let (first_in, first) = wait(&store, &ramps, t0, &d, None, deadline, 100, "op").await.unwrap();
         let left = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         for n in 1..=4u32 {
             let (store, ramps, left) = (store.clone(), ramps.clone(), left.clone());
             tasks.push(tokio::spawn(async move {
-                let (_, pass) = wait(&store, &ramps, &d, None, deadline, 100, "op").await.unwrap();
+                let (_, pass) = wait(&store, &ramps, t0, &d, None, deadline, 100, "op").await.unwrap();
                 left.lock().unwrap().push((n, Instant::now().duration_since(t0)));
                 // Each answers 20 ms later.
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -465,7 +628,7 @@ mod tests {
         let now = Instant::now();
         let grant = store.pause_and_requeue(&d, first_in.place, now + Duration::from_secs(5), now, deadline).unwrap();
         let probe = first.throttled(&ramps, key(), 64).unwrap();
-        let (_, probe) = wait(&store, &ramps, &d, Some((grant, Some(probe))), deadline, 100, "op").await.unwrap();
+        let (_, probe) = wait(&store, &ramps, t0, &d, Some((grant, Some(probe))), deadline, 100, "op").await.unwrap();
         let probe_left = Instant::now().duration_since(t0);
         assert_eq!(probe_left, Duration::from_millis(5500));
         assert!(left.lock().unwrap().is_empty(), "nothing before the probe");
