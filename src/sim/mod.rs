@@ -273,8 +273,10 @@ pub struct Stats {
 }
 
 /// Requests arriving this soon after a bucket's first 429 reached the client (the
-/// simulator's latency after deciding it) were already on the wire.
-const IN_FLIGHT_GRACE: Duration = Duration::from_millis(50);
+/// simulator's latency after deciding it) were already on the wire. Generous: on a
+/// loaded machine a request written before the client read the 429 can be parsed
+/// here a few hundred milliseconds later, and `inside_retry_after` counts every one.
+const IN_FLIGHT_GRACE: Duration = Duration::from_millis(300);
 
 /// (account alias, endpoint, condition index).
 type BucketKey = (String, usize, Option<usize>);
