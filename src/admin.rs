@@ -95,6 +95,9 @@ pub struct Services {
     /// The event coalescer, when `coalesce.events = true`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub coalesce: Option<CoalesceHealth>,
+    /// The spool, when `spool.path` is set: `degraded` while it cannot store writes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spool: Option<crate::spool::SpoolHealth>,
 }
 
 /// The event coalescer in `/health`.
@@ -248,9 +251,14 @@ impl Admin {
                 oldest_age_s: age.as_secs(),
             }
         });
+        // A spool that cannot store writes (disk full, at its bounds): degraded, since
+        // deferrable writes Klaviyo cannot take now are refused.
+        let spool = self.proxy.spool().map(crate::spool::Spool::health);
         let mut status = klaviyo.status;
         let degraded = |s: Option<Status>| s == Some(Status::Degraded);
-        if (degraded(limiter.as_ref().map(|l| l.status)) || degraded(coalesce.as_ref().map(|c| c.status)))
+        if (degraded(limiter.as_ref().map(|l| l.status))
+            || degraded(coalesce.as_ref().map(|c| c.status))
+            || degraded(spool.as_ref().map(|s| s.status)))
             && status == Status::Healthy
         {
             status = Status::Degraded;
@@ -264,7 +272,7 @@ impl Admin {
         }
         HealthReport {
             status,
-            services: Services { klaviyo, limiter, coalesce, webhooks },
+            services: Services { klaviyo, limiter, coalesce, webhooks, spool },
             timestamp: rfc3339(SystemTime::now()),
         }
     }

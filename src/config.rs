@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroU64};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -742,6 +742,17 @@ pub struct SpoolConfig {
     pub deferrable: Vec<OperationName>,
     /// Spool deferrable writes while the kill switch is on, instead of refusing them.
     pub when_disabled: bool,
+    // Bounds and give-up rules (issue 13 item 4).
+    /// Most bytes of requests the spool holds, pending and dead (headers and bodies).
+    pub max_bytes: NonZeroU64,
+    /// Most requests the spool holds, pending and dead.
+    pub max_entries: NonZeroU64,
+    /// Dead letters older than this are deleted (seconds).
+    pub dead_letter_ttl_s: NonZeroU64,
+    /// A pending write whose replay failed this many times goes to the dead letters.
+    pub max_attempts: NonZeroU32,
+    /// A pending write older than this whose replay fails goes to the dead letters (seconds).
+    pub max_age_s: NonZeroU64,
 }
 
 impl Default for SpoolConfig {
@@ -759,6 +770,11 @@ impl Default for SpoolConfig {
             path: None,
             deferrable: ops.iter().map(|o| OperationName(o.to_string())).collect(),
             when_disabled: true,
+            max_bytes: NonZeroU64::new(1 << 30).expect("non-zero"),
+            max_entries: NonZeroU64::new(100_000).expect("non-zero"),
+            dead_letter_ttl_s: NonZeroU64::new(7 * 86_400).expect("non-zero"),
+            max_attempts: nz(20),
+            max_age_s: NonZeroU64::new(3 * 86_400).expect("non-zero"),
         }
     }
 }
@@ -861,6 +877,10 @@ pub struct LimiterConfig {
     /// last snapshot sit next to it). Unset: a restart starts with empty buckets. The
     /// account cache is kept beside it (`<state_path>.accounts`).
     pub state_path: Option<PathBuf>,
+    /// Most buckets held by the local store (and the Redis store's fallback): buckets
+    /// are made for whatever credential or `company_id` a client sends. At the cap idle
+    /// buckets make room; with none idle, a request needing a new bucket gets 503.
+    pub max_buckets: NonZeroU32,
 }
 
 impl Default for LimiterConfig {
@@ -874,6 +894,7 @@ impl Default for LimiterConfig {
             timeout_ms: 100,
             replicas: None,
             state_path: None,
+            max_buckets: NonZeroU32::new(crate::limiter::DEFAULT_MAX_BUCKETS as u32).expect("non-zero"),
         }
     }
 }

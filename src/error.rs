@@ -169,6 +169,20 @@ pub enum ProxyError {
         /// Where it is in the body (JSON pointer), never the number.
         pointer: String,
     },
+    // The spool (src/spool.rs): a deferrable write it cannot store is refused, never
+    // acknowledged.
+    /// The spool holds `spool.max_bytes` or `spool.max_entries`.
+    #[error("the spool is full and Klaviyo cannot take the write now; retry in {}s", secs(*.retry_after))]
+    SpoolFull {
+        /// When to try again.
+        retry_after: Duration,
+    },
+    /// The spool file cannot be written (disk full, I/O error); the proxy reopens it.
+    #[error("the spool cannot be written and Klaviyo cannot take the write now; retry in {}s", secs(*.retry_after))]
+    SpoolUnavailable {
+        /// When to try again.
+        retry_after: Duration,
+    },
 }
 
 /// Whole seconds, rounded up, at least 1: `Retry-After` must be an integer for the SDKs.
@@ -203,6 +217,7 @@ impl ProxyError {
             CrossSite => StatusCode::FORBIDDEN,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Overloaded { .. } | TooManyBuckets { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            SpoolFull { .. } | SpoolUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -241,6 +256,8 @@ impl ProxyError {
             CoalesceFull { .. } => "proxy_coalesce_full",
             ScopeForbidden { .. } => "proxy_scope_forbidden",
             PhoneNotE164 { .. } => "proxy_phone_not_e164",
+            SpoolFull { .. } => "proxy_spool_full",
+            SpoolUnavailable { .. } => "proxy_spool_unavailable",
         }
     }
 
@@ -275,6 +292,7 @@ impl ProxyError {
             CoalesceFull { .. } => "Too many events waiting for delivery.",
             ScopeForbidden { .. } => "Scope not allowed on this proxy.",
             PhoneNotE164 { .. } => "Invalid input.",
+            SpoolFull { .. } | SpoolUnavailable { .. } => "The proxy cannot store the write.",
         }
     }
 
@@ -287,7 +305,7 @@ impl ProxyError {
             | UpstreamThrottled { .. }
             | CircuitOpen { .. }
             | UpstreamChallenged => Origin::Upstream,
-            Internal => Origin::Internal,
+            Internal | SpoolUnavailable { .. } => Origin::Internal,
             _ => Origin::Client,
         }
     }
@@ -309,7 +327,9 @@ impl ProxyError {
             | ProxyError::CircuitOpen { retry_after }
             | ProxyError::Overloaded { retry_after }
             | ProxyError::TooManyBuckets { retry_after }
-            | ProxyError::CoalesceFull { retry_after } => Some(*retry_after),
+            | ProxyError::CoalesceFull { retry_after }
+            | ProxyError::SpoolFull { retry_after }
+            | ProxyError::SpoolUnavailable { retry_after } => Some(*retry_after),
             _ => None,
         }
     }
@@ -392,6 +412,8 @@ mod tests {
             (ProxyError::CoalesceFull { retry_after: Duration::from_secs(1) }, 503, Some("1")),
             (ProxyError::ScopeForbidden { operation: "create_event", missing: "events:write".into() }, 403, None),
             (ProxyError::PhoneNotE164 { pointer: "/data/attributes/phone_number".into() }, 400, None),
+            (ProxyError::SpoolFull { retry_after: Duration::from_secs(30) }, 503, Some("30")),
+            (ProxyError::SpoolUnavailable { retry_after: Duration::from_secs(5) }, 503, Some("5")),
         ];
         for (err, status, retry) in cases {
             let code = err.code();

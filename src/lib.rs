@@ -65,6 +65,7 @@ fn conn_limits(config: &Config) -> ConnLimits {
         keep_alive_interval: Duration::from_millis(s.keep_alive_interval_ms),
         max_connections: s.max_connections,
         cap: None,
+        handshake_delay: Duration::ZERO,
     }
 }
 

@@ -238,6 +238,7 @@ impl Proxy {
         let fallback_hash_key = SecretBytes::new(random::bytes::<32>().to_vec());
         let upstream = Upstream::new(&config.upstream)?;
         let limiter = limiter(&config)?;
+        limiter.local().set_max_buckets(config.limiter.max_buckets.get() as usize);
         let metrics = Arc::new(Metrics::new());
         let observer = metrics.clone();
         let breaker = Breaker::new(config.breaker.settings())
@@ -247,7 +248,8 @@ impl Proxy {
             config.retry.budget_floor_per_second,
             Duration::from_millis(config.retry.budget_window_ms),
         );
-        let spool = config.spool.path.as_deref().map(Spool::open).transpose()?;
+        let limits = spool::SpoolLimits::from_config(&config.spool);
+        let spool = config.spool.path.as_deref().map(|p| Spool::open_with(p, limits)).transpose()?;
         let redis = match &limiter {
             Limiter::Shared(s) => Some(s.redis().clone()),
             Limiter::Local(_) => None,
@@ -377,6 +379,9 @@ impl Proxy {
             return Err(ReloadError::NeedsRestart("auth.account_hash_key (with the redis store)"));
         }
         let live = Arc::new(Live::new(new, &self.fallback_hash_key, self.bodies.clone())?);
+        if let Some(spool) = &self.spool {
+            spool.set_limits(spool::SpoolLimits::from_config(&live.config.spool));
+        }
         *self.live.write().unwrap_or_else(PoisonError::into_inner) = live;
         Ok(())
     }

@@ -343,6 +343,7 @@ pub fn denied_error(denied: Denied, operation: &'static str) -> ProxyError {
     match denied {
         Denied::QueueFull { wait } => ProxyError::QueueFull { operation, retry_after: wait },
         Denied::Deadline { wait } => ProxyError::QueueTimeout { operation, retry_after: wait },
+        Denied::TooManyBuckets { wait } => ProxyError::TooManyBuckets { retry_after: wait },
     }
 }
 

@@ -50,6 +50,9 @@ pub struct ConnLimits {
     /// One cap shared by several listeners (the serving threads' `SO_REUSEPORT`
     /// listeners are one listener to clients); `None`: a cap of this listener's own.
     pub cap: Option<ConnCap>,
+    /// Waited before a TLS handshake starts: the simulator's stand-in for the round
+    /// trips a real handshake with a distant Klaviyo takes (zero for the proxy).
+    pub handshake_delay: Duration,
 }
 
 impl Default for ConnLimits {
@@ -63,6 +66,7 @@ impl Default for ConnLimits {
             keep_alive_interval: Duration::from_secs(30),
             max_connections: 4096,
             cap: None,
+            handshake_delay: Duration::ZERO,
         }
     }
 }
@@ -197,6 +201,7 @@ pub async fn serve_gated<S, B>(
                 }
                 match tls {
                     Some(acceptor) => {
+                        tokio::time::sleep(limits.handshake_delay).await;
                         match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await {
                             Ok(Ok(stream)) => {
                                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();

@@ -11,8 +11,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
 use rustls_pki_types::{pem::PemObject, CertificateDer};
 
@@ -34,15 +32,36 @@ pub enum TlsSetupError {
     Rustls(#[from] rustls::Error),
 }
 
+pub mod pool;
+
+pub use pool::Lease;
+use pool::{Pool, Sender};
+
 /// Why a request got no response.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// Connecting, TLS or the exchange failed.
     #[error("upstream connection failed")]
-    Connect(#[source] hyper_util::client::legacy::Error),
+    Connect(#[source] Failure),
     /// No response head within the request timeout.
     #[error("upstream timed out")]
     Timeout(Duration),
+}
+
+/// Why a request got no answer: a connection never made, or one that failed with the
+/// request on it.
+#[derive(Debug, thiserror::Error)]
+#[error("{source}")]
+pub struct Failure {
+    never_sent: bool,
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl Failure {
+    /// Whether the request never left (no connection was made): safe to repeat.
+    pub fn is_connect(&self) -> bool {
+        self.never_sent
+    }
 }
 
 impl UpstreamError {
@@ -69,15 +88,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The pooled client for the one configured upstream.
+/// The pooled connections to the one configured upstream.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
-    /// What [`Upstream::with_own_pool`] builds another client from.
-    builder: hyper_util::client::legacy::Builder,
+    pool: Arc<Pool>,
     connector: HttpsConnector<HttpConnector>,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
+    host: HeaderValue,
     request_timeout: Duration,
+    pool_idle_timeout: Duration,
+    pool_max_idle: usize,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -122,27 +143,43 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_millis(config.pool_idle_timeout_ms))
-            .pool_max_idle_per_host(config.pool_max_idle_per_host);
         let uri = config.url.uri();
-        Ok(Upstream {
-            client: builder.build(https.clone()),
-            builder,
+        let scheme = uri.scheme().cloned().unwrap_or(http::uri::Scheme::HTTPS);
+        let authority = uri.authority().cloned().expect("validated upstream URL has a host");
+        let mut upstream = Upstream {
+            pool: Arc::new(Pool::new(https.clone(), Uri::default(), Duration::ZERO, 0)),
             connector: https,
-            scheme: uri.scheme().cloned().unwrap_or(http::uri::Scheme::HTTPS),
-            authority: uri.authority().cloned().expect("validated upstream URL has a host"),
+            host: HeaderValue::from_str(authority.as_str()).expect("an authority is a valid header value"),
+            scheme,
+            authority,
             request_timeout: Duration::from_millis(config.request_timeout_ms),
-        })
+            pool_idle_timeout: Duration::from_millis(config.pool_idle_timeout_ms),
+            pool_max_idle: config.pool_max_idle_per_host,
+        };
+        upstream.pool = upstream.new_pool();
+        Ok(upstream)
+    }
+
+    fn new_pool(&self) -> Arc<Pool> {
+        let base = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query("/")
+            .build()
+            .expect("scheme and authority are valid");
+        Arc::new(Pool::new(self.connector.clone(), base, self.pool_idle_timeout, self.pool_max_idle))
     }
 
     /// The same upstream through a connection pool of its own. Each serving runtime
     /// takes one, so a request and its upstream connection's task share a thread.
     pub fn with_own_pool(&self) -> Upstream {
-        Upstream { client: self.builder.build(self.connector.clone()), ..self.clone() }
+        Upstream { pool: self.new_pool(), ..self.clone() }
+    }
+
+    /// A connection held for a request before it queues for its token, so that the
+    /// token is taken when the request can leave at once (see [`pool`]).
+    pub async fn lease(&self) -> Option<Lease> {
+        self.pool.lease().await
     }
 
     /// Whether an absolute-form request target names this upstream.
@@ -155,21 +192,77 @@ impl Upstream {
     /// Sends one request. `parts` are the client's (headers already cleaned); the
     /// target becomes the upstream's scheme and authority with the client's path and query.
     pub async fn send(&self, parts: &request::Parts, body: Bytes) -> Result<Response<Incoming>, UpstreamError> {
-        let path_and_query =
-            parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        let uri = Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .expect("scheme, authority and path are valid");
-        let mut req =
-            Request::builder().method(parts.method.clone()).uri(uri).body(Full::new(body)).expect("valid request");
-        *req.headers_mut() = parts.headers.clone();
-        match tokio::time::timeout(self.request_timeout, self.client.request(req)).await {
+        self.send_on(None, parts, body).await
+    }
+
+    /// Sends on the leased connection when it is still usable, else on a pooled or new
+    /// one. A connection the upstream closed just before the request was written is
+    /// replaced once: the request never left.
+    pub async fn send_on(
+        &self,
+        lease: Option<Lease>,
+        parts: &request::Parts,
+        body: Bytes,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let exchange = async {
+            let mut held = match lease.map(Lease::take) {
+                Some(Ok(held)) => Some(held),
+                Some(Err(false)) => {
+                    let source = "the upstream closed a new connection before the request was sent".into();
+                    return Err(Failure { never_sent: true, source });
+                }
+                Some(Err(true)) | None => None,
+            };
+            for attempt in 0..2 {
+                let (sender, reused) = match held.take() {
+                    Some(s) => s,
+                    None => self.pool.sender().await.map_err(|source| Failure { never_sent: true, source })?,
+                };
+                match self.send_with(sender, parts, body.clone()).await {
+                    // Closed by the upstream while idle: on a new connection it goes.
+                    Err(e) if attempt == 0 && reused && e.is_canceled() => continue,
+                    Err(e) => return Err(Failure { never_sent: e.is_canceled(), source: e.into() }),
+                    Ok(resp) => return Ok(resp),
+                }
+            }
+            unreachable!("the second attempt returns")
+        };
+        match tokio::time::timeout(self.request_timeout, exchange).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(UpstreamError::Connect(e)),
             Err(_) => Err(UpstreamError::Timeout(self.request_timeout)),
+        }
+    }
+
+    async fn send_with(
+        &self,
+        sender: Sender,
+        parts: &request::Parts,
+        body: Bytes,
+    ) -> hyper::Result<Response<Incoming>> {
+        let path_and_query =
+            parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = parts.method.clone();
+        *req.headers_mut() = parts.headers.clone();
+        match sender {
+            Sender::H1(mut s) => {
+                // HTTP/1.1: origin-form target, the authority in Host.
+                *req.uri_mut() = Uri::from(path_and_query);
+                req.headers_mut().insert(header::HOST, self.host.clone());
+                let resp = s.send_request(req).await;
+                self.pool.give_back(Sender::H1(s));
+                resp
+            }
+            Sender::H2(mut s) => {
+                *req.uri_mut() = Uri::builder()
+                    .scheme(self.scheme.clone())
+                    .authority(self.authority.clone())
+                    .path_and_query(path_and_query)
+                    .build()
+                    .expect("scheme, authority and path are valid");
+                s.send_request(req).await
+            }
         }
     }
 }

@@ -199,6 +199,40 @@ async fn tls_to_the_simulator_with_an_extra_ca() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// Klaviyo counts a request when it arrives. From a cold pool every request first
+/// needs a TLS handshake (here 300 ms, as to a distant Klaviyo): a token taken before
+/// it would be stamped 300 ms early, and the first burst would reach the upstream
+/// bunched against the next one (two bursts inside one second). The proxy holds a
+/// connection before it takes the token, so what arrives keeps the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_pools_handshakes_do_not_bunch_a_burst_at_the_upstream() {
+    let sim = sim(SimOptions { tls: true, handshake_delay: Duration::from_millis(300), ..SimOptions::default() }).await;
+    let dir = std::env::temp_dir().join(format!("kp-cold-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, sim.ca_pem.as_ref().unwrap()).unwrap();
+    let mut with_ca = config(&sim.url, "");
+    with_ca.upstream.ca_file = Some(ca);
+    let proxy = proxy(with_ca).await;
+    let client = client();
+    // get_campaigns: 10/s. Twelve at once: a burst on new connections, and two more.
+    let url = format!("{}/api/campaigns", proxy.url());
+    let replies = futures(12, |_| {
+        let (client, url) = (client.clone(), url.clone());
+        async move { get(&client, &url, KEY_A).await }
+    })
+    .await;
+    for r in &replies {
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    }
+    let stats = sim.stats();
+    assert_eq!(stats.throttled, 0);
+    let b = &bucket(&stats, "get_campaigns", "endpoint")[0];
+    assert_eq!(b.requests, 12);
+    assert!(b.max_sliding["burst"] <= 10, "arrivals at the upstream: {b:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// Writes a raw request and returns the status line and body.
 async fn raw(addr: std::net::SocketAddr, request: &str) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();

@@ -127,3 +127,46 @@ async fn counts_per_account() {
     assert_eq!(stats.buckets[0].requests, 3);
     assert_eq!(stats.buckets[0].max_fixed["burst"], 1);
 }
+
+/// Issue 13 item 7: a long load test with many keys and events does not grow the
+/// simulator without end. With small bounds, 300 accounts leave at most 50 buckets, and
+/// 300 distinct event ids leave at most 50 remembered (the rest counted as forgotten).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_is_bounded_however_many_keys_and_events() {
+    let sim = sim(SimOptions { max_buckets: Some(50), max_event_ids: Some(50), ..SimOptions::default() }).await;
+    let client = client();
+    for i in 0..300 {
+        let auth = format!("Klaviyo-API-Key pk_Bogus{i}_key");
+        let r = send(
+            &client,
+            Method::GET,
+            &format!("{}/api/campaigns", sim.url),
+            &[("revision", "2026-07-15"), ("authorization", &auth)],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let stats = sim.stats();
+    assert!(stats.buckets.len() <= 50, "{} buckets held", stats.buckets.len());
+    assert_eq!(stats.requests, 300, "every request counted in the totals");
+    let auth = format!("Klaviyo-API-Key {KEY_A}");
+    for i in 0..300 {
+        let event = format!(
+            r#"{{"data":{{"type":"event","attributes":{{"unique_id":"ev-{i}","properties":{{}},"metric":{{"data":{{"type":"metric","attributes":{{"name":"Viewed"}}}}}},"profile":{{"data":{{"type":"profile","attributes":{{"email":"a@example.com"}}}}}}}}}}}}"#
+        );
+        let r = send(
+            &client,
+            Method::POST,
+            &format!("{}/api/events", sim.url),
+            &[("revision", "2026-07-15"), ("authorization", &auth), ("content-type", "application/vnd.api+json")],
+            &event,
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    }
+    let events = sim.events();
+    assert!(events.unique <= 50 && events.arrival.len() as u64 == events.unique, "{} ids remembered", events.unique);
+    assert_eq!(events.unique + events.forgotten, 300);
+    assert_eq!(events.arrival.last().map(String::as_str), Some("ev-299"), "the newest are kept");
+}

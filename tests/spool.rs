@@ -22,6 +22,9 @@ use klaviyo_proxy::App;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
+#[path = "support/process.rs"]
+mod process;
+
 const KEY: &str = "Klaviyo-API-Key pk_spool_test";
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -413,5 +416,298 @@ async fn drain_spools_queued_deferrable_writes() {
     assert_eq!((forwarded, spooled), (2, 2), "{answers:?}");
     assert_eq!(app.proxy().spool().unwrap().pending_len().unwrap(), 2);
     assert_eq!(sim.stats().requests, 2);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A spooled `create_event` as the proxy would have stored it, with this key.
+fn spooled_event(key: &str, unique_id: &str) -> spool::Entry {
+    spool::Entry {
+        id: 0,
+        operation: "create_event".into(),
+        method: "POST".into(),
+        path_and_query: "/api/events".into(),
+        headers: vec![
+            ("authorization".into(), key.as_bytes().to_vec()),
+            ("content-type".into(), b"application/vnd.api+json".to_vec()),
+            ("revision".into(), klaviyo_proxy::config::DEFAULT_REVISION.as_bytes().to_vec()),
+        ],
+        body: event(unique_id).into_bytes(),
+        unique_id: Some(unique_id.into()),
+        accepted_at_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64,
+        last_error: None,
+    }
+}
+
+/// An upstream that fails every request made with `failing` (503) and accepts the
+/// others (202), counting both: one account's outage, the other's good day.
+async fn split_upstream(failing: &'static str) -> (String, Arc<[std::sync::atomic::AtomicU32; 2]>) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let counts: Arc<[AtomicU32; 2]> = Arc::new([AtomicU32::new(0), AtomicU32::new(0)]);
+    let seen = counts.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let bad = req.headers().get("authorization").is_some_and(|v| v.as_bytes() == failing.as_bytes());
+                    seen[usize::from(!bad)].fetch_add(1, Ordering::SeqCst);
+                    let status = if bad { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::ACCEPTED };
+                    async move {
+                        let _ = req.into_body().collect().await;
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder().status(status).body(Full::new(Bytes::new())).unwrap(),
+                        )
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    (url, counts)
+}
+
+/// One account's writes failing (5xx) do not hold up another account's: the other's
+/// are delivered while the failing ones wait, and the failing ones go to the dead
+/// letters after `spool.max_attempts`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failing_account_does_not_block_another() {
+    use std::sync::atomic::Ordering;
+    const BAD: &str = "Klaviyo-API-Key pk_failing_account";
+    let (url, counts) = split_upstream(BAD).await;
+    let dir = temp_dir("spool-lanes");
+    let path = dir.join("spool.redb");
+    {
+        let spool = Spool::open(&path).unwrap();
+        for n in 0..3 {
+            spool.append(spooled_event(BAD, &format!("bad-{n}"))).unwrap();
+        }
+        for n in 0..5 {
+            spool.append(spooled_event(KEY, &format!("good-{n}"))).unwrap();
+        }
+    }
+    let mut config = Config::parse(
+        "[breaker]\nenabled = false\n[retry]\nbase_ms = 20\ncap_ms = 200\n[spool]\nmax_attempts = 4\n[accounts]\nresolve = false\n",
+        "t",
+    )
+    .unwrap();
+    config.upstream.url = UpstreamUrl::try_from(url).unwrap();
+    config.spool.path = Some(path);
+    let app = App::build(config).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.clone().serve(listener, async {
+        let _ = stopped.await;
+    }));
+    let spool = app.proxy().spool().unwrap().clone();
+    assert!(wait_until(Duration::from_secs(20), || counts[1].load(Ordering::SeqCst) >= 5).await, "good delivered");
+    assert!(
+        wait_until(Duration::from_secs(20), || spool.dead_len().unwrap() == 3 && spool.pending_len().unwrap() == 0)
+            .await,
+        "the failing account's writes given up: {:?}",
+        spool.stats()
+    );
+    let dead = spool.list_dead(10).unwrap();
+    assert!(
+        dead.iter().all(|d| d.attempts == 4 && d.last_error.as_deref().unwrap().starts_with("gave up")),
+        "{dead:?}"
+    );
+    // Each failing write was tried exactly max_attempts times, in order.
+    assert_eq!(counts[0].load(Ordering::SeqCst), 12);
+    assert_eq!(counts[1].load(Ordering::SeqCst), 5);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// An entry that cannot be read goes to the dead letters at once, and the writes
+/// behind it are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_entry_does_not_block_replay() {
+    let sim = Simulator::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), SimOptions::default()).unwrap();
+    let dir = temp_dir("spool-unreadable");
+    let path = dir.join("spool.redb");
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let tx = db.begin_write().unwrap();
+        let pending: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("pending");
+        tx.open_table(pending).unwrap().insert(1, &b"\x09not an entry"[..]).unwrap();
+        let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+        tx.open_table(meta).unwrap().insert("next_id", 2).unwrap();
+        tx.commit().unwrap();
+    }
+    {
+        let spool = Spool::open(&path).unwrap();
+        spool.append(spooled_event(KEY, "after-garbage")).unwrap();
+    }
+    let (_proxy, _stop, app) = start_in_process(&sim, &path).await;
+    let spool = app.proxy().spool().unwrap().clone();
+    assert!(wait_until(Duration::from_secs(20), || spool.pending_len().unwrap() == 0).await, "{:?}", spool.stats());
+    assert_eq!(sim.events().ids, vec!["after-garbage".to_string()]);
+    let dead = spool.list_dead(10).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].last_error.as_deref().unwrap().contains("unreadable"), "{dead:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+// A full disk under the spool, with the real binary.
+// A full disk under the spool, with the real binary: writes the spool cannot store
+// are refused with a clear 503 (never acknowledged), `/health` says `degraded`, and
+// once there is room again the spool is reopened and takes writes without a restart.
+//
+// The full disk is a file-size limit (`ulimit -f`, with SIGXFSZ ignored so a write
+// past it fails with EFBIG like a write to a full disk fails with ENOSPC): no mount
+// privileges needed. The limit cannot be lifted from outside, so room comes back the
+// way it does in production when Klaviyo returns: the spool drains and redb reuses
+// the freed pages inside the file. What this proves: redb's "refuses everything
+// after an I/O error" state is left by reopening, in the running process, and no
+// write is acknowledged that did not reach the file. What it does not: ENOSPC from a
+// real filesystem (the same `io::Error` path in redb, a different errno).
+
+/// A `create_event` of about 30 kB.
+fn big_event(id: &str) -> String {
+    let pad = "x".repeat(30_000);
+    format!(
+        r#"{{"data":{{"type":"event","attributes":{{"unique_id":"{id}","properties":{{"pad":"{pad}"}},"metric":{{"data":{{"type":"metric","attributes":{{"name":"Disk test"}}}}}},"profile":{{"data":{{"type":"profile","attributes":{{"email":"a@example.com"}}}}}}}}}}}}"#
+    )
+}
+
+struct Answer {
+    status: StatusCode,
+    code: Option<String>,
+    retry_after: bool,
+    body: serde_json::Value,
+}
+
+async fn send_big_event(client: &HttpClient, proxy: &str, id: &str) -> Answer {
+    let req = Request::post(format!("{proxy}/api/events"))
+        .header("authorization", "Klaviyo-API-Key pk_disk_test")
+        .header("content-type", "application/vnd.api+json")
+        .body(Full::new(Bytes::from(big_event(id))))
+        .unwrap();
+    let resp = client.request(req).await.expect("the proxy answers");
+    let status = resp.status();
+    let code = resp.headers().get("x-klaviyo-proxy-error").map(|v| v.to_str().unwrap().to_string());
+    let retry_after = resp.headers().contains_key("retry-after");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    Answer { status, code, retry_after, body }
+}
+
+async fn admin_call(client: &HttpClient, method: &str, url: String) -> serde_json::Value {
+    let req = Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.expect("the admin listener answers");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// Sends events (`prefix-n`) until the spool refuses three in a row; returns the ids
+/// acknowledged, checking that every other answer is the spool's clear refusal.
+async fn fill(client: &HttpClient, proxy: &str, prefix: &str) -> Vec<String> {
+    let (mut acked, mut refused_in_a_row, mut refused) = (Vec::new(), 0, 0);
+    for n in 0..300 {
+        let id = format!("{prefix}-{n}");
+        let answer = send_big_event(client, proxy, &id).await;
+        if answer.status == StatusCode::ACCEPTED {
+            assert_eq!(answer.code.as_deref(), Some("proxy_spooled"));
+            acked.push(id);
+            refused_in_a_row = 0;
+            continue;
+        }
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE, "{id}: {}", answer.body);
+        assert_eq!(answer.code.as_deref(), Some("proxy_spool_unavailable"), "{id}: {}", answer.body);
+        assert!(answer.retry_after, "{id}: Retry-After");
+        let error = &answer.body["errors"][0];
+        assert_eq!(
+            (error["code"].as_str(), error["meta"]["origin"].as_str()),
+            (Some("proxy_spool_unavailable"), Some("klaviyo-proxy"))
+        );
+        refused += 1;
+        refused_in_a_row += 1;
+        if refused_in_a_row == 3 {
+            break;
+        }
+    }
+    assert!(!acked.is_empty() && refused >= 3, "{} acknowledged, {refused} refused", acked.len());
+    acked
+}
+
+/// Flips the kill switch in the config file and reloads it.
+async fn set_enabled(client: &HttpClient, admin_url: &str, config: &std::path::Path, base: &str, enabled: bool) {
+    std::fs::write(config, format!("{base}[upstream]\nenabled = {enabled}\n")).unwrap();
+    let answer = admin_call(client, "POST", format!("{admin_url}/admin/reload")).await;
+    assert_eq!(answer["status"], "reloaded", "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_clearly_and_recovers_without_a_restart() {
+    let sim = Simulator::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), SimOptions::default()).unwrap();
+    let dir = std::env::temp_dir().join(format!("kp-spool-disk-{:016x}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("proxy.toml");
+    let base = format!(
+        "[spool]\npath = \"{}\"\n[accounts]\nresolve = false\n[log]\nlevel = \"error\"\n",
+        dir.join("spool.redb").display()
+    );
+    // With the kill switch on, every event goes to the spool.
+    std::fs::write(&config, format!("{base}[upstream]\nenabled = false\n")).unwrap();
+    let config_arg = config.display().to_string();
+    let mut args = vec!["-c", "trap '' XFSZ; ulimit -f 4096; exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_klaviyo-proxy")];
+    args.extend(process::serve_args(&sim.url, Some(&config_arg)));
+    // 4096 blocks of 512 bytes: 2 MiB, room for redb's first 1.5 MiB and a few dozen events.
+    let (_proxy, urls) = process::start_urls("sh", &args, &[], 2);
+    let (proxy, admin_url) = (&urls[0], &urls[1]);
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+
+    // The disk fills: clear refusals, and /health says so.
+    let mut acked = fill(&client, proxy, "first").await;
+    let health = admin_call(&client, "GET", format!("{admin_url}/health")).await;
+    let spool = &health["services"]["spool"];
+    assert_eq!(spool["status"], "degraded", "{health}");
+    assert_eq!(spool["pending"].as_u64(), Some(acked.len() as u64), "{health}");
+    assert!(spool["error"].as_str().unwrap_or_default().contains("File too large"), "{health}");
+    assert_eq!(sim.events().deliveries, 0);
+
+    // Klaviyo is back: the spool drains (reopened first), freeing its pages.
+    set_enabled(&client, admin_url, &config, &base, true).await;
+    let want: BTreeSet<String> = acked.iter().cloned().collect();
+    let delivered =
+        wait_until(Duration::from_secs(30), || sim.events().ids.iter().cloned().collect::<BTreeSet<_>>() == want).await;
+    assert!(delivered, "every acknowledged event delivered: {} of {}", sim.events().unique, want.len());
+    // The simulator counts an event before the proxy hears its answer and deletes it.
+    let mut health = serde_json::Value::Null;
+    let until = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < until {
+        health = admin_call(&client, "GET", format!("{admin_url}/health")).await;
+        if health["services"]["spool"]["pending"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(health["services"]["spool"]["status"], "healthy", "{health}");
+    assert_eq!(health["services"]["spool"]["pending"], 0, "{health}");
+
+    // The same process takes spooled writes again, up to the same full disk.
+    set_enabled(&client, admin_url, &config, &base, false).await;
+    acked.extend(fill(&client, proxy, "second").await);
+    set_enabled(&client, admin_url, &config, &base, true).await;
+    let want: BTreeSet<String> = acked.iter().cloned().collect();
+    let delivered =
+        wait_until(Duration::from_secs(30), || sim.events().ids.iter().cloned().collect::<BTreeSet<_>>() == want).await;
+    // Exactly the acknowledged events: none refused was stored, none stored was lost.
+    let events = sim.events();
+    assert!(delivered, "{} delivered, {} acknowledged", events.unique, want.len());
+    assert_eq!(events.duplicates, 0);
+    println!(
+        "FIGURES full disk: {} acknowledged over two fills, {} delivered, 0 refused delivered",
+        want.len(),
+        events.unique
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }

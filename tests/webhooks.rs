@@ -268,6 +268,16 @@ async fn thousand_webhooks_with_duplicates_and_bad_signatures() {
     assert_eq!(m("klaviyo_proxy_webhook_delivered_total{kind=\"system\"}").await, 850.0);
     assert_eq!(m("klaviyo_proxy_webhook_backlog").await, 0.0);
     assert_eq!(m("klaviyo_proxy_webhook_ack_seconds_count").await, 950.0);
+    // The checklist's Webhook Security item: the gate does the app's part, and the
+    // refused signatures are what the P2 alert pages for.
+    let (_, checklist) = get(&format!("{}/admin/checklist", proxy.admin)).await;
+    let checklist: serde_json::Value = serde_json::from_str(&checklist).unwrap();
+    let item = checklist["health"]
+        .as_array()
+        .and_then(|h| h.iter().find(|i| i["id"] == "webhooks"))
+        .unwrap_or_else(|| panic!("no webhooks item: {checklist}"));
+    assert_eq!(item["light"], "amber", "{item}");
+    assert_eq!((item["details"]["received"].as_u64(), item["details"]["rejected"].as_u64()), (Some(1000), Some(50)));
     drop(proxy);
     let _ = std::fs::remove_dir_all(dir);
 }

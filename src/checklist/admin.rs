@@ -50,6 +50,7 @@ pub fn report(proxy: &Proxy) -> Report {
         breaker_item(metrics.breaker_state()),
         spool_item(spool, metrics.spool_oldest_age_seconds.get()),
         limiter_item(proxy.limiter().state()),
+        webhooks_item(&config.webhooks, &WebhookCounts::of(&metrics.webhooks)),
         status_page,
     ];
     let ctx = Context {
@@ -98,9 +99,77 @@ fn limiter_item(state: StoreState) -> Item {
     let (light, summary) = match state {
         StoreState::Local => (Light::Green, "local: limits counted in this process"),
         StoreState::Redis => (Light::Green, "redis: limits shared by every replica"),
-        StoreState::Degraded => (Light::Amber, "degraded: Redis unreachable, local fallback at quota ÷ replicas"),
+        StoreState::Degraded => {
+            (Light::Amber, "degraded: Redis unreachable, each replica spends its rank's share locally")
+        }
     };
     item("limiter", "Limiter store", light, summary.into(), json!({"store": state.as_str()}))
+}
+
+/// What the webhook gate has seen, for its checklist item.
+#[derive(Debug, Default, Clone, Copy)]
+struct WebhookCounts {
+    received: u64,
+    rejected: u64,
+    backlog: i64,
+    dead_letters: i64,
+}
+
+impl WebhookCounts {
+    fn of(m: &crate::webhooks::WebhookMetrics) -> Self {
+        WebhookCounts {
+            received: m.received_total(),
+            rejected: m.rejected_total(),
+            backlog: m.backlog.get(),
+            dead_letters: m.dead_letters.get(),
+        }
+    }
+}
+
+/// The checklist's "Webhook Security" section (HTTPS only, signatures verified,
+/// deduplicated by event id, answered within 30 s) and its P2 alert "Webhook Signature
+/// Invalid": what the gate does for the app, and what it has refused.
+fn webhooks_item(config: &crate::webhooks::WebhooksConfig, c: &WebhookCounts) -> Item {
+    let title = "Webhook security";
+    if !config.enabled {
+        let summary = "gate off (webhooks.enabled): the app must verify signatures, deduplicate by event id \
+                       and answer within 30 s itself";
+        return item("webhooks", title, Light::Grey, summary.into(), json!({"enabled": false}));
+    }
+    let https = if config.tls_cert.is_some() {
+        "served over HTTPS"
+    } else if config.listen.ip().is_loopback() {
+        "plain HTTP on loopback: HTTPS must end in front of it"
+    } else {
+        "plain HTTP behind a TLS-terminating ingress (webhooks.allow_plaintext_remote)"
+    };
+    let hours = config.dedup_ttl_secs / 3600;
+    let (light, summary) = if config.secrets.is_empty() {
+        (Light::Red, "no signing secret: every system webhook is refused".to_string())
+    } else if c.dead_letters > 0 {
+        (Light::Red, format!("{} dead letters: the app refused them (GET /admin/webhooks/dead)", c.dead_letters))
+    } else if c.rejected > 0 {
+        (
+            Light::Amber,
+            format!(
+                "{} of {} refused (bad signature, stale timestamp…): the P2 alert Webhook Signature Invalid",
+                c.rejected, c.received
+            ),
+        )
+    } else {
+        (
+            Light::Green,
+            format!(
+                "signatures verified ({} secret(s)), ids deduplicated for {hours} h, acknowledged at once; {https}",
+                config.secrets.len()
+            ),
+        )
+    };
+    let details = json!({
+        "enabled": true, "https": https, "secrets": config.secrets.len(), "dedup_hours": hours,
+        "received": c.received, "rejected": c.rejected, "backlog": c.backlog, "dead_letters": c.dead_letters,
+    });
+    item("webhooks", title, light, summary, details)
 }
 
 /// `GET /admin/status`: the busiest buckets (their windows' fill and queue depth),
@@ -142,4 +211,30 @@ pub fn status(proxy: &Proxy) -> serde_json::Value {
             "dead_letters": metrics.spool_dead_letters.get()})),
         "limiter": proxy.limiter().state().as_str(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+    use crate::webhooks::WebhooksConfig;
+
+    #[test]
+    fn the_webhook_item_names_what_the_app_must_do_and_what_was_refused() {
+        let off = webhooks_item(&WebhooksConfig::default(), &WebhookCounts::default());
+        assert_eq!((off.id.as_str(), off.light), ("webhooks", Light::Grey));
+        assert!(off.summary.contains("the app must verify signatures"), "{}", off.summary);
+        let mut on = WebhooksConfig { enabled: true, ..WebhooksConfig::default() };
+        assert_eq!(webhooks_item(&on, &WebhookCounts::default()).light, Light::Red, "no secret");
+        on.secrets = vec![Secret::new("whsec")];
+        let green = webhooks_item(&on, &WebhookCounts { received: 10, ..WebhookCounts::default() });
+        assert_eq!(green.light, Light::Green);
+        assert!(green.summary.contains("loopback"), "{}", green.summary);
+        let refused = webhooks_item(&on, &WebhookCounts { received: 10, rejected: 1, ..WebhookCounts::default() });
+        assert_eq!(refused.light, Light::Amber);
+        assert!(refused.summary.contains("Webhook Signature Invalid"), "{}", refused.summary);
+        let dead = webhooks_item(&on, &WebhookCounts { dead_letters: 2, ..WebhookCounts::default() });
+        assert_eq!(dead.light, Light::Red);
+        assert!(!format!("{dead:?}").contains("whsec"), "no secret in the item");
+    }
 }

@@ -352,11 +352,7 @@ impl Coalescer {
         };
         let spool = self.spool.clone();
         let reason = reason.to_string();
-        let stored = tokio::task::spawn_blocking(move || {
-            let id = spool.append(entry)?;
-            spool.dead_letter(id, &reason)
-        })
-        .await;
+        let stored = tokio::task::spawn_blocking(move || spool.append_dead(entry, &reason).map(drop)).await;
         match stored {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {

@@ -44,8 +44,8 @@ use std::collections::VecDeque;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -71,6 +71,13 @@ const EPOCH_OFFSET: Tick = 2 * 86_400 * 1_000_000;
 
 /// How far from the front of its lane a waiter whose slot has come may leave at once.
 const DUE_SCAN: usize = 64;
+
+/// Buckets held at most unless configured (`limiter.max_buckets`).
+pub const DEFAULT_MAX_BUCKETS: usize = 100_000;
+
+/// At the cap, the shortest time between two sweeps for room: a sweep walks every
+/// bucket, so a flood of new keys must not run one per request.
+const ROOM_SWEEP_EVERY: Tick = 100_000;
 
 /// A request's place in its account's line: its arrival order, kept when a 429 puts it
 /// back at the head ([`LocalStore::pause_and_requeue`]).
@@ -159,12 +166,16 @@ impl Holder {
         self.buckets.iter().position(|b| b.id == id)
     }
 
-    /// The buckets of sorted, deduplicated demands (created if missing), pruned at `now`.
-    fn buckets_for(&mut self, demands: &[Demand], now: Tick) -> Indexes {
+    /// The buckets of sorted, deduplicated demands (created if missing), pruned at `now`;
+    /// `None` when a bucket is missing and `room` has none (`strict`).
+    fn buckets_for(&mut self, demands: &[Demand], now: Tick, room: &Room, strict: bool) -> Option<Indexes> {
         let mut idx = [0; MAX_DEMANDS];
         for (slot, d) in idx.iter_mut().zip(demands) {
             let i = match self.index(d.key.bucket) {
                 Some(i) => i,
+                // A bucket made for an earlier demand of this request stays, idle: the
+                // next sweep for room takes it.
+                None if !room.claim(strict) => return None,
                 None => {
                     self.buckets.push(Bucket::new(d.key.bucket, d.windows));
                     if let Some(k) = self.full.iter().position(|(id, _)| *id == d.key.bucket) {
@@ -175,13 +186,15 @@ impl Holder {
                 }
             };
             let b = &mut self.buckets[i];
-            b.windows = d.windows;
+            if b.windows != d.windows {
+                b.windows = d.windows;
+            }
             for (log, spec) in b.logs.iter_mut().zip(d.windows.as_slice()) {
                 log.prune(now, spec.period);
             }
             *slot = i;
         }
-        (idx, demands.len())
+        Some((idx, demands.len()))
     }
 
     fn lane_indexes(&self, key: &LaneKey) -> Indexes {
@@ -344,6 +357,32 @@ impl Holder {
     }
 }
 
+/// How many buckets the store holds and may hold: buckets are created for whatever
+/// credential or `company_id` a client sends, so their number is capped. At the cap,
+/// idle buckets (nothing inside a window, no waiter, no pause) make room; when none is
+/// idle, a request that needs a new bucket is refused ([`Denied::TooManyBuckets`]).
+#[derive(Debug)]
+struct Room {
+    max: AtomicUsize,
+    held: AtomicUsize,
+    /// No bucket becomes idle before this tick (as of the latest sweep for room): until
+    /// then a request that needs a new bucket at the cap is refused without a sweep.
+    idle_from: AtomicU64,
+}
+
+impl Room {
+    /// Counts one more bucket if there is room (`strict`), or whatever the cap (a bucket
+    /// that follows a request already let through).
+    fn claim(&self, strict: bool) -> bool {
+        if !strict {
+            self.held.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        let max = self.max.load(Ordering::Relaxed);
+        self.held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1)).is_ok()
+    }
+}
+
 /// Hashes an [`Account`] (already a keyed hash of the credential) with one multiply.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct AccountHasher(u64);
@@ -430,7 +469,9 @@ pub enum Turn {
     Refused(Duration),
 }
 
-type Table = DashMap<Account, Mutex<Holder>, BuildHasherDefault<AccountHasher>>;
+/// The shard's lock is the account's: a decision takes one lock, and accounts of other
+/// shards decide in parallel.
+type Table = DashMap<Account, Holder, BuildHasherDefault<AccountHasher>>;
 
 /// The local (single-process) bucket store.
 #[derive(Debug)]
@@ -439,16 +480,13 @@ pub struct LocalStore {
     accounts: Table,
     /// Snapshot and journals, with `limiter.state_path`.
     persist: Option<Persist>,
+    room: Room,
 }
 
 impl Default for LocalStore {
     fn default() -> Self {
         Self::new()
     }
-}
-
-fn lock(h: &Mutex<Holder>) -> MutexGuard<'_, Holder> {
-    h.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Demands sorted by bucket and deduplicated (a fixed lock-free order for lanes).
@@ -460,6 +498,12 @@ fn sorted(demands: &[Demand]) -> ([Demand; MAX_DEMANDS], usize, LaneKey) {
         "a request takes from one to {MAX_DEMANDS} buckets, all of one account"
     );
     let mut buf = [demands[0]; MAX_DEMANDS];
+    if let [d] = demands {
+        // Most requests need one bucket.
+        let mut key = [None; MAX_DEMANDS];
+        key[0] = Some(d.key.bucket);
+        return (buf, 1, key);
+    }
     let mut n = 0;
     for d in demands {
         if !buf[..n].iter().any(|e| e.key == d.key) {
@@ -478,7 +522,12 @@ fn sorted(demands: &[Demand]) -> ([Demand; MAX_DEMANDS], usize, LaneKey) {
 impl LocalStore {
     /// An empty store whose clock starts now.
     pub fn new() -> Self {
-        LocalStore { epoch: Instant::now(), accounts: Table::default(), persist: None }
+        let room = Room {
+            max: AtomicUsize::new(DEFAULT_MAX_BUCKETS),
+            held: AtomicUsize::new(0),
+            idle_from: AtomicU64::new(0),
+        };
+        LocalStore { epoch: Instant::now(), accounts: Table::default(), persist: None, room }
     }
 
     fn tick(&self, at: Instant) -> Tick {
@@ -539,7 +588,7 @@ impl LocalStore {
             b.paused_until = now_t + left;
             b.expires = b.expires.max(b.paused_until);
             self.with_account(Account(account), |h| {
-                if h.index(id).is_none() {
+                if h.index(id).is_none() && self.room.claim(false) {
                     h.buckets.push(b);
                 }
             });
@@ -553,10 +602,9 @@ impl LocalStore {
         p.rotate()?;
         let now_t = self.tick(Instant::now());
         let mut buckets = Vec::new();
-        for entry in self.accounts.iter() {
+        for mut entry in self.accounts.iter_mut() {
             let account = *entry.key();
-            let mut h = lock(entry.value());
-            for b in &mut h.buckets {
+            for b in &mut entry.value_mut().buckets {
                 b.touched = false;
                 let specs = b.windows.as_slice();
                 let takes: Vec<Vec<(u64, u64)>> =
@@ -595,21 +643,19 @@ impl LocalStore {
         }
     }
 
-    /// Runs `f` on the account's state, created if missing; `get` first, so the common
-    /// case takes the shard's read lock only.
+    /// Runs `f` on the account's state, created if missing: a lookup first, so the
+    /// common case does not build an entry.
     fn with_account<T>(&self, account: Account, f: impl FnOnce(&mut Holder) -> T) -> T {
-        if let Some(h) = self.accounts.get(&account) {
-            return f(&mut lock(&h));
+        if let Some(mut h) = self.accounts.get_mut(&account) {
+            return f(&mut h);
         }
-        let h = self.accounts.entry(account).or_default().downgrade();
-        let out = f(&mut lock(&h));
-        out
+        let mut h = self.accounts.entry(account).or_default();
+        f(&mut h)
     }
 
     fn existing<T>(&self, account: Account, f: impl FnOnce(&mut Holder) -> T) -> Option<T> {
-        let h = self.accounts.get(&account)?;
-        let out = f(&mut lock(&h));
-        Some(out)
+        let mut h = self.accounts.get_mut(&account)?;
+        Some(f(&mut h))
     }
 
     /// Books one take in every window of every demanded bucket at the earliest instant
@@ -627,8 +673,37 @@ impl LocalStore {
         let demands = &buf[..n];
         let account = demands[0].key.account;
         let now_t = self.tick(now);
+        let mut tried = false;
+        loop {
+            let booked = self.book(demands, key, now_t, deadline, max_depth);
+            match booked {
+                Some(booked) => return booked,
+                None if !tried && self.make_room(now_t) => tried = true,
+                None => {
+                    // Nothing kept for a refused account.
+                    self.accounts.remove_if(&account, |_, h| h.buckets.is_empty() && h.lanes.is_empty());
+                    let wait = self.room.idle_from.load(Ordering::Relaxed).saturating_sub(now_t);
+                    return Err(Denied::TooManyBuckets {
+                        wait: Duration::from_micros(wait).max(Duration::from_secs(1)),
+                    });
+                }
+            }
+        }
+    }
+
+    /// [`LocalStore::reserve`] of sorted demands; `None` when a bucket is missing and
+    /// the store holds as many as it may.
+    fn book(
+        &self,
+        demands: &[Demand],
+        key: LaneKey,
+        now_t: Tick,
+        deadline: Instant,
+        max_depth: u32,
+    ) -> Option<Result<Grant, Denied>> {
+        let account = demands[0].key.account;
         self.with_account(account, |h| {
-            let (idx, n) = h.buckets_for(demands, now_t);
+            let (idx, n) = h.buckets_for(demands, now_t, &self.room, true)?;
             let idx = &idx[..n];
             let lane = h.lane(&key);
             let after = lane.and_then(|l| h.lanes[l].slots.back().copied()).unwrap_or(0);
@@ -637,10 +712,10 @@ impl LocalStore {
             if queued {
                 let wait = Duration::from_micros(t - now_t);
                 if idx.iter().any(|&i| h.buckets[i].queued >= max_depth) {
-                    return Err(Denied::QueueFull { wait });
+                    return Some(Err(Denied::QueueFull { wait }));
                 }
                 if self.instant(t) > deadline {
-                    return Err(Denied::Deadline { wait });
+                    return Some(Err(Denied::Deadline { wait }));
                 }
             }
             h.take(idx, t);
@@ -665,8 +740,31 @@ impl LocalStore {
                 h.count_queued(idx, true);
                 w
             });
-            Ok(Grant { at: self.instant(t), tick: t, account, lane: key, place, waiter })
+            Some(Ok(Grant { at: self.instant(t), tick: t, account, lane: key, place, waiter }))
         })
+    }
+
+    /// At the cap: drops the idle buckets (at most once per [`ROOM_SWEEP_EVERY`], and
+    /// not before one can have become idle). Returns whether there is room now.
+    fn make_room(&self, now_t: Tick) -> bool {
+        let from = self.room.idle_from.load(Ordering::Relaxed);
+        if now_t < from
+            || self
+                .room
+                .idle_from
+                .compare_exchange(from, now_t + ROOM_SWEEP_EVERY, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return false;
+        }
+        let next = self.sweep_at(now_t);
+        self.room.idle_from.store(next.max(now_t + ROOM_SWEEP_EVERY), Ordering::Relaxed);
+        self.room.held.load(Ordering::Relaxed) < self.room.max.load(Ordering::Relaxed)
+    }
+
+    /// Sets the most buckets held (`limiter.max_buckets`).
+    pub fn set_max_buckets(&self, max: usize) {
+        self.room.max.store(max, Ordering::Relaxed);
     }
 
     /// Records one take at `now` (or after the latest take) in every window of every
@@ -676,8 +774,10 @@ impl LocalStore {
     pub fn record(&self, demands: &[Demand], now: Instant) {
         let (buf, n, _) = sorted(demands);
         let now_t = self.tick(now);
-        self.with_account(buf[0].key.account, |h| {
-            let (idx, n) = h.buckets_for(&buf[..n], now_t);
+        let record = |h: &mut Holder| {
+            // At the cap with nothing idle the take is not mirrored: the authority that
+            // granted it (Redis) still counts it.
+            let (idx, n) = h.buckets_for(&buf[..n], now_t, &self.room, true)?;
             for &i in &idx[..n] {
                 let b = &mut h.buckets[i];
                 let windows = b.windows;
@@ -688,7 +788,11 @@ impl LocalStore {
                 b.expires = b.expires.max(now_t.saturating_add(longest));
             }
             self.touch(buf[0].key.account, h, &idx[..n]);
-        });
+            Some(())
+        };
+        if self.with_account(buf[0].key.account, record).is_none() && self.make_room(now_t) {
+            self.with_account(buf[0].key.account, record);
+        }
     }
 
     /// The grant's current slot, while it waits (`None` once it left, gave up or was
@@ -802,7 +906,8 @@ impl LocalStore {
         let account = demands[0].key.account;
         let (now_t, until_t, deadline_t) = (self.tick(now), self.tick(until), self.tick(deadline));
         self.with_account(account, |h| {
-            let (idx, n) = h.buckets_for(demands, now_t);
+            // The request already had its buckets: a pause keeps them whatever the cap.
+            let (idx, n) = h.buckets_for(demands, now_t, &self.room, false).expect("not strict");
             for &i in &idx[..n] {
                 let b = &mut h.buckets[i];
                 b.paused_until = b.paused_until.max(until_t);
@@ -904,7 +1009,7 @@ impl LocalStore {
         let Some(&steady) = demand.windows.as_slice().get(1) else { return 0 };
         let now_t = self.tick(now);
         self.with_account(demand.key.account, |h| {
-            let (idx, _) = h.buckets_for(std::slice::from_ref(demand), now_t);
+            let (idx, _) = h.buckets_for(std::slice::from_ref(demand), now_t, &self.room, false).expect("not strict");
             let b = &mut h.buckets[idx[0]];
             let log = &mut b.logs[1];
             let believed = u64::from(steady.limit).saturating_sub(log.in_use(now_t, steady));
@@ -943,7 +1048,7 @@ impl LocalStore {
         let mut out = Vec::new();
         for entry in self.accounts.iter() {
             let account = *entry.key();
-            let h = lock(entry.value());
+            let h = entry.value();
             out.extend(h.buckets.iter().map(|b| {
                 BucketView {
                     key: BucketKey { account, bucket: b.id },
@@ -993,7 +1098,7 @@ impl LocalStore {
 
     /// Number of buckets held.
     pub fn len(&self) -> usize {
-        self.accounts.iter().map(|e| lock(e.value()).buckets.len()).sum()
+        self.room.held.load(Ordering::Relaxed)
     }
 
     /// Whether no bucket is held.
@@ -1005,12 +1110,29 @@ impl LocalStore {
     /// queue nothing, and accounts left without buckets, so memory follows the active
     /// accounts.
     pub fn sweep(&self, now: Instant) {
-        let now_t = self.tick(now);
+        self.sweep_at(self.tick(now));
+    }
+
+    /// [`LocalStore::sweep`]; returns the tick at which the first bucket kept may
+    /// become idle (a bucket with waiters: a second from now, to look again).
+    fn sweep_at(&self, now_t: Tick) -> Tick {
+        let mut next = Tick::MAX;
+        let mut dropped = 0;
         self.accounts.retain(|_, h| {
-            let h = h.get_mut().unwrap_or_else(PoisonError::into_inner);
-            h.buckets.retain(|b| b.expires > now_t || b.queued > 0 || b.paused_until > now_t);
+            let before = h.buckets.len();
+            h.buckets.retain(|b| {
+                let idle_at = if b.queued > 0 { now_t + 1_000_000 } else { b.expires.max(b.paused_until) };
+                let keep = idle_at > now_t;
+                if keep {
+                    next = next.min(idle_at);
+                }
+                keep
+            });
+            dropped += before - h.buckets.len();
             !h.buckets.is_empty() || !h.lanes.is_empty()
         });
+        self.room.held.fetch_sub(dropped, Ordering::Relaxed);
+        next
     }
 }
 
@@ -1090,6 +1212,33 @@ mod tests {
         assert_eq!(store.len(), 1);
         store.sweep(now + Duration::from_secs(2));
         assert_eq!(store.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_bucket_cap_evicts_idle_buckets_and_refuses_when_all_are_busy() {
+        let store = LocalStore::new();
+        store.set_max_buckets(2);
+        let d = |account| [demand(account, BucketId::Endpoint(0), 1, 1000)];
+        let now = Instant::now();
+        let far = now + Duration::from_secs(60);
+        store.reserve(&d(1), now, far, 10).unwrap();
+        // Account 2's second request waits: its bucket is busy however long ago it was made.
+        store.reserve(&d(2), now, far, 10).unwrap();
+        let queued = store.reserve(&d(2), now, far, 10).unwrap();
+        assert!(queued.is_queued());
+        let err = store.reserve(&d(3), now, far, 10).unwrap_err();
+        assert_eq!(err, Denied::TooManyBuckets { wait: Duration::from_secs(1) });
+        assert_eq!(store.accounts.len(), 2, "nothing kept for the refused account");
+        // Account 1's take has left its window: its bucket is idle and makes room.
+        let later = now + Duration::from_millis(1500);
+        assert_eq!(store.reserve(&d(3), later, far, 10).unwrap().at, later);
+        assert_eq!(store.len(), 2);
+        assert_eq!(store.queued(&d(2)[0].key), 1, "the bucket with a waiter stays");
+        assert!(store.bucket(&d(1)[0].key, |_| ()).is_none(), "the idle one went");
+        // Full again and busy: refused, with a sweep at most every ROOM_SWEEP_EVERY.
+        assert!(matches!(store.reserve(&d(4), later, far, 10), Err(Denied::TooManyBuckets { .. })));
+        // Requests of held buckets still go.
+        assert!(store.reserve(&d(3), later, far, 10).unwrap().is_queued());
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-pub use local::{BucketView, Grant, LocalStore, Place, Turn, MAX_DEMANDS};
+pub use local::{BucketView, Grant, LocalStore, Place, Turn, DEFAULT_MAX_BUCKETS, MAX_DEMANDS};
 pub use shared::{SharedStore, StoreState};
 pub use window::{Tick, WindowSpec};
 
@@ -211,6 +211,21 @@ pub enum Denied {
         /// When the request could go.
         wait: Duration,
     },
+    /// The request needs a bucket the store does not hold, and it holds as many as it
+    /// may (`limiter.max_buckets`), none of them idle.
+    TooManyBuckets {
+        /// When a held bucket may become idle.
+        wait: Duration,
+    },
+}
+
+impl Denied {
+    /// How long until a request like this one could be taken.
+    pub fn wait(self) -> Duration {
+        match self {
+            Denied::QueueFull { wait } | Denied::Deadline { wait } | Denied::TooManyBuckets { wait } => wait,
+        }
+    }
 }
 
 /// Converts a duration to window ticks (µs).

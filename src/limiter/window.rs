@@ -35,23 +35,38 @@ pub struct WindowLog {
     runs: VecDeque<Run>,
     /// Cumulative count before the first run (takes already pruned).
     base: u64,
+    /// Cumulative count through the newest run (`base` when empty), and the newest
+    /// run's tick: a decision that appends reads neither from the runs (whose newest
+    /// entry is a cache line of its own).
+    end: u64,
+    last: Tick,
+    /// No take leaves the window before this tick: pruning earlier need not look at the
+    /// oldest run (a cache line of its own once the log is long). Never later than the
+    /// oldest take's exit under the period last pruned with.
+    prune_at: Tick,
 }
 
 impl WindowLog {
     /// Drops takes that can no longer affect a decision at `now` or later.
     pub fn prune(&mut self, now: Tick, period: Tick) {
+        if now < self.prune_at {
+            return;
+        }
         while let Some(run) = self.runs.front() {
-            if run.tick.saturating_add(period) > now {
-                break;
+            let exit = run.tick.saturating_add(period);
+            if exit > now {
+                self.prune_at = exit;
+                return;
             }
             self.base = run.end;
             self.runs.pop_front();
         }
+        self.prune_at = 0;
     }
 
     /// Number of takes recorded (after pruning: those still inside a window).
     pub fn len(&self) -> u64 {
-        self.runs.back().map_or(0, |r| r.end - self.base)
+        self.end - self.base
     }
 
     /// Whether no take is recorded.
@@ -61,25 +76,27 @@ impl WindowLog {
 
     /// The latest take, if any.
     pub fn last(&self) -> Option<Tick> {
-        self.runs.back().map(|r| r.tick)
+        (!self.runs.is_empty()).then_some(self.last)
     }
 
     /// Takes recorded at ticks after `now` (reservations of queued requests).
     pub fn pending_after(&self, now: Tick) -> u64 {
         let idx = self.runs.partition_point(|r| r.tick <= now);
         let before = if idx == 0 { self.base } else { self.runs[idx - 1].end };
-        self.runs.back().map_or(0, |r| r.end - before)
+        self.end - before
     }
 
     /// The earliest tick, no earlier than `now` nor the latest take, at which one more
     /// take keeps every interval of `spec.period` at or under `spec.limit`.
     pub fn earliest(&self, now: Tick, spec: WindowSpec) -> Tick {
-        let Some(last) = self.runs.back() else { return now };
-        let mut t = now.max(last.tick);
+        if self.runs.is_empty() {
+            return now;
+        }
+        let mut t = now.max(self.last);
         let limit = u64::from(spec.limit);
         if self.len() >= limit {
             // The limit-th most recent take must be a whole period before the new one.
-            let target = last.end - limit + 1;
+            let target = self.end - limit + 1;
             let idx = self.runs.partition_point(|r| r.end < target);
             t = t.max(self.runs[idx].tick.saturating_add(spec.period));
         }
@@ -184,15 +201,17 @@ impl WindowLog {
 
     /// Records a take at `tick`, which must not be earlier than the latest take.
     pub fn record(&mut self, tick: Tick) {
-        match self.runs.back_mut() {
-            Some(run) if run.tick == tick => run.end += 1,
-            Some(run) => {
-                debug_assert!(run.tick < tick, "takes are recorded in order");
-                let end = run.end + 1;
-                self.runs.push_back(Run { tick, end });
+        self.end += 1;
+        if !self.runs.is_empty() && self.last == tick {
+            if let Some(run) = self.runs.back_mut() {
+                run.end = self.end;
             }
-            None => self.runs.push_back(Run { tick, end: self.base + 1 }),
+            return;
         }
+        debug_assert!(self.runs.is_empty() || self.last < tick, "takes are recorded in order");
+        // A store only: the new entry's line need not be read first.
+        self.runs.push_back(Run { tick, end: self.end });
+        self.last = tick;
     }
 
     /// Records `n` takes at any `tick`, even before later ones: takes that are not the
@@ -203,16 +222,22 @@ impl WindowLog {
         if n == 0 {
             return;
         }
-        match self.runs.back_mut() {
-            Some(run) if run.tick == tick => return run.end += n,
-            Some(run) if run.tick < tick => {
-                let end = run.end + n;
-                return self.runs.push_back(Run { tick, end });
+        self.end += n;
+        if self.runs.is_empty() || self.last < tick {
+            self.runs.push_back(Run { tick, end: self.end });
+            self.last = tick;
+            return;
+        }
+        if self.last == tick {
+            if let Some(run) = self.runs.back_mut() {
+                run.end = self.end;
             }
-            None => return self.runs.push_back(Run { tick, end: self.base + n }),
-            Some(_) => {}
+            return;
         }
         let idx = self.runs.partition_point(|r| r.tick < tick);
+        if idx == 0 {
+            self.prune_at = 0;
+        }
         let before = if idx == 0 { self.base } else { self.runs[idx - 1].end };
         if self.runs.get(idx).is_none_or(|r| r.tick != tick) {
             self.runs.insert(idx, Run { tick, end: before });
@@ -231,8 +256,15 @@ impl WindowLog {
         for run in self.runs.range_mut(idx..) {
             run.end -= 1;
         }
+        self.end -= 1;
         if self.runs[idx].end == prev {
             self.runs.remove(idx);
+            if idx == 0 {
+                self.prune_at = 0;
+            }
+            if let Some(back) = self.runs.back() {
+                self.last = back.tick;
+            }
         }
         true
     }

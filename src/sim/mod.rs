@@ -46,10 +46,20 @@ pub struct SimOptions {
     pub tls: bool,
     /// Added to every response.
     pub latency: Duration,
+    /// With `tls`: each new connection's handshake starts this late, as a distant
+    /// server's round trips delay it (a cold client pool pays it per connection).
+    pub handshake_delay: Duration,
     /// Lift every limit (for measuring the proxy's overhead against a fast upstream).
     pub unlimited: bool,
     /// Faults in force from the start ([`Simulator::set_faults`] changes them).
     pub faults: Faults,
+    /// Most buckets held (`None`: [`MAX_BUCKETS`]): a long load test with many keys
+    /// must not grow the simulator without end. Idle buckets go first, then the least
+    /// recently used.
+    pub max_buckets: Option<usize>,
+    /// Most event `unique_id`s remembered (`None`: [`MAX_EVENT_IDS`]); past it the
+    /// oldest are forgotten (counted in [`EventStats::forgotten`]).
+    pub max_event_ids: Option<usize>,
     /// Credentials (the token after the scheme: a `pk_` key or an OAuth access token)
     /// mapped to their accounts, ahead of the naming rule of [`account_alias`].
     pub credentials: HashMap<String, SimCredential>,
@@ -139,6 +149,12 @@ fn canonical(authorization: &str) -> Option<String> {
 const WINDOW_NAMES: [&str; 3] = ["burst", "steady", "daily"];
 const WINDOW_SECS: [u64; 3] = [1, 60, 86_400];
 
+/// Buckets the simulator holds at most, by default.
+pub const MAX_BUCKETS: usize = 50_000;
+
+/// Event ids the simulator remembers at most, by default.
+pub const MAX_EVENT_IDS: usize = 1_000_000;
+
 #[derive(Debug)]
 struct Window {
     limit: u32,
@@ -203,6 +219,8 @@ struct Bucket {
     windows: Vec<Window>,
     requests: u64,
     throttled: u64,
+    /// The latest request counted (for eviction at the cap).
+    last: Instant,
 }
 
 /// One bucket's counters in [`Stats`].
@@ -255,8 +273,10 @@ pub struct Stats {
 }
 
 /// Requests arriving this soon after a bucket's first 429 reached the client (the
-/// simulator's latency after deciding it) were already on the wire.
-const IN_FLIGHT_GRACE: Duration = Duration::from_millis(50);
+/// simulator's latency after deciding it) were already on the wire. Generous: on a
+/// loaded machine a request written before the client read the 429 can be parsed
+/// here a few hundred milliseconds later, and `inside_retry_after` counts every one.
+const IN_FLIGHT_GRACE: Duration = Duration::from_millis(300);
 
 /// (account alias, endpoint, condition index).
 type BucketKey = (String, usize, Option<usize>);
@@ -280,7 +300,9 @@ struct State {
     /// Deliveries per event `unique_id` (Klaviyo deduplicates on it), and the ids in
     /// order of first arrival.
     events: Mutex<HashMap<String, u32>>,
-    arrival: Mutex<Vec<String>>,
+    arrival: Mutex<std::collections::VecDeque<String>>,
+    /// Ids dropped from `events` at the bound.
+    forgotten: std::sync::atomic::AtomicU64,
     /// Per bucket, the end of the last `Retry-After` it announced, and how many
     /// requests came before that end.
     throttled_until: Mutex<HashMap<BucketKey, (Instant, Instant)>>,
@@ -309,6 +331,10 @@ pub struct EventStats {
     pub ids: Vec<String>,
     /// The ids in the order they first arrived.
     pub arrival: Vec<String>,
+    /// Ids forgotten to stay within the simulator's bound (their repeats then count
+    /// as new).
+    #[serde(default)]
+    pub forgotten: u64,
 }
 
 /// The status page path: Klaviyo's is a statuspage.io page, `api/v2/status.json`.
@@ -354,7 +380,8 @@ impl Simulator {
             gate,
             generation: std::sync::atomic::AtomicU64::new(0),
             events: Mutex::new(HashMap::new()),
-            arrival: Mutex::new(Vec::new()),
+            arrival: Mutex::new(Default::default()),
+            forgotten: Default::default(),
             throttled_until: Mutex::new(HashMap::new()),
             early: Mutex::new(0),
             inside: Mutex::new(0),
@@ -367,7 +394,11 @@ impl Simulator {
         let (stop, stopped) = oneshot::channel::<()>();
         let svc_state = state.clone();
         let service = hyper::service::service_fn(move |req| handle(svc_state.clone(), req));
-        let limits = ConnLimits { drain_timeout: Duration::from_secs(1), ..ConnLimits::default() };
+        let limits = ConnLimits {
+            drain_timeout: Duration::from_secs(1),
+            handshake_delay: state.options.handshake_delay,
+            ..ConnLimits::default()
+        };
         let stopped = async {
             let _ = stopped.await;
         };
@@ -513,7 +544,8 @@ impl State {
             duplicates: deliveries - ids.len() as u64,
             without_id: events.get("").map_or(0, |n| u64::from(*n)),
             ids,
-            arrival: lock(&self.arrival).clone(),
+            arrival: lock(&self.arrival).iter().cloned().collect(),
+            forgotten: self.forgotten.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -583,6 +615,8 @@ impl State {
         let mut buckets = lock(&self.buckets);
         let mut keys = vec![(account.to_string(), op.endpoint, None)];
         keys.extend(conditions.iter().map(|&c| (account.to_string(), op.endpoint, Some(c))));
+        let new = keys.iter().filter(|k| !buckets.contains_key(*k)).count();
+        self.evict(&mut buckets, new, now);
         for key in &keys {
             if !buckets.contains_key(key) {
                 let mut rng = lock(&self.rng);
@@ -603,13 +637,17 @@ impl State {
                 if let Some(d) = limits.2 {
                     windows.push(Window::new(d, WINDOW_SECS[2], &mut rng));
                 }
-                buckets.insert(key.clone(), Bucket { operation: op.id, kind, windows, requests: 0, throttled: 0 });
+                buckets.insert(
+                    key.clone(),
+                    Bucket { operation: op.id, kind, windows, requests: 0, throttled: 0, last: now },
+                );
             }
         }
         let mut wait = Duration::ZERO;
         for key in &keys {
             let b = buckets.get_mut(key).expect("inserted above");
             b.requests += 1;
+            b.last = now;
             for w in &mut b.windows {
                 let (index, left) = w.position(elapsed);
                 if !self.options.unlimited && w.count_in(index) >= w.limit {
@@ -697,8 +735,41 @@ impl State {
         let seen = events.entry(id.clone()).or_insert(0);
         *seen += 1;
         if *seen == 1 && !id.is_empty() {
-            lock(&self.arrival).push(id);
+            let mut arrival = lock(&self.arrival);
+            arrival.push_back(id);
+            let cap = self.options.max_event_ids.unwrap_or(MAX_EVENT_IDS).max(1);
+            // Past the bound, the oldest tenth goes at once (amortised, not per event).
+            if arrival.len() > cap {
+                let n = (arrival.len() - cap + cap / 10).min(arrival.len());
+                for old in arrival.drain(..n) {
+                    events.remove(&old);
+                }
+                self.forgotten.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
         }
+    }
+
+    /// Makes room for `new` more buckets: first those whose every window has passed
+    /// since their last request (they hold nothing), then the least recently used.
+    fn evict(&self, buckets: &mut HashMap<BucketKey, Bucket>, new: usize, now: Instant) {
+        let cap = self.options.max_buckets.unwrap_or(MAX_BUCKETS).max(new);
+        if buckets.len() + new <= cap {
+            return;
+        }
+        let longest = |b: &Bucket| Duration::from_secs(WINDOW_SECS[b.windows.len() - 1]);
+        buckets.retain(|_, b| now.duration_since(b.last) < longest(b));
+        if buckets.len() + new > cap {
+            // Amortised: a tenth of the cap at once, oldest first.
+            let mut by_age: Vec<(Instant, BucketKey)> = buckets.iter().map(|(k, b)| (b.last, k.clone())).collect();
+            by_age.sort_unstable_by_key(|(last, _)| *last);
+            let n = buckets.len() + new - cap + cap / 10;
+            for (_, key) in by_age.into_iter().take(n) {
+                buckets.remove(&key);
+            }
+        }
+        let mut until = lock(&self.throttled_until);
+        until.retain(|k, _| buckets.contains_key(k));
+        lock(&self.holds).retain(|k, _| buckets.contains_key(k));
     }
 }
 

@@ -85,17 +85,16 @@ where
                 Ok(resp) => resp.status().is_server_error(),
                 Err(e) => may_defer(e),
             };
-            if let (Some(kept), true) = (kept, undelivered) {
-                if let Some(accepted) = proxy.defer(&kept).await {
-                    return Ok(accepted);
-                }
+            match (kept, undelivered) {
+                (Some(kept), true) => proxy.defer(&kept).await,
+                _ => result,
             }
-            result
         })
     }
 }
 
-/// The spool's 202 when `spool` and the spool takes the write, `error` otherwise.
+/// The spool's answer when `spool` (202, or 503 when it cannot store the write),
+/// `error` otherwise.
 async fn accept_or(
     proxy: &Proxy,
     spool: bool,
@@ -103,9 +102,7 @@ async fn accept_or(
     error: ProxyError,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if spool {
-        if let Some(accepted) = proxy.defer(routed).await {
-            return Ok(accepted);
-        }
+        return proxy.defer(routed).await;
     }
     Err(error)
 }
@@ -226,6 +223,24 @@ mod tests {
         // A client error is Klaviyo's final word: not spooled.
         assert!(matches!(send(&f, Err(ProxyError::BodyRead)).await, Err(ProxyError::BodyRead)));
         assert_eq!(f.calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_full_spool_refuses_instead_of_acknowledging() {
+        let f = fixture("max_entries = 1\n");
+        assert!(send(&f, Err(ProxyError::UpstreamUnreachable)).await.unwrap().headers().contains_key(SPOOL_ID_HEADER));
+        for answer in [Err(ProxyError::UpstreamUnreachable), Ok(StatusCode::BAD_GATEWAY)] {
+            let err = send(&f, answer).await.unwrap_err();
+            assert!(matches!(err, ProxyError::SpoolFull { .. }), "{err:?}");
+            let resp = err.into_response("rid");
+            assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert!(resp.headers().contains_key("retry-after"));
+        }
+        // Under the kill switch too.
+        let f = fixture("max_entries = 1\n[upstream]\nenabled = false\n");
+        send(&f, Ok(StatusCode::OK)).await.unwrap();
+        assert!(matches!(send(&f, Ok(StatusCode::OK)).await, Err(ProxyError::SpoolFull { .. })));
+        assert_eq!(f.proxy.spool().unwrap().pending_len().unwrap(), 1);
     }
 
     #[tokio::test]

@@ -93,6 +93,15 @@ impl Proxy {
             // The limiter: a token in every bucket; a requeued request keeps its place.
             // After a 429 the local store's bucket ramps: a probe first, then 1, 2, 4, ….
             let depth = config.queue.max_depth;
+            // A connection in hand before the token: a token taken before a handshake
+            // would be stamped a handshake before the request reaches Klaviyo (see
+            // `upstream::pool`). Only while the breaker is closed: open, it answers at
+            // once; half-open, only its probe may reach Klaviyo.
+            let closed = !config.breaker.enabled || self.breaker.phase() == breaker::Phase::Closed;
+            let lease = match limited && closed {
+                true => upstream.lease().await,
+                false => None,
+            };
             let (waited, mut pass) = match (&self.limiter, requeued.take()) {
                 (Limiter::Local(store), requeued) if limited => {
                     let requeued = match requeued {
@@ -139,7 +148,7 @@ impl Proxy {
             };
             let sent = Instant::now();
             record.update(|o| o.attempts += 1);
-            let result = upstream.send(parts, body.clone()).await;
+            let result = upstream.send_on(lease, parts, body.clone()).await;
             let latency = sent.elapsed();
             record.update(|o| o.upstream = Some(latency));
             let now = Instant::now();
@@ -185,9 +194,7 @@ impl Proxy {
                             continue;
                         }
                         Err(denied) => {
-                            let (Denied::Deadline { wait: retry_after } | Denied::QueueFull { wait: retry_after }) =
-                                denied;
-                            return Err(ProxyError::UpstreamThrottled { operation: label, retry_after });
+                            return Err(ProxyError::UpstreamThrottled { operation: label, retry_after: denied.wait() });
                         }
                     }
                 }

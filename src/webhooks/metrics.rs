@@ -116,6 +116,19 @@ impl WebhookMetrics {
         self.received.get_or_create(&KindLabel { kind: kind.as_str() }).inc();
     }
 
+    /// Webhooks refused so far, every reason together (for the checklist).
+    pub fn rejected_total(&self) -> u64 {
+        Rejection::ALL.iter().map(|r| self.rejected.get_or_create(&ReasonLabel { reason: r.as_str() }).get()).sum()
+    }
+
+    /// Webhooks received so far, both kinds together (for the checklist).
+    pub fn received_total(&self) -> u64 {
+        [Kind::System, Kind::Flow]
+            .iter()
+            .map(|k| self.received.get_or_create(&KindLabel { kind: k.as_str() }).get())
+            .sum()
+    }
+
     /// Counts a refused webhook.
     pub fn rejected(&self, reason: Rejection) {
         self.rejected.get_or_create(&ReasonLabel { reason: reason.as_str() }).inc();

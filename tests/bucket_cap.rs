@@ -1,0 +1,148 @@
+//! Issue 13 item 2 through the real binary: a flood of requests, each with a credential
+//! of its own, against the simulator. The buckets, the account cache and the metric
+//! series they create stay bounded; requests that would need a bucket beyond
+//! `limiter.max_buckets` (none idle) get a 503 of the proxy's own; accounts already
+//! held keep being served.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use http::{Method, StatusCode};
+use klaviyo_proxy::sim::SimOptions;
+use support::process::{self, Running};
+
+const BIN: &str = env!("CARGO_BIN_EXE_klaviyo-proxy");
+
+/// Requests, each with a key never seen before. Issue 13 asks for 200,000; a debug
+/// build on the 2-core development machine, loaded by three other builds (load 10),
+/// served about 120 a second, so the flood is what fits in about 30 s there: the
+/// bounds below are what must not grow with it.
+const FLOOD: usize = 4_000;
+/// `limiter.max_buckets` for the test: well below the flood, so the cap is reached.
+const CAP: usize = 1_500;
+/// `accounts.cache_entries` for the test: each bogus key fails its lookup (or is
+/// turned away from the lookup gate) and is remembered as failed, up to this many.
+const CACHE: usize = 1_000;
+/// Concurrent keep-alive connections.
+const CONNECTIONS: usize = 64;
+/// Resident memory the proxy may grow by over the second half of the flood, once the
+/// cap is reached: what is held must not grow with the keys sent.
+const LATE_GROWTH_MB: f64 = 8.0;
+/// Resident memory of the whole proxy (a debug build) at the end of the flood.
+const RSS_MB: f64 = 100.0;
+/// Samples `/metrics` may show at the end (177 when written: the flood's accounts all
+/// show as `other`).
+const MAX_SAMPLES: usize = 500;
+
+fn rss_mb(child: &Running) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.0.id())).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb / 1024.0
+}
+
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bogus_keys_stays_bounded() {
+    let sim = Arc::new(support::sim(SimOptions::default()).await);
+    let dir = std::env::temp_dir().join(format!("kp-bucket-cap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("proxy.toml");
+    // Account resolution stays on, as by default; a first lookup that cannot have the
+    // one-per-second gate at once goes on without waiting (by default a new key waits
+    // up to 10 s for it, which would make this flood take hours).
+    std::fs::write(
+        &config,
+        format!("[limiter]\nmax_buckets = {CAP}\n[accounts]\nlookup_max_wait_ms = 0\ncache_entries = {CACHE}\n"),
+    )
+    .unwrap();
+    let (child, urls) =
+        process::start_urls(BIN, &process::serve_args(&sim.url, Some(config.to_str().unwrap())), &[], 2);
+    let (proxy, admin) = (urls[0].clone(), urls[1].clone());
+    let client = support::client();
+    let lists = format!("{proxy}/api/lists");
+    assert_eq!(support::get(&client, &lists, support::KEY_A).await.status, StatusCode::OK);
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let run = |upto: usize| {
+        let tasks: Vec<_> = (0..CONNECTIONS)
+            .map(|_| {
+                let (client, lists, next, sim) = (client.clone(), lists.clone(), next.clone(), sim.clone());
+                tokio::spawn(async move {
+                    let mut seen: BTreeMap<(u16, String), usize> = BTreeMap::new();
+                    loop {
+                        let Ok(i) =
+                            next.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |i| (i < upto).then_some(i + 1))
+                        else {
+                            return seen;
+                        };
+                        let auth = format!("Klaviyo-API-Key pk_bogus_{i:08}_0123456789abcdef");
+                        // Half of them revoked: Klaviyo answers 401 (counted as auth failures).
+                        if i % 2 == 0 {
+                            sim.revoke(&auth);
+                        }
+                        let r = support::send(&client, Method::GET, &lists, &[("authorization", &auth)], "").await;
+                        if r.status == StatusCode::SERVICE_UNAVAILABLE {
+                            assert!(r.header("retry-after").is_some_and(|s| s.parse::<u64>().unwrap() >= 1));
+                            assert_eq!(r.json()["errors"][0]["code"], "proxy_too_many_buckets");
+                        }
+                        let why = r.header("x-klaviyo-proxy-error").unwrap_or("").to_string();
+                        *seen.entry((r.status.as_u16(), why)).or_default() += 1;
+                    }
+                })
+            })
+            .collect();
+        async move {
+            let mut seen: BTreeMap<(u16, String), usize> = BTreeMap::new();
+            for t in tasks {
+                for (k, n) in t.await.unwrap() {
+                    *seen.entry(k).or_default() += n;
+                }
+            }
+            seen
+        }
+    };
+    let started = std::time::Instant::now();
+    let mut seen = run(FLOOD / 2).await;
+    let half = rss_mb(&child);
+    for (k, n) in run(FLOOD).await {
+        *seen.entry(k).or_default() += n;
+    }
+    let end = rss_mb(&child);
+    let took = started.elapsed();
+    let metrics = support::send(&client, Method::GET, &format!("{admin}/metrics"), &[], "").await;
+    let metrics = String::from_utf8(metrics.body.to_vec()).unwrap();
+    let samples = metrics.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).count();
+    let buckets = sample(&metrics, "klaviyo_proxy_active_buckets").unwrap();
+    eprintln!(
+        "{FLOOD} keys in {took:?}: {seen:?}; RSS {half:.1} MB at half, {end:.1} MB at the end; \
+         {buckets} buckets, {samples} samples in /metrics"
+    );
+
+    assert_eq!(seen.values().sum::<usize>(), FLOOD);
+    let refused = seen.get(&(503, "proxy_too_many_buckets".to_string())).copied().unwrap_or(0);
+    let forwarded =
+        seen.get(&(200, String::new())).copied().unwrap_or(0) + seen.get(&(401, String::new())).copied().unwrap_or(0);
+    assert_eq!(refused + forwarded, FLOOD, "only upstream answers and the cap's 503: {seen:?}");
+    assert!(refused > 0, "the cap was reached: {seen:?}");
+    assert!(buckets <= CAP as f64, "{buckets} buckets held over the cap of {CAP}");
+    assert!(end - half <= LATE_GROWTH_MB, "RSS grew {:.1} MB over the second half", end - half);
+    assert!(end <= RSS_MB, "RSS {end:.1} MB");
+    assert!(samples <= MAX_SAMPLES, "{samples} samples in /metrics");
+    let unresolved = sample(&metrics, "klaviyo_proxy_accounts_unresolved").unwrap();
+    assert!(unresolved <= CACHE as f64, "{unresolved} failed lookups remembered over {CACHE}");
+    // An account held before the flood is served as before.
+    assert_eq!(support::get(&client, &lists, support::KEY_A).await.status, StatusCode::OK);
+    drop(child);
+    let _ = std::fs::remove_dir_all(&dir);
+}
