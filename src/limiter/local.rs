@@ -162,6 +162,13 @@ struct Holder {
 type Indexes = ([usize; MAX_DEMANDS], usize);
 
 impl Holder {
+    /// Adds a bucket, growing the list by one: most accounts hold one or two buckets,
+    /// and a list that doubled would hold room for four (a few hundred bytes each).
+    fn add(&mut self, bucket: Bucket) {
+        self.buckets.reserve_exact(1);
+        self.buckets.push(bucket);
+    }
+
     fn index(&self, id: BucketId) -> Option<usize> {
         self.buckets.iter().position(|b| b.id == id)
     }
@@ -177,7 +184,7 @@ impl Holder {
                 // next sweep for room takes it.
                 None if !room.claim(strict) => return None,
                 None => {
-                    self.buckets.push(Bucket::new(d.key.bucket, d.windows));
+                    self.add(Bucket::new(d.key.bucket, d.windows));
                     if let Some(k) = self.full.iter().position(|(id, _)| *id == d.key.bucket) {
                         let (_, from) = self.full.swap_remove(k);
                         self.buckets.last_mut().expect("just pushed").fill(from);
@@ -589,7 +596,7 @@ impl LocalStore {
             b.expires = b.expires.max(b.paused_until);
             self.with_account(Account(account), |h| {
                 if h.index(id).is_none() && self.room.claim(false) {
-                    h.buckets.push(b);
+                    h.add(b);
                 }
             });
         }
