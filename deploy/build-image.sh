@@ -29,7 +29,8 @@ command -v buildah >/dev/null || fail "buildah is not installed (apt-get install
 
 say "static binary ($TARGET, crt-static)"
 # --target keeps RUSTFLAGS off build scripts and proc macros, which must stay dynamic.
-RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --locked --target "$TARGET" --bin klaviyo-proxy
+# Symbols stripped: the image carries no profiler (local release builds keep them for perf).
+RUSTFLAGS='-C target-feature=+crt-static -C strip=symbols' cargo build --release --locked --target "$TARGET" --bin klaviyo-proxy
 ldd_out=$(ldd "$BIN" 2>&1 || true)
 case "$ldd_out" in
   *"not a dynamic executable"*|*"statically linked"*) say "ldd: $ldd_out" ;;
