@@ -196,18 +196,22 @@ struct Binary {
 }
 
 fn start_binary(config: &Path) -> Binary {
+    // Both listeners on free ports: tests run in parallel, and the admin listener's
+    // default port would let only one of them start.
     let mut child = Command::new(env!("CARGO_BIN_EXE_klaviyo-proxy"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--config"])
         .arg(config)
         .env_remove("KLAVIYO_ENABLED")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("the proxy binary starts");
-    let stdout = child.stdout.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
+    stdout.read_line(&mut line).unwrap();
     let addr = line.trim().rsplit("http://").next().unwrap().parse().expect("the proxy prints its address");
+    // Keep draining stdout so the child never writes to a closed pipe.
+    std::thread::spawn(move || for _ in stdout.lines() {});
     Binary { child, addr }
 }
 
