@@ -96,7 +96,9 @@ impl Pool {
         if let Some(s) = self.take_idle() {
             return Ok((s, true));
         }
-        Ok((self.connect().await?, false))
+        // Boxed: a TCP+TLS+HTTP handshake is a future of kilobytes, which would
+        // otherwise sit in (and be copied with) every request's state, pooled or not.
+        Ok((Box::pin(self.connect()).await?, false))
     }
 
     fn take_idle(&self) -> Option<Sender> {
