@@ -5,8 +5,9 @@
 //! bunched against the next one (a window over its limit at Klaviyo, with every slot
 //! correct in the log). A [`Lease`] taken before queueing removes that gap.
 //!
-//! HTTP/2 (by ALPN) shares one connection among all requests; HTTP/1 connections go
-//! back to the pool once their response has been read to the end.
+//! HTTP/2 (by ALPN) shares one connection among all requests. An HTTP/1 connection
+//! goes back to the list when its response head arrives, and is taken again only
+//! once that response has been read to the end.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -107,9 +108,16 @@ impl Pool {
         }
         let now = Instant::now();
         let mut idle = lock(&self.idle);
-        while let Some(entry) = idle.pop() {
-            if now.duration_since(entry.since) < self.idle_timeout && entry.sender.usable() {
-                return Some(entry.sender);
+        // Newest first. One still reading its last response stays for later; closed
+        // and expired ones go.
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            let entry = &idle[i];
+            if !entry.sender.open() || now.duration_since(entry.since) >= self.idle_timeout {
+                idle.swap_remove(i);
+            } else if entry.sender.usable() {
+                return Some(idle.swap_remove(i).sender);
             }
         }
         None
@@ -129,22 +137,15 @@ impl Pool {
         Ok(Sender::H1(sender))
     }
 
-    /// Puts a sender back once it can take another request (an HTTP/1 connection
-    /// after its response was read to the end; a closed one is dropped).
+    /// Puts a sender back. An HTTP/1 connection is usually still reading its
+    /// response then: it waits in the list, and is taken once it is ready again (read
+    /// to the end) rather than watched by a task of its own, which cost a spawn and a
+    /// wake-up per request.
     pub fn give_back(self: &Arc<Self>, sender: Sender) {
         match sender {
             Sender::H2(_) => {}
-            Sender::H1(mut s) => {
-                if s.is_ready() {
-                    return self.park(Sender::H1(s));
-                }
-                let pool = self.clone();
-                tokio::spawn(async move {
-                    if s.ready().await.is_ok() {
-                        pool.park(Sender::H1(s));
-                    }
-                });
-            }
+            Sender::H1(s) if s.is_closed() => {}
+            h1 => self.park(h1),
         }
     }
 
