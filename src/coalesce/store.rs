@@ -341,6 +341,18 @@ mod tests {
         }
     }
 
+    /// Opens the file again; the writer thread of the store before may still hold it
+    /// briefly.
+    fn reopen(path: &Path) -> (Store, Vec<Record>) {
+        for _ in 0..500 {
+            match Store::open(path) {
+                Ok(r) => return r,
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        panic!("{} does not reopen", path.display());
+    }
+
     #[test]
     fn records_round_trip() {
         let mut r = record("u1");
@@ -373,17 +385,7 @@ mod tests {
         assert_eq!(store.write_error(), None);
         store.remove(vec![1]).await.unwrap();
         drop(store);
-        let mut reopened = None;
-        for _ in 0..500 {
-            match Store::open(&path) {
-                Ok(r) => {
-                    reopened = Some(r);
-                    break;
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-        let (_store, pending) = reopened.expect("reopens");
+        let (_store, pending) = reopen(&path);
         assert_eq!(pending.iter().map(|r| (r.id, r.unique_id.as_str())).collect::<Vec<_>>(), [(2, "b")]);
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -408,18 +410,7 @@ mod tests {
             assert!(b > a);
             store.remove(vec![a]).await.unwrap();
         }
-        // The writer thread of the first store may still hold the file briefly.
-        let mut reopened = None;
-        for _ in 0..500 {
-            match Store::open(&path) {
-                Ok(r) => {
-                    reopened = Some(r);
-                    break;
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-        let (_store, pending) = reopened.expect("reopens");
+        let (_store, pending) = reopen(&path);
         assert_eq!(pending.iter().map(|r| r.unique_id.as_str()).collect::<Vec<_>>(), ["b"]);
         #[cfg(unix)]
         {
