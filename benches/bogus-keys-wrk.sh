@@ -7,7 +7,10 @@
 # tests/bucket_cap.rs runs the same flood at 4,000 keys on a debug build.
 #
 #   cargo build --release --bin klaviyo-proxy
-#   benches/bogus-keys-wrk.sh            # KEYS=200000 CONNS=64 THREADS=2
+#   benches/bogus-keys-wrk.sh            # KEYS=200000 CONNS=64 THREADS=2 SECS=300
+#
+# Each half of the flood stops once every wrk thread has its share of answers, or
+# after SECS (a bound, should a thread's last connections stall).
 #
 # PROXY_TOML adds config lines (e.g. `[limiter]` `max_buckets = 1000`). By default
 # the config is the shipped one except `accounts.lookup_max_wait_ms = 0`: a first
@@ -96,8 +99,8 @@ function done(summary, latency, requests)
   for _, th in ipairs(threads) do
     for k, _ in pairs(t) do t[k] = t[k] + th:get(k) end
   end
-  io.write(string.format("answers: %d (2xx %d, 401 %d, 429 %d, 503 %d, other %d); socket errors: %d\n",
-    t.answered, t.s2xx, t.s401, t.s429, t.s503, t.other,
+  io.write(string.format("requests: %d; answers: %d (2xx %d, 401 %d, 429 %d, 503 %d, other %d); socket errors: %d\n",
+    summary.requests, t.answered, t.s2xx, t.s401, t.s429, t.s503, t.other,
     summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
 end
 EOF
@@ -106,10 +109,10 @@ flood() {
     local n=$1 round=$2
     local share=$(( n / THREADS ))
     local started=$SECONDS
-    wrk -t "$THREADS" -c "$CONNS" -d 3600s --timeout 60s -s "$WORK/flood.lua" \
+    wrk -t "$THREADS" -c "$CONNS" -d "${SECS:-300}s" --timeout 60s -s "$WORK/flood.lua" \
         "http://127.0.0.1:$PROXY_PORT" -- "$share" "$round" >"$WORK/wrk-$round.txt"
-    grep -E '^answers' "$WORK/wrk-$round.txt"
-    echo "  took $(( SECONDS - started )) s"
+    grep -E '^requests' "$WORK/wrk-$round.txt"
+    echo "  wrk ended after $(( SECONDS - started )) s (it waits out SECS once its threads stop)"
 }
 
 echo "flood: $KEYS distinct keys over $CONNS connections, $THREADS wrk threads"
