@@ -42,27 +42,8 @@ done
 [ -x "$BIN" ] || { echo "build it first: cargo build --release --bin klaviyo-proxy" >&2; exit 1; }
 HAPROXY=$(command -v haproxy || true)
 
-WORK=$(mktemp -d /tmp/klaviyo-proxy-overhead.XXXXXX)
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    if [ -n "${KEEP:-}" ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-wait_port() {
-    for _ in $(seq 1 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "nothing listens on port $1" >&2
-    exit 1
-}
+# shellcheck source=benches/common.sh
+. "$ROOT/benches/common.sh" overhead
 
 # nginx in the foreground, one worker; $1 name, $2 port, $3 the http{} body.
 start_nginx() {

@@ -20,7 +20,7 @@
 //! credential and counted, and the lookup is tried again after `accounts.retry_ms`. A
 //! known account whose refresh fails stays known until the next try.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -128,7 +128,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// (reloads keep it).
 #[derive(Debug)]
 pub struct Resolver {
-    entries: Mutex<HashMap<Fingerprint, Entry>>,
+    entries: Mutex<Cache>,
     flights: Mutex<HashMap<Fingerprint, Arc<tokio::sync::Mutex<()>>>>,
     /// `<limiter.state_path>.accounts`, when set.
     path: Option<PathBuf>,
@@ -149,14 +149,18 @@ impl Resolver {
     /// sharing through `redis`.
     pub fn new(state_path: Option<&Path>, redis: Option<RedisStore>, metrics: Arc<Metrics>) -> Self {
         let path = state_path.map(cache_path);
-        let mut entries = HashMap::new();
+        let mut entries = Cache::default();
         if let Some(path) = &path {
             match std::fs::read(path) {
                 Ok(bytes) => match serde_json::from_slice::<Vec<Persisted>>(&bytes) {
                     Ok(kept) => {
                         let now = now_ms();
                         for p in kept.into_iter().filter(|p| p.expires_ms > now) {
-                            entries.insert(p.fingerprint, Entry::Known { account: p.account, expires: p.expires_ms });
+                            entries.insert(
+                                p.fingerprint,
+                                Entry::Known { account: p.account, expires: p.expires_ms },
+                                usize::MAX,
+                            );
                         }
                         tracing::info!(path = %path.display(), accounts = entries.len(), "account cache loaded");
                     }
@@ -319,7 +323,7 @@ impl Resolver {
         if let Some(account) = previous {
             let expires = now_ms().saturating_add(retry.as_millis() as u64);
             tracing::debug!(fingerprint = fp.short(), reason = failure.as_str(), "account refresh failed");
-            insert(&mut entries, fp.clone(), Entry::Known { account: account.clone(), expires }, config);
+            entries.insert(fp.clone(), Entry::Known { account: account.clone(), expires }, cap(config));
             return Identity::Account(account);
         }
         let first = !matches!(entries.get(fp), Some(Entry::Failed { .. }));
@@ -332,7 +336,7 @@ impl Resolver {
                 "cannot tell the account behind a credential: it keeps buckets of its own"
             );
         }
-        insert(&mut entries, fp.clone(), Entry::Failed { retry_at: Instant::now() + retry }, config);
+        entries.insert(fp.clone(), Entry::Failed { retry_at: Instant::now() + retry }, cap(config));
         self.count_unresolved(&entries);
         Identity::Own
     }
@@ -340,7 +344,7 @@ impl Resolver {
     fn learn(&self, fp: &Fingerprint, account: &str, expires: u64, config: &Config) {
         let kept = {
             let mut entries = lock(&self.entries);
-            insert(&mut entries, fp.clone(), Entry::Known { account: account.to_string(), expires }, config);
+            entries.insert(fp.clone(), Entry::Known { account: account.to_string(), expires }, cap(config));
             self.count_unresolved(&entries);
             self.path.is_some().then(|| persisted(&entries))
         };
@@ -352,8 +356,8 @@ impl Resolver {
         }
     }
 
-    fn count_unresolved(&self, entries: &HashMap<Fingerprint, Entry>) {
-        let n = entries.values().filter(|e| matches!(e, Entry::Failed { .. })).count();
+    fn count_unresolved(&self, entries: &Cache) {
+        let n = entries.failed();
         self.metrics.accounts_unresolved(n);
     }
 
@@ -390,41 +394,101 @@ fn declared(config: &Config, credential: &Credential, fp: &Fingerprint) -> Optio
     (ours == *credential).then(|| name.as_str().to_string())
 }
 
-/// Inserts, making room first: expired entries go, then the one expiring soonest.
-fn insert(entries: &mut HashMap<Fingerprint, Entry>, fp: Fingerprint, entry: Entry, config: &Config) {
-    let cap = config.accounts.cache_entries.get() as usize;
-    if entries.len() >= cap && !entries.contains_key(&fp) {
-        let (now, now_ms) = (Instant::now(), now_ms());
-        entries.retain(|_, e| match e {
-            Entry::Known { expires, .. } => *expires > now_ms,
-            Entry::Failed { retry_at } => *retry_at > now,
-        });
-        while entries.len() >= cap {
-            // Failed entries first (they cost one retry), then the oldest answers.
-            let victim = entries
-                .iter()
-                .min_by_key(|(_, e)| match e {
-                    Entry::Failed { .. } => (0, 0),
-                    Entry::Known { expires, .. } => (1, *expires),
-                })
-                .map(|(k, _)| k.clone());
-            match victim {
-                Some(k) => entries.remove(&k),
-                None => break,
-            };
-        }
-    }
-    entries.insert(fp, entry);
+fn cap(config: &Config) -> usize {
+    config.accounts.cache_entries.get() as usize
 }
 
-fn persisted(entries: &HashMap<Fingerprint, Entry>) -> Vec<u8> {
-    let kept: Vec<Persisted> = entries
-        .iter()
-        .filter_map(|(fp, e)| match e {
-            Entry::Known { account, expires } => {
-                Some(Persisted { fingerprint: fp.clone(), account: account.clone(), expires_ms: *expires })
-            }
+/// The cache of answers, bounded. Full, a new entry makes room in O(log n): the
+/// entries that expired go (each once), then a failed one (the one to retry soonest),
+/// else the answer expiring soonest. A flood of bogus keys costs no scan of the cache.
+#[derive(Debug, Default)]
+struct Cache {
+    /// Each entry with its sequence number (ties in the orders below).
+    map: HashMap<Fingerprint, (Entry, u64)>,
+    /// Known entries by expiry.
+    known: BTreeMap<(u64, u64), Fingerprint>,
+    /// Failed entries by retry time.
+    failed: BTreeMap<(Instant, u64), Fingerprint>,
+    seq: u64,
+    /// Entries removed to make room, for the test of an insert's cost.
+    work: u64,
+}
+
+impl Cache {
+    fn get(&self, fp: &Fingerprint) -> Option<&Entry> {
+        self.map.get(fp).map(|(e, _)| e)
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Failed entries (credentials on buckets of their own), in O(1).
+    fn failed(&self) -> usize {
+        self.failed.len()
+    }
+
+    fn known(&self) -> impl Iterator<Item = (&Fingerprint, &str, u64)> {
+        self.map.iter().filter_map(|(fp, (e, _))| match e {
+            Entry::Known { account, expires } => Some((fp, account.as_str(), *expires)),
             Entry::Failed { .. } => None,
+        })
+    }
+
+    fn unorder(&mut self, entry: &Entry, seq: u64) {
+        match entry {
+            Entry::Known { expires, .. } => self.known.remove(&(*expires, seq)),
+            Entry::Failed { retry_at } => self.failed.remove(&(*retry_at, seq)),
+        };
+    }
+
+    fn remove(&mut self, fp: &Fingerprint) {
+        if let Some((entry, seq)) = self.map.remove(fp) {
+            self.unorder(&entry, seq);
+            self.work += 1;
+        }
+    }
+
+    /// Inserts, making room first: expired entries go, then a failed one, then the
+    /// answer expiring soonest.
+    fn insert(&mut self, fp: Fingerprint, entry: Entry, cap: usize) {
+        if self.map.len() >= cap && !self.map.contains_key(&fp) {
+            let (now, now_ms) = (Instant::now(), now_ms());
+            while let Some(((_, _), old)) = self.known.first_key_value().filter(|((at, _), _)| *at <= now_ms) {
+                let old = old.clone();
+                self.remove(&old);
+            }
+            while let Some(((_, _), old)) = self.failed.first_key_value().filter(|((at, _), _)| *at <= now) {
+                let old = old.clone();
+                self.remove(&old);
+            }
+            while self.map.len() >= cap {
+                let failed = self.failed.first_key_value().map(|(_, fp)| fp);
+                let Some(old) = failed.or_else(|| self.known.first_key_value().map(|(_, fp)| fp)).cloned() else {
+                    break;
+                };
+                self.remove(&old);
+            }
+        }
+        self.seq += 1;
+        let seq = self.seq;
+        match &entry {
+            Entry::Known { expires, .. } => self.known.insert((*expires, seq), fp.clone()),
+            Entry::Failed { retry_at } => self.failed.insert((*retry_at, seq), fp.clone()),
+        };
+        if let Some((old, old_seq)) = self.map.insert(fp, (entry, seq)) {
+            self.unorder(&old, old_seq);
+        }
+    }
+}
+
+fn persisted(entries: &Cache) -> Vec<u8> {
+    let kept: Vec<Persisted> = entries
+        .known()
+        .map(|(fp, account, expires)| Persisted {
+            fingerprint: fp.clone(),
+            account: account.to_string(),
+            expires_ms: expires,
         })
         .collect();
     serde_json::to_vec(&kept).unwrap_or_default()
@@ -677,6 +741,27 @@ mod tests {
             r.identity(&config, &cred, &fake).await;
         }
         assert_eq!(lock(&r.entries).len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_bogus_key_costs_bounded_work_in_a_full_cache() {
+        let r = resolver();
+        let fake = Fake::new(Err(Failure::Unauthorized));
+        let config = config("[accounts]\ncache_entries = 2000\nretry_ms = 600000\n");
+        let bogus = |n: u32| crate::credential::parse(format!("Klaviyo-API-Key pk_bogus_{n}").as_bytes());
+        for n in 0..2000 {
+            r.identity(&config, &bogus(n), &fake).await;
+        }
+        let before = lock(&r.entries).work;
+        for n in 2000..6000 {
+            assert_eq!(r.identity(&config, &bogus(n), &fake).await, Identity::Own);
+        }
+        let per_key = (lock(&r.entries).work - before) / 4000;
+        // O(cache_entries) per key was ~3000 entries visited (the full map scanned
+        // twice); now one entry is removed for each added.
+        assert!(per_key <= 2, "{per_key} entries visited per new key");
+        assert_eq!(lock(&r.entries).len(), 2000);
+        assert_eq!(lock(&r.entries).failed(), 2000);
     }
 
     #[test]

@@ -104,12 +104,15 @@ pub struct Services {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CoalesceHealth {
-    /// `degraded` while the oldest undelivered event is older than `coalesce.max_lag_ms`.
+    /// `degraded` while the oldest undelivered event is older than `coalesce.max_lag_ms`
+    /// or its store cannot be written (events are then refused).
     pub status: Status,
     /// Events accepted and not yet delivered.
     pub pending: u64,
     /// Age of the oldest of them, in seconds.
     pub oldest_age_s: u64,
+    /// Why the store cannot be written (a full disk; never a key).
+    pub error: Option<String>,
 }
 
 /// The shared-limits store in `/health`.
@@ -245,10 +248,12 @@ impl Admin {
         // Accepted events not reaching Klaviyo in time: degraded, nothing is lost yet.
         let coalesce = self.proxy.coalescer().map(|c| {
             let (lagging, age) = c.lag();
+            let error = c.write_error();
             CoalesceHealth {
-                status: if lagging { Status::Degraded } else { Status::Healthy },
+                status: if lagging || error.is_some() { Status::Degraded } else { Status::Healthy },
                 pending: c.pending(),
                 oldest_age_s: age.as_secs(),
+                error,
             }
         });
         // A spool that cannot store writes (disk full, at its bounds): degraded, since

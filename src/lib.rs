@@ -16,6 +16,7 @@ pub mod checklist;
 pub mod coalesce;
 pub mod config;
 pub mod credential;
+pub mod durable;
 pub mod error;
 pub mod hardening;
 pub mod header;

@@ -248,7 +248,7 @@ pub struct Metrics {
     /// The event coalescer's metrics.
     pub coalesce: CoalesceMetrics,
     /// Klaviyo's last `RateLimit-Remaining` per (account, endpoint), with when it came.
-    reported: Mutex<HashMap<(Account, usize), (i64, Instant)>>,
+    reported: Mutex<accounts::Reported>,
     /// Account names and which accounts have series of their own (the top ones by
     /// traffic; the rest are `other`).
     accounts: RwLock<accounts::AccountSeries>,
@@ -395,7 +395,7 @@ impl Metrics {
             health_probes,
             config_reloads,
             coalesce,
-            reported: Mutex::new(HashMap::new()),
+            reported: Mutex::new(accounts::Reported::default()),
             accounts: RwLock::new(accounts::AccountSeries::default()),
             auth_series: Mutex::new(Default::default()),
             account_lookups,
@@ -484,7 +484,7 @@ impl Metrics {
         }
         if let (Some(remaining), Some(op)) = (remaining, route.operation) {
             let mut reported = self.reported.lock().unwrap_or_else(PoisonError::into_inner);
-            reported.insert((route.account, op.endpoint), (remaining, Instant::now()));
+            reported.insert((route.account, op.endpoint), remaining, Instant::now());
         }
     }
 
@@ -627,8 +627,8 @@ impl Metrics {
             self.queue_depth.get_or_create(&labels).set(n);
         }
         let mut reported = self.reported.lock().unwrap_or_else(PoisonError::into_inner);
-        reported.retain(|_, (_, at)| now.duration_since(*at) < REPORTED_TTL);
-        let mut lowest: Vec<_> = reported.iter().map(|(k, (remaining, _))| (*remaining, *k)).collect();
+        reported.keep(|at| now.duration_since(at) < REPORTED_TTL);
+        let mut lowest: Vec<_> = reported.iter().collect();
         lowest.sort_unstable();
         let mut seen = std::collections::HashSet::new();
         for (remaining, (account, endpoint)) in lowest.into_iter().take(MAX_BUCKET_SERIES) {
@@ -646,6 +646,25 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::route::Router;
+
+    #[tokio::test(start_paused = true)]
+    async fn reported_remaining_stays_bounded_without_scrapes() {
+        let metrics = Metrics::new();
+        let router = Router::new(&Config::default().limits, b"k");
+        for n in 0..2 * accounts::MAX_REPORTED as u32 {
+            let key = format!("Klaviyo-API-Key pk_bogus_{n}");
+            let r = router.route("GET", "/api/profiles", None, false, Some(key.as_bytes()));
+            metrics.upstream_response(&r, 401, Duration::from_millis(5), Some(9));
+        }
+        let held = metrics.reported.lock().unwrap().len();
+        assert!(held <= accounts::MAX_REPORTED, "{held} reports held");
+        // The newest reports are the ones kept: a live account still shows.
+        let live = router.route("GET", "/api/profiles", None, false, Some(b"Klaviyo-API-Key pk_live"));
+        metrics.upstream_response(&live, 200, Duration::from_millis(5), Some(3));
+        let text = metrics.encode(&LocalStore::new());
+        let shown = "operation=\"get_profiles\"} 3";
+        assert!(text.lines().any(|l| l.starts_with(UPSTREAM_RATELIMIT_REMAINING) && l.ends_with(shown)), "{text}");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn encodes_counters_gauges_and_active_buckets() {

@@ -17,20 +17,22 @@
 //! JSON document with the body as an array of numbers) are read as they are.
 //!
 //! After an I/O error (a full disk) redb refuses every later call until the database
-//! is reopened: the spool reopens it on the next call (at most once a second) and
-//! reports itself degraded until a write succeeds again ([`Spool::health`]).
+//! is reopened: the spool reopens it on the next call (at most once a second, through
+//! [`crate::durable`]) and reports itself degraded until a write succeeds again
+//! ([`Spool::health`]).
 
 // redb's own error type is large; it only passes between the transaction closures here.
 #![allow(clippy::result_large_err)]
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::config::SpoolConfig;
+use crate::durable::{DbError, Durable, Opener};
 
 /// Requests waiting for replay, by spool id (arrival order): their heads.
 const PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("pending");
@@ -46,9 +48,6 @@ const HEAD_V2: u8 = 2;
 
 /// Response header carrying the spool id of an accepted write.
 pub const SPOOL_ID_HEADER: &str = "x-klaviyo-proxy-spool-id";
-
-/// Shortest time between two attempts to reopen a database that failed.
-const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
 /// One spooled request, as it will go upstream. Its `Debug` shows no header value,
 /// query or body: they hold keys and `company_id`s.
@@ -346,19 +345,13 @@ pub struct SpoolHealth {
     pub error: Option<String>,
 }
 
-/// Opens the database at a path: the file, or a test's failing backend.
-type Opener = Box<dyn Fn(&Path) -> Result<Database, String> + Send + Sync>;
-
 struct Inner {
     path: PathBuf,
     /// Names lanes; this process's own, never stored.
     hasher: std::hash::RandomState,
-    opener: Opener,
-    /// `None` while a reopen failed.
-    db: RwLock<Option<Database>>,
+    db: Durable,
     state: Mutex<State>,
     limits: Mutex<SpoolLimits>,
-    reopen_every: Duration,
 }
 
 #[derive(Default)]
@@ -367,16 +360,11 @@ struct State {
     /// The pending entries by lane, for replay to find each lane's oldest without
     /// reading the heads of lanes that wait.
     lanes: LaneIndex,
-    /// The database refused a call for an I/O reason: reopen before the next.
-    broken: bool,
-    /// The last write failed, with this reason; cleared by the next write that succeeds.
-    write_error: Option<String>,
     /// A write was refused for a bound since the last removal.
     full: bool,
     /// Entries and bytes of writes under way, counted against the bounds (and kept
     /// apart from `stats`, which a reopen recounts from the file).
     reserved: (u64, u64),
-    last_reopen: Option<std::time::Instant>,
 }
 
 /// The durable spool. Cheap to clone; every call blocks on disk, so async callers run
@@ -396,34 +384,6 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Creates the file mode 0600 in the same call that creates it: no moment when another
-/// local user could open it (it holds keys). An older file keeps its data, loses wider
-/// permissions.
-fn create_private(path: &Path) -> std::io::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut open = std::fs::OpenOptions::new();
-    open.read(true).write(true).create(true).truncate(false);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        open.mode(0o600);
-        let file = open.open(path)?;
-        if file.metadata()?.permissions().mode() & 0o077 != 0 {
-            file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-        }
-    }
-    #[cfg(not(unix))]
-    open.open(path)?;
-    Ok(())
-}
-
-/// An I/O failure (or redb's memory of one): the database must be reopened.
-fn is_io(e: &redb::Error) -> bool {
-    matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo)
-}
-
 impl Spool {
     /// Opens (or creates) the spool file with the default limits.
     pub fn open(path: &Path) -> Result<Spool, SpoolError> {
@@ -432,8 +392,7 @@ impl Spool {
 
     /// Opens (or creates) the spool file.
     pub fn open_with(path: &Path, limits: SpoolLimits) -> Result<Spool, SpoolError> {
-        create_private(path).map_err(|e| SpoolError::Store { path: path.into(), message: e.to_string() })?;
-        Spool::with_opener(path, limits, Box::new(|p| Database::create(p).map_err(|e| e.to_string())), REOPEN_EVERY)
+        Spool::with_opener(path, limits, crate::durable::file_opener(), crate::durable::REOPEN_EVERY)
     }
 
     fn with_opener(
@@ -442,31 +401,28 @@ impl Spool {
         opener: Opener,
         reopen_every: Duration,
     ) -> Result<Spool, SpoolError> {
-        let db = opener(path).map_err(|message| SpoolError::Store { path: path.into(), message })?;
+        let db = Durable::open("spool", path, opener, reopen_every)
+            .map_err(|message| SpoolError::Store { path: path.into(), message })?;
         let spool = Spool {
             inner: Arc::new(Inner {
                 path: path.into(),
                 hasher: std::hash::RandomState::new(),
-                opener,
-                db: RwLock::new(None),
+                db,
                 state: Mutex::new(State::default()),
                 limits: Mutex::new(limits),
-                reopen_every,
             }),
         };
-        spool.install(db)?;
+        spool.with_db(true, |db| spool.install(db))?;
         Ok(spool)
     }
 
-    /// Makes `db` the spool's database: creates the tables and counts what it holds.
-    fn install(&self, db: Database) -> Result<(), SpoolError> {
-        let stats = prepare(&db).map_err(|e| self.store_err(e))?;
-        let lanes = self.index(&db).map_err(|e| self.store_err(e))?;
-        *self.inner.db.write().unwrap_or_else(PoisonError::into_inner) = Some(db);
+    /// Readies a (re)opened database: creates the tables and counts what it holds.
+    fn install(&self, db: &Database) -> Result<(), redb::Error> {
+        let stats = prepare(db)?;
+        let lanes = self.index(db)?;
         let mut state = self.state();
         state.stats = stats;
         state.lanes = lanes;
-        state.broken = false;
         Ok(())
     }
 
@@ -518,64 +474,12 @@ impl Spool {
         SpoolError::Store { path: self.inner.path.clone(), message: e.to_string() }
     }
 
-    /// Reopens the database if a call failed for an I/O reason (at most once per
-    /// `reopen_every`); an error when it is still unusable.
-    fn recover(&self) -> Result<(), SpoolError> {
-        let unavailable = |message: String| SpoolError::Unavailable { path: self.inner.path.clone(), message };
-        {
-            let mut state = self.state();
-            if !state.broken {
-                return Ok(());
-            }
-            if state.last_reopen.is_some_and(|at| at.elapsed() < self.inner.reopen_every) {
-                return Err(unavailable(state.write_error.clone().unwrap_or_else(|| "reopening".into())));
-            }
-            state.last_reopen = Some(std::time::Instant::now());
-        }
-        // The old handle goes first: it holds the file's lock.
-        drop(self.inner.db.write().unwrap_or_else(PoisonError::into_inner).take());
-        let db = (self.inner.opener)(&self.inner.path).map_err(|e| {
-            tracing::warn!(path = %self.inner.path.display(), error = %e, "spool reopen failed");
-            self.state().write_error = Some(e.clone());
-            unavailable(e)
-        })?;
-        self.install(db).map_err(|e| {
-            let message = e.to_string();
-            self.state().write_error = Some(message.clone());
-            unavailable(message)
-        })?;
-        tracing::info!(path = %self.inner.path.display(), "spool reopened after an I/O error");
-        Ok(())
-    }
-
-    /// Runs `f` on the database, reopening it first if it failed before; an I/O error
-    /// marks it for reopening.
+    /// Runs `f` on the database (reopened first if it failed before).
     fn with_db<T>(&self, write: bool, f: impl FnOnce(&Database) -> Result<T, redb::Error>) -> Result<T, SpoolError> {
-        self.recover()?;
-        let result = {
-            let db = self.inner.db.read().unwrap_or_else(PoisonError::into_inner);
-            let Some(db) = db.as_ref() else {
-                return Err(SpoolError::Unavailable { path: self.inner.path.clone(), message: "not open".into() });
-            };
-            f(db)
-        };
-        match result {
-            Ok(v) => {
-                if write {
-                    self.state().write_error = None;
-                }
-                Ok(v)
-            }
-            Err(e) if is_io(&e) => {
-                let message = e.to_string();
-                tracing::error!(path = %self.inner.path.display(), error = %message, "spool I/O error; it will be reopened");
-                let mut state = self.state();
-                state.broken = true;
-                state.write_error = Some(message.clone());
-                Err(SpoolError::Unavailable { path: self.inner.path.clone(), message })
-            }
-            Err(e) => Err(self.store_err(e)),
-        }
+        self.inner.db.with_db(write, &|db| self.install(db), f).map_err(|e| match e {
+            DbError::Unavailable(message) => SpoolError::Unavailable { path: self.inner.path.clone(), message },
+            DbError::Other(message) => self.store_err(message),
+        })
     }
 
     /// Runs `f` in one write transaction and commits it durably (fsync).
@@ -742,17 +646,13 @@ impl Spool {
         let limits = self.limits();
         let state = self.state();
         let s = &state.stats;
-        let error = state.write_error.clone().or_else(|| {
+        let error = self.inner.db.write_error().or_else(|| {
             state.full.then(|| {
                 format!("full: {} entries, {} bytes; deferrable writes are refused", s.pending + s.dead, s.bytes)
             })
         });
         SpoolHealth {
-            status: if error.is_some() || state.broken {
-                crate::admin::Status::Degraded
-            } else {
-                crate::admin::Status::Healthy
-            },
+            status: if error.is_some() { crate::admin::Status::Degraded } else { crate::admin::Status::Healthy },
             pending: s.pending,
             dead: s.dead,
             bytes: s.bytes,

@@ -49,12 +49,24 @@ pub enum UpstreamError {
 }
 
 /// Why a request got no answer: a connection never made, or one that failed with the
-/// request on it.
-#[derive(Debug, thiserror::Error)]
-#[error("{source}")]
+/// request on it. It shows as its cause, so its own source is the cause's (a chain
+/// names each cause once).
+#[derive(Debug)]
 pub struct Failure {
     never_sent: bool,
     source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.source.fmt(f)
+    }
+}
+
+impl std::error::Error for Failure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.source()
+    }
 }
 
 impl Failure {
@@ -283,6 +295,16 @@ pub fn outbound_headers(headers: &mut HeaderMap, revision: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_names_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("client error (Connect)")]
+        struct Outer(#[source] std::io::Error);
+        let root = std::io::Error::other("dns error");
+        let e = UpstreamError::Connect(Failure { never_sent: true, source: Box::new(Outer(root)) });
+        assert_eq!(e.chain(), "upstream connection failed: client error (Connect): dns error");
+    }
 
     #[test]
     fn strips_hop_by_hop_and_named() {

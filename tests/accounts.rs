@@ -5,14 +5,13 @@
 mod redis_support;
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use klaviyo_proxy::sim::{SimOptions, Simulator, Stats};
+use support::process::Served;
 use support::{client, send, Reply};
 
 const BIN: &str = env!("CARGO_BIN_EXE_klaviyo-proxy");
@@ -21,57 +20,14 @@ const BIN: &str = env!("CARGO_BIN_EXE_klaviyo-proxy");
 const FLOW: &str = "/api/flows/f1";
 const BURST: usize = 3;
 
-/// The binary, stopped by its PID when dropped, with its stderr (JSON logs) kept.
-struct Served {
-    child: Child,
-    proxy: String,
-    admin: String,
-    stderr: Arc<Mutex<Vec<String>>>,
+/// The binary in front of `upstream` with `config`.
+fn serve(upstream: &str, config: &Path, envs: &[(&str, &str)]) -> Served {
+    Served::start(BIN, &support::process::serve_args(upstream, config.to_str()), envs)
 }
 
-impl Served {
-    fn start(upstream: &str, config: &Path, envs: &[(&str, &str)]) -> Served {
-        let mut cmd = Command::new(BIN);
-        cmd.args(support::process::serve_args(upstream, config.to_str()))
-            .envs(envs.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("start klaviyo-proxy");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let sink = stderr.clone();
-        let pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut url = || {
-            let mut line = String::new();
-            out.read_line(&mut line).unwrap();
-            line.trim().rsplit(' ').next().unwrap().to_string()
-        };
-        let (proxy, admin) = (url(), url());
-        assert!(proxy.starts_with("http://") && admin.starts_with("http://"), "{proxy} {admin}");
-        Served { child, proxy, admin, stderr }
-    }
-
-    fn logs(&self) -> Vec<String> {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    async fn metrics(&self) -> String {
-        let r = send(&client(), http::Method::GET, &format!("{}/metrics", self.admin), &[], "").await;
-        String::from_utf8(r.body.to_vec()).unwrap()
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+async fn metrics(served: &Served) -> String {
+    let r = send(&client(), http::Method::GET, &format!("{}/metrics", served.admin), &[], "").await;
+    String::from_utf8(r.body.to_vec()).unwrap()
 }
 
 fn tempdir(name: &str) -> PathBuf {
@@ -143,7 +99,7 @@ fn metric(text: &str, series: &str) -> Option<f64> {
 async fn two_keys_of_one_account_share_its_quota() {
     let sim = sim(SimOptions::default()).await;
     let dir = tempdir("two-keys");
-    let served = Served::start(&sim.url, &config_file(&dir, ""), &[]);
+    let served = serve(&sim.url, &config_file(&dir, ""), &[]);
     let (one, two) = ("Klaviyo-API-Key pk_Acme01_one", "klaviyo-api-key  pk_Acme01_two");
     let (a, b) = tokio::join!(burst(&served.proxy, FLOW, one, 5 * BURST), burst(&served.proxy, FLOW, two, 5 * BURST));
     assert_eq!((statuses(&a), statuses(&b)), (vec![200], vec![200]));
@@ -155,7 +111,7 @@ async fn two_keys_of_one_account_share_its_quota() {
     // One lookup per credential, both counted against the account's own get_accounts.
     assert_eq!(lookups(&stats, "Acme01"), 2, "{stats:#?}");
     // Metrics name the account by its Klaviyo id, never a key.
-    let m = served.metrics().await;
+    let m = metrics(&served).await;
     assert!(m.contains("account=\"Acme01\""), "{m}");
     assert!(!m.contains("pk_Acme01"));
     let logs = served.logs();
@@ -171,7 +127,7 @@ async fn two_keys_of_one_account_share_its_quota() {
 async fn two_accounts_proceed_in_parallel() {
     let sim = sim(SimOptions::default()).await;
     let dir = tempdir("two-accounts");
-    let served = Served::start(&sim.url, &config_file(&dir, ""), &[]);
+    let served = serve(&sim.url, &config_file(&dir, ""), &[]);
     let (acme, beta) = ("Klaviyo-API-Key pk_Acme01_one", "Klaviyo-API-Key pk_Beta02_one");
     // Resolve both first, so the timing below is the bursts' alone.
     burst(&served.proxy, FLOW, acme, 1).await;
@@ -199,7 +155,7 @@ async fn two_accounts_proceed_in_parallel() {
 async fn oauth_token_refreshed_mid_burst_keeps_the_bucket() {
     let sim = sim(SimOptions::default()).await;
     let dir = tempdir("oauth");
-    let served = Served::start(&sim.url, &config_file(&dir, "[auth]\noauth_app = \"oat\"\n"), &[]);
+    let served = serve(&sim.url, &config_file(&dir, "[auth]\noauth_app = \"oat\"\n"), &[]);
     let old = "Bearer oat_Acme01_token1";
     let new = "Bearer oat_Acme01_token2";
     let proxy = served.proxy.clone();
@@ -215,7 +171,7 @@ async fn oauth_token_refreshed_mid_burst_keeps_the_bucket() {
     assert_eq!(flow.requests, 8 * BURST as u64);
     assert!(flow.max_sliding["burst"] <= 3, "{flow:?}");
     assert_eq!(lookups(&stats, "Acme01@oat"), 2, "one lookup per token");
-    let m = served.metrics().await;
+    let m = metrics(&served).await;
     assert!(m.contains("account=\"Acme01:oat\""), "{m}");
 }
 
@@ -225,21 +181,21 @@ async fn oauth_token_refreshed_mid_burst_keeps_the_bucket() {
 async fn key_without_accounts_read_falls_back_and_is_reported() {
     let sim = sim(SimOptions::default()).await;
     let dir = tempdir("no-scope");
-    let served = Served::start(&sim.url, &config_file(&dir, "[accounts]\nretry_ms = 2000\n"), &[]);
+    let served = serve(&sim.url, &config_file(&dir, "[accounts]\nretry_ms = 2000\n"), &[]);
     let key = "Klaviyo-API-Key pk_Acme01_no-accounts-read";
     for _ in 0..3 {
         assert_eq!(statuses(&burst(&served.proxy, FLOW, key, 2).await), vec![200]);
     }
     let stats = sim.stats();
     assert_eq!(lookups(&stats, "Acme01"), 1, "not retried before retry_ms");
-    let m = served.metrics().await;
+    let m = metrics(&served).await;
     assert_eq!(metric(&m, "klaviyo_proxy_account_lookups_total{result=\"forbidden\"}"), Some(1.0), "{m}");
     assert_eq!(metric(&m, "klaviyo_proxy_accounts_unresolved"), Some(1.0), "{m}");
     // Later, the lookup is tried again (and still cannot tell): logged only once.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(statuses(&burst(&served.proxy, FLOW, key, 1).await), vec![200]);
     assert_eq!(lookups(&sim.stats(), "Acme01"), 2);
-    let m = served.metrics().await;
+    let m = metrics(&served).await;
     assert_eq!(metric(&m, "klaviyo_proxy_account_lookups_total{result=\"forbidden\"}"), Some(2.0), "{m}");
     let logs = served.logs();
     let warned: Vec<&String> = logs.iter().filter(|l| l.contains("cannot tell the account")).collect();
@@ -252,13 +208,13 @@ async fn key_without_accounts_read_falls_back_and_is_reported() {
 async fn concurrent_first_requests_cause_one_lookup() {
     let sim = sim(SimOptions::default()).await;
     let dir = tempdir("single-flight");
-    let served = Served::start(&sim.url, &config_file(&dir, ""), &[]);
+    let served = serve(&sim.url, &config_file(&dir, ""), &[]);
     let replies = burst(&served.proxy, "/api/campaigns/c1", "Klaviyo-API-Key pk_Acme01_one", 20).await;
     assert_eq!(statuses(&replies), vec![200]);
     let stats = sim.stats();
     assert_eq!(lookups(&stats, "Acme01"), 1, "{stats:#?}");
     assert_eq!(stats.throttled, 0);
-    let m = served.metrics().await;
+    let m = metrics(&served).await;
     assert_eq!(metric(&m, "klaviyo_proxy_account_lookups_total{result=\"resolved\"}"), Some(1.0), "{m}");
 }
 
@@ -279,18 +235,18 @@ async fn a_restart_does_not_look_up_again() {
     );
     let key = "Klaviyo-API-Key pk_Acme01_persisted";
     {
-        let served = Served::start(&sim.url, &config, &[]);
+        let served = serve(&sim.url, &config, &[]);
         assert_eq!(statuses(&burst(&served.proxy, FLOW, key, 2).await), vec![200]);
     } // killed by its PID
     assert_eq!(lookups(&sim.stats(), "Acme01"), 1);
     let kept = std::fs::read_to_string(dir.join("limiter.state.accounts")).unwrap();
     assert!(kept.contains("Acme01") && !kept.contains("pk_Acme01"), "{kept}");
-    let served = Served::start(&sim.url, &config, &[]);
+    let served = serve(&sim.url, &config, &[]);
     // Another endpoint: after the kill, the limiter counts the buckets used since its
     // last snapshot as full until their windows pass (create_flow's is a day).
     assert_eq!(statuses(&burst(&served.proxy, "/api/campaigns/c1", key, 2).await), vec![200]);
     assert_eq!(lookups(&sim.stats(), "Acme01"), 1, "the restarted proxy looked up again");
-    let m = served.metrics().await;
+    let m = metrics(&served).await;
     assert!(m.contains("account=\"Acme01\""), "{m}");
 }
 
@@ -308,7 +264,7 @@ async fn three_replicas_share_the_resolution() {
         redis.url()
     );
     let config = config_file(&dir, &extra);
-    let replicas: Vec<Served> = (0..3).map(|_| Served::start(&sim.url, &config, &[])).collect();
+    let replicas: Vec<Served> = (0..3).map(|_| serve(&sim.url, &config, &[])).collect();
     let one = "Klaviyo-API-Key pk_Acme01_one";
     assert_eq!(statuses(&burst(&replicas[0].proxy, FLOW, one, 1).await), vec![200]);
     for r in &replicas[1..] {
@@ -327,7 +283,7 @@ async fn three_replicas_share_the_resolution() {
     assert_eq!(stats.throttled, 0, "{stats:#?}");
     let mut shared = 0.0;
     for r in &replicas {
-        shared += metric(&r.metrics().await, "klaviyo_proxy_account_lookups_total{result=\"shared\"}").unwrap_or(0.0);
+        shared += metric(&metrics(r).await, "klaviyo_proxy_account_lookups_total{result=\"shared\"}").unwrap_or(0.0);
     }
     assert_eq!(shared, 4.0);
 }
@@ -338,7 +294,7 @@ async fn inject_mode_resolves_once_at_start() {
     let sim = sim(SimOptions::default()).await;
     let dir = tempdir("inject");
     let config = config_file(&dir, "[auth]\nmode = \"inject\"\n[admin]\nhealth_max_wait_ms = 5000\n");
-    let served = Served::start(&sim.url, &config, &[("KLAVIYO_PRIVATE_KEY", "pk_Inj001_key")]);
+    let served = serve(&sim.url, &config, &[("KLAVIYO_PRIVATE_KEY", "pk_Inj001_key")]);
     let until = Instant::now() + Duration::from_secs(10);
     while lookups(&sim.stats(), "Inj001") == 0 {
         assert!(Instant::now() < until, "no lookup at start");
@@ -378,10 +334,10 @@ async fn declared_accounts_need_no_lookup() {
     let dir = tempdir("declared");
     let config = config_file(&dir, &format!("[accounts.declared]\n{fingerprint} = \"shop-eu\"\n"));
     assert!(!std::fs::read_to_string(&config).unwrap().contains(key));
-    let served = Served::start(&sim.url, &config, &[]);
+    let served = serve(&sim.url, &config, &[]);
     let auth = format!("Klaviyo-API-Key {key}");
     assert_eq!(statuses(&burst(&served.proxy, FLOW, &auth, 2).await), vec![200]);
     assert_eq!(lookups(&sim.stats(), "Acme01"), 0);
-    let m = served.metrics().await;
+    let m = metrics(&served).await;
     assert!(m.contains("account=\"shop-eu\""), "{m}");
 }

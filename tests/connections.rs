@@ -4,12 +4,9 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::process::Running;
+use support::process::{self, Served};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -20,39 +17,15 @@ const H2C_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// 5,000; the test process and the proxy each need one descriptor per connection).
 const IDLE: usize = 5_000;
 
-struct Served {
-    _child: Running,
-    proxy: String,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
 fn serve(name: &str, toml: &str) -> Served {
     let dir = std::env::temp_dir().join(format!("kp-conn-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("proxy.toml");
     // Account lookups are not what these tests are about.
     std::fs::write(&config, format!("{toml}\n[accounts]\nresolve = false\n")).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--upstream", "sim", "--config"])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = Arc::new(Mutex::new(Vec::new()));
-    let sink = stderr.clone();
-    let pipe = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let proxy = line.trim().rsplit(' ').next().unwrap().trim_start_matches("http://").to_string();
-    Served { _child: Running(child), proxy, stderr }
+    let mut served = Served::start(BIN, &process::serve_args("sim", config.to_str()), &[]);
+    served.proxy = served.proxy.trim_start_matches("http://").to_string();
+    served
 }
 
 /// One request on a fresh connection, the way a normal client sends it.
@@ -118,7 +91,6 @@ async fn idle_connections_are_closed_while_requests_are_served() {
     assert_eq!(open, 0, "{open} of {IDLE} idle connections still open {bound:?} after opening them (took {held:?})");
     // And afterwards too.
     assert_eq!(get_accounts(&s.proxy).await, Some(200));
-    let _ = &s.stderr;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,12 +109,7 @@ async fn the_connection_cap_closes_the_excess_with_a_log_line() {
     for c in excess {
         assert!(closed_within(c, Duration::from_secs(10)).await, "a connection over the cap stayed open");
     }
-    let until = Instant::now() + Duration::from_secs(10);
-    while !s.stderr.lock().unwrap().iter().any(|l| l.contains("connection limit reached")) {
-        assert!(Instant::now() < until, "no log line: {:?}", s.stderr.lock().unwrap());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let line = s.stderr.lock().unwrap().iter().find(|l| l.contains("connection limit reached")).cloned().unwrap();
+    let line = s.wait_for_log("connection limit reached");
     assert!(line.contains("max_connections") && line.contains("50"), "{line}");
     // Once they go, new connections are served again.
     drop(held);

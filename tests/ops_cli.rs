@@ -2,88 +2,19 @@
 //! output, and reload on SIGHUP.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_klaviyo-proxy");
 
-/// The server process, stopped by its PID when dropped.
-struct Served {
-    child: Child,
-    proxy: String,
-    admin: String,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
+mod support;
 
-impl Served {
-    fn start(config: &PathBuf, envs: &[(&str, &str)]) -> Served {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["serve", "--config"])
-            .arg(config)
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--upstream", "sim"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("start klaviyo-proxy");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let sink = stderr.clone();
-        let pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut url = || {
-            let mut line = String::new();
-            out.read_line(&mut line).unwrap();
-            line.trim().rsplit(' ').next().unwrap().to_string()
-        };
-        let (proxy, admin) = (url(), url());
-        assert!(proxy.starts_with("http://") && admin.starts_with("http://"), "{proxy} {admin}");
-        Served { child, proxy, admin, stderr }
-    }
+use support::process::Served;
 
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success();
-        assert!(ok, "kill {sig}");
-    }
-
-    /// Waits (bounded) for a stderr line containing `text`.
-    fn wait_for_log(&self, text: &str) -> String {
-        let until = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < until {
-            if let Some(line) = self.stderr.lock().unwrap().iter().find(|l| l.contains(text)) {
-                return line.clone();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("no log line with {text:?}: {:?}", self.stderr.lock().unwrap());
-    }
-
-    /// Stops with SIGTERM and returns all of stderr.
-    fn stop(mut self) -> Vec<String> {
-        self.signal("-TERM");
-        let until = Instant::now() + Duration::from_secs(20);
-        while self.child.try_wait().unwrap().is_none() && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        let lines = self.stderr.lock().unwrap().clone();
-        lines
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The binary serving with `config` in front of the simulator.
+fn serve(config: &Path, envs: &[(&str, &str)]) -> Served {
+    Served::start(BIN, &support::process::serve_args("sim", config.to_str()), envs)
 }
 
 /// One HTTP/1.1 request over std; returns the status and the raw response.
@@ -138,7 +69,7 @@ fn json_logs_request_ids_and_no_secret_anywhere() {
         ),
     )
     .unwrap();
-    let served = Served::start(&config, &[("KLAVIYO_PRIVATE_KEY", KEY)]);
+    let served = serve(&config, &[("KLAVIYO_PRIVATE_KEY", KEY)]);
     let bearer = format!("Bearer {TOKEN}");
     let proxy_auth = ("proxy-authorization", bearer.as_str());
     let client_auth = format!("Klaviyo-API-Key {CLIENT_KEY}");
@@ -229,7 +160,7 @@ fn sighup_reloads_and_a_bad_file_is_kept_out() {
         )
     };
     std::fs::write(&config, text("info", 30000)).unwrap();
-    let served = Served::start(&config, &[("KLAVIYO_PRIVATE_KEY", KEY)]);
+    let served = serve(&config, &[("KLAVIYO_PRIVATE_KEY", KEY)]);
     let get = |id: &str| {
         let (status, raw) = http("GET", &format!("{}/api/profiles", served.proxy), &[("x-request-id", id)], "");
         assert_eq!(status, 200, "{raw}");

@@ -282,3 +282,43 @@ fn redis_cluster_runs_each_decision_on_one_slot() {
         assert!(used > 1, "all keys on one node");
     });
 }
+
+/// A flood of distinct bogus keys through the Redis store: this replica's per-key
+/// state (lines, unsent local takes, the fallback's buckets) stays within
+/// `limiter.max_buckets`, and every key left in Redis carries a TTL (it goes by itself
+/// one window after its last take).
+#[test]
+fn per_key_state_is_capped_and_every_redis_key_expires() {
+    use klaviyo_proxy::limiter::SharedStore;
+    const CAP: usize = 50;
+    let server = RedisServer::start();
+    let rt = runtime();
+    rt.block_on(async {
+        let redis = RedisStore::new(&server.url(), "cap", Duration::from_secs(5)).unwrap();
+        let shared = SharedStore::new(redis, Some(1), Duration::from_millis(50));
+        shared.fallback().set_max_buckets(CAP);
+        // A short window and a daily one, like a daily-capped operation.
+        let specs = [WindowSpec { limit: 3, period: 1_000_000 }, WindowSpec { limit: 100, period: 86_400_000_000 }];
+        for n in 0..10 * CAP as u128 {
+            let d = [demand(1_000_000 + n, BucketId::Endpoint(1), &specs)];
+            let (ticket, _) = shared.line(&d).unwrap().join();
+            assert_eq!(shared.redis().decide(&d, 0).await.unwrap(), Decision::Granted);
+            shared.mirror(&d);
+            drop(ticket);
+            shared.redis().pause(&[d[0].key], Duration::from_millis(1)).await.unwrap();
+            // As if Redis had been away for this one: a take to hand over later.
+            shared.taken_locally(&d);
+            let (lines, unsent) = shared.per_key_state();
+            assert!(lines <= CAP && unsent <= CAP, "after {n}: {lines} lines, {unsent} unsent buckets");
+        }
+        assert!(shared.fallback().len() <= CAP);
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.unwrap();
+        assert!(keys.len() >= 10 * CAP, "{} keys", keys.len());
+        for key in keys {
+            let ttl: i64 = redis::cmd("PTTL").arg(&key).query_async(&mut conn).await.unwrap();
+            assert!(ttl > 0 || ttl == -2, "{key} has no TTL ({ttl})");
+        }
+    });
+}

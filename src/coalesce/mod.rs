@@ -198,6 +198,11 @@ impl Coalescer {
         (age > self.settings.max_lag, age)
     }
 
+    /// Why the store cannot be written now (a full disk), if it cannot.
+    pub fn write_error(&self) -> Option<String> {
+        self.store.write_error()
+    }
+
     /// Undelivered events.
     pub fn pending(&self) -> u64 {
         self.pending.load(Ordering::Acquire)

@@ -5,15 +5,21 @@
 //! One writer thread owns every write transaction and commits whatever has arrived
 //! meanwhile in one transaction: many events share one fsync (group commit), which is
 //! what lets a single account accept thousands of events a second on one disk.
+//!
+//! After an I/O error (a full disk) the file is reopened on a later write
+//! ([`crate::durable`]); until a write succeeds again [`Store::write_error`] says why,
+//! and `/health` shows the coalescer degraded.
 
 // redb's own error type is large; it only passes between the transaction closures here.
 #![allow(clippy::result_large_err)]
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableTable, TableDefinition};
+
+use crate::durable::{DbError, Durable, Opener};
 use tokio::sync::oneshot;
 
 /// Accepted events by id (arrival order).
@@ -147,6 +153,7 @@ enum Op {
 pub struct Store {
     ops: mpsc::Sender<Op>,
     path: PathBuf,
+    db: Arc<Durable>,
 }
 
 impl std::fmt::Debug for Store {
@@ -163,45 +170,39 @@ impl Store {
     /// Opens (or creates, mode 0600) the file and returns the store with the events
     /// still undelivered, oldest first.
     pub fn open(path: &Path) -> Result<(Store, Vec<Record>), StoreError> {
+        Store::open_with(path, crate::durable::file_opener(), crate::durable::REOPEN_EVERY)
+    }
+
+    /// Why writes fail now (a full disk), if they do; never a key.
+    pub fn write_error(&self) -> Option<String> {
+        self.db.write_error()
+    }
+
+    fn open_with(path: &Path, opener: Opener, reopen_every: Duration) -> Result<(Store, Vec<Record>), StoreError> {
         let err = |e: &dyn std::fmt::Display| StoreError::Io { path: path.into(), message: e.to_string() };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
-        }
-        // The file holds credentials: created private, never widened.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(|e| err(&e))?;
-        }
-        let db = Database::create(path).map_err(|e| err(&e))?;
-        let tx = db.begin_write().map_err(|e| err(&e))?;
+        let db = Arc::new(Durable::open("coalesce store", path, opener, reopen_every).map_err(|e| err(&e))?);
         let cutoff = now_ms().saturating_sub(IDEMPOTENCY_TTL.as_millis() as u64);
-        {
-            tx.open_table(EVENTS).map_err(|e| err(&e))?;
-            tx.open_table(META).map_err(|e| err(&e))?;
-            let mut idem = tx.open_table(IDEMPOTENCY).map_err(|e| err(&e))?;
-            idem.retain(|_, (_, at)| at >= cutoff).map_err(|e| err(&e))?;
-        }
-        tx.commit().map_err(|e| err(&e))?;
-        let mut pending = Vec::new();
-        {
-            let rx = db.begin_read().map_err(|e| err(&e))?;
-            let table = rx.open_table(EVENTS).map_err(|e| err(&e))?;
-            for row in table.iter().map_err(|e| err(&e))? {
-                let (k, v) = row.map_err(|e| err(&e))?;
-                match Record::decode(k.value(), v.value()) {
-                    Some(r) => pending.push(r),
-                    None => tracing::error!(id = k.value(), "undecodable coalesced event left in the store"),
+        let pending = db
+            .write(&tables, |tx| {
+                tx.open_table(IDEMPOTENCY)?.retain(|_, (_, at)| at >= cutoff)?;
+                let mut pending = Vec::new();
+                for row in tx.open_table(EVENTS)?.iter()? {
+                    let (k, v) = row?;
+                    match Record::decode(k.value(), v.value()) {
+                        Some(r) => pending.push(r),
+                        None => tracing::error!(id = k.value(), "undecodable coalesced event left in the store"),
+                    }
                 }
-            }
-        }
+                Ok(pending)
+            })
+            .map_err(|e| err(&db_message(e)))?;
         let (ops, rx) = mpsc::channel();
-        let writer_path = path.to_path_buf();
+        let writer_db = db.clone();
         std::thread::Builder::new()
             .name("coalesce-store".into())
-            .spawn(move || writer(db, rx, writer_path))
+            .spawn(move || writer(&writer_db, rx))
             .map_err(|e| err(&e))?;
-        Ok((Store { ops, path: path.into() }, pending))
+        Ok((Store { ops, path: path.into(), db }, pending))
     }
 
     /// Stores an event durably; with an idempotency key seen before, stores nothing and
@@ -225,8 +226,8 @@ impl Store {
 
 /// The writer: takes every operation waiting, applies them in one transaction, commits
 /// (one fsync), then answers them all.
-fn writer(db: Database, ops: mpsc::Receiver<Op>, path: PathBuf) {
-    let err = |e: &dyn std::fmt::Display| StoreError::Io { path: path.clone(), message: e.to_string() };
+fn writer(db: &Durable, ops: mpsc::Receiver<Op>) {
+    let err = |e: &dyn std::fmt::Display| StoreError::Io { path: db.path().into(), message: e.to_string() };
     while let Ok(first) = ops.recv() {
         let mut batch = vec![first];
         while batch.len() < GROUP_COMMIT_MAX {
@@ -235,7 +236,7 @@ fn writer(db: Database, ops: mpsc::Receiver<Op>, path: PathBuf) {
                 Err(_) => break,
             }
         }
-        match commit(&db, &mut batch) {
+        match db.write(&tables, |tx| commit(tx, &mut batch)) {
             Ok(outcomes) => {
                 for (op, outcome) in batch.into_iter().zip(outcomes) {
                     match op {
@@ -249,7 +250,7 @@ fn writer(db: Database, ops: mpsc::Receiver<Op>, path: PathBuf) {
                 }
             }
             Err(e) => {
-                let message = e.to_string();
+                let message = db_message(e);
                 tracing::error!(error = %message, "coalesce store write failed");
                 for op in batch {
                     match op {
@@ -266,10 +267,25 @@ fn writer(db: Database, ops: mpsc::Receiver<Op>, path: PathBuf) {
     }
 }
 
+fn db_message(e: DbError) -> String {
+    match e {
+        DbError::Unavailable(m) | DbError::Other(m) => m,
+    }
+}
+
+/// Creates the tables of a (re)opened file.
+fn tables(db: &Database) -> Result<(), redb::Error> {
+    let tx = db.begin_write()?;
+    tx.open_table(EVENTS)?;
+    tx.open_table(META)?;
+    tx.open_table(IDEMPOTENCY)?;
+    tx.commit()?;
+    Ok(())
+}
+
 /// One transaction for the whole batch. A failure fails every operation in it (none is
 /// acknowledged as stored).
-fn commit(db: &Database, batch: &mut [Op]) -> Result<Vec<Appended>, redb::Error> {
-    let tx = db.begin_write()?;
+fn commit(tx: &redb::WriteTransaction, batch: &mut [Op]) -> Result<Vec<Appended>, redb::Error> {
     let mut out = Vec::with_capacity(batch.len());
     {
         let mut events = tx.open_table(EVENTS)?;
@@ -307,7 +323,6 @@ fn commit(db: &Database, batch: &mut [Op]) -> Result<Vec<Appended>, redb::Error>
         }
         meta.insert("next_id", next)?;
     }
-    tx.commit()?;
     Ok(out)
 }
 
@@ -326,6 +341,18 @@ mod tests {
         }
     }
 
+    /// Opens the file again; the writer thread of the store before may still hold it
+    /// briefly.
+    fn reopen(path: &Path) -> (Store, Vec<Record>) {
+        for _ in 0..500 {
+            match Store::open(path) {
+                Ok(r) => return r,
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        panic!("{} does not reopen", path.display());
+    }
+
     #[test]
     fn records_round_trip() {
         let mut r = record("u1");
@@ -333,6 +360,34 @@ mod tests {
         assert_eq!(Record::decode(7, &r.encode()), Some(r));
         assert_eq!(Record::decode(1, &[2, 0, 0]), None);
         assert_eq!(Record::decode(1, &[1, 0]), None);
+    }
+
+    #[tokio::test]
+    async fn an_io_error_is_recovered_by_reopening() {
+        let dir = std::env::temp_dir().join(format!("kp-coalesce-io-{}", fastrand::u64(..)));
+        let path = dir.join("events.redb");
+        let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let opener = crate::durable::testing::flaky_opener(fail.clone());
+        let (store, _) = Store::open_with(&path, opener, Duration::ZERO).unwrap();
+        assert_eq!(store.append(record("a"), None).await.unwrap(), Appended::New(1));
+        assert_eq!(store.write_error(), None);
+        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        for uid in ["b", "c"] {
+            let refused = store.append(record(uid), Some(uid.as_bytes().to_vec())).await;
+            assert!(matches!(refused, Err(StoreError::Io { .. })), "{refused:?}");
+        }
+        let error = store.write_error().expect("writes fail");
+        assert!(error.contains("no space"), "{error}");
+        // Space again: the next write reopens the file; nothing refused was stored,
+        // and a refused idempotency key is free.
+        fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(store.append(record("b"), Some(b"b".to_vec())).await.unwrap(), Appended::New(2));
+        assert_eq!(store.write_error(), None);
+        store.remove(vec![1]).await.unwrap();
+        drop(store);
+        let (_store, pending) = reopen(&path);
+        assert_eq!(pending.iter().map(|r| (r.id, r.unique_id.as_str())).collect::<Vec<_>>(), [(2, "b")]);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
@@ -355,18 +410,7 @@ mod tests {
             assert!(b > a);
             store.remove(vec![a]).await.unwrap();
         }
-        // The writer thread of the first store may still hold the file briefly.
-        let mut reopened = None;
-        for _ in 0..500 {
-            match Store::open(&path) {
-                Ok(r) => {
-                    reopened = Some(r);
-                    break;
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-        let (_store, pending) = reopened.expect("reopens");
+        let (_store, pending) = reopen(&path);
         assert_eq!(pending.iter().map(|r| r.unique_id.as_str()).collect::<Vec<_>>(), ["b"]);
         #[cfg(unix)]
         {

@@ -774,6 +774,11 @@ impl LocalStore {
         self.room.max.store(max, Ordering::Relaxed);
     }
 
+    /// The most buckets held (`limiter.max_buckets`).
+    pub fn max_buckets(&self) -> usize {
+        self.room.max.load(Ordering::Relaxed)
+    }
+
     /// Records one take at `now` (or after the latest take) in every window of every
     /// demanded bucket, whatever the windows allow: a take another authority granted
     /// (the shared store mirrors its Redis grants here, so that if Redis goes away this

@@ -13,7 +13,7 @@
 //! move to Redis. A request never fails only because Redis is down.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -220,6 +220,8 @@ pub struct SharedStore {
     /// Serialises hand-overs of local takes.
     handing_over: tokio::sync::Mutex<()>,
     lines: DashMap<LineKey, Arc<Line>>,
+    /// Lines left by the last pass that dropped idle ones (see [`SharedStore::line`]).
+    lines_kept: AtomicUsize,
     unsent: Mutex<HashMap<BucketKey, Unsent>>,
     takes: AtomicU64,
     late_after: Duration,
@@ -241,6 +243,7 @@ impl SharedStore {
             recovered: Notify::new(),
             handing_over: tokio::sync::Mutex::new(()),
             lines: DashMap::new(),
+            lines_kept: AtomicUsize::new(0),
             unsent: Mutex::new(HashMap::new()),
             takes: AtomicU64::new(0),
             late_after: guard,
@@ -330,8 +333,22 @@ impl SharedStore {
     }
 
     /// This replica's line for exactly the buckets of `demands`.
+    ///
+    /// Lines are per-key state: at `limiter.max_buckets` a new one first drops the idle
+    /// ones (a flood of distinct keys leaves almost only idle lines, so the pass frees
+    /// about as many as it visits). Lines with requests in them stay (they are bounded by
+    /// the requests in flight); when those fill the cap, the next pass waits until the
+    /// map has doubled, so no new key pays for a scan alone.
     pub fn line(&self, demands: &[Demand]) -> Option<Arc<Line>> {
         let key = line_key(demands)?;
+        if let Some(line) = self.lines.get(&key).map(|l| l.clone()) {
+            return Some(line);
+        }
+        let held = self.lines.len();
+        if held >= self.fallback.max_buckets().max(2 * self.lines_kept.load(Ordering::Relaxed)) {
+            self.lines.retain(|_, line| Arc::strong_count(line) > 1 || !line.is_empty());
+            self.lines_kept.store(self.lines.len(), Ordering::Relaxed);
+        }
         Some(self.lines.entry(key).or_default().clone())
     }
 
@@ -366,7 +383,16 @@ impl SharedStore {
     pub fn taken_locally(&self, demands: &[Demand]) {
         let now = Instant::now();
         let mut unsent = lock(&self.unsent);
+        let cap = self.fallback.max_buckets().max(1);
         for d in demands {
+            if unsent.len() >= cap && !unsent.contains_key(&d.key) {
+                // At the cap, a bucket's unsent takes go unsent: Redis counts fewer of
+                // this replica's degraded takes, never more, and memory stays bounded.
+                let victim = unsent.keys().next().copied();
+                if let Some(victim) = victim {
+                    unsent.remove(&victim);
+                }
+            }
             let n = self.takes.fetch_add(1, Ordering::Relaxed);
             let entry = unsent.entry(d.key).or_insert_with(|| Unsent { demand: *d, taken: VecDeque::new() });
             entry.demand = *d;
@@ -441,6 +467,11 @@ impl SharedStore {
         if let Err(e) = self.hand_over(None).await {
             self.mark_down(&e);
         }
+    }
+
+    /// Lines and buckets with unsent takes held now.
+    pub fn per_key_state(&self) -> (usize, usize) {
+        (self.lines.len(), lock(&self.unsent).len())
     }
 
     /// Drops idle lines and local buckets, and unsent takes no window holds any more.

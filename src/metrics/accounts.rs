@@ -3,7 +3,9 @@
 //! `other`. The ranking is recomputed at each scrape from traffic that decays by half
 //! per scrape, so today's busy accounts are the ones shown.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use tokio::time::Instant;
 
 use crate::limiter::Account;
 
@@ -16,6 +18,11 @@ pub const OTHER: &str = "other";
 /// Most accounts whose traffic is tracked between scrapes (the rest is not ranked
 /// until the decay makes room).
 const MAX_TRACKED: usize = 4096;
+
+/// Most `RateLimit-Remaining` reports held between scrapes (one per account and
+/// endpoint): beyond it the oldest is forgotten, so a flood of bogus keys costs bounded
+/// memory even if nobody scrapes.
+pub(crate) const MAX_REPORTED: usize = 4096;
 
 /// Most names learned by resolution kept (beyond it, the oldest are forgotten and
 /// those accounts show as their hash alias).
@@ -92,9 +99,82 @@ impl AccountSeries {
     }
 }
 
+/// Klaviyo's last `RateLimit-Remaining` per (account, endpoint) and when it came: at
+/// most [`MAX_REPORTED`], the oldest report forgotten first, in O(1) amortised work per
+/// report.
+#[derive(Debug, Default)]
+pub(crate) struct Reported {
+    /// The latest report of each key, with its sequence number.
+    latest: HashMap<(Account, usize), (i64, Instant, u64)>,
+    /// Keys in report order; an entry whose sequence number is not its key's latest is
+    /// stale (the key reported again since, or was forgotten).
+    order: VecDeque<((Account, usize), u64)>,
+    seq: u64,
+}
+
+impl Reported {
+    /// Records a report, forgetting the oldest beyond [`MAX_REPORTED`].
+    pub(crate) fn insert(&mut self, key: (Account, usize), remaining: i64, at: Instant) {
+        self.seq += 1;
+        self.latest.insert(key, (remaining, at, self.seq));
+        self.order.push_back((key, self.seq));
+        while self.latest.len() > MAX_REPORTED {
+            let Some((old, seq)) = self.order.pop_front() else { break };
+            if self.latest.get(&old).is_some_and(|v| v.2 == seq) {
+                self.latest.remove(&old);
+            }
+        }
+        // Keys reporting again leave stale entries behind: dropped once they are half,
+        // so each report pays for at most one.
+        if self.order.len() > 2 * self.latest.len().max(64) {
+            self.compact();
+        }
+    }
+
+    fn compact(&mut self) {
+        let latest = &self.latest;
+        self.order.retain(|(key, seq)| latest.get(key).is_some_and(|v| v.2 == *seq));
+    }
+
+    /// Keeps the reports `current` says are recent (at scrape time).
+    pub(crate) fn keep(&mut self, current: impl Fn(Instant) -> bool) {
+        self.latest.retain(|_, (_, at, _)| current(*at));
+        self.compact();
+    }
+
+    /// (remaining, key) of every report held.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (i64, (Account, usize))> + '_ {
+        self.latest.iter().map(|(key, (remaining, _, _))| (*remaining, *key))
+    }
+
+    /// Reports held.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.latest.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reports_stay_bounded_and_the_newest_are_kept() {
+        let mut r = Reported::default();
+        let now = Instant::now();
+        for n in 0..3 * MAX_REPORTED as u128 {
+            r.insert((Account(n), 1), 5, now);
+            // One busy key reporting all along stays, and leaves no garbage behind.
+            r.insert((Account(u128::MAX), 1), 7, now);
+            assert!(r.len() <= MAX_REPORTED && r.order.len() <= 2 * MAX_REPORTED + 2, "{} {}", r.len(), r.order.len());
+        }
+        let held: HashSet<Account> = r.iter().map(|(_, (a, _))| a).collect();
+        assert!(held.contains(&Account(u128::MAX)));
+        assert!(held.contains(&Account(3 * MAX_REPORTED as u128 - 1)));
+        assert!(!held.contains(&Account(0)), "the oldest are forgotten");
+        r.keep(|_| false);
+        assert_eq!((r.len(), r.order.len()), (0, 0));
+    }
 
     #[test]
     fn top_accounts_by_traffic_plus_other() {

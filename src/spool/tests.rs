@@ -18,8 +18,8 @@ fn entry(n: u8) -> Entry {
 
 /// The counters kept in memory match what the file holds.
 fn assert_counted(spool: &Spool) {
-    let db = spool.inner.db.read().unwrap();
-    assert_eq!(spool.stats(), prepare(db.as_ref().unwrap()).unwrap());
+    let counted = spool.with_db(true, prepare).unwrap();
+    assert_eq!(spool.stats(), counted);
 }
 
 /// A directory removed at the end of the test.
@@ -259,54 +259,12 @@ fn dead_letters_expire() {
     assert_counted(&spool);
 }
 
-/// A file backend whose writes fail while `fail` is set, as on a full disk.
-#[derive(Debug)]
-struct Flaky {
-    file: redb::backends::FileBackend,
-    fail: Arc<AtomicBool>,
-}
-
-impl Flaky {
-    fn check(&self) -> std::io::Result<()> {
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device"));
-        }
-        Ok(())
-    }
-}
-
-impl redb::StorageBackend for Flaky {
-    fn len(&self) -> std::io::Result<u64> {
-        self.file.len()
-    }
-    fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-        self.file.read(offset, len)
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.check()?;
-        self.file.set_len(len)
-    }
-    fn sync_data(&self, eventual: bool) -> std::io::Result<()> {
-        self.check()?;
-        self.file.sync_data(eventual)
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.check()?;
-        self.file.write(offset, data)
-    }
-}
-
 #[test]
 fn an_io_error_is_recovered_by_reopening() {
     let dir = TempDir::new("io");
     let path = dir.file();
     let fail = Arc::new(AtomicBool::new(false));
-    let flag = fail.clone();
-    let opener: Opener = Box::new(move |p| {
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(p);
-        let file = redb::backends::FileBackend::new(file.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-        redb::Builder::new().create_with_backend(Flaky { file, fail: flag.clone() }).map_err(|e| e.to_string())
-    });
+    let opener = crate::durable::testing::flaky_opener(fail.clone());
     let spool = Spool::with_opener(&path, SpoolLimits::default(), opener, Duration::ZERO).unwrap();
     spool.append(entry(1)).unwrap();
     fail.store(true, Ordering::SeqCst);

@@ -234,7 +234,11 @@ impl Gate {
         let backlog = self.store.pending_len().unwrap_or(0);
         let dead_letters = self.store.dead_len().unwrap_or(0);
         let oldest_pending_age_ms = self.store.oldest_pending_ms().ok().flatten().map(|at| now_ms().saturating_sub(at));
-        let mut error = self.state.lock().unwrap_or_else(PoisonError::into_inner).last_error.clone();
+        // A store that cannot be written refuses webhooks: that comes first.
+        let mut error = self.store.write_error();
+        if error.is_none() {
+            error = self.state.lock().unwrap_or_else(PoisonError::into_inner).last_error.clone();
+        }
         if error.is_none() && dead_letters > 0 {
             error = Some(format!("{dead_letters} dead letters: see GET /admin/webhooks/dead"));
         }

@@ -8,6 +8,10 @@
 //! the oldest ones past either limit, so the table never grows without bound and no
 //! accept does unbounded work.
 //!
+//! After an I/O error (a full disk) the file is reopened on a later call
+//! ([`crate::durable`]); until a write succeeds again [`Store::write_error`] says why,
+//! and `/health` shows the gate degraded.
+//!
 //! Like the spool (whose file this is not: its writers and its replay are Klaviyo's),
 //! the store never returns header values or bodies in its listings.
 
@@ -18,6 +22,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use crate::durable::{DbError, Durable, Opener};
 use serde::{Deserialize, Serialize};
 
 /// Webhooks waiting for delivery, by id (arrival order); the value is a [`Delivery`].
@@ -211,7 +217,7 @@ pub struct DedupLimits {
 /// The durable store. Cheap to clone; every call blocks on disk.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    db: Arc<Durable>,
     path: PathBuf,
     limits: DedupLimits,
     instance: u64,
@@ -233,23 +239,25 @@ pub struct Pruned {
 impl Store {
     /// Opens (or creates) the store file, mode 0600 (it holds webhook bodies).
     pub fn open(path: &Path, limits: DedupLimits) -> Result<Store, StoreError> {
-        let err = |e: &dyn std::fmt::Display| StoreError::Store { path: path.into(), message: e.to_string() };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
-        }
-        let db = Database::create(path).map_err(|e| err(&e))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| err(&e))?;
-        }
+        Store::open_with(path, limits, crate::durable::file_opener(), crate::durable::REOPEN_EVERY)
+    }
+
+    /// Why writes fail now (a full disk), if they do; never a key.
+    pub fn write_error(&self) -> Option<String> {
+        self.db.write_error()
+    }
+
+    fn open_with(
+        path: &Path,
+        limits: DedupLimits,
+        opener: Opener,
+        reopen_every: std::time::Duration,
+    ) -> Result<Store, StoreError> {
+        let db = Durable::open("webhook store", path, opener, reopen_every)
+            .map_err(|message| StoreError::Store { path: path.into(), message })?;
         let mut store = Store { db: Arc::new(db), path: path.into(), limits, instance: 0 };
+        store.db.with_db(true, &tables, tables).map_err(|e| store.db_err(e))?;
         store.instance = store.write(|tx| {
-            tx.open_table(PENDING)?;
-            tx.open_table(DEAD)?;
-            tx.open_table(BODIES)?;
-            tx.open_table(SEEN)?;
-            tx.open_table(SEEN_ORDER)?;
             let mut meta = tx.open_table(META)?;
             let instance = meta.get("instance")?.map(|v| v.value());
             let instance = match instance {
@@ -275,17 +283,19 @@ impl Store {
         StoreError::Store { path: self.path.clone(), message: e.to_string() }
     }
 
+    fn db_err(&self, e: DbError) -> StoreError {
+        match e {
+            DbError::Unavailable(m) | DbError::Other(m) => self.err(m),
+        }
+    }
+
     /// Runs `f` in one write transaction and commits it durably (fsync).
     fn write<T>(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>) -> Result<T, StoreError> {
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        let out = f(&tx).map_err(|e| self.err(e))?;
-        tx.commit().map_err(|e| self.err(e))?;
-        Ok(out)
+        self.db.write(&tables, f).map_err(|e| self.db_err(e))
     }
 
     fn read<T>(&self, f: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>) -> Result<T, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        f(&tx).map_err(|e| self.err(e))
+        self.db.read(&tables, f).map_err(|e| self.db_err(e))
     }
 
     /// Deduplicates and queues a webhook in one durable transaction: when this
@@ -459,6 +469,19 @@ impl Store {
     }
 }
 
+/// Creates the tables of a (re)opened file.
+fn tables(db: &Database) -> Result<(), redb::Error> {
+    let tx = db.begin_write()?;
+    for table in [PENDING, DEAD, BODIES] {
+        tx.open_table(table)?;
+    }
+    tx.open_table(SEEN)?;
+    tx.open_table(SEEN_ORDER)?;
+    tx.open_table(META)?;
+    tx.commit()?;
+    Ok(())
+}
+
 /// One webhook's dedup and queueing inside a write transaction.
 fn accept_in(
     tx: &redb::WriteTransaction,
@@ -601,6 +624,10 @@ mod tests {
     }
 
     fn accept(store: &Store, ids: &[&str], now_ms: u64) -> Accepted {
+        store.accept(incoming(ids, now_ms)).unwrap().0
+    }
+
+    fn incoming(ids: &[&str], now_ms: u64) -> Incoming {
         let body = ids.join(",");
         let owned: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
         let body_for = move |fresh: &[bool]| {
@@ -613,7 +640,7 @@ mod tests {
                 .join(",")
                 .into_bytes()
         };
-        let incoming = Incoming {
+        Incoming {
             kind: Kind::System,
             headers: vec![("klaviyo-signature".into(), b"sig-secret".to_vec())],
             partial_headers: vec![],
@@ -621,8 +648,28 @@ mod tests {
             body_for: Box::new(body_for),
             body: body.into(),
             now_ms,
-        };
-        store.accept(incoming).unwrap().0
+        }
+    }
+
+    #[test]
+    fn an_io_error_is_recovered_by_reopening() {
+        let path = temp("io");
+        let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let opener = crate::durable::testing::flaky_opener(fail.clone());
+        let store = Store::open_with(&path, limits(), opener, std::time::Duration::ZERO).unwrap();
+        assert_eq!(accept(&store, &["a"], 1), Accepted::Queued { id: 1, duplicates: 0 });
+        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        for _ in 0..2 {
+            assert!(store.accept(incoming(&["b"], 2)).is_err());
+        }
+        let error = store.write_error().expect("writes fail");
+        assert!(error.contains("no space"), "{error}");
+        // Space again: the next accept reopens the file; "b" was refused, so it is new.
+        fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(accept(&store, &["b"], 3), Accepted::Queued { id: 2, duplicates: 0 });
+        assert_eq!(store.write_error(), None);
+        assert_eq!(store.pending_len().unwrap(), 2);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
     #[test]

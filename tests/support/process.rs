@@ -52,3 +52,80 @@ pub fn serve_args<'a>(upstream: &'a str, config: Option<&'a str>) -> Vec<&'a str
     }
     args
 }
+
+/// The binary serving (`serve`, which prints the proxy's URL, then the admin
+/// listener's), with its stderr (the logs) kept line by line. Killed by its PID and
+/// reaped when dropped.
+pub struct Served {
+    /// The process.
+    pub child: Running,
+    /// `http://host:port` of the proxy listener.
+    pub proxy: String,
+    /// `http://host:port` of the admin listener.
+    pub admin: String,
+    stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Served {
+    /// Starts `bin` with `args` (see [`serve_args`]) and `envs`.
+    pub fn start(bin: &str, args: &[&str], envs: &[(&str, &str)]) -> Served {
+        let mut cmd = Command::new(bin);
+        cmd.args(args).envs(envs.iter().copied()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start klaviyo-proxy");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = stderr.clone();
+        let pipe = child.stderr.take().expect("piped stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let child = Running(child);
+        let mut url = || {
+            let mut line = String::new();
+            out.read_line(&mut line).expect("a stdout line");
+            line.trim().rsplit(' ').next().unwrap_or_default().to_string()
+        };
+        let (proxy, admin) = (url(), url());
+        assert!(proxy.starts_with("http://") && admin.starts_with("http://"), "{proxy} {admin}");
+        // Later stdout lines are drained so the binary never blocks on a full pipe.
+        std::thread::spawn(move || for _ in out.lines().map_while(Result::ok) {});
+        Served { child, proxy, admin, stderr }
+    }
+
+    /// Every stderr line so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded, 10 s) for a stderr line containing `text`.
+    pub fn wait_for_log(&self, text: &str) -> String {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < until {
+            if let Some(line) = self.stderr.lock().unwrap().iter().find(|l| l.contains(text)) {
+                return line.clone();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("no log line with {text:?}: {:?}", self.logs());
+    }
+
+    /// Sends a signal (`-HUP`, `-TERM`) to the process, by its PID.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.child.0.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill {sig}");
+    }
+
+    /// Stops with SIGTERM (waiting, bounded, for the exit) and returns all of stderr.
+    pub fn stop(mut self) -> Vec<String> {
+        self.signal("-TERM");
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while self.child.0.try_wait().unwrap().is_none() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // The stderr reader's last lines.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        self.logs()
+    }
+}
