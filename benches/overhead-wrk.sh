@@ -6,11 +6,15 @@
 #   haproxy             1 thread, http-reuse always (skipped when not installed)
 #   klaviyo-proxy       limits lifted (limits.enabled = false)
 #   klaviyo-proxy+lim   limits on: one account, limits that never bind
+#   hyper-floor         the least a hyper proxy costs (benches/hyper_floor.rs: one
+#                       upstream connection per client connection, nothing else),
+#                       when built: cargo build --release --bench hyper_floor
 # Rounds are interleaved (every variant once per round, the order rotated each round)
 # and the table shows per-variant medians, so a burst of load from elsewhere on the
 # machine hits every variant alike.
 #
 #   cargo build --release --bin klaviyo-proxy
+#   cargo build --release --bench hyper_floor     # optional: the hyper-floor variant
 #   benches/overhead-wrk.sh            # ROUNDS=3 SECS=10 CONNS=32 THREADS=1
 #
 # PROFILE=1 then profiles the klaviyo-proxy variant under the same load (perf record
@@ -165,6 +169,15 @@ start_proxy klaviyo-proxy+lim $'[limits.operations.get_accounts]\nburst_per_seco
 VARIANTS=(direct nginx)
 [ -n "$HAPROXY" ] && VARIANTS+=(haproxy)
 VARIANTS+=(klaviyo-proxy klaviyo-proxy+lim)
+FLOOR_BIN=${FLOOR_BIN:-$(ls -t "$ROOT"/target/release/deps/hyper_floor-* 2>/dev/null | grep -v '\.d$' | head -1 || true)}
+if [ -n "$FLOOR_BIN" ] && [ -x "$FLOOR_BIN" ]; then
+    FLOOR_PORT=$(free_port)
+    "$FLOOR_BIN" "127.0.0.1:$FLOOR_PORT" "127.0.0.1:$UPSTREAM_PORT" >/dev/null 2>&1 &
+    PIDS+=($!)
+    wait_port "$FLOOR_PORT"
+    URL[hyper-floor]="http://127.0.0.1:$FLOOR_PORT"
+    VARIANTS+=(hyper-floor)
+fi
 if [ -n "${COMPARE_BIN:-}" ]; then
     start_proxy compare $'[limits]\nenabled = false' "$COMPARE_BIN"
     VARIANTS+=(compare)

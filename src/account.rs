@@ -209,21 +209,38 @@ impl Resolver {
         }
     }
 
-    /// Who `credential` belongs to, looking it up once if needed.
-    pub async fn identity(&self, config: &Config, credential: &Credential, klaviyo: &impl Klaviyo) -> Identity {
+    /// [`Resolver::account_for`] when it needs no lookup and no wait (the common case:
+    /// the account is declared, cached, or not to be resolved), else `None`.
+    pub fn account_now(&self, router: &Router, config: &Config, credential: &Credential) -> Option<Account> {
+        let identity = self.identity_now(config, credential)?;
+        let (account, name) = bucket(router, config, credential, &identity);
+        if let Some(name) = name {
+            self.metrics.name_account(account, name);
+        }
+        Some(account)
+    }
+
+    /// Who `credential` belongs to, when known without a lookup.
+    fn identity_now(&self, config: &Config, credential: &Credential) -> Option<Identity> {
         if credential.kind() == Kind::Malformed {
-            return Identity::Own;
+            return Some(Identity::Own);
         }
         let fp = credential.fingerprint();
         if let Some(name) = declared(config, credential, &fp) {
-            return Identity::Account(name);
+            return Some(Identity::Account(name));
         }
         if !config.accounts.resolve || !config.limits.enabled {
-            return Identity::Own;
+            return Some(Identity::Own);
         }
-        if let Some(settled) = self.settled(&fp) {
-            return settled;
+        self.settled(&fp)
+    }
+
+    /// Who `credential` belongs to, looking it up once if needed.
+    pub async fn identity(&self, config: &Config, credential: &Credential, klaviyo: &impl Klaviyo) -> Identity {
+        if let Some(known) = self.identity_now(config, credential) {
+            return known;
         }
+        let fp = credential.fingerprint();
         let flight = lock(&self.flights).entry(fp.clone()).or_default().clone();
         let _one_lookup = flight.lock().await;
         // The lookup this request waited for may have answered.

@@ -96,31 +96,56 @@ fn trim(b: &[u8]) -> &[u8] {
 /// A stable, one-way name for a credential: `fp1_` and 32 hex digits of a SHA-256 of the
 /// normalised value. Safe in config files, Redis and the persisted cache (keys are
 /// random enough that the hash cannot be inverted); `klaviyo-proxy fingerprint` prints it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+///
+/// Held inline (36 bytes): it is computed for every request and is a map key in
+/// the account cache, so it costs no allocation to make, clone or compare.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct Fingerprint(String);
+pub struct Fingerprint([u8; FINGERPRINT_LEN]);
+
+const FINGERPRINT_PREFIX: &[u8; 4] = b"fp1_";
+const FINGERPRINT_LEN: usize = 4 + 32;
 
 impl From<Fingerprint> for String {
     fn from(f: Fingerprint) -> String {
-        f.0
+        f.as_str().to_owned()
     }
 }
 
 impl Fingerprint {
+    /// The fingerprint of 16 digest bytes.
+    fn of_digest(digest: &[u8]) -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut text = [0u8; FINGERPRINT_LEN];
+        text[..4].copy_from_slice(FINGERPRINT_PREFIX);
+        for (i, b) in digest[..16].iter().enumerate() {
+            text[4 + 2 * i] = HEX[usize::from(b >> 4)];
+            text[5 + 2 * i] = HEX[usize::from(b & 0xf)];
+        }
+        Fingerprint(text)
+    }
+
     /// The text form.
     pub fn as_str(&self) -> &str {
-        &self.0
+        // Only ever built from ASCII (`of_digest`, or text checked in `try_from`).
+        std::str::from_utf8(&self.0).unwrap_or_default()
     }
 
     /// A short prefix for logs.
     pub fn short(&self) -> &str {
-        &self.0[..self.0.len().min(12)]
+        &self.as_str()[..12]
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Fingerprint").field(&self.as_str()).finish()
     }
 }
 
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
@@ -128,10 +153,13 @@ impl TryFrom<String> for Fingerprint {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
         let hex = s.strip_prefix("fp1_").unwrap_or("");
-        if hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-            Ok(Fingerprint(s))
-        } else {
-            Err("must be `fp1_` and 32 lowercase hex digits, as `klaviyo-proxy fingerprint` prints".into())
+        match <[u8; FINGERPRINT_LEN]>::try_from(s.as_bytes()) {
+            Ok(text)
+                if s.starts_with("fp1_") && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
+            {
+                Ok(Fingerprint(text))
+            }
+            _ => Err("must be `fp1_` and 32 lowercase hex digits, as `klaviyo-proxy fingerprint` prints".into()),
         }
     }
 }
@@ -152,9 +180,7 @@ impl Credential {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         ctx.update(b"klaviyo-proxy credential v1\0");
         ctx.update(&self.value);
-        let digest = ctx.finish();
-        let hex: String = digest.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect();
-        Fingerprint(format!("fp1_{hex}"))
+        Fingerprint::of_digest(ctx.finish().as_ref())
     }
 }
 
@@ -216,10 +242,32 @@ mod tests {
 
     #[test]
     fn fingerprint_text_is_checked() {
-        for bad in ["", "fp1_", "fp1_ABCDEF0123456789abcdef0123456789", "fp2_0123456789abcdef0123456789abcdef", "pk_x"]
-        {
+        for bad in [
+            "",
+            "fp1_",
+            "fp1_ABCDEF0123456789abcdef0123456789",
+            "fp2_0123456789abcdef0123456789abcdef",
+            "pk_x",
+            "fp1_0123456789abcdef0123456789abcde",
+            "fp1_0123456789abcdef0123456789abcdef0",
+        ] {
             assert!(Fingerprint::try_from(bad.to_string()).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn fingerprint_is_the_hex_of_the_digest_and_reads_back() {
+        let key = parse(b"Klaviyo-API-Key pk_abc_1");
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"klaviyo-proxy credential v1\0");
+        ctx.update(key.as_bytes());
+        let hex: String = ctx.finish().as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect();
+        let fp = key.fingerprint();
+        assert_eq!(fp.as_str(), format!("fp1_{hex}"));
+        assert_eq!(fp.short(), &fp.as_str()[..12]);
+        assert_eq!(Fingerprint::try_from(fp.to_string()), Ok(fp.clone()));
+        let json = serde_json::to_string(&fp).unwrap();
+        assert_eq!(serde_json::from_str::<Fingerprint>(&json).unwrap(), fp);
     }
 
     #[test]

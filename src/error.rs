@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::body::{full, ProxyBody};
 
 /// Response header on every answer the proxy makes itself; its value is the error code.
-pub const PROXY_ERROR_HEADER: &str = "x-klaviyo-proxy-error";
+pub const PROXY_ERROR_HEADER: http::HeaderName = http::HeaderName::from_static("x-klaviyo-proxy-error");
 
 /// Where a failure came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,6 +18,7 @@ pub mod config;
 pub mod credential;
 pub mod error;
 pub mod hardening;
+pub mod header;
 pub mod limiter;
 pub mod metrics;
 pub mod preflight;

@@ -29,6 +29,7 @@ use crate::catalog;
 use crate::limiter::{Account, BucketId, BucketView, LocalStore, StoreState};
 
 mod accounts;
+mod hot;
 pub use accounts::{MAX_ACCOUNT_SERIES, OTHER as OTHER_ACCOUNT};
 
 /// Requests by operation, tier and outcome (counter).
@@ -218,6 +219,8 @@ fn wait_histogram() -> Histogram {
 
 /// Every metric of one app and the registry that encodes them.
 pub struct Metrics {
+    /// Tells this instance's handles apart in the per-thread cache ([`hot`]).
+    id: u64,
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     upstream_responses: Family<ResponseLabels, Counter>,
@@ -369,6 +372,7 @@ impl Metrics {
         let webhooks = crate::webhooks::WebhookMetrics::register(&mut registry);
         let coalesce = CoalesceMetrics::register(&mut registry);
         Metrics {
+            id: hot::next_id(),
             registry,
             requests,
             upstream_responses,
@@ -438,12 +442,27 @@ impl Metrics {
 
     /// Counts a finished client request.
     pub fn request(&self, operation: &'static str, tier: &'static str, outcome: RequestOutcome) {
-        self.requests.get_or_create(&RequestLabels { operation, tier, outcome: outcome.as_str() }).inc();
+        self.hot(operation, tier, |h| {
+            h.requests[outcome as usize]
+                .get_or_init(|| {
+                    self.requests.get_or_create(&RequestLabels { operation, tier, outcome: outcome.as_str() }).clone()
+                })
+                .inc();
+        });
     }
 
     /// Records a request's wait for its slot.
     pub fn queue_wait(&self, operation: &'static str, tier: &'static str, waited: Duration) {
-        self.queue_wait.get_or_create(&OpLabels { operation, tier }).observe(secs(waited));
+        self.hot(operation, tier, |h| {
+            h.queue_wait
+                .get_or_init(|| self.queue_wait.get_or_create(&OpLabels { operation, tier }).clone())
+                .observe(secs(waited));
+        });
+    }
+
+    /// Runs `f` with this thread's handles on the series of `(operation, tier)`.
+    fn hot<R>(&self, operation: &'static str, tier: &'static str, f: impl FnOnce(&hot::Handles) -> R) -> R {
+        hot::with(self.id, operation, tier, f)
     }
 
     /// Records an upstream response: status, latency, auth failures and Klaviyo's
@@ -476,10 +495,17 @@ impl Metrics {
     }
 
     fn upstream_answer(&self, operation: &'static str, tier: &'static str, status: u16, latency: Duration) {
-        self.upstream_responses
-            .get_or_create(&ResponseLabels { operation, tier, status, class: status_class(status) })
+        self.hot(operation, tier, |h| {
+            h.response(status, || {
+                self.upstream_responses
+                    .get_or_create(&ResponseLabels { operation, tier, status, class: status_class(status) })
+                    .clone()
+            })
             .inc();
-        self.upstream_latency.get_or_create(&OpLabels { operation, tier }).observe(secs(latency));
+            h.latency
+                .get_or_init(|| self.upstream_latency.get_or_create(&OpLabels { operation, tier }).clone())
+                .observe(secs(latency));
+        });
     }
 
     /// Counts a retry (fed by the retry stage); `reason` is a fixed word such as

@@ -7,7 +7,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -37,7 +37,7 @@ mod deferred;
 
 /// Request id header: passed through when the client sends one, generated otherwise,
 /// and returned on every response.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Everything the request path needs. The part a reload may change (config, routes,
 /// credentials) sits behind one swappable pointer; the bucket store, the upstream pool
@@ -116,7 +116,7 @@ impl Live {
     /// limits; the account is the one [`Proxy::resolve`] found for the credential
     /// that will go upstream, else the credential's own.
     pub(crate) fn route(&self, parts: &request::Parts) -> Route {
-        let revision = parts.headers.get("revision").and_then(|v| v.to_str().ok());
+        let revision = parts.headers.get(crate::header::REVISION).and_then(|v| v.to_str().ok());
         let beta = is_beta_revision(revision.unwrap_or(self.config.upstream.revision.as_str()));
         let (method, path, query) = (parts.method.as_str(), parts.uri.path(), parts.uri.query());
         match parts.extensions.get::<account::Resolved>() {
@@ -412,10 +412,10 @@ impl Proxy {
         // Without a key (pass-through mode) the probe's 401 is expected, not an auth
         // failure worth paging anyone for: only a credentialed probe counts upstream.
         if live.injected_auth.is_some() {
-            let remaining = header_int(resp.headers(), "ratelimit-remaining");
+            let remaining = header_int(resp.headers(), crate::header::RATELIMIT_REMAINING);
             self.metrics.upstream_response(&route, status.as_u16(), latency, remaining);
         }
-        let retry_after = header_int(resp.headers(), "retry-after").and_then(|v| u64::try_from(v).ok());
+        let retry_after = header_int(resp.headers(), header::RETRY_AFTER).and_then(|v| u64::try_from(v).ok());
         let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         Ok(Probe { status, body, latency, retry_after })
     }
@@ -434,19 +434,39 @@ impl Proxy {
     /// credential) for [`Live::route`]; a well-formed credential goes upstream in its
     /// canonical spelling. `/client/` requests spend their `company_id`'s quota.
     pub(crate) async fn resolve(&self, live: &Live, parts: &mut request::Parts) {
-        if parts.uri.path().starts_with("/client/") {
-            return;
+        let Some(credential) = Self::credential_to_resolve(parts) else { return };
+        let lookup = self.lookup(live, &credential);
+        let account = self.resolver.account_for(&live.router, &live.config, &credential, &lookup).await;
+        parts.extensions.insert(account::Resolved(account));
+    }
+
+    /// [`Proxy::resolve`] when it can finish without waiting (no lookup needed);
+    /// `false` when the caller must await `resolve`.
+    pub(crate) fn resolve_now(&self, live: &Live, parts: &mut request::Parts) -> bool {
+        let Some(credential) = Self::credential_to_resolve(parts) else { return true };
+        match self.resolver.account_now(&live.router, &live.config, &credential) {
+            Some(account) => {
+                parts.extensions.insert(account::Resolved(account));
+                true
+            }
+            None => false,
         }
-        let Some(value) = parts.headers.get(header::AUTHORIZATION) else { return };
+    }
+
+    /// The request's credential, normalised in its header, unless it has none to
+    /// resolve (no key, or a public-key `/client/` call).
+    fn credential_to_resolve(parts: &mut request::Parts) -> Option<Credential> {
+        if parts.uri.path().starts_with("/client/") {
+            return None;
+        }
+        let value = parts.headers.get(header::AUTHORIZATION)?;
         let credential = credential::parse(value.as_bytes());
         if credential.kind() != credential::Kind::Malformed && credential.as_bytes() != value.as_bytes() {
             if let Ok(v) = sensitive(String::from_utf8_lossy(credential.as_bytes()).into_owned(), "") {
                 parts.headers.insert(header::AUTHORIZATION, v);
             }
         }
-        let lookup = self.lookup(live, &credential);
-        let account = self.resolver.account_for(&live.router, &live.config, &credential, &lookup).await;
-        parts.extensions.insert(account::Resolved(account));
+        Some(credential)
     }
 
     fn lookup<'a>(&'a self, live: &'a Live, credential: &'a Credential) -> account::Lookup<'a> {
@@ -507,6 +527,6 @@ pub(crate) async fn throttle_wait(resp: Response<Incoming>, cap: Duration) -> Op
 }
 
 /// An integer header such as `RateLimit-Remaining` or `Retry-After` (seconds form).
-pub(crate) fn header_int(headers: &HeaderMap, name: &str) -> Option<i64> {
+pub(crate) fn header_int(headers: &HeaderMap, name: HeaderName) -> Option<i64> {
     headers.get(name)?.to_str().ok()?.trim().parse().ok()
 }

@@ -81,9 +81,10 @@ pub fn retry_after_from_body(body: &[u8], cap: Duration) -> Option<Duration> {
 /// challenge`, met from some cloud egress addresses) rather than Klaviyo refusing the
 /// key: repeating it gets the same challenge, and it says nothing about the key.
 pub fn is_challenge(status: http::StatusCode, headers: &http::HeaderMap) -> bool {
+    const CF_MITIGATED: http::HeaderName = http::HeaderName::from_static("cf-mitigated");
     status == http::StatusCode::FORBIDDEN
         && headers
-            .get_all("cf-mitigated")
+            .get_all(CF_MITIGATED)
             .iter()
             .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("challenge"))))
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{request, Request, Response, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -80,7 +80,7 @@ impl UpstreamError {
 }
 
 /// Request header with which a client shortens its maximum queue wait.
-pub const MAX_WAIT_HEADER: &str = "x-proxy-max-wait-ms";
+pub const MAX_WAIT_HEADER: HeaderName = HeaderName::from_static("x-proxy-max-wait-ms");
 
 /// Removes hop-by-hop headers, including any the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -275,8 +275,8 @@ pub fn outbound_headers(headers: &mut HeaderMap, revision: &str) {
     headers.remove(header::HOST);
     headers.remove(header::CONTENT_LENGTH);
     headers.remove(MAX_WAIT_HEADER);
-    if !headers.contains_key("revision") {
-        headers.insert("revision", HeaderValue::from_str(revision).expect("validated revision"));
+    if !headers.contains_key(crate::header::REVISION) {
+        headers.insert(crate::header::REVISION, HeaderValue::from_str(revision).expect("validated revision"));
     }
 }
 

@@ -287,15 +287,15 @@ impl Checklist {
 
     /// Counts a routed request from its head: client, revision, operation.
     pub fn observe(&self, route: &Route, headers: &HeaderMap) -> Observation {
-        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let text = |name: http::HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
         let tally = self.tally(route.account);
         let operation = route.label();
         {
             let mut c = tally.lock();
             let c = &mut *c;
             c.requests += 1;
-            bump(&mut c.clients, &mut c.other_clients, text("user-agent"));
-            bump(&mut c.revisions, &mut c.other_revisions, text("revision"));
+            bump(&mut c.clients, &mut c.other_clients, text(http::header::USER_AGENT));
+            bump(&mut c.revisions, &mut c.other_revisions, text(crate::header::REVISION));
             *c.operations.entry(operation).or_default() += 1;
         }
         Observation {

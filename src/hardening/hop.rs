@@ -6,17 +6,17 @@
 
 use http::header::{self, HeaderMap, HeaderName};
 
-/// Headers that are always hop-by-hop, plus the proxy's own request headers.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Headers that are always hop-by-hop.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    crate::header::KEEP_ALIVE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    crate::header::PROXY_CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// What a client's `Connection` may never name.
@@ -35,11 +35,16 @@ fn connection_names(headers: &HeaderMap) -> Vec<HeaderName> {
 
 /// Removes hop-by-hop headers, including any the `Connection` header names.
 pub fn strip(headers: &mut HeaderMap) {
+    // One pass over the names first: most requests and responses have none, and a
+    // removal by name hashes and probes the map for each of the nine.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     for name in connection_names(headers) {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
     }
 }
 
@@ -50,6 +55,10 @@ pub struct ProtectedHeader(pub &'static str);
 /// Strips a client request's hop-by-hop headers, refusing a `Connection` that names a
 /// protected header (no sane client asks for its own credential to be dropped).
 pub fn strip_client(headers: &mut HeaderMap) -> Result<(), ProtectedHeader> {
+    if !headers.contains_key(header::CONNECTION) {
+        strip(headers);
+        return Ok(());
+    }
     if let Some(p) = connection_names(headers).iter().find_map(|n| PROTECTED.iter().find(|p| *p == n)) {
         return Err(ProtectedHeader(p));
     }

@@ -11,7 +11,7 @@ use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use tower::{Layer, Service};
 
-use super::{BoxFuture, Routed};
+use super::{Either, Routed};
 use crate::body::ProxyBody;
 use crate::coalesce::COALESCED;
 use crate::error::{ProxyError, PROXY_ERROR_HEADER};
@@ -61,7 +61,7 @@ where
 {
     type Response = Response<ProxyBody>;
     type Error = ProxyError;
-    type Future = BoxFuture<Result<Response<ProxyBody>, ProxyError>>;
+    type Future = Either<S::Future, Result<Response<ProxyBody>, ProxyError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -69,9 +69,9 @@ where
 
     fn call(&mut self, routed: Routed<Bytes>) -> Self::Future {
         let Some(coalescer) = self.proxy.coalescer().filter(|_| takes(&routed)).cloned() else {
-            return Box::pin(self.inner.call(routed));
+            return Either::Inner { future: self.inner.call(routed) };
         };
-        Box::pin(async move {
+        let future = Box::pin(async move {
             let id = coalescer.accept(&routed.call.parts.headers, &routed.call.body).await?;
             routed.call.record.update(|o| o.kind = RequestOutcome::Spooled);
             let mut resp = Response::new(crate::body::full(Bytes::new()));
@@ -79,7 +79,8 @@ where
             resp.headers_mut().insert(SPOOL_ID_HEADER, HeaderValue::from(id));
             resp.headers_mut().insert(PROXY_ERROR_HEADER, HeaderValue::from_static(COALESCED));
             Ok(resp)
-        })
+        });
+        Either::Own { future }
     }
 }
 

@@ -155,7 +155,7 @@ impl Proxy {
             let challenged = result.as_ref().is_ok_and(|r| retry::is_challenge(r.status(), r.headers()));
             if let (Ok(resp), false) = (&result, challenged) {
                 // Operators see Klaviyo's answers and its own count of what is left.
-                let remaining = header_int(resp.headers(), "ratelimit-remaining");
+                let remaining = header_int(resp.headers(), crate::header::RATELIMIT_REMAINING);
                 self.metrics.upstream_response(route, resp.status().as_u16(), latency, remaining);
             }
             let (verdict, failure, reason) = match result {
@@ -294,10 +294,12 @@ impl Proxy {
     /// Klaviyo's `RateLimit-Remaining` lowers the proxy's view of the bucket when
     /// another consumer spends the same quota.
     pub(crate) async fn feedback(&self, live: &Live, route: &Route, resp: &Response<Incoming>, now: Instant) {
-        let remaining = header_int(resp.headers(), "ratelimit-remaining").and_then(|r| u32::try_from(r).ok());
-        let reset =
-            header_int(resp.headers(), "ratelimit-reset").and_then(|r| u64::try_from(r).ok()).map(Duration::from_secs);
-        let limit = header_int(resp.headers(), "ratelimit-limit").and_then(|l| u32::try_from(l).ok());
+        let remaining =
+            header_int(resp.headers(), crate::header::RATELIMIT_REMAINING).and_then(|r| u32::try_from(r).ok());
+        let reset = header_int(resp.headers(), crate::header::RATELIMIT_RESET)
+            .and_then(|r| u64::try_from(r).ok())
+            .map(Duration::from_secs);
+        let limit = header_int(resp.headers(), crate::header::RATELIMIT_LIMIT).and_then(|l| u32::try_from(l).ok());
         let (Some(remaining), Some(demand), true) = (remaining, described(route, limit), live.config.limits.enabled)
         else {
             return;

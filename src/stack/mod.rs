@@ -92,6 +92,28 @@ where
 /// A boxed future, for the stages that wait.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+pin_project_lite::pin_project! {
+    /// A stage's future when it usually just passes the call on: the inner service's
+    /// future as it is (no box, no copy into one), or the stage's own boxed work.
+    #[project = EitherProj]
+    #[allow(missing_docs)]
+    pub enum Either<F, T> {
+        Inner { #[pin] future: F },
+        Own { future: BoxFuture<T> },
+    }
+}
+
+impl<F: Future<Output = T>, T> Future for Either<F, T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<T> {
+        match self.project() {
+            EitherProj::Inner { future } => future.poll(cx),
+            EitherProj::Own { future } => future.as_mut().poll(cx),
+        }
+    }
+}
+
 /// A request on its way down the stack, before routing.
 #[derive(Debug)]
 pub struct Call<B> {

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 
 use tower::{Layer, Service};
 
-use super::{BoxFuture, Call};
+use super::{Call, Either};
 use crate::proxy::Proxy;
 
 /// See the module docs.
@@ -45,20 +45,26 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxFuture<Result<S::Response, S::Error>>;
+    type Future = Either<S::Future, Result<S::Response, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut call: Call<B>) -> Self::Future {
+        // Declared, cached or not resolved at all: no lookup to wait for.
+        if self.proxy.resolve_now(&call.live, &mut call.parts) {
+            return Either::Inner { future: self.inner.call(call) };
+        }
         let proxy = self.proxy.clone();
         let mut inner = self.inner.clone();
         std::mem::swap(&mut inner, &mut self.inner);
-        Box::pin(async move {
-            let live = call.live.clone();
-            proxy.resolve(&live, &mut call.parts).await;
-            inner.call(call).await
-        })
+        Either::Own {
+            future: Box::pin(async move {
+                let live = call.live.clone();
+                proxy.resolve(&live, &mut call.parts).await;
+                inner.call(call).await
+            }),
+        }
     }
 }
