@@ -8,7 +8,8 @@
 //!
 //! # Layout
 //! One table keyed by account (the account is already a keyed hash, so it hashes by a
-//! multiply): each entry holds that account's buckets and its *lanes*, behind one lock.
+//! multiply): each entry holds that account's buckets (the first one inline, in the
+//! entry itself) and its *lanes*, behind one lock.
 //! A request of an account never needs another account's state.
 //!
 //! - A **bucket** holds one log of takes per window (departures and the slots of
@@ -49,6 +50,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use smallvec::SmallVec;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -150,7 +152,10 @@ impl Bucket {
 /// One account's buckets and lanes.
 #[derive(Debug, Default)]
 struct Holder {
-    buckets: Vec<Bucket>,
+    /// The first bucket is held in the table's own entry: most accounts use one, and a
+    /// decision then reads the bucket where the lookup found the account, without a
+    /// further cache miss on a separate allocation.
+    buckets: SmallVec<[Bucket; 1]>,
     lanes: Vec<Lane>,
     next_place: u64,
     /// Buckets that count as full from this tick on, once a request names their
@@ -173,7 +178,7 @@ impl Holder {
         self.buckets.iter().position(|b| b.id == id)
     }
 
-    /// The buckets of sorted, deduplicated demands (created if missing), pruned at `now`;
+    /// The buckets of sorted, deduplicated demands (created if missing), tidied at `now`;
     /// `None` when a bucket is missing and `room` has none (`strict`).
     fn buckets_for(&mut self, demands: &[Demand], now: Tick, room: &Room, strict: bool) -> Option<Indexes> {
         let mut idx = [0; MAX_DEMANDS];
@@ -197,7 +202,7 @@ impl Holder {
                 b.windows = d.windows;
             }
             for (log, spec) in b.logs.iter_mut().zip(d.windows.as_slice()) {
-                log.prune(now, spec.period);
+                log.tidy(now, spec.period);
             }
             *slot = i;
         }
