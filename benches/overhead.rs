@@ -11,7 +11,8 @@
 //!     streams, since the file-descriptor limit here is 20k).
 //!
 //! Env: `BENCH_PARTS` (default `abc`), `BENCH_SECS`, `BENCH_CONCURRENCY` (a),
-//! `BENCH_BATCH` (b, default 30), `BENCH_QUEUED` (c, default 50000).
+//! `BENCH_BATCH` (b, default 30), `BENCH_QUEUED` (c, default 50000), `BENCH_BIN` (another
+//! build of the binary to run instead of this one).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,8 +28,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_klaviyo-proxy");
 #[path = "../tests/support/process.rs"]
 mod process;
 
+/// The binary to run: this build's, or `BENCH_BIN` (another build, to compare two
+/// side by side in one run).
 fn start(args: &[&str], envs: &[(&str, &str)]) -> (process::Running, String) {
-    process::start(BIN, args, envs)
+    let bin = std::env::var("BENCH_BIN").unwrap_or_else(|_| BIN.to_string());
+    process::start(&bin, args, envs)
 }
 
 struct Result {

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::Response;
 use tower::{Layer, Service};
 
-use super::{BoxFuture, Routed};
+use super::{Either, Routed};
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::proxy::{Live, Proxy};
@@ -53,7 +53,7 @@ where
 {
     type Response = Response<ProxyBody>;
     type Error = ProxyError;
-    type Future = BoxFuture<Result<Response<ProxyBody>, ProxyError>>;
+    type Future = Either<S::Future, Result<Response<ProxyBody>, ProxyError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -68,28 +68,40 @@ where
         // The kill switch (rollback option): answer at once, touch nothing upstream.
         if !live.config.upstream.enabled {
             let spool = deferrable && live.config.spool.when_disabled;
-            return Box::pin(async move { accept_or(&proxy, spool, &routed, ProxyError::Disabled).await });
+            return Either::Own {
+                future: Box::pin(async move { accept_or(&proxy, spool, &routed, ProxyError::Disabled).await }),
+            };
         }
         // While Klaviyo is failing, fail fast instead of queueing for nothing.
         if let Some(retry_after) = proxy.breaker_open(&live) {
-            return Box::pin(async move {
-                accept_or(&proxy, deferrable, &routed, ProxyError::CircuitOpen { retry_after }).await
-            });
+            return Either::Own {
+                future: Box::pin(async move {
+                    accept_or(&proxy, deferrable, &routed, ProxyError::CircuitOpen { retry_after }).await
+                }),
+            };
+        }
+        // A request the spool would not take goes as the exchange's future alone: the
+        // spool's state (a copy of the call, the spool write) would otherwise sit in
+        // every queued request (1.5 kB each).
+        if !deferrable {
+            return Either::Inner { future: self.inner.call(routed) };
         }
         // The exchange owns the call; keep what the spool needs if it fails.
-        let kept = deferrable.then(|| keep(&routed));
+        let kept = keep(&routed);
         let answer = self.inner.call(routed);
-        Box::pin(async move {
-            let result = answer.await;
-            let undelivered = match &result {
-                Ok(resp) => resp.status().is_server_error(),
-                Err(e) => may_defer(e),
-            };
-            match (kept, undelivered) {
-                (Some(kept), true) => proxy.defer(&kept).await,
-                _ => result,
-            }
-        })
+        Either::Own {
+            future: Box::pin(async move {
+                let result = answer.await;
+                let undelivered = match &result {
+                    Ok(resp) => resp.status().is_server_error(),
+                    Err(e) => may_defer(e),
+                };
+                match undelivered {
+                    true => proxy.defer(&kept).await,
+                    false => result,
+                }
+            }),
+        }
     }
 }
 
@@ -266,5 +278,22 @@ mod tests {
         let record = routed.call.record.clone();
         DeferLayer::new(f.proxy.clone()).layer(inner).oneshot(routed).await.unwrap();
         assert_eq!(record.get().kind, RequestOutcome::Spooled);
+    }
+
+    /// Every queued request holds its stages' futures: one the spool would not take
+    /// carries no spool state (a copy of the call and the spool write, 1.5 kB), only the
+    /// exchange's future.
+    #[tokio::test]
+    async fn a_request_the_spool_would_not_take_carries_no_spool_state() {
+        let f = fixture("");
+        let inner = tower::service_fn(|_: Routed<Bytes>| async {
+            Ok::<_, ProxyError>(Response::new(crate::body::full(Bytes::new())))
+        });
+        let mut svc = DeferLayer::new(f.proxy.clone()).layer(inner);
+        let read = testing::routed(&f.proxy, Request::get("/api/accounts").body(Bytes::new()).unwrap());
+        assert!(matches!(svc.call(read), Either::Inner { .. }));
+        let req = Request::post("/api/events").body(Bytes::from_static(EVENT.as_bytes())).unwrap();
+        let event = Idempotency.check(testing::routed(&f.proxy, req)).unwrap();
+        assert!(matches!(svc.call(event), Either::Own { .. }), "a deferrable write keeps what the spool needs");
     }
 }

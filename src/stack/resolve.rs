@@ -62,7 +62,9 @@ where
         Either::Own {
             future: Box::pin(async move {
                 let live = call.live.clone();
-                proxy.resolve(&live, &mut call.parts).await;
+                // Boxed apart: the lookup (an upstream request) is kilobytes that would
+                // stay allocated, unused, for as long as the request then queues.
+                Box::pin(proxy.resolve(&live, &mut call.parts)).await;
                 inner.call(call).await
             }),
         }
