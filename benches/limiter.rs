@@ -104,5 +104,31 @@ fn realistic(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decisions, realistic);
+/// The floor under the 100k case on this machine: one read of memory, i.e. a line of a
+/// table the size of 100k buckets' state (512 bytes each), visited in an order nothing
+/// can predict (each read names the next, in a random cycle). A decision that finds its
+/// bucket outside the cache pays at least this once, whatever the layout.
+fn one_miss(c: &mut Criterion) {
+    const KEYS: usize = 100_000;
+    let mut order: Vec<usize> = (0..KEYS).collect();
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for i in (1..KEYS).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    let mut table = vec![[0usize; 64]; KEYS];
+    for w in 0..KEYS {
+        table[order[w]][0] = order[(w + 1) % KEYS];
+    }
+    let mut at = order[0];
+    c.bench_function("reference_one_memory_read/100000_keys", |b| {
+        b.iter(|| {
+            at = black_box(table[at][0]);
+        })
+    });
+}
+
+criterion_group!(benches, decisions, realistic, one_miss);
 criterion_main!(benches);

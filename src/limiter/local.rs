@@ -501,34 +501,33 @@ impl Default for LocalStore {
     }
 }
 
-/// Demands sorted by bucket and deduplicated (a fixed lock-free order for lanes).
-fn sorted(demands: &[Demand]) -> ([Demand; MAX_DEMANDS], usize, LaneKey) {
+/// Demands sorted by bucket and deduplicated (a fixed lock-free order for lanes), in
+/// `buf` unless they already are: most requests need one bucket, and a decision then
+/// copies nothing (the demands are a few hundred bytes).
+fn sorted<'a>(demands: &'a [Demand], buf: &'a mut SmallVec<[Demand; MAX_DEMANDS]>) -> (&'a [Demand], LaneKey) {
     assert!(
         !demands.is_empty()
             && demands.len() <= MAX_DEMANDS
             && demands.iter().all(|d| d.key.account == demands[0].key.account),
         "a request takes from one to {MAX_DEMANDS} buckets, all of one account"
     );
-    let mut buf = [demands[0]; MAX_DEMANDS];
-    if let [d] = demands {
-        // Most requests need one bucket.
-        let mut key = [None; MAX_DEMANDS];
-        key[0] = Some(d.key.bucket);
-        return (buf, 1, key);
-    }
-    let mut n = 0;
-    for d in demands {
-        if !buf[..n].iter().any(|e| e.key == d.key) {
-            buf[n] = *d;
-            n += 1;
-        }
-    }
-    buf[..n].sort_unstable_by_key(|d| d.key.bucket);
     let mut key = [None; MAX_DEMANDS];
-    for (k, d) in key.iter_mut().zip(&buf[..n]) {
+    let demands = match demands {
+        [_] => demands,
+        _ => {
+            for d in demands {
+                if !buf.iter().any(|e| e.key == d.key) {
+                    buf.push(*d);
+                }
+            }
+            buf.sort_unstable_by_key(|d| d.key.bucket);
+            &buf[..]
+        }
+    };
+    for (k, d) in key.iter_mut().zip(demands) {
         *k = Some(d.key.bucket);
     }
-    (buf, n, key)
+    (demands, key)
 }
 
 impl LocalStore {
@@ -681,8 +680,8 @@ impl LocalStore {
         deadline: Instant,
         max_depth: u32,
     ) -> Result<Grant, Denied> {
-        let (buf, n, key) = sorted(demands);
-        let demands = &buf[..n];
+        let mut buf = SmallVec::new();
+        let (demands, key) = sorted(demands, &mut buf);
         let account = demands[0].key.account;
         let now_t = self.tick(now);
         let mut tried = false;
@@ -789,12 +788,13 @@ impl LocalStore {
     /// (the shared store mirrors its Redis grants here, so that if Redis goes away this
     /// store already counts what this replica sent).
     pub fn record(&self, demands: &[Demand], now: Instant) {
-        let (buf, n, _) = sorted(demands);
+        let mut buf = SmallVec::new();
+        let (demands, _) = sorted(demands, &mut buf);
         let now_t = self.tick(now);
         let record = |h: &mut Holder| {
             // At the cap with nothing idle the take is not mirrored: the authority that
             // granted it (Redis) still counts it.
-            let (idx, n) = h.buckets_for(&buf[..n], now_t, &self.room, true)?;
+            let (idx, n) = h.buckets_for(demands, now_t, &self.room, true)?;
             for &i in &idx[..n] {
                 let b = &mut h.buckets[i];
                 let windows = b.windows;
@@ -804,11 +804,11 @@ impl LocalStore {
                 let longest = windows.as_slice().iter().map(|w| w.period).max().unwrap_or(0);
                 b.expires = b.expires.max(now_t.saturating_add(longest));
             }
-            self.touch(buf[0].key.account, h, &idx[..n]);
+            self.touch(demands[0].key.account, h, &idx[..n]);
             Some(())
         };
-        if self.with_account(buf[0].key.account, record).is_none() && self.make_room(now_t) {
-            self.with_account(buf[0].key.account, record);
+        if self.with_account(demands[0].key.account, record).is_none() && self.make_room(now_t) {
+            self.with_account(demands[0].key.account, record);
         }
     }
 
@@ -918,8 +918,8 @@ impl LocalStore {
         now: Instant,
         deadline: Instant,
     ) -> Result<Grant, Denied> {
-        let (buf, n, key) = sorted(demands);
-        let demands = &buf[..n];
+        let mut buf = SmallVec::new();
+        let (demands, key) = sorted(demands, &mut buf);
         let account = demands[0].key.account;
         let (now_t, until_t, deadline_t) = (self.tick(now), self.tick(until), self.tick(deadline));
         self.with_account(account, |h| {
