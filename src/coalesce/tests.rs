@@ -106,6 +106,13 @@ async fn accept_all(c: &Arc<Coalescer>, ids: impl IntoIterator<Item = String>) {
     }
 }
 
+/// Accepts events `e0`, `e1`, … one after the other.
+async fn accept_in_turn(c: &Coalescer, n: usize) {
+    for i in 0..n {
+        c.accept(&headers(), &event("a@example.com", &format!("e{i}"))).await.unwrap();
+    }
+}
+
 /// Waits (bounded) until every accepted event is delivered or dead-lettered.
 async fn settled(c: &Coalescer) {
     for _ in 0..1000 {
@@ -197,9 +204,7 @@ async fn without_a_pointer_the_job_is_halved_down_to_the_bad_event() {
 #[tokio::test]
 async fn undelivered_jobs_wait_and_go_again() {
     let f = fixture(20);
-    for i in 0..10 {
-        f.coalescer.accept(&headers(), &event("a@example.com", &format!("e{i}"))).await.unwrap();
-    }
+    accept_in_turn(&f.coalescer, 10).await;
     let stub = Arc::new(Stub { fail_first: AtomicUsize::new(3), ..Stub::default() });
     let batcher = tokio::spawn(f.coalescer.clone().run(stub.clone()));
     settled(&f.coalescer).await;
@@ -213,9 +218,7 @@ async fn undelivered_jobs_wait_and_go_again() {
 async fn a_job_that_keeps_failing_goes_to_the_dead_letters_by_the_spools_rules() {
     let f = fixture(20);
     f.spool.set_limits(spool::SpoolLimits { max_attempts: 3, ..spool::SpoolLimits::default() });
-    for i in 0..5 {
-        f.coalescer.accept(&headers(), &event("a@example.com", &format!("e{i}"))).await.unwrap();
-    }
+    accept_in_turn(&f.coalescer, 5).await;
     let stub = Arc::new(Stub { server_error: true, ..Stub::default() });
     let batcher = tokio::spawn(f.coalescer.clone().run(stub.clone()));
     settled(&f.coalescer).await;
@@ -232,9 +235,7 @@ async fn a_job_that_keeps_failing_goes_to_the_dead_letters_by_the_spools_rules()
 async fn failures_that_are_not_the_jobs_fault_do_not_count_as_attempts() {
     let f = fixture(20);
     f.spool.set_limits(spool::SpoolLimits { max_attempts: 2, ..spool::SpoolLimits::default() });
-    for i in 0..5 {
-        f.coalescer.accept(&headers(), &event("a@example.com", &format!("e{i}"))).await.unwrap();
-    }
+    accept_in_turn(&f.coalescer, 5).await;
     // Klaviyo unreachable four times (as while the breaker is open), then back.
     let stub = Arc::new(Stub { fail_first: AtomicUsize::new(4), ..Stub::default() });
     let batcher = tokio::spawn(f.coalescer.clone().run(stub.clone()));
@@ -302,9 +303,7 @@ async fn an_idempotency_key_seen_before_answers_the_same_id_and_stores_nothing()
 #[tokio::test]
 async fn a_restart_delivers_what_was_accepted_before_it() {
     let f = fixture(20);
-    for i in 0..5 {
-        f.coalescer.accept(&headers(), &event("a@example.com", &format!("e{i}"))).await.unwrap();
-    }
+    accept_in_turn(&f.coalescer, 5).await;
     let path = f.dir.join("events.redb");
     let Fixture { coalescer, spool, dir } = f;
     drop(coalescer);
