@@ -84,8 +84,10 @@ async fn clients_giving_up_leave_no_quota_idle() {
     let stats = stats(&sim_url).await;
     let received = bucket(&stats, "get_accounts", "endpoint").iter().map(|b| b.requests).sum::<u64>();
     assert_eq!(stats.throttled, 0);
-    // A client may give up while its request is already on the wire.
-    assert!(served <= received && received <= served + 2, "{served} served, {received} received");
+    // A client may give up while its request is already on the wire: one whose slot
+    // came within a round trip of its patience. How many depends on the machine's
+    // load (2 seen quiet, 3 with three builds running), not on the limiter.
+    assert!(served <= received && received <= served + 4, "{served} served, {received} received");
     assert!(received * 100 >= quota as u64 * 95, "the simulator received {received} of the {quota} the windows allow");
     assert!(received <= quota as u64 + 1, "{received} is more than the windows allow ({quota})");
 }
