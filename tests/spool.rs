@@ -559,7 +559,7 @@ async fn one_accounts_failures_do_not_hold_another_accounts_replay() {
                         .body(Full::new(Bytes::new()))
                         .unwrap();
                     if let Ok(resp) = client.request(req).await {
-                        assert!(resp.status().is_server_error(), "{}", resp.status());
+                        assert!(!resp.status().is_success(), "{}", resp.status());
                         let _ = resp.into_body().collect().await;
                     }
                     answers += 1;
