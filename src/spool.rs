@@ -395,7 +395,7 @@ impl Spool {
         Spool::with_opener(path, limits, crate::durable::file_opener(), crate::durable::REOPEN_EVERY)
     }
 
-    fn with_opener(
+    pub(crate) fn with_opener(
         path: &Path,
         limits: SpoolLimits,
         opener: Opener,

@@ -35,7 +35,7 @@ pub enum TlsSetupError {
 pub mod pool;
 
 pub use pool::Lease;
-use pool::{Pool, Sender};
+use pool::{Pool, Sender, Taken};
 
 /// Why a request got no response.
 #[derive(Debug, thiserror::Error)]
@@ -218,12 +218,9 @@ impl Upstream {
     ) -> Result<Response<Incoming>, UpstreamError> {
         let exchange = async {
             let mut held = match lease.map(Lease::take) {
-                Some(Ok(held)) => Some(held),
-                Some(Err(false)) => {
-                    let source = "the upstream closed a new connection before the request was sent".into();
-                    return Err(Failure { never_sent: true, source });
-                }
-                Some(Err(true)) | None => None,
+                Some(Taken::Ready(sender, reused)) => Some((sender, reused)),
+                Some(Taken::TurnedAway(source)) => return Err(Failure { never_sent: true, source }),
+                Some(Taken::Dial) | None => None,
             };
             for attempt in 0..2 {
                 let (sender, reused) = match held.take() {

@@ -420,6 +420,32 @@ fn assert_outage_targets(mode: &str, f: &OutageFigures) {
     assert!(f.fail_fast_p99 <= Duration::from_millis(50), "{mode}: fail-fast p99 {:?}", f.fail_fast_p99);
 }
 
+/// While Klaviyo resets connections, one attempt is one connection: a failed connect
+/// made for the request before it queued is not followed by a second connect for the
+/// same attempt (before, up to two resets per attempt reached Klaviyo). Retries and the
+/// breaker are off, so 20 requests must cost exactly 20 connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_outage_costs_one_connection_per_attempt() {
+    let config = "[retry]\nmax_attempts = 1\n[breaker]\nenabled = false\n";
+    let stack = Stack::start(&[], false, Some(config));
+    // A first request warms the pool, which the outage's resets then empty.
+    let (status, _, _) = stack.call(Method::GET, format!("{}{PATH}", stack.target), "").await;
+    assert_eq!(status, StatusCode::OK);
+    let before = stack.stats().await.reset_connections;
+    stack.set_faults(serde_json::json!({"outage": "reset", "outage_ms": 4000})).await;
+    let started = Instant::now();
+    for _ in 0..20 {
+        let answer = stack.try_call(Method::GET, format!("{}{PATH}", stack.target), "").await;
+        let (status, _, _) = answer.expect("the proxy answers");
+        assert!(status.is_server_error(), "{status}");
+    }
+    assert!(started.elapsed() < Duration::from_millis(3500), "the 20 requests took {:?}", started.elapsed());
+    // The control endpoint is cut off until the outage ends by itself.
+    tokio::time::sleep_until(started + Duration::from_millis(4500)).await;
+    let resets = stack.stats().await.reset_connections - before;
+    assert_eq!(resets, 20, "connections reset for 20 single-attempt requests");
+}
+
 /// A 10 s outage answering 503, shortened to 2 s before and 3 s after (75 GETs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_second_503_outage_costs_klaviyo_little_and_ends_at_once() {

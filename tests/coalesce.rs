@@ -317,6 +317,40 @@ async fn one_poison_event_costs_only_itself() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A Klaviyo outage only makes jobs wait: events accepted while the bulk endpoint
+/// answers 503 are all delivered, once each, when it is back, and none is dead-lettered
+/// (a job refused by an outage counts like a spooled write's replay, and the breaker
+/// keeps most jobs from being tried at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_only_makes_jobs_wait() {
+    let sim = simulator().await;
+    let dir = temp_dir("coalesce-outage");
+    let proxy = start_binary(&write_config(&dir, &sim.url));
+    let client = client();
+    let outage = serde_json::from_value(serde_json::json!({"outage": "unavailable", "outage_ms": 4000})).unwrap();
+    sim.set_faults(outage).unwrap();
+    let ids: Vec<String> = (0..500).map(|i| format!("o-{i:03}")).collect();
+    let acked = send_all(&client, proxy.addr, ids, 8).await;
+    assert_eq!(acked.len(), 500, "every event is answered 202 during the outage");
+    let delivered = {
+        let sim = sim.clone();
+        wait_until(Duration::from_secs(60), move || sim.events().unique == 500).await
+    };
+    let events = sim.events();
+    assert!(delivered, "delivered {} of 500 after the outage", events.unique);
+    assert_eq!(events.duplicates, 0);
+    let m = metrics(&client, proxy.admin).await;
+    assert_eq!(metric(&m, "klaviyo_proxy_coalesce_events_total{state=\"dead_lettered\"}"), 0.0);
+    assert_eq!(metric(&m, "klaviyo_proxy_coalesce_events_total{state=\"delivered\"}"), 500.0);
+    let met_the_outage = m.lines().any(|l| {
+        l.starts_with("klaviyo_proxy_upstream_responses_total{")
+            && l.contains("bulk_create_events")
+            && l.contains("status=\"503\"")
+    });
+    assert!(met_the_outage, "a job met the outage:\n{m}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// An event the proxy can tell is invalid gets Klaviyo's 400 shape at once, marked as
 /// the proxy's, with a pointer; nothing is stored. An `Idempotency-Key` repeated by a
 /// retrying client answers the first event's id and sends nothing twice.

@@ -6,10 +6,11 @@
 //! allows 150 jobs of 1,000: up to 40× more events on the same account.
 //!
 //! Jobs go through the same limiter (the bulk endpoint's own bucket), breaker and
-//! retries as client requests ([`Deliver`]). A job Klaviyo refuses with 400 loses only
-//! its bad events: those its error pointers name go to the spool's dead letters, the
-//! rest are sent again; without a usable pointer the job is split in halves, down to
-//! single events.
+//! retries as client requests ([`Deliver`]), and a job that keeps failing dead-letters its
+//! events by the spool's replay rules (`max_attempts`, `max_age`). A job Klaviyo refuses
+//! with 400 loses only its bad events: those its error pointers name go to the spool's
+//! dead letters, the rest are sent again; without a usable pointer the job is split in
+//! halves, down to single events.
 
 pub mod event;
 pub mod store;
@@ -318,18 +319,29 @@ impl Coalescer {
 
     /// Applies what a job came back with: forget the delivered, dead-letter the
     /// refused, put the rest back at the front of its lane and back off.
-    async fn settle(&self, lanes: &mut HashMap<Group, Lane>, group: Group, outcome: JobOutcome) {
+    async fn settle(&self, lanes: &mut HashMap<Group, Lane>, group: Group, mut outcome: JobOutcome) {
+        if let Some(reason) = outcome.failed.take() {
+            self.give_up_failing(lanes.entry(group.clone()).or_default(), &mut outcome, &reason);
+        }
         let mut done: Vec<u64> = outcome.delivered.clone();
-        for (record, reason) in &outcome.dead {
-            if self.dead_letter(record, reason).await {
+        let mut dead_lettered = 0;
+        for (record, reason) in std::mem::take(&mut outcome.dead) {
+            if self.dead_letter(&record, &reason).await {
                 done.push(record.id);
+                dead_lettered += 1;
             } else {
-                // Not in the dead letters: it stays undelivered.
-                lanes.entry(group.clone()).or_default().records.push_front(record.clone());
+                // Not in the dead letters: it stays undelivered, and goes again after a
+                // backoff, like a failed job.
+                outcome.retry.push(record);
+            }
+        }
+        if let Some(lane) = lanes.get_mut(&group) {
+            for id in &done {
+                lane.attempts.remove(id);
             }
         }
         self.metrics.events("delivered", outcome.delivered.len() as u64);
-        self.metrics.events("dead_lettered", outcome.dead.len() as u64);
+        self.metrics.events("dead_lettered", dead_lettered);
         self.remove_delivered(done.clone()).await;
         {
             let mut oldest = lock(&self.oldest);
@@ -346,17 +358,42 @@ impl Coalescer {
             lane.failures += 1;
             let backoff = Duration::from_millis(100u64 << lane.failures.min(6)).min(Duration::from_secs(5));
             lane.retry_at = Some(Instant::now() + backoff);
+            let now = Instant::now();
             for record in outcome.retry.into_iter().rev() {
-                lane.bytes += record.entry.len() + 1;
-                lane.records.push_front(record);
+                lane.put_back(record, now);
             }
-            lane.since = Some(lane.since.map_or(Instant::now(), |s| s.min(Instant::now())));
         }
         self.refresh_gauges();
     }
 
     /// Moves a refused event to the spool's dead letters as the single `create_event`
     /// it was, so the existing admin routes list and requeue it.
+    /// Events whose jobs failed the spool's `max_attempts` times, or that are older than
+    /// its `max_age`, leave the retries for the dead letters — the rule the spool's
+    /// replay applies to every other deferred write.
+    fn give_up_failing(&self, lane: &mut Lane, outcome: &mut JobOutcome, reason: &str) {
+        let limits = self.spool.limits();
+        let now = now_ms();
+        let mut keep = Vec::with_capacity(outcome.retry.len());
+        for record in outcome.retry.drain(..) {
+            let attempts = lane.attempts.entry(record.id).or_default();
+            *attempts += 1;
+            let age = Duration::from_millis(now.saturating_sub(record.accepted_at_ms));
+            if *attempts >= limits.max_attempts || age >= limits.max_age {
+                let why = if age >= limits.max_age {
+                    format!("older than {} s and failing: {reason}", limits.max_age.as_secs())
+                } else {
+                    format!("{attempts} failed attempts: {reason}")
+                };
+                lane.attempts.remove(&record.id);
+                outcome.dead.push((record, why));
+            } else {
+                keep.push(record);
+            }
+        }
+        outcome.retry = keep;
+    }
+
     async fn dead_letter(&self, record: &Record, reason: &str) -> bool {
         let Some(body) = single_event_body(&record.entry) else {
             tracing::error!(id = record.id, "a coalesced event could not be turned back into create_event");
@@ -417,6 +454,9 @@ struct Lane {
     in_flight: usize,
     failures: u32,
     retry_at: Option<Instant>,
+    /// Failed attempts of events still waiting (in memory: a restart starts them over,
+    /// the age bound still holds).
+    attempts: HashMap<u64, u32>,
 }
 
 impl Lane {
@@ -424,6 +464,13 @@ impl Lane {
         self.bytes += record.entry.len() + 1;
         self.since.get_or_insert(now);
         self.records.push_back(record);
+    }
+
+    /// Returns an event to the head of the lane, to go first in the next job.
+    fn put_back(&mut self, record: Record, now: Instant) {
+        self.bytes += record.entry.len() + 1;
+        self.since = Some(self.since.map_or(now, |s| s.min(now)));
+        self.records.push_front(record);
     }
 
     fn full(&self) -> bool {
@@ -497,6 +544,8 @@ struct JobOutcome {
     delivered: Vec<u64>,
     dead: Vec<(Record, String)>,
     retry: Vec<Record>,
+    /// Why the attempt failed, when it counts against the spool's `max_attempts`.
+    failed: Option<String>,
 }
 
 /// The job body for these events.
@@ -569,6 +618,14 @@ async fn send_job<D: Deliver>(
                 if let Err(e) = &result {
                     tracing::debug!(error = %e, events = part.len(), "bulk job not delivered now; will retry");
                 }
+                // As the spool's replay counts them: only a 5xx or a timeout is a failed
+                // attempt; a 429, an open breaker or an unreachable Klaviyo is no fault
+                // of the job's.
+                outcome.failed = match &result {
+                    Ok(d) if d.status.is_server_error() => Some(format!("upstream answered {}", d.status.as_u16())),
+                    Err(ProxyError::UpstreamTimeout(_)) => Some("upstream did not answer in time".into()),
+                    _ => None,
+                };
                 outcome.retry.extend(part);
                 for rest in work.drain(..).rev() {
                     outcome.retry.extend(rest);

@@ -12,6 +12,8 @@ struct Stub {
     jobs: Mutex<Vec<Vec<String>>>,
     pointers: bool,
     fail_first: AtomicUsize,
+    /// Answers every job 503, as Klaviyo on a bad day.
+    server_error: bool,
 }
 
 impl Deliver for Stub {
@@ -21,6 +23,10 @@ impl Deliver for Stub {
             return Err(ProxyError::UpstreamUnreachable);
         }
         let doc: Value = serde_json::from_slice(&body).expect("jobs are JSON");
+        if self.server_error {
+            lock(&self.jobs).push(Vec::new());
+            return Ok(Delivery { status: StatusCode::SERVICE_UNAVAILABLE, body: Bytes::new() });
+        }
         let entries = doc.pointer("/data/attributes/events-bulk-create/data").unwrap().as_array().unwrap().clone();
         let ids: Vec<String> = entries
             .iter()
@@ -97,6 +103,13 @@ async fn accept_all(c: &Arc<Coalescer>, ids: impl IntoIterator<Item = String>) {
         .collect();
     for t in tasks {
         t.await.unwrap().unwrap();
+    }
+}
+
+/// Accepts events `e0`, `e1`, … one after the other.
+async fn accept_in_turn(c: &Coalescer, n: usize) {
+    for i in 0..n {
+        c.accept(&headers(), &event("a@example.com", &format!("e{i}"))).await.unwrap();
     }
 }
 
@@ -191,15 +204,75 @@ async fn without_a_pointer_the_job_is_halved_down_to_the_bad_event() {
 #[tokio::test]
 async fn undelivered_jobs_wait_and_go_again() {
     let f = fixture(20);
-    for i in 0..10 {
-        f.coalescer.accept(&headers(), &event("a@example.com", &format!("e{i}"))).await.unwrap();
-    }
+    accept_in_turn(&f.coalescer, 10).await;
     let stub = Arc::new(Stub { fail_first: AtomicUsize::new(3), ..Stub::default() });
     let batcher = tokio::spawn(f.coalescer.clone().run(stub.clone()));
     settled(&f.coalescer).await;
     batcher.abort();
     assert_eq!(lock(&stub.jobs).concat().len(), 10);
     assert_eq!(f.coalescer.metrics.count("delivered"), 10);
+    f.cleanup();
+}
+
+#[tokio::test]
+async fn a_job_that_keeps_failing_goes_to_the_dead_letters_by_the_spools_rules() {
+    let f = fixture(20);
+    f.spool.set_limits(spool::SpoolLimits { max_attempts: 3, ..spool::SpoolLimits::default() });
+    accept_in_turn(&f.coalescer, 5).await;
+    let stub = Arc::new(Stub { server_error: true, ..Stub::default() });
+    let batcher = tokio::spawn(f.coalescer.clone().run(stub.clone()));
+    settled(&f.coalescer).await;
+    batcher.abort();
+    assert_eq!(lock(&stub.jobs).len(), 3, "max_attempts tries, then no more");
+    assert_eq!(f.coalescer.metrics.count("dead_lettered"), 5);
+    let dead = f.spool.list_dead(10).unwrap();
+    assert_eq!(dead.len(), 5);
+    assert!(dead.iter().all(|d| d.last_error.as_deref().is_some_and(|e| e.contains("503"))), "{dead:?}");
+    f.cleanup();
+}
+
+#[tokio::test]
+async fn failures_that_are_not_the_jobs_fault_do_not_count_as_attempts() {
+    let f = fixture(20);
+    f.spool.set_limits(spool::SpoolLimits { max_attempts: 2, ..spool::SpoolLimits::default() });
+    accept_in_turn(&f.coalescer, 5).await;
+    // Klaviyo unreachable four times (as while the breaker is open), then back.
+    let stub = Arc::new(Stub { fail_first: AtomicUsize::new(4), ..Stub::default() });
+    let batcher = tokio::spawn(f.coalescer.clone().run(stub.clone()));
+    settled(&f.coalescer).await;
+    batcher.abort();
+    assert_eq!(f.coalescer.metrics.count("delivered"), 5);
+    assert_eq!(f.coalescer.metrics.count("dead_lettered"), 0);
+    f.cleanup();
+}
+
+#[tokio::test]
+async fn an_event_the_dead_letters_cannot_take_backs_off_and_is_kept() {
+    let dir = std::env::temp_dir().join(format!("kp-coalescer-{}", fastrand::u64(..)));
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let opener = crate::durable::testing::flaky_opener(fail.clone());
+    let spool =
+        Spool::with_opener(&dir.join("spool.redb"), spool::SpoolLimits::default(), opener, Duration::ZERO).unwrap();
+    let settings =
+        Settings { linger: Duration::from_millis(20), max_pending: 100_000, max_lag: Duration::from_secs(60) };
+    let coalescer = Arc::new(
+        Coalescer::open(&dir.join("events.redb"), spool.clone(), settings, CoalesceMetrics::detached()).unwrap(),
+    );
+    let f = Fixture { coalescer, spool, dir };
+    // The dead letters' disk is full.
+    fail.store(true, Ordering::SeqCst);
+    accept_all(&f.coalescer, ["ok-1".to_string(), "poison-2".to_string()]).await;
+    let stub = Arc::new(Stub { pointers: true, ..Stub::default() });
+    let batcher = tokio::spawn(f.coalescer.clone().run(stub.clone()));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!batcher.is_finished(), "the batcher stopped");
+    assert_eq!(f.coalescer.pending(), 1, "the poison event is kept while the spool is full");
+    let jobs = lock(&stub.jobs).len();
+    assert!(jobs <= 6, "a kept event backs off between jobs: {jobs} jobs in 1.5 s");
+    fail.store(false, Ordering::SeqCst);
+    settled(&f.coalescer).await;
+    batcher.abort();
+    assert_eq!(f.spool.list_dead(10).unwrap().len(), 1);
     f.cleanup();
 }
 
@@ -230,9 +303,7 @@ async fn an_idempotency_key_seen_before_answers_the_same_id_and_stores_nothing()
 #[tokio::test]
 async fn a_restart_delivers_what_was_accepted_before_it() {
     let f = fixture(20);
-    for i in 0..5 {
-        f.coalescer.accept(&headers(), &event("a@example.com", &format!("e{i}"))).await.unwrap();
-    }
+    accept_in_turn(&f.coalescer, 5).await;
     let path = f.dir.join("events.redb");
     let Fixture { coalescer, spool, dir } = f;
     drop(coalescer);

@@ -164,8 +164,14 @@ impl Pool {
             return None;
         }
         let guard = LeaseCount(self.clone());
-        let (sender, reused) = self.sender().await.ok()?;
-        Some(Lease { sender: Some(sender), reused, since: Instant::now(), _count: guard })
+        // A failed connect is kept in the lease: the request that made it must not dial
+        // again for the same attempt (during an outage that would be two connections
+        // turned away per attempt).
+        let (sender, reused, failed) = match self.sender().await {
+            Ok((sender, reused)) => (Some(sender), reused, None),
+            Err(e) => (None, false, Some(e)),
+        };
+        Some(Lease { sender, reused, failed, since: Instant::now(), _count: guard })
     }
 }
 
@@ -181,25 +187,43 @@ impl Drop for LeaseCount {
 pub struct Lease {
     sender: Option<Sender>,
     reused: bool,
+    /// Why connecting failed, when it did.
+    failed: Option<BoxError>,
     /// When the connection was handed over.
     since: Instant,
     _count: LeaseCount,
 }
 
 impl Lease {
-    /// The connection if it is still usable (`Ok`, with whether it served before),
-    /// else whether to dial again (`Err(true)`). A connection the upstream closed
-    /// while the request queued is replaced (an idle one, or a new one that sent
-    /// nothing for longer than the upstream waits for a first request); a new one
-    /// closed within [`TURNED_AWAY`] of being made is the upstream turning connections
-    /// away (an outage), and is not dialled again.
-    pub fn take(mut self) -> Result<(Sender, bool), bool> {
+    /// The connection if it is still usable, else whether to dial again. A
+    /// connection the upstream closed while the request queued is replaced (an idle
+    /// one, or a new one that sent nothing for longer than the upstream waits for a
+    /// first request); a new one closed, or a connect that failed, within
+    /// [`TURNED_AWAY`] is the upstream turning connections away (an outage), and is
+    /// not dialled again.
+    pub fn take(mut self) -> Taken {
         let reused = self.reused;
-        match self.sender.take() {
-            Some(s) if s.open() && (!reused || s.usable()) => Ok((s, reused)),
-            _ => Err(reused || self.since.elapsed() >= TURNED_AWAY),
+        let recent = self.since.elapsed() < TURNED_AWAY;
+        match (self.sender.take(), self.failed.take()) {
+            (Some(s), _) if s.open() && (!reused || s.usable()) => Taken::Ready(s, reused),
+            (None, Some(e)) if recent => Taken::TurnedAway(e),
+            (Some(_), _) if !reused && recent => {
+                Taken::TurnedAway("the upstream closed a new connection before the request was sent".into())
+            }
+            _ => Taken::Dial,
         }
     }
+}
+
+/// What a [`Lease`] holds when its request is about to go.
+pub enum Taken {
+    /// A usable connection, and whether it served before.
+    Ready(Sender, bool),
+    /// None: dial (or take an idle one) now.
+    Dial,
+    /// The upstream turned the lease's connection away moments ago: this attempt fails
+    /// with it, without dialling again.
+    TurnedAway(BoxError),
 }
 
 /// A new connection closed sooner than this was turned away, not timed out.
