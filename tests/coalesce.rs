@@ -3,6 +3,8 @@
 //! `bulk_create_events` jobs — all of them, once, with no 429 —, survive `kill -9`,
 //! and one bad event among thousands costs only itself.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -73,14 +75,9 @@ fn start_binary(config: &Path) -> Binary {
     start_binary_in(Command::new(env!("CARGO_BIN_EXE_klaviyo-proxy")), config)
 }
 
-/// [`start_binary`] under a file size limit of `blocks` × 512 bytes, with SIGXFSZ
-/// ignored: a write past it fails with EFBIG as one to a full disk fails with ENOSPC
-/// (see the spool's full-disk test in tests/spool.rs).
+/// [`start_binary`] on a full disk of `blocks` × 512 bytes a file.
 fn start_binary_limited(config: &Path, blocks: u32) -> Binary {
-    let mut sh = Command::new("sh");
-    let script = format!("trap '' XFSZ; ulimit -f {blocks}; exec \"$0\" \"$@\"");
-    sh.args(["-c", &script, env!("CARGO_BIN_EXE_klaviyo-proxy")]);
-    start_binary_in(sh, config)
+    start_binary_in(support::process::file_size_limited(env!("CARGO_BIN_EXE_klaviyo-proxy"), blocks), config)
 }
 
 fn start_binary_in(mut command: Command, config: &Path) -> Binary {
@@ -403,8 +400,7 @@ fn big_event(id: &str) -> String {
 /// acknowledged, every other answer checked to be the clear refusal of a store that
 /// cannot be written (503, JSON:API, the proxy's, `Retry-After`).
 async fn fill_store(client: &HttpClient, proxy: SocketAddr, prefix: &str) -> Vec<String> {
-    let (mut acked, mut in_a_row, mut refused) = (Vec::new(), 0, 0);
-    for n in 0..300 {
+    support::process::fill_until_refused(|n| async move {
         let id = format!("{prefix}-{n}");
         let req = Request::post(format!("http://{proxy}/api/events"))
             .header("authorization", KEY)
@@ -415,9 +411,7 @@ async fn fill_store(client: &HttpClient, proxy: SocketAddr, prefix: &str) -> Vec
         let (status, headers) = (resp.status(), resp.headers().clone());
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         if status == StatusCode::ACCEPTED {
-            acked.push(id);
-            in_a_row = 0;
-            continue;
+            return Some(id);
         }
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{id}: {json}");
@@ -426,14 +420,9 @@ async fn fill_store(client: &HttpClient, proxy: SocketAddr, prefix: &str) -> Vec
         assert!(headers.get("retry-after").is_some(), "{id}: Retry-After");
         assert_eq!(json["errors"][0]["code"], "proxy_store_unavailable", "{json}");
         assert_eq!(json["errors"][0]["meta"]["origin"], "klaviyo-proxy", "{json}");
-        refused += 1;
-        in_a_row += 1;
-        if in_a_row == 3 {
-            break;
-        }
-    }
-    assert!(!acked.is_empty() && refused >= 3, "{} acknowledged, {refused} refused", acked.len());
-    acked
+        None
+    })
+    .await
 }
 
 /// Issue 13 item 4, the coalescer's store on a full disk, with the real binary: while

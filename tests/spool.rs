@@ -685,15 +685,12 @@ async fn admin_call(client: &HttpClient, method: &str, url: String) -> serde_jso
 /// Sends events (`prefix-n`) until the spool refuses three in a row; returns the ids
 /// acknowledged, checking that every other answer is the spool's clear refusal.
 async fn fill(client: &HttpClient, proxy: &str, prefix: &str) -> Vec<String> {
-    let (mut acked, mut refused_in_a_row, mut refused) = (Vec::new(), 0, 0);
-    for n in 0..300 {
+    process::fill_until_refused(|n| async move {
         let id = format!("{prefix}-{n}");
         let answer = send_big_event(client, proxy, &id).await;
         if answer.status == StatusCode::ACCEPTED {
             assert_eq!(answer.code.as_deref(), Some("proxy_spooled"));
-            acked.push(id);
-            refused_in_a_row = 0;
-            continue;
+            return Some(id);
         }
         assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE, "{id}: {}", answer.body);
         assert_eq!(answer.code.as_deref(), Some("proxy_spool_unavailable"), "{id}: {}", answer.body);
@@ -703,14 +700,9 @@ async fn fill(client: &HttpClient, proxy: &str, prefix: &str) -> Vec<String> {
             (error["code"].as_str(), error["meta"]["origin"].as_str()),
             (Some("proxy_spool_unavailable"), Some("klaviyo-proxy"))
         );
-        refused += 1;
-        refused_in_a_row += 1;
-        if refused_in_a_row == 3 {
-            break;
-        }
-    }
-    assert!(!acked.is_empty() && refused >= 3, "{} acknowledged, {refused} refused", acked.len());
-    acked
+        None
+    })
+    .await
 }
 
 /// Flips the kill switch in the config file and reloads it.

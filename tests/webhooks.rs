@@ -2,6 +2,8 @@
 //! simulator's sender, a test app on 127.0.0.1 that records what reaches it, and the
 //! gate's store on disk across `kill -9`.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
@@ -168,13 +170,9 @@ fn start_proxy(config: &Path, envs: &[(&str, &str)]) -> Proxy {
     start_proxy_in(Command::new(BIN), config, envs)
 }
 
-/// [`start_proxy`] under a file size limit of `blocks` × 512 bytes, with SIGXFSZ
-/// ignored: a write past it fails with EFBIG as one to a full disk fails with ENOSPC
-/// (see the spool's full-disk test in tests/spool.rs).
+/// [`start_proxy`] on a full disk of `blocks` × 512 bytes a file.
 fn start_proxy_limited(config: &Path, blocks: u32) -> Proxy {
-    let mut sh = Command::new("sh");
-    sh.args(["-c", &format!("trap '' XFSZ; ulimit -f {blocks}; exec \"$0\" \"$@\""), BIN]);
-    start_proxy_in(sh, config, &[])
+    start_proxy_in(support::process::file_size_limited(BIN, blocks), config, &[])
 }
 
 fn start_proxy_in(mut command: Command, config: &Path, envs: &[(&str, &str)]) -> Proxy {
@@ -579,14 +577,12 @@ async fn https_gate_driven_by_the_simulate_command() {
 /// in a row: the item ids acknowledged, every other answer checked to be the clear
 /// refusal of a store that cannot be written (503, the proxy's, `Retry-After`).
 async fn fill_gate(gate: &str, prefix: &str) -> Vec<String> {
-    let (mut acked, mut in_a_row, mut refused) = (Vec::new(), 0, 0);
-    for n in 0..300 {
+    let batches = support::process::fill_until_refused(|n| async move {
         let ids: Vec<String> = (0..100).map(|k| format!("{prefix}-{n}-{k}")).collect();
         let body = webhook_body(&ids, WEBHOOK_ID);
-        let headers = signed_headers(&body, SECRET, WEBHOOK_ID);
         let mut req = Request::post(format!("{gate}/webhooks/klaviyo"));
-        for (k, v) in &headers {
-            req = req.header(*k, v);
+        for (k, v) in signed_headers(&body, SECRET, WEBHOOK_ID) {
+            req = req.header(k, v);
         }
         let resp = client().request(req.body(Full::new(Bytes::from(body))).unwrap()).await.unwrap();
         let (status, marker, retry) = (
@@ -596,23 +592,17 @@ async fn fill_gate(gate: &str, prefix: &str) -> Vec<String> {
         );
         let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
         if status == StatusCode::OK {
-            acked.extend(ids);
-            in_a_row = 0;
-            continue;
+            return Some(ids);
         }
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{n}: {text}");
         assert_eq!(marker.as_deref(), Some("proxy_store_unavailable"), "{n}: {text}");
         assert!(retry, "{n}: Retry-After");
         let json: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(json["errors"][0]["code"], "proxy_store_unavailable", "{json}");
-        refused += 1;
-        in_a_row += 1;
-        if in_a_row == 3 {
-            break;
-        }
-    }
-    assert!(!acked.is_empty() && refused >= 3, "{} acknowledged, {refused} refused", acked.len());
-    acked
+        None
+    })
+    .await;
+    batches.concat()
 }
 
 async fn health(admin: &str) -> serde_json::Value {
