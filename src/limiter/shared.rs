@@ -571,6 +571,34 @@ mod tests {
         assert_eq!(store(None).replicas(), 1);
     }
 
+    /// A line goes with its last request; at `limiter.max_buckets` lines, all busy, a
+    /// new one is refused with the local store's refusal, and one going idle makes room.
+    #[tokio::test]
+    async fn lines_go_with_their_last_request_and_are_capped() {
+        let s = store(Some(1));
+        s.fallback().set_max_buckets(2);
+        let d = |n: u128| {
+            [Demand {
+                key: BucketKey { account: Account(n), bucket: BucketId::Endpoint(0) },
+                windows: Windows::new(&[WindowSpec { limit: 1, period: 1_000_000 }]),
+            }]
+        };
+        let (first, _) = s.line(&d(1)).unwrap().unwrap().join();
+        let (behind, ahead) = s.line(&d(1)).unwrap().unwrap().join();
+        assert_eq!(ahead, 1);
+        drop(first);
+        assert_eq!(s.per_key_state().0, 1, "a line with a request left stays");
+        drop(behind);
+        assert_eq!(s.per_key_state().0, 0, "an empty line goes");
+        let busy: Vec<_> = (1..=2).map(|n| s.line(&d(n)).unwrap().unwrap().join().0).collect();
+        assert_eq!(s.line(&d(3)).unwrap().unwrap_err(), Denied::TooManyBuckets { wait: LINE_PASS_EVERY });
+        // A line already held takes more requests.
+        assert!(s.line(&d(1)).unwrap().is_ok());
+        drop(busy);
+        assert!(s.line(&d(3)).unwrap().is_ok());
+        assert!(s.line(&[]).is_none());
+    }
+
     #[tokio::test]
     async fn one_warning_per_transition() {
         let s = store(Some(2));
