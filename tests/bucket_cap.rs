@@ -183,24 +183,43 @@ async fn redis_mode_refuses_a_new_key_when_every_line_is_busy() {
         async move { support::send(&client, Method::GET, &campaign, &[("authorization", &auth)], "").await }
     };
     let addr = served.proxy.trim_start_matches("http://").to_string();
+    // A raw client queues for account n's next slot, a minute away.
+    let join_line = |n: usize| {
+        let (addr, auth) = (addr.clone(), key(n));
+        async move {
+            let mut raw = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let head = format!(
+                "GET /api/campaigns/c2 HTTP/1.1\r\nhost: localhost\r\nauthorization: {auth}\r\nx-proxy-max-wait-ms: 90000\r\n\r\n"
+            );
+            raw.write_all(head.as_bytes()).await.unwrap();
+            raw
+        }
+    };
     let mut waiting = Vec::new();
     for n in 0..LINES {
         let first = ask(n).await;
         assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
-        // A raw client queues for the account's next slot, a minute away.
-        let mut raw = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        let head = format!(
-            "GET /api/campaigns/c2 HTTP/1.1\r\nhost: localhost\r\nauthorization: {}\r\nx-proxy-max-wait-ms: 90000\r\n\r\n",
-            key(n)
-        );
-        raw.write_all(head.as_bytes()).await.unwrap();
-        waiting.push(raw);
+        waiting.push(join_line(n).await);
     }
     // Once the waiting requests are in their lines, a new account is refused. Each
     // try uses an account never seen: one that is served leaves no busy line.
     let mut next = LINES;
     let mut refused = None;
     for _ in 0..100 {
+        // A waiting request that needed its line while a try held the last free one was
+        // refused (rightly): it queues again.
+        for (n, raw) in waiting.iter_mut().enumerate() {
+            let mut buf = [0u8; 4096];
+            match raw.try_read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Ok(read) => {
+                    let answer = String::from_utf8_lossy(&buf[..read]).to_string();
+                    assert!(answer.contains("proxy_too_many_buckets"), "{answer}");
+                    *raw = join_line(n).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
         next += 1;
         let r = ask(next).await;
         if r.status == StatusCode::SERVICE_UNAVAILABLE {
