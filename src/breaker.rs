@@ -11,6 +11,15 @@
 //! or another 4xx means Klaviyo is up and answering. Every transition is logged at
 //! `info`.
 //!
+//! **One account's trouble holds that account alone.** A 5xx or a timeout names the
+//! account it came from. When every failure that opened the breaker came from one
+//! account (with other accounts' requests succeeding meanwhile, or none being sent),
+//! the open breaker holds only that account: other accounts' requests (and their spool
+//! replay) go on as *bystanders*, which neither probe nor count. The first bystander
+//! that fails shows the trouble is wider: from then on the breaker holds everyone, as
+//! during a real outage. Connection failures are never one account's. With a single
+//! account (inject mode) nothing changes.
+//!
 //! The probe interval starts short (a blip costs half a second of fail-fast) and grows
 //! while Klaviyo stays down, so a long outage costs it a probe every cap interval, and
 //! the first successful probe closes the breaker: recovery takes at most one interval.
@@ -19,6 +28,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use crate::limiter::Account;
 
 /// The breaker's settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -91,16 +102,50 @@ enum State {
         /// Failures since the last success, and when the first of them was recorded.
         streak: u32,
         streak_since: Option<Instant>,
+        /// Whose failures the window holds.
+        culprit: Culprit,
     },
     Open {
         until: Instant,
         failed_probes: u32,
+        /// The one account held, or `None`: everyone.
+        only: Option<Account>,
     },
     HalfOpen {
         in_flight: u32,
         succeeded: u32,
         failed_probes: u32,
+        only: Option<Account>,
     },
+}
+
+impl State {
+    /// The one account an open or half-open breaker holds (`None`: everyone, or closed).
+    fn only(&self) -> Option<Account> {
+        match self {
+            State::Open { only, .. } | State::HalfOpen { only, .. } => *only,
+            State::Closed { .. } => None,
+        }
+    }
+}
+
+/// Whose failures are in the breaker's window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Culprit {
+    Nobody,
+    One(Account),
+    /// Several accounts, or a failure no account owns (a connection failure).
+    Many,
+}
+
+impl Culprit {
+    fn add(self, account: Option<Account>) -> Culprit {
+        match (self, account) {
+            (Culprit::Nobody, Some(a)) => Culprit::One(a),
+            (Culprit::One(a), Some(b)) if a == b => self,
+            _ => Culprit::Many,
+        }
+    }
 }
 
 /// The breaker's state, as shown to operators and tests.
@@ -139,6 +184,8 @@ impl std::fmt::Debug for Breaker {
 pub struct Permit<'a> {
     breaker: &'a Breaker,
     probe: bool,
+    /// Admitted while the breaker holds another account only.
+    bystander: bool,
     done: bool,
 }
 
@@ -200,9 +247,32 @@ impl Breaker {
     /// When the breaker turns requests away: the time until the next probe may go (at
     /// least 1 ms, so callers can tell open from closed). Does not change state.
     pub fn open_for(&self, now: Instant) -> Option<Duration> {
-        match &*self.lock() {
+        Self::turned_away(&self.lock(), &self.settings, now)
+    }
+
+    /// [`Breaker::open_for`] a request of `account`: `None` while the breaker holds
+    /// another account only. A request of no known account is held like any.
+    pub fn open_for_account(&self, now: Instant, account: Option<Account>) -> Option<Duration> {
+        let state = self.lock();
+        match (state.only(), account) {
+            (Some(only), Some(a)) if only != a => None,
+            _ => Self::turned_away(&state, &self.settings, now),
+        }
+    }
+
+    /// [`Breaker::open_for`] unless the breaker holds one account only.
+    pub fn open_for_everyone(&self, now: Instant) -> Option<Duration> {
+        let state = self.lock();
+        match state.only() {
+            Some(_) => None,
+            None => Self::turned_away(&state, &self.settings, now),
+        }
+    }
+
+    fn turned_away(state: &State, settings: &BreakerSettings, now: Instant) -> Option<Duration> {
+        match state {
             State::Open { until, .. } if *until > now => Some(*until - now),
-            State::HalfOpen { in_flight, .. } if *in_flight >= self.settings.probes => Some(PROBE_BUSY),
+            State::HalfOpen { in_flight, .. } if *in_flight >= settings.probes => Some(PROBE_BUSY),
             _ => None,
         }
     }
@@ -210,35 +280,77 @@ impl Breaker {
     /// Asks to send a request. `Err(wait)` means fail fast: the breaker is open for
     /// `wait` more (or half-open with every probe taken).
     pub fn admit(&self, now: Instant) -> Result<Permit<'_>, Duration> {
+        self.admit_for(now, None)
+    }
+
+    /// [`Breaker::admit`] for a request of `account`: while the breaker holds another
+    /// account only, it goes as a bystander (neither a probe nor counted, unless it
+    /// fails: then the breaker holds everyone).
+    pub fn admit_for(&self, now: Instant, account: Option<Account>) -> Result<Permit<'_>, Duration> {
+        let permit = |probe, bystander| Permit { breaker: self, probe, bystander, done: false };
         let mut state = self.lock();
-        let (in_flight, failed_probes) = match &mut *state {
-            State::Closed { .. } => return Ok(Permit { breaker: self, probe: false, done: false }),
+        if let (Some(only), Some(a)) = (state.only(), account) {
+            if only != a {
+                return Ok(permit(false, true));
+            }
+        }
+        let (in_flight, failed_probes, only) = match &mut *state {
+            State::Closed { .. } => return Ok(permit(false, false)),
             State::Open { until, .. } if *until > now => return Err(*until - now),
-            State::Open { failed_probes, .. } => {
-                tracing::info!(from = "open", to = "half_open", probes = self.settings.probes, "circuit breaker");
+            State::Open { failed_probes, only, .. } => {
+                tracing::info!(
+                    from = "open",
+                    to = "half_open",
+                    probes = self.settings.probes,
+                    one_account = only.is_some(),
+                    "circuit breaker"
+                );
                 self.transition(Phase::Open, Phase::HalfOpen);
-                (0, *failed_probes)
+                (0, *failed_probes, *only)
             }
             State::HalfOpen { in_flight, .. } if *in_flight >= self.settings.probes => return Err(PROBE_BUSY),
             State::HalfOpen { in_flight, .. } => {
                 *in_flight += 1;
-                return Ok(Permit { breaker: self, probe: true, done: false });
+                return Ok(permit(true, false));
             }
         };
-        *state = State::HalfOpen { in_flight: in_flight + 1, succeeded: 0, failed_probes };
-        Ok(Permit { breaker: self, probe: true, done: false })
+        *state = State::HalfOpen { in_flight: in_flight + 1, succeeded: 0, failed_probes, only };
+        Ok(permit(true, false))
     }
 
     /// Reports how a permitted request went.
-    pub fn record(&self, mut permit: Permit<'_>, outcome: Outcome, now: Instant) {
+    pub fn record(&self, permit: Permit<'_>, outcome: Outcome, now: Instant) {
+        self.record_for(permit, outcome, now, None);
+    }
+
+    /// [`Breaker::record`] of a request of `account` (a 5xx or timeout is counted
+    /// against it; a connection failure is everyone's).
+    pub fn record_for(&self, mut permit: Permit<'_>, outcome: Outcome, now: Instant, account: Option<Account>) {
         permit.done = true;
         let s = self.settings;
         let slot = (now.saturating_duration_since(self.epoch).as_micros() / self.slot_len().as_micros().max(1)) as u64;
         let failed = outcome != Outcome::Success;
+        let owner = if outcome == Outcome::Failure { account } else { None };
         let mut state = self.lock();
+        if permit.bystander && failed {
+            if let State::Open { only, .. } | State::HalfOpen { only, .. } = &mut *state {
+                if only.take().is_some() {
+                    tracing::info!(
+                        one_account = false,
+                        "circuit breaker: another account fails too; every account is held"
+                    );
+                }
+            }
+        }
         let next = match &mut *state {
-            State::Closed { slots, streak, streak_since } => {
+            State::Closed { slots, streak, streak_since, culprit } => {
                 slots.retain(|(n, _, _)| n + u64::from(SLOTS) > slot);
+                if slots.iter().all(|(_, _, e)| *e == 0) {
+                    *culprit = Culprit::Nobody;
+                }
+                if failed {
+                    *culprit = culprit.add(owner);
+                }
                 if slots.last().is_none_or(|(n, _, _)| *n != slot) {
                     slots.push((slot, 0, 0));
                 }
@@ -258,6 +370,10 @@ impl Breaker {
                 let streak_trips = *streak >= needed && lasted;
                 (ratio_trips || streak_trips).then(|| {
                     let wait = probe_interval(&s, 0);
+                    let only = match *culprit {
+                        Culprit::One(a) => Some(a),
+                        _ => None,
+                    };
                     tracing::info!(
                         from = "closed",
                         to = "open",
@@ -265,13 +381,14 @@ impl Breaker {
                         failures,
                         consecutive_failures = *streak,
                         probe_in_ms = wait.as_millis() as u64,
+                        one_account = only.is_some(),
                         "circuit breaker"
                     );
                     self.transition(Phase::Closed, Phase::Open);
-                    State::Open { until: now + wait, failed_probes: 0 }
+                    State::Open { until: now + wait, failed_probes: 0, only }
                 })
             }
-            State::HalfOpen { failed_probes, .. } if permit.probe && failed => {
+            State::HalfOpen { failed_probes, only, .. } if permit.probe && failed => {
                 let failed_probes = failed_probes.saturating_add(1);
                 let wait = probe_interval(&s, failed_probes);
                 tracing::info!(
@@ -282,7 +399,7 @@ impl Breaker {
                     "circuit breaker"
                 );
                 self.transition(Phase::HalfOpen, Phase::Open);
-                Some(State::Open { until: now + wait, failed_probes })
+                Some(State::Open { until: now + wait, failed_probes, only: *only })
             }
             State::HalfOpen { in_flight, succeeded, .. } if permit.probe => {
                 *in_flight = in_flight.saturating_sub(1);
@@ -304,7 +421,7 @@ impl Breaker {
 }
 
 fn closed() -> State {
-    State::Closed { slots: Vec::new(), streak: 0, streak_since: None }
+    State::Closed { slots: Vec::new(), streak: 0, streak_since: None, culprit: Culprit::Nobody }
 }
 
 /// The wait told to a request turned away because every probe is taken: the probes
@@ -524,5 +641,72 @@ mod tests {
         assert_eq!(b.phase(), Phase::Open);
         b.record(early, Outcome::Success, Instant::now());
         assert_eq!(b.phase(), Phase::Open);
+    }
+
+    fn run_for(b: &Breaker, account: u128, outcome: Outcome) -> Result<(), Duration> {
+        let a = Some(Account(account));
+        let p = b.admit_for(Instant::now(), a)?;
+        b.record_for(p, outcome, Instant::now(), a);
+        Ok(())
+    }
+
+    async fn spaced_for(b: &Breaker, account: u128, outcome: Outcome, n: u32) {
+        for _ in 0..n {
+            tokio::time::advance(Duration::from_millis(50)).await;
+            run_for(b, account, outcome).unwrap();
+        }
+    }
+
+    /// One account's 5xx streak holds that account only; another account's requests
+    /// go by (their successes neither probe nor close it); the held account's probe
+    /// closes it.
+    #[tokio::test(start_paused = true)]
+    async fn one_accounts_streak_holds_that_account_only() {
+        let b = Breaker::new(settings());
+        spaced_for(&b, 1, Outcome::Failure, 5).await;
+        assert_eq!(b.phase(), Phase::Open);
+        let now = Instant::now();
+        assert!(b.open_for(now).is_some() && b.open_for_account(now, Some(Account(1))).is_some());
+        assert_eq!(b.open_for_account(now, Some(Account(2))), None);
+        assert_eq!(b.open_for_everyone(now), None);
+        // A request of no known account is held.
+        assert!(b.open_for_account(now, None).is_some());
+        assert!(run_for(&b, 1, Outcome::Success).is_err());
+        for _ in 0..50 {
+            run_for(&b, 2, Outcome::Success).unwrap();
+        }
+        assert_eq!(b.phase(), Phase::Open);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        // Half-open: the held account probes; the other still goes by meanwhile.
+        let probe = b.admit_for(Instant::now(), Some(Account(1))).unwrap();
+        assert!(probe.is_probe());
+        run_for(&b, 2, Outcome::Success).unwrap();
+        b.record_for(probe, Outcome::Success, Instant::now(), Some(Account(1)));
+        assert_eq!(b.phase(), Phase::Closed);
+    }
+
+    /// The first bystander that fails too shows the trouble is wider: everyone is held.
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_bystander_makes_it_hold_everyone() {
+        let b = Breaker::new(settings());
+        spaced_for(&b, 1, Outcome::Failure, 5).await;
+        run_for(&b, 2, Outcome::Failure).unwrap();
+        let now = Instant::now();
+        assert!(b.open_for_account(now, Some(Account(2))).is_some());
+        assert!(b.open_for_everyone(now).is_some());
+        assert!(run_for(&b, 3, Outcome::Success).is_err());
+    }
+
+    /// Failures of several accounts, and connection failures, hold everyone at once.
+    #[tokio::test(start_paused = true)]
+    async fn several_accounts_or_connection_failures_hold_everyone() {
+        let b = Breaker::new(settings());
+        for n in 0..5 {
+            spaced_for(&b, 1 + n % 2, Outcome::Failure, 1).await;
+        }
+        assert!(b.open_for_everyone(Instant::now()).is_some());
+        let b = Breaker::new(settings());
+        spaced_for(&b, 1, Outcome::ConnectFailure, 5).await;
+        assert!(b.open_for_account(Instant::now(), Some(Account(2))).is_some());
     }
 }

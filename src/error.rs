@@ -183,6 +183,16 @@ pub enum ProxyError {
         /// When to try again.
         retry_after: Duration,
     },
+    // The coalescer's and the webhook gate's stores (src/coalesce/store.rs,
+    // src/webhooks/store.rs): what they cannot store is refused, never acknowledged.
+    /// A store's file cannot be written (disk full, I/O error); the proxy reopens it.
+    #[error("the {store} cannot be written; retry in {}s", secs(*.retry_after))]
+    StoreUnavailable {
+        /// Which store: `coalesce store`, `webhook store`.
+        store: &'static str,
+        /// When to try again.
+        retry_after: Duration,
+    },
 }
 
 /// Whole seconds, rounded up, at least 1: `Retry-After` must be an integer for the SDKs.
@@ -217,7 +227,7 @@ impl ProxyError {
             CrossSite => StatusCode::FORBIDDEN,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Overloaded { .. } | TooManyBuckets { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            SpoolFull { .. } | SpoolUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            SpoolFull { .. } | SpoolUnavailable { .. } | StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -258,6 +268,7 @@ impl ProxyError {
             PhoneNotE164 { .. } => "proxy_phone_not_e164",
             SpoolFull { .. } => "proxy_spool_full",
             SpoolUnavailable { .. } => "proxy_spool_unavailable",
+            StoreUnavailable { .. } => "proxy_store_unavailable",
         }
     }
 
@@ -293,6 +304,7 @@ impl ProxyError {
             ScopeForbidden { .. } => "Scope not allowed on this proxy.",
             PhoneNotE164 { .. } => "Invalid input.",
             SpoolFull { .. } | SpoolUnavailable { .. } => "The proxy cannot store the write.",
+            StoreUnavailable { .. } => "The proxy cannot store the request.",
         }
     }
 
@@ -305,7 +317,7 @@ impl ProxyError {
             | UpstreamThrottled { .. }
             | CircuitOpen { .. }
             | UpstreamChallenged => Origin::Upstream,
-            Internal | SpoolUnavailable { .. } => Origin::Internal,
+            Internal | SpoolUnavailable { .. } | StoreUnavailable { .. } => Origin::Internal,
             _ => Origin::Client,
         }
     }
@@ -329,7 +341,8 @@ impl ProxyError {
             | ProxyError::TooManyBuckets { retry_after }
             | ProxyError::CoalesceFull { retry_after }
             | ProxyError::SpoolFull { retry_after }
-            | ProxyError::SpoolUnavailable { retry_after } => Some(*retry_after),
+            | ProxyError::SpoolUnavailable { retry_after }
+            | ProxyError::StoreUnavailable { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -414,6 +427,11 @@ mod tests {
             (ProxyError::PhoneNotE164 { pointer: "/data/attributes/phone_number".into() }, 400, None),
             (ProxyError::SpoolFull { retry_after: Duration::from_secs(30) }, 503, Some("30")),
             (ProxyError::SpoolUnavailable { retry_after: Duration::from_secs(5) }, 503, Some("5")),
+            (
+                ProxyError::StoreUnavailable { store: "coalesce store", retry_after: Duration::from_secs(1) },
+                503,
+                Some("1"),
+            ),
         ];
         for (err, status, retry) in cases {
             let code = err.code();

@@ -177,6 +177,9 @@ struct FaultArgs {
     /// Share of requests answered 403 `cf-mitigated: challenge` (Cloudflare), 0 to 1.
     #[arg(long, default_value_t = 0.0)]
     challenge_rate: f64,
+    /// Accounts (`acme` for `pk_acme_...`) whose every API request is answered 503.
+    #[arg(long, value_delimiter = ',')]
+    failing_accounts: Vec<String>,
 }
 
 impl FaultArgs {
@@ -201,6 +204,7 @@ impl FaultArgs {
             slow_ms: self.slow_ms,
             throttle_holds: self.throttle_holds,
             challenge_rate: self.challenge_rate,
+            failing_accounts: self.failing_accounts,
         })
     }
 }

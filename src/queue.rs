@@ -138,7 +138,7 @@ pub async fn pause_shared(
             if let Some(head) = head {
                 shared.fallback().cancel(&head);
             }
-            let line = shared.line(demands).expect("a limited request needs a bucket");
+            let line = shared.line(demands).expect("a limited request needs a bucket")?;
             Ok(Requeued::Shared(line.join_front()))
         }
     }
@@ -175,7 +175,10 @@ async fn wait_shared(
         }
         let (place, ahead) = match place.take() {
             Some(place) => (place, 0),
-            None => shared.line(demands).expect("a limited request needs a bucket").join(),
+            None => match shared.line(demands).expect("a limited request needs a bucket") {
+                Ok(line) => line.join(),
+                Err(denied) => return Err(denied_error(denied, operation)),
+            },
         };
         match wait_in_line(shared, &place, ahead, demands, deadline, max_depth, operation, started).await {
             Ok(()) => return Ok(started.elapsed()),

@@ -4,6 +4,7 @@
 //! `limiter.max_buckets` (none idle) get a 503 of the proxy's own; accounts already
 //! held keep being served.
 
+mod redis_support;
 mod support;
 
 use std::collections::BTreeMap;
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use http::{Method, StatusCode};
 use klaviyo_proxy::sim::SimOptions;
 use support::process::{self, Running};
+use tokio::io::AsyncWriteExt;
 
 const BIN: &str = env!("CARGO_BIN_EXE_klaviyo-proxy");
 
@@ -144,5 +146,111 @@ async fn a_flood_of_bogus_keys_stays_bounded() {
     // An account held before the flood is served as before.
     assert_eq!(support::get(&client, &lists, support::KEY_A).await.status, StatusCode::OK);
     drop(child);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 13 item 2 in Redis mode, through the real binary against a real
+/// `redis-server`: with `limiter.max_buckets` lines all busy (each holds a request
+/// waiting for its account's next steady slot), a new account is refused with the
+/// proxy's 503, as with the local store; accounts that are not waiting are not held,
+/// so once a waiting client hangs up a new account is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_mode_refuses_a_new_key_when_every_line_is_busy() {
+    const LINES: usize = 4;
+    let redis = redis_support::RedisServer::start();
+    let sim = support::sim(SimOptions::default()).await;
+    let dir = std::env::temp_dir().join(format!("kp-bucket-cap-redis-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("proxy.toml");
+    // One request a minute per account: the second of an account waits about 60 s in
+    // its line (well within its deadline), holding the line busy.
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\naccount_hash_key = \"bucket-cap-redis\"\n[limiter]\nstore = \"redis\"\nredis_url = \"{}\"\ntimeout_ms = 2000\nmax_buckets = {LINES}\n\
+             [limits.operations.get_campaign]\nburst_per_second = 1\nsteady_per_minute = 1\n\
+             [queue]\nmax_wait_ms = 90000\n[accounts]\nresolve = false\n",
+            redis.url()
+        ),
+    )
+    .unwrap();
+    let served = process::Served::start(BIN, &process::serve_args(&sim.url, Some(config.to_str().unwrap())), &[]);
+    let client = support::client();
+    let campaign = format!("{}/api/campaigns/c1", served.proxy);
+    let key = |n: usize| format!("Klaviyo-API-Key pk_line_{n:04}_0123456789abcdef");
+    let ask = |n: usize| {
+        let (client, campaign, auth) = (client.clone(), campaign.clone(), key(n));
+        async move { support::send(&client, Method::GET, &campaign, &[("authorization", &auth)], "").await }
+    };
+    let addr = served.proxy.trim_start_matches("http://").to_string();
+    // A raw client queues for account n's next slot, a minute away.
+    let join_line = |n: usize| {
+        let (addr, auth) = (addr.clone(), key(n));
+        async move {
+            let mut raw = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let head = format!(
+                "GET /api/campaigns/c2 HTTP/1.1\r\nhost: localhost\r\nauthorization: {auth}\r\nx-proxy-max-wait-ms: 90000\r\n\r\n"
+            );
+            raw.write_all(head.as_bytes()).await.unwrap();
+            raw
+        }
+    };
+    let mut waiting = Vec::new();
+    for n in 0..LINES {
+        let first = ask(n).await;
+        assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
+        waiting.push(join_line(n).await);
+    }
+    // Once the waiting requests are in their lines, a new account is refused. Each
+    // try uses an account never seen: one that is served leaves no busy line.
+    let mut next = LINES;
+    let mut refused = None;
+    for _ in 0..100 {
+        // A waiting request that needed its line while a try held the last free one was
+        // refused (rightly): it queues again.
+        for (n, raw) in waiting.iter_mut().enumerate() {
+            let mut buf = [0u8; 4096];
+            match raw.try_read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Ok(read) => {
+                    let answer = String::from_utf8_lossy(&buf[..read]).to_string();
+                    assert!(answer.contains("proxy_too_many_buckets"), "{answer}");
+                    *raw = join_line(n).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        next += 1;
+        let r = ask(next).await;
+        if r.status == StatusCode::SERVICE_UNAVAILABLE {
+            refused = Some(r);
+            break;
+        }
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let refused = refused.expect("a new account was never refused with every line busy");
+    assert_eq!(refused.header("x-klaviyo-proxy-error"), Some("proxy_too_many_buckets"));
+    assert!(refused.header("retry-after").is_some_and(|s| s.parse::<u64>().unwrap() >= 1));
+    assert_eq!(refused.json()["errors"][0]["code"], "proxy_too_many_buckets");
+    assert_eq!(refused.header("content-type"), Some("application/vnd.api+json"));
+    // A waiting client hangs up: its line is idle and makes room for a new account.
+    drop(waiting.remove(0));
+    let mut served_after = false;
+    for _ in 0..100 {
+        next += 1;
+        let r = ask(next).await;
+        if r.status == StatusCode::OK {
+            served_after = true;
+            break;
+        }
+        assert_eq!(r.header("x-klaviyo-proxy-error"), Some("proxy_too_many_buckets"), "{:?}", r.body);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(served_after, "no new account was served after a line went idle");
+    assert_eq!(sim.stats().throttled, 0);
+    drop(waiting);
+    drop(served);
+    sim.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

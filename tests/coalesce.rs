@@ -3,6 +3,8 @@
 //! `bulk_create_events` jobs — all of them, once, with no 429 —, survive `kill -9`,
 //! and one bad event among thousands costs only itself.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -70,7 +72,16 @@ fn write_config(dir: &Path, upstream: &str) -> PathBuf {
 /// Starts `serve` on free ports; reads the proxy's and the admin listener's addresses
 /// from its first two lines.
 fn start_binary(config: &Path) -> Binary {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_klaviyo-proxy"))
+    start_binary_in(Command::new(env!("CARGO_BIN_EXE_klaviyo-proxy")), config)
+}
+
+/// [`start_binary`] on a full disk of `blocks` × 512 bytes a file.
+fn start_binary_limited(config: &Path, blocks: u32) -> Binary {
+    start_binary_in(support::process::file_size_limited(env!("CARGO_BIN_EXE_klaviyo-proxy"), blocks), config)
+}
+
+fn start_binary_in(mut command: Command, config: &Path) -> Binary {
+    let mut child = command
         .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--config"])
         .arg(config)
         .env_remove("KLAVIYO_ENABLED")
@@ -377,5 +388,108 @@ async fn invalid_events_are_refused_and_retries_are_idempotent() {
     assert!(delivered);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(sim.events().ids, ["fresh-id-1"], "one event for two attempts");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A `create_event` of about 30 kB.
+fn big_event(id: &str) -> String {
+    event(id, "USD").replace(r#""sku":"A-1""#, &format!(r#""sku":"A-1","pad":"{}""#, "x".repeat(30_000)))
+}
+
+/// Sends big events `prefix-n` until the store refuses three in a row: the ids
+/// acknowledged, every other answer checked to be the clear refusal of a store that
+/// cannot be written (503, JSON:API, the proxy's, `Retry-After`).
+async fn fill_store(client: &HttpClient, proxy: SocketAddr, prefix: &str) -> Vec<String> {
+    support::process::fill_until_refused(|n| async move {
+        let id = format!("{prefix}-{n}");
+        let req = Request::post(format!("http://{proxy}/api/events"))
+            .header("authorization", KEY)
+            .header("content-type", "application/vnd.api+json")
+            .body(Full::new(Bytes::from(big_event(&id))))
+            .unwrap();
+        let resp = client.request(req).await.expect("the proxy answers");
+        let (status, headers) = (resp.status(), resp.headers().clone());
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        if status == StatusCode::ACCEPTED {
+            return Some(id);
+        }
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{id}: {json}");
+        let marker = headers.get("x-klaviyo-proxy-error").map(|v| v.to_str().unwrap());
+        assert_eq!(marker, Some("proxy_store_unavailable"), "{id}: {json}");
+        assert!(headers.get("retry-after").is_some(), "{id}: Retry-After");
+        assert_eq!(json["errors"][0]["code"], "proxy_store_unavailable", "{json}");
+        assert_eq!(json["errors"][0]["meta"]["origin"], "klaviyo-proxy", "{json}");
+        None
+    })
+    .await
+}
+
+/// Issue 13 item 4, the coalescer's store on a full disk, with the real binary: while
+/// Klaviyo fails, events pile up in the store until its file can grow no more; each
+/// event it cannot store gets a clear 503 (never a 202) and `/health` shows the error.
+/// Once Klaviyo is back the store drains, reopens and takes events again; every event
+/// acknowledged is delivered exactly once, none refused is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_store_refuses_clearly_and_recovers() {
+    use klaviyo_proxy::sim::{Faults, Outage};
+    let sim = simulator().await;
+    let dir = temp_dir("coalesce-disk");
+    // 4096 blocks of 512 bytes: 2 MiB a file, room for redb's first 1.5 MiB and a few
+    // dozen 30 kB events.
+    let proxy = start_binary_limited(&write_config(&dir, &sim.url), 4096);
+    let client = client();
+    let health = || get_json(&client, format!("http://{}/health", proxy.admin));
+    sim.set_faults(Faults { outage: Outage::Unavailable, ..Faults::default() }).unwrap();
+
+    let mut acked = fill_store(&client, proxy.addr, "first").await;
+    let h = health().await;
+    let coalesce = &h["services"]["coalesce"];
+    assert_eq!(coalesce["status"], "degraded", "{h}");
+    assert!(coalesce["error"].as_str().unwrap_or_default().contains("File too large"), "{h}");
+    assert_eq!(sim.events().unique, 0);
+
+    // Klaviyo is back: the store drains, freeing its pages, and is reopened.
+    sim.set_faults(Faults::default()).unwrap();
+    let want: BTreeSet<String> = acked.iter().cloned().collect();
+    let delivered = {
+        let (sim, want) = (sim.clone(), want.clone());
+        wait_until(Duration::from_secs(60), move || want.is_subset(&sim.events().ids.into_iter().collect())).await
+    };
+    assert!(delivered, "every acknowledged event delivered: {} of {}", sim.events().unique, want.len());
+    // New events are acknowledged again (the store reopens at most once a second).
+    let mut again = None;
+    for n in 0..100 {
+        let id = format!("after-{n}");
+        match send_event(&client, proxy.addr, big_event(&id)).await {
+            Some((StatusCode::ACCEPTED, Some(_), _)) => {
+                again = Some(id);
+                break;
+            }
+            Some((StatusCode::SERVICE_UNAVAILABLE, _, _)) => tokio::time::sleep(Duration::from_millis(200)).await,
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    let Some(again) = again else { panic!("the store takes events again once there is room: {}", health().await) };
+    acked.push(again);
+    let until = Instant::now() + Duration::from_secs(30);
+    let h = loop {
+        let h = health().await;
+        if h["services"]["coalesce"]["status"] == "healthy" || Instant::now() > until {
+            break h;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(h["services"]["coalesce"]["status"], "healthy", "{h}");
+    assert!(h["services"]["coalesce"].get("error").is_none_or(|e| e.is_null()), "{h}");
+    let want: BTreeSet<String> = acked.iter().cloned().collect();
+    let delivered = {
+        let (sim, want) = (sim.clone(), want.clone());
+        wait_until(Duration::from_secs(30), move || sim.events().ids.into_iter().collect::<BTreeSet<_>>() == want).await
+    };
+    let events = sim.events();
+    assert!(delivered, "exactly the acknowledged events: {} delivered, {} acknowledged", events.unique, want.len());
+    assert_eq!(events.duplicates, 0, "none delivered twice");
+    println!("FIGURES coalesce full disk: {} acknowledged, {} delivered once", want.len(), events.unique);
     let _ = std::fs::remove_dir_all(dir);
 }

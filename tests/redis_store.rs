@@ -301,7 +301,7 @@ fn per_key_state_is_capped_and_every_redis_key_expires() {
         let specs = [WindowSpec { limit: 3, period: 1_000_000 }, WindowSpec { limit: 100, period: 86_400_000_000 }];
         for n in 0..10 * CAP as u128 {
             let d = [demand(1_000_000 + n, BucketId::Endpoint(1), &specs)];
-            let (ticket, _) = shared.line(&d).unwrap().join();
+            let (ticket, _) = shared.line(&d).unwrap().unwrap().join();
             assert_eq!(shared.redis().decide(&d, 0).await.unwrap(), Decision::Granted);
             shared.mirror(&d);
             drop(ticket);

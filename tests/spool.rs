@@ -525,6 +525,77 @@ async fn one_failing_account_does_not_block_another() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// Issue 13 item 4 with the breaker on: one account meeting 5xx on every call (its
+/// spooled writes, and its app's reads, which keep coming) never holds another
+/// account's replay. Another account's writes spooled meanwhile are replayed promptly
+/// while the failing account's keep failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_accounts_failures_do_not_hold_another_accounts_replay() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const FLAKY: &str = "Klaviyo-API-Key pk_flaky_0123456789";
+    const STEADY: &str = "Klaviyo-API-Key pk_steady_0123456789";
+    const STEADY_WRITES: usize = 20;
+    let sim = Simulator::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), SimOptions::default()).unwrap();
+    sim.set_faults(Faults { failing_accounts: vec!["flaky".into()], ..Faults::default() }).unwrap();
+    let dir = temp_dir("spool-breaker-accounts");
+    let path = dir.join("spool.redb");
+    {
+        let spool = Spool::open(&path).unwrap();
+        for n in 0..3 {
+            spool.append(spooled_event(FLAKY, &format!("flaky-{n}"))).unwrap();
+        }
+    }
+    let (proxy, _stop, app) = start_in_process(&sim, &path).await;
+    // The failing account's app keeps reading: 5xx, retried, then the breaker's 503s.
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, client) = (stop.clone(), client());
+            tokio::spawn(async move {
+                let mut answers = 0u32;
+                while !stop.load(Ordering::Relaxed) && answers < 100_000 {
+                    let req = Request::get(format!("http://{proxy}/api/profiles"))
+                        .header("authorization", FLAKY)
+                        .body(Full::new(Bytes::new()))
+                        .unwrap();
+                    if let Ok(resp) = client.request(req).await {
+                        assert!(!resp.status().is_success(), "{}", resp.status());
+                        let _ = resp.into_body().collect().await;
+                    }
+                    answers += 1;
+                }
+            })
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(20), || app.proxy().breaker().phase() != klaviyo_proxy::breaker::Phase::Closed)
+            .await,
+        "the failing account's 5xx open the breaker"
+    );
+    // Another account's writes, spooled (say, during an earlier outage) while the
+    // failing account's trouble goes on.
+    let spool = app.proxy().spool().unwrap().clone();
+    for n in 0..STEADY_WRITES {
+        spool.append(spooled_event(STEADY, &format!("steady-{n}"))).unwrap();
+    }
+    app.proxy().spool_changed();
+    let errors_before = sim.stats().server_errors;
+    let steady = |sim: &Simulator| sim.events().ids.iter().filter(|id| id.starts_with("steady-")).count();
+    let replayed = wait_until(Duration::from_secs(15), || steady(&sim) == STEADY_WRITES).await;
+    // The failing account is still probed, and still failing.
+    let errors_after = wait_until(Duration::from_secs(10), || sim.stats().server_errors > errors_before).await;
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+    let events = sim.events();
+    assert!(replayed, "{} of {STEADY_WRITES} writes of the healthy account replayed", steady(&sim));
+    assert_eq!(events.duplicates, 0);
+    assert!(events.ids.iter().all(|id| !id.starts_with("flaky-")), "{:?}", events.ids);
+    assert!(errors_after, "the failing account kept meeting 5xx");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// An entry that cannot be read goes to the dead letters at once, and the writes
 /// behind it are delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -614,15 +685,12 @@ async fn admin_call(client: &HttpClient, method: &str, url: String) -> serde_jso
 /// Sends events (`prefix-n`) until the spool refuses three in a row; returns the ids
 /// acknowledged, checking that every other answer is the spool's clear refusal.
 async fn fill(client: &HttpClient, proxy: &str, prefix: &str) -> Vec<String> {
-    let (mut acked, mut refused_in_a_row, mut refused) = (Vec::new(), 0, 0);
-    for n in 0..300 {
+    process::fill_until_refused(|n| async move {
         let id = format!("{prefix}-{n}");
         let answer = send_big_event(client, proxy, &id).await;
         if answer.status == StatusCode::ACCEPTED {
             assert_eq!(answer.code.as_deref(), Some("proxy_spooled"));
-            acked.push(id);
-            refused_in_a_row = 0;
-            continue;
+            return Some(id);
         }
         assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE, "{id}: {}", answer.body);
         assert_eq!(answer.code.as_deref(), Some("proxy_spool_unavailable"), "{id}: {}", answer.body);
@@ -632,14 +700,9 @@ async fn fill(client: &HttpClient, proxy: &str, prefix: &str) -> Vec<String> {
             (error["code"].as_str(), error["meta"]["origin"].as_str()),
             (Some("proxy_spool_unavailable"), Some("klaviyo-proxy"))
         );
-        refused += 1;
-        refused_in_a_row += 1;
-        if refused_in_a_row == 3 {
-            break;
-        }
-    }
-    assert!(!acked.is_empty() && refused >= 3, "{} acknowledged, {refused} refused", acked.len());
-    acked
+        None
+    })
+    .await
 }
 
 /// Flips the kill switch in the config file and reloads it.

@@ -2,6 +2,8 @@
 //! simulator's sender, a test app on 127.0.0.1 that records what reaches it, and the
 //! gate's store on disk across `kill -9`.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
@@ -165,7 +167,16 @@ fn config_file(dir: &Path, forward_to: &str, extra: &str) -> PathBuf {
 }
 
 fn start_proxy(config: &Path, envs: &[(&str, &str)]) -> Proxy {
-    let mut child = Command::new(BIN)
+    start_proxy_in(Command::new(BIN), config, envs)
+}
+
+/// [`start_proxy`] on a full disk of `blocks` × 512 bytes a file.
+fn start_proxy_limited(config: &Path, blocks: u32) -> Proxy {
+    start_proxy_in(support::process::file_size_limited(BIN, blocks), config, &[])
+}
+
+fn start_proxy_in(mut command: Command, config: &Path, envs: &[(&str, &str)]) -> Proxy {
+    let mut child = command
         .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:9"])
         .arg("--config")
         .arg(config)
@@ -558,6 +569,100 @@ async fn https_gate_driven_by_the_simulate_command() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("allow_plaintext_remote") && !stderr.contains(SECRET), "{stderr}");
+    drop(proxy);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Sends signed webhooks of 100 items each (about 25 kB) until the gate refuses three
+/// in a row: the item ids acknowledged, every other answer checked to be the clear
+/// refusal of a store that cannot be written (503, the proxy's, `Retry-After`).
+async fn fill_gate(gate: &str, prefix: &str) -> Vec<String> {
+    let batches = support::process::fill_until_refused(|n| async move {
+        let ids: Vec<String> = (0..100).map(|k| format!("{prefix}-{n}-{k}")).collect();
+        let body = webhook_body(&ids, WEBHOOK_ID);
+        let mut req = Request::post(format!("{gate}/webhooks/klaviyo"));
+        for (k, v) in signed_headers(&body, SECRET, WEBHOOK_ID) {
+            req = req.header(k, v);
+        }
+        let resp = client().request(req.body(Full::new(Bytes::from(body))).unwrap()).await.unwrap();
+        let (status, marker, retry) = (
+            resp.status(),
+            resp.headers().get("x-klaviyo-proxy-error").map(|v| v.to_str().unwrap().to_string()),
+            resp.headers().contains_key("retry-after"),
+        );
+        let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+        if status == StatusCode::OK {
+            return Some(ids);
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{n}: {text}");
+        assert_eq!(marker.as_deref(), Some("proxy_store_unavailable"), "{n}: {text}");
+        assert!(retry, "{n}: Retry-After");
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["errors"][0]["code"], "proxy_store_unavailable", "{json}");
+        None
+    })
+    .await;
+    batches.concat()
+}
+
+async fn health(admin: &str) -> serde_json::Value {
+    serde_json::from_str(&get(&format!("{admin}/health")).await.1).unwrap()
+}
+
+/// Issue 13 item 4, the webhook gate's store on a full disk, with the real binary:
+/// while the app is down, webhooks pile up in the store until its file can grow no
+/// more; each one it cannot store gets a clear 503 (never a 200, so Klaviyo sends it
+/// again) and `/health` shows the error. Once the app is back the store drains,
+/// reopens and takes webhooks again; every item acknowledged reaches the app exactly
+/// once, none refused does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_store_refuses_clearly_and_recovers() {
+    let app = App::start(Gate::Refuse).await;
+    let dir = temp_dir("disk");
+    // 4096 blocks of 512 bytes: 2 MiB, room for redb's first 1.5 MiB and a few dozen
+    // 25 kB webhooks.
+    let proxy = start_proxy_limited(&config_file(&dir, &app.url, ""), 4096);
+    let mut acked = fill_gate(&proxy.gate, "first").await;
+    let h = health(&proxy.admin).await;
+    let webhooks = &h["services"]["webhooks"];
+    assert_eq!(webhooks["status"], "degraded", "{h}");
+    assert!(webhooks["error"].as_str().unwrap_or_default().contains("File too large"), "{h}");
+    assert!(app.seen().is_empty());
+
+    // The app is back: the store drains, freeing its pages, and is reopened.
+    app.gate.send(Gate::Open).unwrap();
+    app.wait_for(&acked.iter().cloned().collect(), Duration::from_secs(60)).await;
+    let mut again = None;
+    for n in 0..100 {
+        let id = format!("after-{n}");
+        let body = webhook_body(std::slice::from_ref(&id), WEBHOOK_ID);
+        let (status, text) =
+            post(&format!("{}/webhooks/klaviyo", proxy.gate), &signed_headers(&body, SECRET, WEBHOOK_ID), &body).await;
+        match status {
+            StatusCode::OK => {
+                again = Some(id);
+                break;
+            }
+            StatusCode::SERVICE_UNAVAILABLE => tokio::time::sleep(Duration::from_millis(200)).await,
+            other => panic!("{id}: {other} {text}"),
+        }
+    }
+    acked.push(again.expect("the store takes webhooks again once there is room"));
+    let want: BTreeSet<String> = acked.iter().cloned().collect();
+    app.wait_for(&want, Duration::from_secs(30)).await;
+    let counts = app.counts();
+    assert_eq!(counts.keys().cloned().collect::<BTreeSet<_>>(), want, "exactly the acknowledged items");
+    assert!(counts.values().all(|n| *n == 1), "each exactly once");
+    let until = Instant::now() + Duration::from_secs(30);
+    let h = loop {
+        let h = health(&proxy.admin).await;
+        if h["services"]["webhooks"]["status"] == "healthy" || Instant::now() > until {
+            break h;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(h["services"]["webhooks"]["status"], "healthy", "{h}");
+    println!("FIGURES webhook full disk: {} items acknowledged, each delivered once", want.len());
     drop(proxy);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -95,6 +95,9 @@ pub struct Coalescer {
     oldest: Mutex<std::collections::BTreeMap<u64, u64>>,
     draining: AtomicBool,
     drain: Notify,
+    /// Delivered events whose removal from the file failed (a full disk): removed with
+    /// the next removal or within a second, so their room comes back without a restart.
+    unremoved: Mutex<Vec<u64>>,
 }
 
 impl std::fmt::Debug for Coalescer {
@@ -133,6 +136,7 @@ impl Coalescer {
             oldest: Mutex::new(oldest),
             draining: AtomicBool::new(false),
             drain: Notify::new(),
+            unremoved: Mutex::new(Vec::new()),
         };
         c.refresh_gauges();
         Ok(c)
@@ -188,7 +192,14 @@ impl Coalescer {
             }
             Err(e) => {
                 tracing::error!(error = %e, "coalesced event could not be stored");
-                Err(ProxyError::Internal)
+                Err(match e {
+                    // A full disk: the file is reopened within a second.
+                    StoreError::Io { .. } => ProxyError::StoreUnavailable {
+                        store: "coalesce store",
+                        retry_after: crate::durable::REOPEN_EVERY,
+                    },
+                    StoreError::Closed => ProxyError::Internal,
+                })
             }
         }
     }
@@ -283,8 +294,26 @@ impl Coalescer {
                 }
                 () = sleep => {}
                 () = self.drain.notified() => {}
-                _ = gauges.tick() => self.refresh_gauges(),
+                _ = gauges.tick() => {
+                    self.refresh_gauges();
+                    self.remove_delivered(Vec::new()).await;
+                }
             }
+        }
+    }
+
+    /// Removes delivered (or dead-lettered) events from the file, with those whose
+    /// removal failed before; what fails again is kept for the next try.
+    async fn remove_delivered(&self, mut ids: Vec<u64>) {
+        ids.append(&mut lock(&self.unremoved));
+        if ids.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.remove(ids.clone()).await {
+            // Until removed they hold room in the file, and a restart sends them again
+            // (their unique_ids make Klaviyo drop the repeats).
+            tracing::error!(error = %e, events = ids.len(), "delivered events could not be removed from the coalesce store yet");
+            lock(&self.unremoved).append(&mut ids);
         }
     }
 
@@ -313,11 +342,7 @@ impl Coalescer {
         }
         self.metrics.events("delivered", outcome.delivered.len() as u64);
         self.metrics.events("dead_lettered", dead_lettered);
-        if let Err(e) = self.store.remove(done.clone()).await {
-            // Delivered events left in the file are sent again after a restart; their
-            // unique_ids make Klaviyo drop the repeats.
-            tracing::error!(error = %e, "delivered events could not be removed from the coalesce store");
-        }
+        self.remove_delivered(done.clone()).await;
         {
             let mut oldest = lock(&self.oldest);
             for id in &done {

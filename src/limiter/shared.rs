@@ -13,8 +13,8 @@
 //! move to Redis. A request never fails only because Redis is down.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -23,10 +23,14 @@ use tokio::time::Instant;
 
 use super::local::{LocalStore, MAX_DEMANDS};
 use super::redis::{RedisStore, RedisStoreError};
-use super::{ticks, Account, BucketId, BucketKey, Demand, WindowSpec, Windows};
+use super::{ticks, Account, BucketId, BucketKey, Demand, Denied, WindowSpec, Windows};
 
 /// How often each replica beats (and, while degraded, probes Redis).
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// At most one pass for idle lines this often, while the lines fill the cap; also the
+/// `Retry-After` of a request refused for want of one.
+pub const LINE_PASS_EVERY: Duration = Duration::from_secs(1);
 
 /// A replica that has not beaten for this long no longer counts.
 pub const HEARTBEAT_TTL: Duration = Duration::from_secs(5);
@@ -42,10 +46,18 @@ const BACK: u64 = 1 << 62;
 /// only its first place asks Redis for a token, the others wait their turn. A request
 /// waits only behind requests that need the same buckets; one that met an upstream
 /// 429 goes back in front of every new arrival.
-#[derive(Debug, Default)]
+///
+/// A line leaves its store's map when its last place leaves (an empty line holds no
+/// state: Redis does), so the map holds the busy lines and [`SharedStore::line`] can
+/// refuse a new one at the cap without a scan.
+#[derive(Debug)]
 pub struct Line {
     state: Mutex<LineState>,
+    key: LineKey,
+    home: Weak<Lines>,
 }
+
+type Lines = DashMap<LineKey, Arc<Line>>;
 
 #[derive(Debug, Default)]
 struct LineState {
@@ -64,6 +76,10 @@ pub struct Ticket {
 }
 
 impl Line {
+    fn new(key: LineKey, home: &Arc<Lines>) -> Self {
+        Line { state: Mutex::default(), key, home: Arc::downgrade(home) }
+    }
+
     /// Joins at the back; returns the place and how many are ahead of it.
     pub fn join(self: &Arc<Self>) -> (Ticket, u32) {
         let mut s = lock(&self.state);
@@ -121,6 +137,13 @@ impl Drop for Ticket {
             if let Some(next) = s.places.values().next() {
                 next.notify_one();
             }
+        }
+        let empty = s.places.is_empty();
+        drop(s);
+        if let (true, Some(lines)) = (empty, self.line.home.upgrade()) {
+            // Under the map's lock no one can take the line meanwhile; one who holds it
+            // already (a count above the map's and this ticket's) joins it, so it stays.
+            lines.remove_if(&self.line.key, |_, line| Arc::strong_count(line) <= 2 && line.is_empty());
         }
     }
 }
@@ -219,9 +242,9 @@ pub struct SharedStore {
     recovered: Notify,
     /// Serialises hand-overs of local takes.
     handing_over: tokio::sync::Mutex<()>,
-    lines: DashMap<LineKey, Arc<Line>>,
-    /// Lines left by the last pass that dropped idle ones (see [`SharedStore::line`]).
-    lines_kept: AtomicUsize,
+    lines: Arc<Lines>,
+    /// No pass for idle lines before this (see [`SharedStore::line`]).
+    next_line_pass: Mutex<Option<Instant>>,
     unsent: Mutex<HashMap<BucketKey, Unsent>>,
     takes: AtomicU64,
     late_after: Duration,
@@ -242,8 +265,8 @@ impl SharedStore {
             degradations: AtomicU64::new(0),
             recovered: Notify::new(),
             handing_over: tokio::sync::Mutex::new(()),
-            lines: DashMap::new(),
-            lines_kept: AtomicUsize::new(0),
+            lines: Arc::default(),
+            next_line_pass: Mutex::new(None),
             unsent: Mutex::new(HashMap::new()),
             takes: AtomicU64::new(0),
             late_after: guard,
@@ -332,24 +355,32 @@ impl SharedStore {
             .collect()
     }
 
-    /// This replica's line for exactly the buckets of `demands`.
+    /// This replica's line for exactly the buckets of `demands` (`None` without any).
     ///
-    /// Lines are per-key state: at `limiter.max_buckets` a new one first drops the idle
-    /// ones (a flood of distinct keys leaves almost only idle lines, so the pass frees
-    /// about as many as it visits). Lines with requests in them stay (they are bounded by
-    /// the requests in flight); when those fill the cap, the next pass waits until the
-    /// map has doubled, so no new key pays for a scan alone.
-    pub fn line(&self, demands: &[Demand]) -> Option<Arc<Line>> {
+    /// Lines are per-key state, capped by `limiter.max_buckets` like the local store's
+    /// buckets. A line leaves the map with its last request, so at the cap every line
+    /// is busy (but for one a request had taken and then left without joining, which a
+    /// pass at most once a [`LINE_PASS_EVERY`] drops): the request that needs a new one
+    /// is refused with [`Denied::TooManyBuckets`], as by the local store.
+    pub fn line(&self, demands: &[Demand]) -> Option<Result<Arc<Line>, Denied>> {
         let key = line_key(demands)?;
         if let Some(line) = self.lines.get(&key).map(|l| l.clone()) {
-            return Some(line);
+            return Some(Ok(line));
         }
-        let held = self.lines.len();
-        if held >= self.fallback.max_buckets().max(2 * self.lines_kept.load(Ordering::Relaxed)) {
-            self.lines.retain(|_, line| Arc::strong_count(line) > 1 || !line.is_empty());
-            self.lines_kept.store(self.lines.len(), Ordering::Relaxed);
+        let cap = self.fallback.max_buckets().max(1);
+        if self.lines.len() >= cap {
+            let now = Instant::now();
+            let mut next = lock(&self.next_line_pass);
+            if next.is_none_or(|at| at <= now) {
+                *next = Some(now + LINE_PASS_EVERY);
+                self.lines.retain(|_, line| Arc::strong_count(line) > 1 || !line.is_empty());
+            }
+            if self.lines.len() >= cap {
+                return Some(Err(Denied::TooManyBuckets { wait: LINE_PASS_EVERY }));
+            }
         }
-        Some(self.lines.entry(key).or_default().clone())
+        let lines = &self.lines;
+        Some(Ok(lines.entry(key).or_insert_with(|| Arc::new(Line::new(key, lines))).clone()))
     }
 
     /// Notes a failed or slow Redis call: from now on, decide locally. Warns once per
@@ -538,6 +569,34 @@ mod tests {
         assert_eq!(specs(store(Some(3)).fallback_demands(&[d])), None);
         assert_eq!(specs(store(None).fallback_demands(&[d])).unwrap()[0], (10, 1_050_000));
         assert_eq!(store(None).replicas(), 1);
+    }
+
+    /// A line goes with its last request; at `limiter.max_buckets` lines, all busy, a
+    /// new one is refused with the local store's refusal, and one going idle makes room.
+    #[tokio::test]
+    async fn lines_go_with_their_last_request_and_are_capped() {
+        let s = store(Some(1));
+        s.fallback().set_max_buckets(2);
+        let d = |n: u128| {
+            [Demand {
+                key: BucketKey { account: Account(n), bucket: BucketId::Endpoint(0) },
+                windows: Windows::new(&[WindowSpec { limit: 1, period: 1_000_000 }]),
+            }]
+        };
+        let (first, _) = s.line(&d(1)).unwrap().unwrap().join();
+        let (behind, ahead) = s.line(&d(1)).unwrap().unwrap().join();
+        assert_eq!(ahead, 1);
+        drop(first);
+        assert_eq!(s.per_key_state().0, 1, "a line with a request left stays");
+        drop(behind);
+        assert_eq!(s.per_key_state().0, 0, "an empty line goes");
+        let busy: Vec<_> = (1..=2).map(|n| s.line(&d(n)).unwrap().unwrap().join().0).collect();
+        assert_eq!(s.line(&d(3)).unwrap().unwrap_err(), Denied::TooManyBuckets { wait: LINE_PASS_EVERY });
+        // A line already held takes more requests.
+        assert!(s.line(&d(1)).unwrap().is_ok());
+        drop(busy);
+        assert!(s.line(&d(3)).unwrap().is_ok());
+        assert!(s.line(&[]).is_none());
     }
 
     #[tokio::test]

@@ -129,7 +129,8 @@ impl Proxy {
         if !config.upstream.enabled {
             return Replay::Wait(Duration::from_secs(1));
         }
-        if let Some(wait) = self.breaker_open(&live) {
+        // Open for everyone: nothing goes. Open for one account: its lane is held below.
+        if let Some(wait) = config.breaker.enabled.then(|| self.breaker.open_for_everyone(Instant::now())).flatten() {
             return Replay::Wait(wait.min(Duration::from_secs(1)));
         }
         let now = Instant::now();
@@ -162,11 +163,16 @@ impl Proxy {
         };
         self.resolve(&live, &mut parts).await;
         let route = live.route(&parts);
+        let account = route.demands.first().map(|d| d.key.account);
         let now = Instant::now();
         let permit = if config.breaker.enabled {
-            match self.breaker.admit(now) {
+            match self.breaker.admit_for(now, account) {
                 Ok(p) => Some(p),
-                Err(wait) => return Replay::Wait(wait.min(Duration::from_secs(1))),
+                // Held for this account (or every probe taken): this lane waits, others go.
+                Err(wait) => {
+                    lanes.hold(this, now + wait.clamp(Duration::from_millis(10), Duration::from_secs(1)));
+                    return Replay::Progress;
+                }
             }
         } else {
             None
@@ -187,7 +193,7 @@ impl Proxy {
         }
         let result = self.upstream.send(&parts, Bytes::from(body)).await;
         let now = Instant::now();
-        let finish = |outcome| self.record(permit, outcome);
+        let finish = |outcome| self.record(permit, outcome, account);
         match result {
             Ok(resp) if resp.status() == http::StatusCode::TOO_MANY_REQUESTS => {
                 finish(breaker::Outcome::Success);

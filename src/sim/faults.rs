@@ -70,6 +70,10 @@ pub struct Faults {
     /// Share of API requests, in [0, 1], answered by "Cloudflare" with a 403
     /// `cf-mitigated: challenge` HTML page, as cloud egress addresses sometimes are.
     pub challenge_rate: f64,
+    /// Accounts (as [`super::account_alias`] names them: `acme` for
+    /// `pk_acme_...`) whose every API request is answered 503 while the others are
+    /// served: one account's trouble on a day Klaviyo is up.
+    pub failing_accounts: Vec<String>,
 }
 
 impl Default for Faults {
@@ -87,6 +91,7 @@ impl Default for Faults {
             slow_ms: 0,
             throttle_holds: false,
             challenge_rate: 0.0,
+            failing_accounts: Vec::new(),
         }
     }
 }
@@ -127,9 +132,10 @@ impl Faults {
         Ok(())
     }
 
-    /// Decides the fate of one API request, `since_set` after these faults were set.
-    pub fn verdict(&self, since_set: Duration, rng: &mut fastrand::Rng) -> Verdict {
-        if self.outage == Outage::Unavailable {
+    /// Decides the fate of one API request of `account`, `since_set` after these
+    /// faults were set.
+    pub fn verdict(&self, account: &str, since_set: Duration, rng: &mut fastrand::Rng) -> Verdict {
+        if self.outage == Outage::Unavailable || self.failing_accounts.iter().any(|a| a == account) {
             return Verdict::Error(503);
         }
         let window = Duration::from_millis(self.throttle_for_ms);
@@ -167,15 +173,21 @@ mod tests {
     fn verdicts() {
         let mut rng = fastrand::Rng::with_seed(1);
         let none = Faults::default();
-        assert_eq!(none.verdict(Duration::ZERO, &mut rng), Verdict::Pass);
+        assert_eq!(none.verdict("acme", Duration::ZERO, &mut rng), Verdict::Pass);
         let down = Faults { outage: Outage::Unavailable, ..Faults::default() };
-        assert_eq!(down.verdict(Duration::ZERO, &mut rng), Verdict::Error(503));
+        assert_eq!(down.verdict("acme", Duration::ZERO, &mut rng), Verdict::Error(503));
+        let one = Faults { failing_accounts: vec!["acme".into()], ..Faults::default() };
+        assert_eq!(one.verdict("acme", Duration::ZERO, &mut rng), Verdict::Error(503));
+        assert_eq!(one.verdict("other", Duration::ZERO, &mut rng), Verdict::Pass);
         let other = Faults { throttle_for_ms: 2500, ..Faults::default() };
-        assert_eq!(other.verdict(Duration::from_millis(400), &mut rng), Verdict::Throttle(Some("3".into()), 3));
-        assert_eq!(other.verdict(Duration::from_millis(1600), &mut rng), Verdict::Throttle(Some("1".into()), 1));
-        assert_eq!(other.verdict(Duration::from_millis(2500), &mut rng), Verdict::Pass);
+        assert_eq!(other.verdict("acme", Duration::from_millis(400), &mut rng), Verdict::Throttle(Some("3".into()), 3));
+        assert_eq!(
+            other.verdict("acme", Duration::from_millis(1600), &mut rng),
+            Verdict::Throttle(Some("1".into()), 1)
+        );
+        assert_eq!(other.verdict("acme", Duration::from_millis(2500), &mut rng), Verdict::Pass);
         let some = Faults { error_rate: 0.2, ..Faults::default() };
-        let errors = (0..10_000).filter(|_| some.verdict(Duration::ZERO, &mut rng) != Verdict::Pass).count();
+        let errors = (0..10_000).filter(|_| some.verdict("acme", Duration::ZERO, &mut rng) != Verdict::Pass).count();
         assert!((1800..2200).contains(&errors), "{errors}");
         let json: Faults = serde_json::from_str(r#"{"outage":"refused","retry_after":"soon"}"#).unwrap();
         assert_eq!(json.outage.gate(), Gate::Refuse);
@@ -198,9 +210,9 @@ mod tests {
         };
         assert!(f.delay(&mut rng) >= Duration::from_millis(u64::MAX));
         assert!(
-            matches!(f.verdict(Duration::ZERO, &mut rng), Verdict::Throttle(Some(ref v), _) if *v == u64::MAX.to_string())
+            matches!(f.verdict("acme", Duration::ZERO, &mut rng), Verdict::Throttle(Some(ref v), _) if *v == u64::MAX.to_string())
         );
         let f = Faults { throttle_for_ms: u64::MAX, ..Faults::default() };
-        assert!(matches!(f.verdict(Duration::MAX, &mut rng), Verdict::Pass));
+        assert!(matches!(f.verdict("acme", Duration::MAX, &mut rng), Verdict::Pass));
     }
 }

@@ -717,9 +717,9 @@ impl State {
         faults.delay(&mut lock(&self.rng))
     }
 
-    fn verdict(&self) -> faults::Verdict {
+    fn verdict(&self, account: &str) -> faults::Verdict {
         let (faults, set_at) = lock(&self.faults).clone();
-        faults.verdict(set_at.elapsed(), &mut lock(&self.rng))
+        faults.verdict(account, set_at.elapsed(), &mut lock(&self.rng))
     }
 
     fn record_event(&self, body: &[u8]) {
@@ -823,6 +823,16 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Response<ProxyBo
         let mut totals = lock(&state.totals);
         totals.0 += 1;
     }
+    // Down is down: an outage answers before any check of the request.
+    if lock(&state.faults).0.outage == faults::Outage::Unavailable {
+        state.server_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return klaviyo_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "error",
+            "A server error occurred.",
+            "Simulated outage.",
+        );
+    }
     let Some(revision) = parts.headers.get("revision").and_then(|v| v.to_str().ok()) else {
         return klaviyo_error(
             StatusCode::BAD_REQUEST,
@@ -883,7 +893,7 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Response<ProxyBo
         let secs = left.as_micros().div_ceil(1_000_000) as u64;
         return state.throttle(&keys, now, Some(secs.to_string()), secs);
     }
-    match state.verdict() {
+    match state.verdict(&account) {
         faults::Verdict::Pass => {}
         faults::Verdict::Error(status) => {
             state.server_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -73,7 +73,8 @@ where
             };
         }
         // While Klaviyo is failing, fail fast instead of queueing for nothing.
-        if let Some(retry_after) = proxy.breaker_open(&live) {
+        let account = routed.route.demands.first().map(|d| d.key.account);
+        if let Some(retry_after) = proxy.breaker_open_for(&live, account) {
             return Either::Own {
                 future: Box::pin(async move {
                     accept_or(&proxy, deferrable, &routed, ProxyError::CircuitOpen { retry_after }).await

@@ -75,6 +75,8 @@ impl Proxy {
         let (live, parts, body, record) = (&*call.live, &call.parts, &call.body, &call.record);
         let config = &live.config;
         let label = route.label();
+        // The breaker may hold one account only (see `breaker`).
+        let account = route.demands.first().map(|d| d.key.account);
         let limited = config.limits.enabled;
         let backoff = Backoff {
             base: Duration::from_millis(config.retry.base_ms),
@@ -141,7 +143,7 @@ impl Proxy {
             let permit = match config.breaker.enabled {
                 true => Some(
                     self.breaker
-                        .admit(Instant::now())
+                        .admit_for(Instant::now(), account)
                         .map_err(|retry_after| ProxyError::CircuitOpen { retry_after })?,
                 ),
                 false => None,
@@ -163,11 +165,11 @@ impl Proxy {
                 // key, and the same request would meet the same challenge.
                 Ok(_) if challenged => {
                     self.metrics.upstream_challenge(route, latency);
-                    self.record(permit, breaker::Outcome::Success);
+                    self.record(permit, breaker::Outcome::Success, account);
                     return Err(ProxyError::UpstreamChallenged);
                 }
                 Ok(resp) if resp.status() == StatusCode::TOO_MANY_REQUESTS => {
-                    self.record(permit, breaker::Outcome::Success);
+                    self.record(permit, breaker::Outcome::Success, account);
                     // Klaviyo's quota is spent (by us or another consumer): the whole
                     // bucket waits for Retry-After, this request at the head of its queue.
                     if !limited {
@@ -199,11 +201,11 @@ impl Proxy {
                     }
                 }
                 Ok(resp) if resp.status().is_server_error() => {
-                    self.record(permit, breaker::Outcome::Failure);
+                    self.record(permit, breaker::Outcome::Failure, account);
                     (Ok(resp), repeat == Repeat::Safe, "server_error")
                 }
                 Ok(resp) => {
-                    self.record(permit, breaker::Outcome::Success);
+                    self.record(permit, breaker::Outcome::Success, account);
                     if let Some(pass) = pass.take() {
                         pass.succeeded();
                     }
@@ -218,7 +220,7 @@ impl Proxy {
                         UpstreamError::Connect(_) => (breaker::Outcome::ConnectFailure, "connect"),
                         UpstreamError::Timeout(_) => (breaker::Outcome::Failure, "timeout"),
                     };
-                    self.record(permit, kind);
+                    self.record(permit, kind, account);
                     (Err(upstream_error(e)), repeat == Repeat::Safe || never_sent, reason)
                 }
             };
@@ -229,13 +231,13 @@ impl Proxy {
             let may = failure
                 && retries + 1 < config.retry.max_attempts.get()
                 && Instant::now() + delay < deadline
-                && self.breaker_open(live).is_none();
+                && self.breaker_open_for(live, account).is_none();
             if !may {
                 // A failure that opened the breaker (a failed probe, or the streak's
                 // last) answers as the breaker does: 503 with its Retry-After, which
                 // the SDKs retry, not a 502 they raise.
                 if let (Err(ProxyError::UpstreamUnreachable | ProxyError::UpstreamTimeout(_)), Some(retry_after)) =
-                    (&verdict, self.breaker_open(live))
+                    (&verdict, self.breaker_open_for(live, account))
                 {
                     return Err(ProxyError::CircuitOpen { retry_after });
                 }
@@ -251,21 +253,36 @@ impl Proxy {
             drop(verdict);
             tokio::time::sleep(delay).await;
             // The breaker may have opened during the backoff.
-            if let Some(retry_after) = self.breaker_open(live) {
+            if let Some(retry_after) = self.breaker_open_for(live, account) {
                 return Err(ProxyError::CircuitOpen { retry_after });
             }
         }
     }
 
-    pub(crate) fn record(&self, permit: Option<breaker::Permit<'_>>, outcome: breaker::Outcome) {
+    pub(crate) fn record(
+        &self,
+        permit: Option<breaker::Permit<'_>>,
+        outcome: breaker::Outcome,
+        account: Option<crate::limiter::Account>,
+    ) {
         if let Some(permit) = permit {
-            self.breaker.record(permit, outcome, Instant::now());
+            self.breaker.record_for(permit, outcome, Instant::now(), account);
         }
     }
 
     pub(crate) fn breaker_open(&self, live: &Live) -> Option<Duration> {
         if live.config.breaker.enabled {
             self.breaker.open_for(Instant::now())
+        } else {
+            None
+        }
+    }
+
+    /// [`Proxy::breaker_open`] for a request of `account`: not while the breaker holds
+    /// another account only.
+    pub(crate) fn breaker_open_for(&self, live: &Live, account: Option<crate::limiter::Account>) -> Option<Duration> {
+        if live.config.breaker.enabled {
+            self.breaker.open_for_account(Instant::now(), account)
         } else {
             None
         }

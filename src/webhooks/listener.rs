@@ -228,7 +228,9 @@ impl Gate {
             Err(e) => {
                 // Not stored: Klaviyo must send it again, so no 200.
                 tracing::error!(error = %e, "webhook store write failed");
-                return Ok(refusal(ProxyError::Internal));
+                // A full disk: the file is reopened within a second.
+                let retry_after = crate::durable::REOPEN_EVERY;
+                return Ok(refusal(ProxyError::StoreUnavailable { store: "webhook store", retry_after }));
             }
         };
         self.webhook_metrics().evicted(pruned.early);

@@ -129,3 +129,38 @@ impl Served {
         self.logs()
     }
 }
+
+/// `bin` run through `sh` under a file size limit of `blocks` × 512 bytes, with
+/// SIGXFSZ ignored: a write past the limit fails with EFBIG as one to a full disk fails
+/// with ENOSPC, and no mount privileges are needed. Add `bin`'s arguments to it.
+pub fn file_size_limited(bin: &str, blocks: u32) -> Command {
+    let mut sh = Command::new("sh");
+    sh.args(["-c", &format!("trap '' XFSZ; ulimit -f {blocks}; exec \"$0\" \"$@\""), bin]);
+    sh
+}
+
+/// Fills a store on a full disk: `send(n)` for n = 0, 1, … (at most 300) until it is
+/// refused (`None`, the caller having checked the refusal) three times in a row.
+/// Returns what was acknowledged; something was, and the refusals came.
+pub async fn fill_until_refused<T, F: std::future::Future<Output = Option<T>>>(
+    mut send: impl FnMut(usize) -> F,
+) -> Vec<T> {
+    let (mut acked, mut in_a_row, mut refused) = (Vec::new(), 0, 0);
+    for n in 0..300 {
+        match send(n).await {
+            Some(ack) => {
+                acked.push(ack);
+                in_a_row = 0;
+            }
+            None => {
+                refused += 1;
+                in_a_row += 1;
+                if in_a_row == 3 {
+                    break;
+                }
+            }
+        }
+    }
+    assert!(!acked.is_empty() && refused >= 3, "{} acknowledged, {refused} refused", acked.len());
+    acked
+}
