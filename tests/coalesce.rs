@@ -348,6 +348,55 @@ async fn an_outage_only_makes_jobs_wait() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The proxy's own jobs and a client's own `bulk_create_events` calls of one account
+/// share that account's bulk bucket (10/s): a client sending 12 jobs at once while
+/// thousands of coalesced events go out draws no 429 from "Klaviyo". (Before, the
+/// proxy's jobs were routed under the unresolved credential, a bucket of their own, and
+/// both together went past the account's limit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_jobs_share_the_accounts_bulk_bucket_with_the_clients_jobs() {
+    let sim = simulator().await;
+    let dir = temp_dir("coalesce-shared-bucket");
+    let proxy = start_binary(&write_config(&dir, &sim.url));
+    let client = client();
+    // Resolve the credential's account first, as any client's first request does.
+    let (status, _, _) = send_event(&client, proxy.addr, event("warm-up", "USD")).await.unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let own_jobs: Vec<_> = (0..12)
+        .map(|i| {
+            let (client, addr) = (client.clone(), proxy.addr);
+            tokio::spawn(async move {
+                let entry = format!(
+                    r#"{{"type":"event-bulk-create","attributes":{{"profile":{{"data":{{"type":"profile","attributes":{{"email":"b@example.com"}}}}}},"events":{{"data":[{{"type":"event","attributes":{{"properties":{{"n":1}},"metric":{{"data":{{"type":"metric","attributes":{{"name":"Own job"}}}}}},"unique_id":"own-{i}"}}}}]}}}}}}"#
+                );
+                let body = format!(
+                    r#"{{"data":{{"type":"event-bulk-create-job","attributes":{{"events-bulk-create":{{"data":[{entry}]}}}}}}}}"#
+                );
+                let req = Request::post(format!("http://{addr}/api/event-bulk-create-jobs"))
+                    .header("authorization", KEY)
+                    .header("content-type", "application/vnd.api+json")
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap();
+                let resp = client.request(req).await.unwrap();
+                resp.status()
+            })
+        })
+        .collect();
+    let ids: Vec<String> = (0..6_000).map(|i| format!("s-{i:04}")).collect();
+    assert_eq!(send_all(&client, proxy.addr, ids, 32).await.len(), 6_000);
+    for job in own_jobs {
+        assert_eq!(job.await.unwrap(), StatusCode::ACCEPTED, "the client's own job");
+    }
+    let delivered = {
+        let sim = sim.clone();
+        wait_until(Duration::from_secs(60), move || sim.events().unique >= 6_001 + 12).await
+    };
+    let events = sim.events();
+    assert!(delivered, "delivered {}", events.unique);
+    assert_eq!(sim.stats().throttled, 0, "the account's bulk limit was passed");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// An event the proxy can tell is invalid gets Klaviyo's 400 shape at once, marked as
 /// the proxy's, with a pointer; nothing is stored. An `Idempotency-Key` repeated by a
 /// retrying client answers the first event's id and sends nothing twice.

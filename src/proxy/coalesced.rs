@@ -57,9 +57,6 @@ impl coalesce::Deliver for Proxy {
         if !live.config.upstream.enabled {
             return Err(ProxyError::Disabled);
         }
-        if let Some(retry_after) = self.breaker_open(&live) {
-            return Err(ProxyError::CircuitOpen { retry_after });
-        }
         let mut req = Request::post(BULK_PATH).body(()).expect("static request");
         let headers = req.headers_mut();
         if let Ok(mut auth) = HeaderValue::from_bytes(&group.authorization) {
@@ -73,7 +70,15 @@ impl coalesce::Deliver for Proxy {
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/vnd.api+json"));
         let (mut parts, ()) = req.into_parts();
         upstream::outbound_headers(&mut parts.headers, live.config.upstream.revision.as_str());
+        // Under the account the credential resolves to, as the client's own requests
+        // are: the bulk endpoint's bucket is the account's, shared with any
+        // bulk_create_events call of its own.
+        self.resolve(&live, &mut parts).await;
         let route = live.route(&parts);
+        let account = route.demands.first().map(|d| d.key.account);
+        if let Some(retry_after) = self.breaker_open_for(&live, account) {
+            return Err(ProxyError::CircuitOpen { retry_after });
+        }
         let deadline = Instant::now() + Duration::from_millis(live.config.queue.max_wait_ms);
         let routed = Routed {
             call: Call { parts, body, live, record: Record::default() },

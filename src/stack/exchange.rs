@@ -270,16 +270,8 @@ impl Proxy {
         }
     }
 
-    pub(crate) fn breaker_open(&self, live: &Live) -> Option<Duration> {
-        if live.config.breaker.enabled {
-            self.breaker.open_for(Instant::now())
-        } else {
-            None
-        }
-    }
-
-    /// [`Proxy::breaker_open`] for a request of `account`: not while the breaker holds
-    /// another account only.
+    /// When the breaker turns a request of `account` away (`None` when the breaker is
+    /// off, closed, or holds another account only).
     pub(crate) fn breaker_open_for(&self, live: &Live, account: Option<crate::limiter::Account>) -> Option<Duration> {
         if live.config.breaker.enabled {
             self.breaker.open_for_account(Instant::now(), account)
