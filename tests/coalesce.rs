@@ -149,6 +149,28 @@ async fn simulator() -> Arc<Simulator> {
     Arc::new(Simulator::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), SimOptions::default()).unwrap())
 }
 
+/// A simulator, a temporary directory and the binary with coalescing on in front of
+/// them, and a client.
+struct Started {
+    sim: Arc<Simulator>,
+    dir: PathBuf,
+    proxy: Binary,
+    client: HttpClient,
+}
+
+async fn started(name: &str) -> Started {
+    let sim = simulator().await;
+    let dir = temp_dir(name);
+    let proxy = start_binary(&write_config(&dir, &sim.url));
+    Started { sim, dir, proxy, client: client() }
+}
+
+/// Whether "Klaviyo" received at least `n` distinct events within `limit`.
+async fn delivered_within(sim: &Arc<Simulator>, limit: Duration, n: u64) -> bool {
+    let sim = sim.clone();
+    wait_until(limit, move || sim.events().unique >= n).await
+}
+
 /// Sends `ids` from `senders` concurrent clients; returns the ids answered 202.
 async fn send_all(client: &HttpClient, addr: SocketAddr, ids: Vec<String>, senders: usize) -> Vec<String> {
     let ids = Arc::new(ids);
@@ -180,10 +202,7 @@ async fn send_all(client: &HttpClient, addr: SocketAddr, ids: Vec<String>, sende
 /// delivered exactly once, in bulk jobs, with no 429 from "Klaviyo".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_thousand_events_arrive_once_in_bulk_jobs_without_a_429() {
-    let sim = simulator().await;
-    let dir = temp_dir("coalesce-throughput");
-    let proxy = start_binary(&write_config(&dir, &sim.url));
-    let client = client();
+    let Started { sim, dir, proxy, client } = started("coalesce-throughput").await;
     let ids: Vec<String> = (0..20_000).map(|i| format!("t-{i:05}")).collect();
     let started = Instant::now();
     let acked = send_all(&client, proxy.addr, ids.clone(), 32).await;
@@ -278,19 +297,14 @@ async fn kill_9_loses_no_acknowledged_event() {
 /// Klaviyo's error, no job split more than log2(1000) times.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_poison_event_costs_only_itself() {
-    let sim = simulator().await;
-    let dir = temp_dir("coalesce-poison");
-    let proxy = start_binary(&write_config(&dir, &sim.url));
-    let client = client();
+    let Started { sim, dir, proxy, client } = started("coalesce-poison").await;
     let (status, _, _) = send_event(&client, proxy.addr, event("poison", "dollars")).await.unwrap();
     assert_eq!(status, StatusCode::ACCEPTED, "the proxy's shape checks pass it");
     let ids: Vec<String> = (0..2_999).map(|i| format!("p-{i:04}")).collect();
     assert_eq!(send_all(&client, proxy.addr, ids, 16).await.len(), 2_999);
-    let delivered = {
-        let sim = sim.clone();
-        wait_until(Duration::from_secs(60), move || sim.events().unique == 2_999).await
-    };
+    let delivered = delivered_within(&sim, Duration::from_secs(60), 2_999).await;
     assert!(delivered, "delivered {}", sim.events().unique);
+    assert_eq!(sim.events().unique, 2_999);
     let dead_listed = {
         let (client, admin) = (client.clone(), proxy.admin);
         let until = Instant::now() + Duration::from_secs(10);
@@ -320,21 +334,16 @@ async fn one_poison_event_costs_only_itself() {
 /// keeps most jobs from being tried at all).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_only_makes_jobs_wait() {
-    let sim = simulator().await;
-    let dir = temp_dir("coalesce-outage");
-    let proxy = start_binary(&write_config(&dir, &sim.url));
-    let client = client();
+    let Started { sim, dir, proxy, client } = started("coalesce-outage").await;
     let outage = serde_json::from_value(serde_json::json!({"outage": "unavailable", "outage_ms": 4000})).unwrap();
     sim.set_faults(outage).unwrap();
     let ids: Vec<String> = (0..500).map(|i| format!("o-{i:03}")).collect();
     let acked = send_all(&client, proxy.addr, ids, 8).await;
     assert_eq!(acked.len(), 500, "every event is answered 202 during the outage");
-    let delivered = {
-        let sim = sim.clone();
-        wait_until(Duration::from_secs(60), move || sim.events().unique == 500).await
-    };
+    let delivered = delivered_within(&sim, Duration::from_secs(60), 500).await;
     let events = sim.events();
     assert!(delivered, "delivered {} of 500 after the outage", events.unique);
+    assert_eq!(events.unique, 500);
     assert_eq!(events.duplicates, 0);
     let m = metrics(&client, proxy.admin).await;
     assert_eq!(metric(&m, "klaviyo_proxy_coalesce_events_total{state=\"dead_lettered\"}"), 0.0);
@@ -355,10 +364,7 @@ async fn an_outage_only_makes_jobs_wait() {
 /// both together went past the account's limit.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coalesced_jobs_share_the_accounts_bulk_bucket_with_the_clients_jobs() {
-    let sim = simulator().await;
-    let dir = temp_dir("coalesce-shared-bucket");
-    let proxy = start_binary(&write_config(&dir, &sim.url));
-    let client = client();
+    let Started { sim, dir, proxy, client } = started("coalesce-shared-bucket").await;
     // Resolve the credential's account first, as any client's first request does.
     let (status, _, _) = send_event(&client, proxy.addr, event("warm-up", "USD")).await.unwrap();
     assert_eq!(status, StatusCode::ACCEPTED);
@@ -387,10 +393,7 @@ async fn coalesced_jobs_share_the_accounts_bulk_bucket_with_the_clients_jobs() {
     for job in own_jobs {
         assert_eq!(job.await.unwrap(), StatusCode::ACCEPTED, "the client's own job");
     }
-    let delivered = {
-        let sim = sim.clone();
-        wait_until(Duration::from_secs(60), move || sim.events().unique >= 6_001 + 12).await
-    };
+    let delivered = delivered_within(&sim, Duration::from_secs(60), 6_001 + 12).await;
     let events = sim.events();
     assert!(delivered, "delivered {}", events.unique);
     assert_eq!(sim.stats().throttled, 0, "the account's bulk limit was passed");
@@ -402,10 +405,7 @@ async fn coalesced_jobs_share_the_accounts_bulk_bucket_with_the_clients_jobs() {
 /// retrying client answers the first event's id and sends nothing twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_events_are_refused_and_retries_are_idempotent() {
-    let sim = simulator().await;
-    let dir = temp_dir("coalesce-invalid");
-    let proxy = start_binary(&write_config(&dir, &sim.url));
-    let client = client();
+    let Started { sim, dir, proxy, client } = started("coalesce-invalid").await;
     let bad = r#"{"data":{"type":"event","attributes":{"properties":{},"metric":{"data":{"type":"metric","attributes":{"name":"M"}}},"profile":{"data":{"type":"profile","attributes":{"first_name":"No identifier"}}}}}}"#;
     let (status, id, body) = send_event(&client, proxy.addr, bad.to_string()).await.unwrap();
     assert_eq!((status, id), (StatusCode::BAD_REQUEST, None));
