@@ -292,6 +292,12 @@ pub struct SpoolLimits {
 }
 
 impl SpoolLimits {
+    /// Whether a deferred write (or a coalesced event) whose replay failed `attempts`
+    /// times, and that was accepted `age` ago, goes to the dead letters.
+    pub fn gives_up(&self, attempts: u32, age: Duration) -> bool {
+        attempts >= self.max_attempts || age >= self.max_age
+    }
+
     /// The limits `[spool]` sets.
     pub fn from_config(c: &SpoolConfig) -> Self {
         SpoolLimits {
@@ -756,7 +762,7 @@ impl Spool {
             let Ok((mut head, legacy_body)) = Head::decode(id, &raw) else { return Ok(Some((true, 0, 0))) };
             head.attempts += 1;
             let age = Duration::from_millis(now_ms().saturating_sub(head.entry.accepted_at_ms));
-            let give_up = head.attempts >= limits.max_attempts || age >= limits.max_age;
+            let give_up = limits.gives_up(head.attempts, age);
             let bytes = head.encode();
             pending.insert(id, bytes.as_slice())?;
             // A legacy entry is rewritten in the current format, its body stored apart.

@@ -379,7 +379,7 @@ impl Coalescer {
             let attempts = lane.attempts.entry(record.id).or_default();
             *attempts += 1;
             let age = Duration::from_millis(now.saturating_sub(record.accepted_at_ms));
-            if *attempts >= limits.max_attempts || age >= limits.max_age {
+            if limits.gives_up(*attempts, age) {
                 let why = if age >= limits.max_age {
                     format!("older than {} s and failing: {reason}", limits.max_age.as_secs())
                 } else {
