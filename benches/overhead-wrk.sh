@@ -9,6 +9,8 @@
 #   hyper-floor         the least a hyper proxy costs (benches/hyper_floor.rs: one
 #                       upstream connection per client connection, nothing else),
 #                       when built: cargo build --release --bench hyper_floor
+# CPU per request is the serving process's utime+stime over a wrk run (nginx's worker
+# included; for direct, the upstream's) divided by the requests wrk completed.
 # Rounds are interleaved (every variant once per round, the order rotated each round)
 # and the table shows per-variant medians, so a burst of load from elsewhere on the
 # machine hits every variant alike.
@@ -45,6 +47,8 @@ HAPROXY=$(command -v haproxy || true)
 # shellcheck source=benches/common.sh
 . "$ROOT/benches/common.sh" overhead
 
+declare -A URL PID
+
 # nginx in the foreground, one worker; $1 name, $2 port, $3 the http{} body.
 start_nginx() {
     local dir=$WORK/nginx-$1
@@ -68,6 +72,7 @@ http {
 EOF
     nginx -e "$dir/logs/error.log" -p "$dir" -c "$dir/nginx.conf" 2>>"$dir/logs/error.log" &
     PIDS+=($!)
+    PID[$1]=$!
     wait_port "$2"
 }
 
@@ -88,8 +93,8 @@ start_nginx upstream "$UPSTREAM_PORT" "
     }"
 UPSTREAM="http://127.0.0.1:$UPSTREAM_PORT"
 
-declare -A URL PID
 URL[direct]=$UPSTREAM
+PID[direct]=${PID[upstream]}
 
 NGINX_PORT=$(free_port)
 start_nginx proxy "$NGINX_PORT" "
@@ -104,6 +109,7 @@ start_nginx proxy "$NGINX_PORT" "
         }
     }"
 URL[nginx]="http://127.0.0.1:$NGINX_PORT"
+PID[nginx]=${PID[proxy]}
 
 if [ -n "$HAPROXY" ]; then
     HAPROXY_PORT=$(free_port)
@@ -125,6 +131,7 @@ backend klaviyo
 EOF
     "$HAPROXY" -f "$WORK/haproxy.cfg" -db >/dev/null 2>&1 &
     PIDS+=($!)
+    PID[haproxy]=$!
     wait_port "$HAPROXY_PORT"
     URL[haproxy]="http://127.0.0.1:$HAPROXY_PORT"
 fi
@@ -155,6 +162,7 @@ if [ -n "$FLOOR_BIN" ] && [ -x "$FLOOR_BIN" ]; then
     FLOOR_PORT=$(free_port)
     "$FLOOR_BIN" "127.0.0.1:$FLOOR_PORT" "127.0.0.1:$UPSTREAM_PORT" >/dev/null 2>&1 &
     PIDS+=($!)
+    PID[hyper-floor]=$!
     wait_port "$FLOOR_PORT"
     URL[hyper-floor]="http://127.0.0.1:$FLOOR_PORT"
     VARIANTS+=(hyper-floor)
@@ -178,11 +186,25 @@ EOF
     [ "$code" = 200 ] || { echo "$v answered $code" >&2; exit 1; }
 done
 
-# One wrk run: prints "req/s p50_ms p99_ms errors".
+# CPU time (utime+stime, clock ticks) of process $1 and its children (nginx's worker).
+cpu_ticks() {
+    local p t=0
+    for p in "$1" $(pgrep -P "$1" || true); do
+        [ -r "/proc/$p/stat" ] || continue
+        t=$((t + $(sed 's/^.*) //' "/proc/$p/stat" | awk '{ print $12 + $13 }')))
+    done
+    echo "$t"
+}
+
+# One wrk run against $1 whose serving process is $2: prints
+# "req/s p50_ms p99_ms errors cpu_us_per_request".
 measure() {
+    local before after
+    before=$(cpu_ticks "$2")
     wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --latency \
-        -H 'Authorization: Klaviyo-API-Key pk_bench' -H 'revision: 2026-07-15' "$1$URL_PATH" |
-        awk '
+        -H 'Authorization: Klaviyo-API-Key pk_bench' -H 'revision: 2026-07-15' "$1$URL_PATH" >"$WORK/wrk.out"
+    after=$(cpu_ticks "$2")
+    awk -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" '
             function ms(v) {
                 if (v ~ /us$/) return substr(v, 1, length(v) - 2) / 1000
                 if (v ~ /ms$/) return substr(v, 1, length(v) - 2) + 0
@@ -193,7 +215,8 @@ measure() {
             $1 == "99%" { p99 = ms($2) }
             /Non-2xx|Socket errors/ { err = err $0 }
             $1 == "Requests/sec:" { rps = $2 }
-            END { printf "%s %.3f %.3f %s\n", rps, p50, p99, (err == "" ? "-" : "ERR") }'
+            $2 == "requests" && $3 == "in" { n = $1 }
+            END { printf "%s %.3f %.3f %s %.1f\n", rps, p50, p99, (err == "" ? "-" : "ERR"), (n > 0 ? ticks / hz * 1e6 / n : 0) }' "$WORK/wrk.out"
 }
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
@@ -203,7 +226,7 @@ for round in $(seq 1 "$ROUNDS"); do
     n=${#VARIANTS[@]}
     for i in $(seq 0 $((n - 1))); do
         v=${VARIANTS[$(((i + round - 1) % n))]}
-        r=$(measure "${URL[$v]}")
+        r=$(measure "${URL[$v]}" "${PID[$v]}")
         echo "$v $r" >>"$WORK/results"
         printf '  round %d %-18s %s\n' "$round" "$v" "$r"
     done
@@ -214,18 +237,18 @@ python3 - "$WORK/results" "${VARIANTS[@]}" <<'EOF'
 import statistics, sys
 rows = {}
 for line in open(sys.argv[1]):
-    v, rps, p50, p99, err = line.split()
-    rows.setdefault(v, []).append((float(rps), float(p50), float(p99), err))
-med = {v: tuple(statistics.median(r[i] for r in rs) for i in range(3)) for v, rs in rows.items()}
+    v, rps, p50, p99, err, cpu = line.split()
+    rows.setdefault(v, []).append((float(rps), float(p50), float(p99), float(cpu), err))
+med = {v: tuple(statistics.median(r[i] for r in rs) for i in range(4)) for v, rs in rows.items()}
 direct = med["direct"][0]
 print()
-print("| variant | req/s vs direct | p50 | p99 |")
-print("|---|---|---|---|")
+print("| variant | req/s vs direct | p50 | p99 | CPU per request |")
+print("|---|---|---|---|---|")
 for v in sys.argv[2:]:
-    rps, p50, p99 = med[v]
-    errs = " (errors)" if any(r[3] != "-" for r in rows[v]) else ""
+    rps, p50, p99, cpu = med[v]
+    errs = " (errors)" if any(r[4] != "-" for r in rows[v]) else ""
     ratio = f"{rps / direct:.2f}" + (f" ({rps / 1000:.0f}k req/s)" if v == "direct" else f" ({rps / 1000:.1f}k)")
-    print(f"| {v} | {ratio}{errs} | {p50:.2f} ms | {p99:.2f} ms |")
+    print(f"| {v} | {ratio}{errs} | {p50:.2f} ms | {p99:.2f} ms | {cpu:.1f} µs |")
 if "klaviyo-proxy" in med and "klaviyo-proxy+lim" in med:
     off, on = med["klaviyo-proxy"], med["klaviyo-proxy+lim"]
     print(f"\nlimits on vs lifted: throughput {on[0] / off[0]:.3f}, p50 {on[1] / off[1]:.3f}, p99 {on[2] / off[2]:.3f}")
@@ -236,7 +259,7 @@ if [ -n "${PROFILE:-}" ]; then
     echo "profile of klaviyo-proxy under the same load (perf record -F 999 -g, $SECS s):"
     perf record -F 999 -g -o "$WORK/perf.data" -p "${PID[klaviyo-proxy]}" -- sleep "$SECS" >/dev/null 2>&1 &
     perf_pid=$!
-    measure "${URL[klaviyo-proxy]}" >/dev/null
+    measure "${URL[klaviyo-proxy]}" "${PID[klaviyo-proxy]}" >/dev/null
     wait "$perf_pid" || true
     perf report -i "$WORK/perf.data" --no-children --sort symbol --stdio 2>/dev/null |
         grep -E '^ +[0-9]+\.[0-9]+%' | sed -E 's/ +/ /g; s/ - - *$//' | head -"${PROFILE_TOP:-25}" || true
