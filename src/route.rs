@@ -43,6 +43,9 @@ pub struct Router {
     unknown: Windows,
     limits: LimitsConfig,
     hasher: hmac::Key,
+    /// Tells this router's hashes from another's (a reload's) in [`Router::account`]'s
+    /// per-thread memo.
+    id: u64,
 }
 
 /// The windows of a bucket under a config: limits scaled by `share` (never below 1)
@@ -82,20 +85,31 @@ impl Router {
             unknown: from_limits(limits, &limits.unknown),
             limits: limits.clone(),
             hasher: hmac::Key::new(hmac::HMAC_SHA256, hash_key),
+            id: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            },
         }
     }
 
     /// A keyed hash naming an account; `kind` keeps keys and company ids apart.
     pub fn account(&self, kind: &str, secret: &[u8]) -> Account {
-        let mut ctx = hmac::Context::with_key(&self.hasher);
-        ctx.update(kind.as_bytes());
-        ctx.update(&[0]);
-        ctx.update(secret);
-        let tag = ctx.sign();
-        let mut first = [0u8; 16];
-        first.copy_from_slice(&tag.as_ref()[..16]);
-        // Zero and one are reserved (no credential; account lookups).
-        Account(u128::from_be_bytes(first).max(2))
+        thread_local! {
+            static LAST: credential::Last<Account> = const { credential::Last::new() };
+        }
+        LAST.with(|last| {
+            last.get_or(&[&self.id.to_le_bytes(), kind.as_bytes(), secret], || {
+                let mut ctx = hmac::Context::with_key(&self.hasher);
+                ctx.update(kind.as_bytes());
+                ctx.update(&[0]);
+                ctx.update(secret);
+                let tag = ctx.sign();
+                let mut first = [0u8; 16];
+                first.copy_from_slice(&tag.as_ref()[..16]);
+                // Zero and one are reserved (no credential; account lookups).
+                Account(u128::from_be_bytes(first).max(2))
+            })
+        })
     }
 
     /// Routes a request. `credential` is the `Authorization` value that will go
@@ -184,6 +198,9 @@ mod tests {
             other_key.route("GET", "/api/accounts", None, false, Some(b"Klaviyo-API-Key pk_a")).account,
             a.account
         );
+        // Each thread remembers its last hash: the same key under the same router
+        // still names the same account, after another router's hash of it.
+        assert_eq!(r.route("GET", "/api/accounts", None, false, Some(b"Klaviyo-API-Key pk_a")).account, a.account);
         let c = r.route("POST", "/client/events", Some("company_id=ABC123"), false, None);
         let d = r.route("POST", "/client/events", Some("company_id=XYZ"), false, Some(b"x"));
         assert_ne!(c.account, d.account);

@@ -86,7 +86,11 @@ pub async fn serve<S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let (_open, gate) = watch::channel(Gate::Open);
+    // A gate whose sender is gone never changes: the gate's waits are then pending
+    // futures that cost nothing, where a live sender would have every connection take
+    // the watch's lock (shared by all serving threads) at each of its wake-ups.
+    let (open, gate) = watch::channel(Gate::Open);
+    drop(open);
     serve_gated(listener, tls, limits, service, shutdown, gate, Default::default()).await;
 }
 

@@ -60,21 +60,25 @@ where
     }
 
     fn call(&mut self, routed: Routed<Bytes>) -> Self::Future {
-        let proxy = self.proxy.clone();
-        let live = routed.call.live.clone();
+        // Borrowed, and cloned only by the branches whose future keeps them: the
+        // proxy's and the config's counts are written by every serving thread.
+        let proxy = &self.proxy;
+        let live = &routed.call.live;
         // Only where a later delivery cannot make the write happen twice.
         let deferrable =
-            proxy.spool().is_some() && is_deferrable(&live, &routed.route) && routed.repeat == Repeat::Safe;
+            proxy.spool().is_some() && is_deferrable(live, &routed.route) && routed.repeat == Repeat::Safe;
         // The kill switch (rollback option): answer at once, touch nothing upstream.
         if !live.config.upstream.enabled {
             let spool = deferrable && live.config.spool.when_disabled;
+            let proxy = proxy.clone();
             return Either::Own {
                 future: Box::pin(async move { accept_or(&proxy, spool, &routed, ProxyError::Disabled).await }),
             };
         }
         // While Klaviyo is failing, fail fast instead of queueing for nothing.
         let account = routed.route.demands.first().map(|d| d.key.account);
-        if let Some(retry_after) = proxy.breaker_open_for(&live, account) {
+        if let Some(retry_after) = proxy.breaker_open_for(live, account) {
+            let proxy = proxy.clone();
             return Either::Own {
                 future: Box::pin(async move {
                     accept_or(&proxy, deferrable, &routed, ProxyError::CircuitOpen { retry_after }).await
@@ -89,6 +93,7 @@ where
         }
         // The exchange owns the call; keep what the spool needs if it fails.
         let kept = keep(&routed);
+        let proxy = proxy.clone();
         let answer = self.inner.call(routed);
         Either::Own {
             future: Box::pin(async move {

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tower::Service;
 
-use super::{BoxFuture, Routed};
+use super::{BoxFuture, Here, Routed};
 use crate::breaker;
 use crate::error::ProxyError;
 use crate::limiter::ramp::{self, Pass};
@@ -30,7 +30,7 @@ use crate::upstream::{Upstream, UpstreamError};
 /// The innermost service: sends the routed request to Klaviyo.
 #[derive(Debug, Clone)]
 pub struct Exchange {
-    proxy: Arc<Proxy>,
+    proxy: Here,
     /// Shared by the clones of the stack on one runtime (an `Upstream` clone is many).
     upstream: Arc<Upstream>,
 }
@@ -39,7 +39,7 @@ impl Exchange {
     /// The exchange through `proxy`'s limiter and breaker and the `upstream` pool
     /// (one per runtime, so a request and its upstream connection share a thread).
     pub fn new(proxy: Arc<Proxy>, upstream: Upstream) -> Self {
-        Exchange { proxy, upstream: Arc::new(upstream) }
+        Exchange { proxy: Here::new(proxy), upstream: Arc::new(upstream) }
     }
 }
 
@@ -90,7 +90,7 @@ impl Proxy {
         let mut rng = fastrand::Rng::new();
         // Its turn at a ramp's gate, kept when a 429 sends it through the gate again.
         let arrived = Instant::now();
-        self.budget.deposit(Instant::now(), self.started);
+        self.budget.deposit(arrived, self.started);
         loop {
             // The limiter: a token in every bucket; a requeued request keeps its place.
             // After a 429 the local store's bucket ramps: a probe first, then 1, 2, 4, ….
@@ -140,20 +140,21 @@ impl Proxy {
                 }
             });
             // The breaker decides last: it may have opened while the request queued.
+            // Its decision and the send are one instant (one clock read fewer).
+            let sent = Instant::now();
             let permit = match config.breaker.enabled {
                 true => Some(
                     self.breaker
-                        .admit_for(Instant::now(), account)
+                        .admit_for(sent, account)
                         .map_err(|retry_after| ProxyError::CircuitOpen { retry_after })?,
                 ),
                 false => None,
             };
-            let sent = Instant::now();
             record.update(|o| o.attempts += 1);
             let result = upstream.send_on(lease, parts, body.clone()).await;
-            let latency = sent.elapsed();
-            record.update(|o| o.upstream = Some(latency));
             let now = Instant::now();
+            let latency = now.saturating_duration_since(sent);
+            record.update(|o| o.upstream = Some(latency));
             let challenged = result.as_ref().is_ok_and(|r| retry::is_challenge(r.status(), r.headers()));
             if let (Ok(resp), false) = (&result, challenged) {
                 // Operators see Klaviyo's answers and its own count of what is left.

@@ -89,6 +89,29 @@ where
         .service(exchange::Exchange::new(proxy.clone(), upstream))
 }
 
+/// The proxy behind a handle of one runtime's own. Each serving thread builds its
+/// stack once, so the stages' per-request clones of this touch a count only that
+/// thread writes; a clone of the `Arc<Proxy>` itself writes a count every serving
+/// thread shares, whose cache line then moves between cores at every request.
+#[derive(Debug, Clone)]
+#[allow(clippy::redundant_allocation, reason = "the outer count is the point: one per runtime")]
+pub struct Here(Arc<Arc<Proxy>>);
+
+impl Here {
+    /// A handle on `proxy` for the stack being built.
+    pub fn new(proxy: Arc<Proxy>) -> Self {
+        Here(Arc::new(proxy))
+    }
+}
+
+impl std::ops::Deref for Here {
+    type Target = Proxy;
+
+    fn deref(&self) -> &Proxy {
+        &self.0
+    }
+}
+
 /// A boxed future, for the stages that wait.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 

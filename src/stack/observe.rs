@@ -12,7 +12,7 @@ use http::Response;
 use tower::{Layer, Service};
 
 use super::step::Check;
-use super::{BoxFuture, Routed};
+use super::{BoxFuture, Here, Routed};
 use crate::body::ProxyBody;
 use crate::checklist::{self, Observation};
 use crate::error::ProxyError;
@@ -35,14 +35,14 @@ impl<S> Layer<S> for ObserveLayer {
     type Service = Observe<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Observe { proxy: self.proxy.clone(), inner }
+        Observe { proxy: Here::new(self.proxy.clone()), inner }
     }
 }
 
 /// See [`ObserveLayer`].
 #[derive(Debug, Clone)]
 pub struct Observe<S> {
-    proxy: Arc<Proxy>,
+    proxy: Here,
     inner: S,
 }
 

@@ -11,7 +11,7 @@ use http::{Request, Response};
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use super::{BoxFuture, Call, Record};
+use super::{BoxFuture, Call, Here, Record};
 use crate::body::ProxyBody;
 use crate::error::{Origin, ProxyError};
 use crate::metrics::RequestOutcome;
@@ -34,14 +34,14 @@ impl<S> Layer<S> for RespondLayer {
     type Service = Respond<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Respond { proxy: self.proxy.clone(), inner }
+        Respond { proxy: Here::new(self.proxy.clone()), inner }
     }
 }
 
 /// See [`RespondLayer`].
 #[derive(Debug, Clone)]
 pub struct Respond<S> {
-    proxy: Arc<Proxy>,
+    proxy: Here,
     inner: S,
 }
 
