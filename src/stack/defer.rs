@@ -65,8 +65,7 @@ where
         let proxy = &self.proxy;
         let live = &routed.call.live;
         // Only where a later delivery cannot make the write happen twice.
-        let deferrable =
-            proxy.spool().is_some() && is_deferrable(live, &routed.route) && routed.repeat == Repeat::Safe;
+        let deferrable = proxy.spool().is_some() && is_deferrable(live, &routed.route) && routed.repeat == Repeat::Safe;
         // The kill switch (rollback option): answer at once, touch nothing upstream.
         if !live.config.upstream.enabled {
             let spool = deferrable && live.config.spool.when_disabled;
