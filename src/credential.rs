@@ -195,8 +195,22 @@ impl Credential {
 /// account hash): a client sends the same key on every request, and each answer is a
 /// SHA-256 or an HMAC over it. The key is made of parts, compared one by one, so a hit
 /// allocates nothing. Kept in a `thread_local!` of the function's own.
-#[derive(Debug)]
+///
+/// The remembered key is another client's credential: its `Debug` never shows it, and
+/// it is compared in constant time, so how long a lookup takes does not tell a client
+/// how much of its key matches the key before it.
 pub(crate) struct Last<V>(std::cell::RefCell<Option<(Vec<Vec<u8>>, V)>>);
+
+impl<V> std::fmt::Debug for Last<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Last([redacted])")
+    }
+}
+
+/// Whether `a` and `b` are equal, in time that depends only on their lengths.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
 
 impl<V: Clone> Last<V> {
     /// Nothing remembered yet.
@@ -209,7 +223,9 @@ impl<V: Clone> Last<V> {
     pub(crate) fn get_or(&self, key: &[&[u8]], make: impl FnOnce() -> V) -> V {
         let mut last = self.0.borrow_mut();
         if let Some((k, v)) = last.as_ref() {
-            if k.len() == key.len() && k.iter().zip(key).all(|(a, b)| a.as_slice() == *b) {
+            // Every part is compared, even after one differs.
+            let same = k.iter().zip(key).fold(k.len() == key.len(), |eq, (a, b)| same_bytes(a, b) & eq);
+            if same {
                 return v.clone();
             }
         }
@@ -292,6 +308,7 @@ mod tests {
         assert_eq!(get(&[b"ab"], 4), 4);
         assert_eq!(get(&[b"a", b"bc"], 5), 5, "one answer is remembered, the last");
         assert_eq!(made, 4);
+        assert_eq!(format!("{last:?}"), "Last([redacted])", "the remembered key never shows");
         // Through the memo, a fingerprint is still the credential's own.
         let (a, b) = (parse(b"Klaviyo-API-Key pk_memo_1"), parse(b"Klaviyo-API-Key pk_memo_2"));
         let fa = a.fingerprint();
