@@ -315,6 +315,13 @@ struct CancelOnDrop<'a> {
     grant: Option<Grant>,
 }
 
+impl CancelOnDrop<'_> {
+    /// The grant went (or the store refused it): nothing to give back.
+    fn disarm(&mut self) {
+        self.grant = None;
+    }
+}
+
 impl Drop for CancelOnDrop<'_> {
     fn drop(&mut self) {
         if let Some(grant) = self.grant.take() {
@@ -323,22 +330,49 @@ impl Drop for CancelOnDrop<'_> {
     }
 }
 
-/// Waits until every demanded bucket grants a token in the local store.
-pub async fn wait_for_slot(
-    store: &LocalStore,
+/// Waits until every demanded bucket grants a token in the local store. The slot is
+/// booked when this is called.
+pub fn wait_for_slot<'a>(
+    store: &'a LocalStore,
     demands: &[Demand],
     deadline: Instant,
     max_depth: u32,
     operation: &'static str,
-) -> Result<Admitted, ProxyError> {
+) -> SlotWait<impl std::future::Future<Output = Result<(), ProxyError>> + Send + 'a> {
     let now = Instant::now();
-    let grant = store.reserve(demands, now, deadline, max_depth).map_err(|denied| denied_error(denied, operation))?;
+    let grant = match store.reserve(demands, now, deadline, max_depth) {
+        Ok(grant) => grant,
+        Err(denied) => return SlotWait::Done { answer: Some(Err(denied_error(denied, operation))) },
+    };
     let place = Some(grant.place());
     if !grant.is_queued() {
-        return Ok(Admitted { waited: Duration::ZERO, place });
+        return SlotWait::Done { answer: Some(Ok(Admitted { waited: Duration::ZERO, place })) };
     }
-    wait_for_grant(store, grant, deadline, operation).await?;
-    Ok(Admitted { waited: now.elapsed(), place })
+    SlotWait::Waiting { wait: wait_for_grant(store, grant, deadline, operation), since: now, place }
+}
+
+pin_project_lite::pin_project! {
+    /// [`wait_for_slot`]'s future: every queued request holds one, so it is a plain
+    /// enum holding the wait once (an `async fn` kept the grant and the wait twice).
+    #[project = SlotWaitProj]
+    #[allow(missing_docs)]
+    pub enum SlotWait<F> {
+        Done { answer: Option<Result<Admitted, ProxyError>> },
+        Waiting { #[pin] wait: F, since: Instant, place: Option<Place> },
+    }
+}
+
+impl<F: std::future::Future<Output = Result<(), ProxyError>>> std::future::Future for SlotWait<F> {
+    type Output = Result<Admitted, ProxyError>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        match self.project() {
+            SlotWaitProj::Done { answer } => std::task::Poll::Ready(answer.take().expect("polled after completion")),
+            SlotWaitProj::Waiting { wait, since, place } => {
+                wait.poll(cx).map(|r| r.map(|()| Admitted { waited: since.elapsed(), place: *place }))
+            }
+        }
+    }
 }
 
 /// The client's answer when the limiter will not queue a request.
@@ -353,35 +387,41 @@ pub fn denied_error(denied: Denied, operation: &'static str) -> ProxyError {
 /// Waits for a grant's slot, following it wherever the store moves it; gives the grant
 /// back if the request is dropped, and answers with the truthful wait if a pause moved
 /// the slot past `deadline`.
-pub async fn wait_for_grant(
-    store: &LocalStore,
+pub fn wait_for_grant<'a>(
+    store: &'a LocalStore,
     grant: Grant,
     deadline: Instant,
     operation: &'static str,
-) -> Result<(), ProxyError> {
-    if !grant.is_queued() {
-        return Ok(());
-    }
+) -> impl std::future::Future<Output = Result<(), ProxyError>> + Send + 'a {
+    // Not an `async fn`: it would keep its argument beside the guard, two grants in
+    // every queued request.
+    let queued = grant.is_queued();
     let mut guard = CancelOnDrop { store, grant: Some(grant) };
-    let grant = guard.grant.as_ref().expect("grant held until the slot");
-    loop {
-        let until = match store.turn(grant, Instant::now()) {
-            Turn::Go => break,
-            Turn::At(slot) => slot,
-            // The store refuses a waiter still behind at its deadline.
-            Turn::Behind => deadline,
-            Turn::Refused(retry_after) => {
-                guard.grant = None;
-                return Err(ProxyError::QueueTimeout { operation, retry_after });
-            }
-        };
-        tokio::select! {
-            () = tokio::time::sleep_until(until) => {}
-            () = grant.woken() => {}
+    async move {
+        if !queued {
+            guard.disarm();
+            return Ok(());
         }
+        loop {
+            let grant = guard.grant.as_ref().expect("grant held until the slot");
+            let until = match store.turn(grant, Instant::now()) {
+                Turn::Go => break,
+                Turn::At(slot) => slot,
+                // The store refuses a waiter still behind at its deadline.
+                Turn::Behind => deadline,
+                Turn::Refused(retry_after) => {
+                    guard.disarm();
+                    return Err(ProxyError::QueueTimeout { operation, retry_after });
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => {}
+                () = grant.woken() => {}
+            }
+        }
+        guard.disarm();
+        Ok(())
     }
-    guard.grant = None;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -24,14 +24,16 @@
 //! back and go through the gate ([`wait`]).
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
-use super::{BucketKey, Demand, Grant, LocalStore};
+use super::{BucketKey, Demand, Grant, LocalStore, Place};
 use crate::error::ProxyError;
 use crate::queue::{self, Admitted};
 
@@ -318,31 +320,83 @@ impl Drop for Pass {
 }
 
 /// Waits for a slot in the local store through the bucket's ramp gate; returns the
-/// time waited, the request's place in line and its pass. `requeued` is the grant and pass of a request
-/// that met a 429 (a probe goes with its grant; a request that is not the probe gives
-/// its grant back and passes the gate like the others).
+/// time waited, the request's place in line and its pass. `requeued` is the grant and
+/// pass of a request that met a 429 (a probe goes with its grant; a request that is not
+/// the probe gives its grant back and passes the gate like the others).
+///
+/// Every queued request holds this future: the probe's wait and the gate's are two
+/// futures, so that neither carries the other's state (nor the requeued grant).
 #[allow(clippy::too_many_arguments)]
-pub async fn wait(
+pub fn wait<'a>(
+    store: &'a LocalStore,
+    ramps: &'a Ramps,
+    arrived: Instant,
+    demands: &'a [Demand],
+    requeued: Option<(Grant, Option<Pass>)>,
+    deadline: Instant,
+    max_depth: u32,
+    operation: &'static str,
+) -> impl Future<Output = Result<(Admitted, Pass), ProxyError>> + Send + 'a {
+    let started = Instant::now();
+    let probe = match requeued {
+        Some((grant, Some(pass))) => Some((grant, pass)),
+        Some((grant, None)) => {
+            store.cancel(&grant);
+            None
+        }
+        None => None,
+    };
+    match probe {
+        Some((grant, pass)) => {
+            let place = Some(grant.place());
+            let wait = queue::wait_for_grant(store, grant, deadline, operation);
+            Waits::Probe { wait, pass: Some(pass), started, place }
+        }
+        None => Waits::Gate { wait: through_the_gate(store, ramps, arrived, demands, deadline, max_depth, operation) },
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`wait`]'s future: the probe's, or the gate's.
+    #[project = WaitsProj]
+    enum Waits<P, G> {
+        Probe { #[pin] wait: P, pass: Option<Pass>, started: Instant, place: Option<Place> },
+        Gate { #[pin] wait: G },
+    }
+}
+
+impl<P, G> Future for Waits<P, G>
+where
+    P: Future<Output = Result<(), ProxyError>>,
+    G: Future<Output = Result<(Admitted, Pass), ProxyError>>,
+{
+    type Output = G::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<G::Output> {
+        match self.project() {
+            WaitsProj::Probe { wait, pass, started, place } => wait.poll(cx).map(|r| {
+                r.map(|()| {
+                    let admitted = Admitted { waited: started.elapsed(), place: *place };
+                    (admitted, pass.take().expect("polled after completion"))
+                })
+            }),
+            WaitsProj::Gate { wait } => wait.poll(cx),
+        }
+    }
+}
+
+/// Waits at the gate of the request's first bucket, then for a slot (see [`wait`]).
+async fn through_the_gate(
     store: &LocalStore,
     ramps: &Ramps,
     arrived: Instant,
     demands: &[Demand],
-    requeued: Option<(Grant, Option<Pass>)>,
     deadline: Instant,
     max_depth: u32,
     operation: &'static str,
 ) -> Result<(Admitted, Pass), ProxyError> {
     let started = Instant::now();
     let admitted = |place| Admitted { waited: started.elapsed(), place };
-    match requeued {
-        Some((grant, Some(pass))) => {
-            let place = grant.place();
-            queue::wait_for_grant(store, grant, deadline, operation).await?;
-            return Ok((admitted(Some(place)), pass));
-        }
-        Some((grant, None)) => store.cancel(&grant),
-        None => {}
-    }
     let Some(key) = demands.first().map(|d| d.key) else {
         let place = queue::wait_for_slot(store, demands, deadline, max_depth, operation).await?.place;
         return Ok((admitted(place), Pass { ramp: None }));
@@ -365,15 +419,22 @@ pub async fn wait(
                 }
             },
         };
-        let throttled = watch.throttled();
-        tokio::pin!(throttled);
+        let mut throttled = std::pin::pin!(watch.throttled());
         // Registered before looking again, so a 429 from now on is seen.
         throttled.as_mut().enable();
         if !pass.is_current(ramps, &key) {
             continue;
         }
-        tokio::select! {
-            waited = queue::wait_for_slot(store, demands, deadline, max_depth, operation) => {
+        // Polled by hand rather than with `select!`, whose state was a few hundred
+        // bytes more in every queued request.
+        let mut slot = std::pin::pin!(queue::wait_for_slot(store, demands, deadline, max_depth, operation));
+        let waited = std::future::poll_fn(|cx| match slot.as_mut().poll(cx) {
+            Poll::Ready(waited) => Poll::Ready(Some(waited)),
+            Poll::Pending => throttled.as_mut().poll(cx).map(|()| None),
+        })
+        .await;
+        match waited {
+            Some(waited) => {
                 let waited = waited?;
                 if !held && waited.waited.is_zero() {
                     return Ok((Admitted { waited: Duration::ZERO, place: waited.place }, pass));
@@ -383,10 +444,7 @@ pub async fn wait(
             // A 429 (re)started the ramp while this request waited for a slot booked
             // before it: the slot is given back (dropping the wait cancels it), and the
             // request passes the new ramp's gate.
-            () = throttled => {
-                held = true;
-                continue;
-            }
+            None => held = true,
         }
     }
 }
