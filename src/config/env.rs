@@ -11,6 +11,13 @@ impl Config {
         fn from_str<T: std::str::FromStr>(var: &str, v: &str, what: &str) -> Result<T, ConfigError> {
             v.parse().map_err(|_| ConfigError::Env { var: var.into(), message: format!("`{v}` is not {what}") })
         }
+        /// One of a few named values; the error lists them all.
+        fn choice<T: Copy>(var: &str, v: &str, names: &[(&str, T)]) -> Result<T, ConfigError> {
+            names.iter().find(|(name, _)| *name == v).map(|&(_, value)| value).ok_or_else(|| {
+                let all: Vec<&str> = names.iter().map(|(name, _)| *name).collect();
+                ConfigError::Env { var: var.into(), message: format!("`{v}` is not {}", all.join(" or ")) }
+            })
+        }
         if let Some(v) = env("KLAVIYO_PROXY_LISTEN") {
             self.server.listen = from_str("KLAVIYO_PROXY_LISTEN", &v, "an address like 127.0.0.1:8080")?;
         }
@@ -24,16 +31,11 @@ impl Config {
             self.upstream.ca_file = Some(v.into());
         }
         if let Some(v) = env("KLAVIYO_PROXY_AUTH_MODE") {
-            self.auth.mode = match v.as_str() {
-                "pass-through" => AuthMode::PassThrough,
-                "inject" => AuthMode::Inject,
-                _ => {
-                    return Err(ConfigError::Env {
-                        var: "KLAVIYO_PROXY_AUTH_MODE".into(),
-                        message: format!("`{v}` is not pass-through or inject"),
-                    })
-                }
-            };
+            self.auth.mode = choice(
+                "KLAVIYO_PROXY_AUTH_MODE",
+                &v,
+                &[("pass-through", AuthMode::PassThrough), ("inject", AuthMode::Inject)],
+            )?;
         }
         if let Some(v) = env("KLAVIYO_PROXY_CLIENT_TOKEN") {
             self.server.client_token = Some(Secret::new(v));
@@ -56,22 +58,11 @@ impl Config {
             self.upstream.enabled = from_str("KLAVIYO_ENABLED", &v, "true or false")?;
         }
         if let Some(v) = env("KLAVIYO_PROXY_LIMITER_STORE") {
-            self.limiter.store = match v.as_str() {
-                "local" => StoreKind::Local,
-                "redis" => StoreKind::Redis,
-                _ => {
-                    return Err(ConfigError::Env {
-                        var: "KLAVIYO_PROXY_LIMITER_STORE".into(),
-                        message: format!("`{v}` is not local or redis"),
-                    })
-                }
-            };
+            self.limiter.store =
+                choice("KLAVIYO_PROXY_LIMITER_STORE", &v, &[("local", StoreKind::Local), ("redis", StoreKind::Redis)])?;
         }
         if let Some(v) = env("KLAVIYO_PROXY_REDIS_URL") {
-            self.limiter.redis_url = Some(
-                RedisUrl::try_from(v)
-                    .map_err(|message| ConfigError::Env { var: "KLAVIYO_PROXY_REDIS_URL".into(), message })?,
-            );
+            self.limiter.redis_url = Some(parse("KLAVIYO_PROXY_REDIS_URL", v)?);
         }
         if let Some(v) = env("KLAVIYO_PROXY_ACCOUNT_HASH_KEY") {
             self.auth.account_hash_key = Some(Secret::new(v));
@@ -87,16 +78,8 @@ impl Config {
             self.log.level = v;
         }
         if let Some(v) = env("KLAVIYO_PROXY_LOG_FORMAT") {
-            self.log.format = match v.as_str() {
-                "human" => LogFormat::Human,
-                "json" => LogFormat::Json,
-                _ => {
-                    return Err(ConfigError::Env {
-                        var: "KLAVIYO_PROXY_LOG_FORMAT".into(),
-                        message: format!("`{v}` is not human or json"),
-                    })
-                }
-            };
+            self.log.format =
+                choice("KLAVIYO_PROXY_LOG_FORMAT", &v, &[("human", LogFormat::Human), ("json", LogFormat::Json)])?;
         }
         Ok(())
     }

@@ -73,6 +73,27 @@ fn overrides_and_env() {
 }
 
 #[test]
+fn named_env_values_parse_and_list_the_choices_when_wrong() {
+    let mut c = Config::default();
+    c.apply_env(&|k| match k {
+        "KLAVIYO_PROXY_AUTH_MODE" => Some("inject".into()),
+        "KLAVIYO_PROXY_LIMITER_STORE" => Some("redis".into()),
+        "KLAVIYO_PROXY_LOG_FORMAT" => Some("json".into()),
+        _ => None,
+    })
+    .unwrap();
+    assert_eq!((c.auth.mode, c.limiter.store, c.log.format), (AuthMode::Inject, StoreKind::Redis, LogFormat::Json));
+    for (var, choices) in [
+        ("KLAVIYO_PROXY_AUTH_MODE", "pass-through or inject"),
+        ("KLAVIYO_PROXY_LIMITER_STORE", "local or redis"),
+        ("KLAVIYO_PROXY_LOG_FORMAT", "human or json"),
+    ] {
+        let e = Config::default().apply_env(&|k| (k == var).then(|| "Inject".into())).unwrap_err().to_string();
+        assert!(e.contains(var) && e.contains(&format!("`Inject` is not {choices}")), "{e}");
+    }
+}
+
+#[test]
 fn resilience_values_are_checked() {
     Config::default().check_resilience().unwrap();
     let cases = [
