@@ -43,11 +43,6 @@ use crate::queue;
 use crate::route::Router;
 use crate::upstream::{self, Upstream};
 
-/// The bucket account [`crate::proxy::Proxy::resolve`] found for a request, carried in
-/// its extensions to the route stage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Resolved(pub Account);
-
 /// Who a credential belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {

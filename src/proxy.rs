@@ -3,6 +3,7 @@
 //! building it, reloading it, and the health probe. The path itself is composed in
 //! [`crate::stack`].
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -24,7 +25,7 @@ use crate::hardening::host::{HostPolicy, HostRefusal};
 use crate::hardening::random::{self, SecretBytes};
 use crate::limiter::ramp::Ramps;
 use crate::limiter::redis::{RedisStore, RedisStoreError};
-use crate::limiter::{Limiter, LocalStore, SharedStore};
+use crate::limiter::{Account, Limiter, LocalStore, SharedStore};
 use crate::metrics::{BreakerState, Metrics};
 use crate::queue;
 use crate::retry::{self, RetryBudget};
@@ -63,8 +64,8 @@ pub struct Proxy {
     pub(crate) spool: Option<Spool>,
     /// Wakes the replayer when a write is spooled.
     pub(crate) spooled: tokio::sync::Notify,
-    /// When a shutdown's drain time runs out.
-    pub(crate) drain: tokio::sync::watch::Sender<Option<Instant>>,
+    /// Ends when a shutdown's drain time runs out.
+    pub(crate) drain: Arc<Drain>,
     /// The production checklist's counters, from live traffic.
     pub(crate) checklist: Checklist,
     /// The Klaviyo account behind each credential (outlives reloads).
@@ -113,14 +114,14 @@ impl Live {
     }
 
     /// Routes a request head under this config: the revision picks stable or beta
-    /// limits; the account is the one [`Proxy::resolve`] found for the credential
-    /// that will go upstream, else the credential's own.
-    pub(crate) fn route(&self, parts: &request::Parts) -> Route {
+    /// limits; the account is `resolved`, the one [`Proxy::resolve`] found for the
+    /// credential that will go upstream, else the credential's own.
+    pub(crate) fn route(&self, parts: &request::Parts, resolved: Option<Account>) -> Route {
         let revision = parts.headers.get(crate::header::REVISION).and_then(|v| v.to_str().ok());
         let beta = is_beta_revision(revision.unwrap_or(self.config.upstream.revision.as_str()));
         let (method, path, query) = (parts.method.as_str(), parts.uri.path(), parts.uri.query());
-        match parts.extensions.get::<account::Resolved>() {
-            Some(resolved) => self.router.route_as(method, path, query, beta, resolved.0),
+        match resolved {
+            Some(account) => self.router.route_as(method, path, query, beta, account),
             None => {
                 let credential = parts.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
                 self.router.route(method, path, query, beta, credential)
@@ -128,6 +129,36 @@ impl Live {
         }
     }
 }
+
+/// The end of a shutdown's drain, for the requests it cuts short: a flag and one wake-up
+/// for all, so that each request holds one registration and no timer of its own (a
+/// watch and a timer were 176 bytes in every queued request).
+#[derive(Debug, Default)]
+pub(crate) struct Drain {
+    over: AtomicBool,
+    ends: tokio::sync::Notify,
+}
+
+impl Drain {
+    fn end(&self) {
+        self.over.store(true, Ordering::Release);
+        self.ends.notify_waiters();
+    }
+
+    async fn ended(&self) {
+        // A `Notified` sees every `notify_waiters` from its creation on, polled or not:
+        // made before the flag is read, it cannot miss an end that the read missed.
+        let ends = self.ends.notified();
+        if self.over.load(Ordering::Acquire) {
+            return;
+        }
+        ends.await;
+    }
+}
+
+/// The credential's account is not known yet: it takes a lookup ([`Proxy::resolve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NeedsLookup;
 
 /// Why a reload was refused (the running config stays).
 #[derive(Debug, thiserror::Error)]
@@ -270,7 +301,7 @@ impl Proxy {
             started: Instant::now(),
             spool,
             spooled: tokio::sync::Notify::new(),
-            drain: tokio::sync::watch::Sender::new(None),
+            drain: Arc::default(),
             checklist: Checklist::new(),
             resolver,
             bodies,
@@ -325,18 +356,18 @@ impl Proxy {
     }
 
     /// Starts the drain: requests still unanswered at `until` are cut short (spooled
-    /// when deferrable, 503 otherwise).
+    /// when deferrable, 503 otherwise). Called on a runtime: its timer ends the drain.
     pub fn begin_drain(&self, until: Instant) {
-        self.drain.send_replace(Some(until));
+        let drain = self.drain.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(until).await;
+            drain.end();
+        });
     }
 
     /// Completes when a shutdown's drain time has run out.
     pub(crate) async fn drain_ends(&self) {
-        let mut rx = self.drain.subscribe();
-        let Ok(until) = rx.wait_for(Option::is_some).await.map(|v| v.expect("some")) else {
-            return std::future::pending().await;
-        };
-        tokio::time::sleep_until(until).await;
+        self.drain.ended().await;
     }
 
     /// Swaps in a new config: limits, keys and tokens apply to requests arriving from
@@ -395,8 +426,8 @@ impl Proxy {
             return Err(ProxyError::Disabled);
         }
         let mut parts = account::accounts_request(live.injected_auth.as_ref(), live.config.upstream.revision.as_str());
-        self.resolve(&live, &mut parts).await;
-        let route = live.route(&parts);
+        let resolved = self.resolve(&live, &mut parts).await;
+        let route = live.route(&parts, resolved);
         if live.config.limits.enabled {
             let deadline = Instant::now() + max_wait;
             queue::wait(&self.limiter, &route.demands, deadline, live.config.queue.max_depth, route.label()).await?;
@@ -433,24 +464,18 @@ impl Proxy {
     /// Learns the account behind the request's credential (looked up once per
     /// credential) for [`Live::route`]; a well-formed credential goes upstream in its
     /// canonical spelling. `/client/` requests spend their `company_id`'s quota.
-    pub(crate) async fn resolve(&self, live: &Live, parts: &mut request::Parts) {
-        let Some(credential) = Self::credential_to_resolve(parts) else { return };
+    /// `None`: nothing to resolve (no key, or a public-key `/client/` call).
+    pub(crate) async fn resolve(&self, live: &Live, parts: &mut request::Parts) -> Option<Account> {
+        let credential = Self::credential_to_resolve(parts)?;
         let lookup = self.lookup(live, &credential);
-        let account = self.resolver.account_for(&live.router, &live.config, &credential, &lookup).await;
-        parts.extensions.insert(account::Resolved(account));
+        Some(self.resolver.account_for(&live.router, &live.config, &credential, &lookup).await)
     }
 
     /// [`Proxy::resolve`] when it can finish without waiting (no lookup needed);
-    /// `false` when the caller must await `resolve`.
-    pub(crate) fn resolve_now(&self, live: &Live, parts: &mut request::Parts) -> bool {
-        let Some(credential) = Self::credential_to_resolve(parts) else { return true };
-        match self.resolver.account_now(&live.router, &live.config, &credential) {
-            Some(account) => {
-                parts.extensions.insert(account::Resolved(account));
-                true
-            }
-            None => false,
-        }
+    /// [`NeedsLookup`] when the caller must await `resolve`.
+    pub(crate) fn resolve_now(&self, live: &Live, parts: &mut request::Parts) -> Result<Option<Account>, NeedsLookup> {
+        let Some(credential) = Self::credential_to_resolve(parts) else { return Ok(None) };
+        self.resolver.account_now(&live.router, &live.config, &credential).map(Some).ok_or(NeedsLookup)
     }
 
     /// The request's credential, normalised in its header, unless it has none to

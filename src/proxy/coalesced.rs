@@ -20,7 +20,7 @@ use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::retry::Repeat;
 use crate::spool::Spool;
-use crate::stack::{exchange::Exchange, Call, Record, Routed};
+use crate::stack::{exchange::Exchange, Call, Routed};
 use crate::upstream;
 
 /// Klaviyo's bulk endpoint.
@@ -73,20 +73,21 @@ impl coalesce::Deliver for Proxy {
         // Under the account the credential resolves to, as the client's own requests
         // are: the bulk endpoint's bucket is the account's, shared with any
         // bulk_create_events call of its own.
-        self.resolve(&live, &mut parts).await;
-        let route = live.route(&parts);
+        let resolved = self.resolve(&live, &mut parts).await;
+        let route = live.route(&parts, resolved);
         let account = route.demands.first().map(|d| d.key.account);
         if let Some(retry_after) = self.breaker_open_for(&live, account) {
             return Err(ProxyError::CircuitOpen { retry_after });
         }
         let deadline = Instant::now() + Duration::from_millis(live.config.queue.max_wait_ms);
         let routed = Routed {
-            call: Call { parts, body, live, record: Record::default() },
+            call: Call { resolved, ..Call::new(parts, body, live) },
             route,
             deadline,
             // Every event of a job carries a unique_id: repeating the job is safe.
             repeat: Repeat::Safe,
             unique_id: None,
+            observed: None,
         };
         let resp = Exchange::new(self.clone(), self.upstream.clone()).oneshot(routed).await?;
         let status = resp.status();

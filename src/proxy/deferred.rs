@@ -161,8 +161,8 @@ impl Proxy {
         let Some(mut parts) = entry_parts(&entry) else {
             return self.set_aside(spool, id, "unreadable spooled request: bad method, path or header".into()).await;
         };
-        self.resolve(&live, &mut parts).await;
-        let route = live.route(&parts);
+        let resolved = self.resolve(&live, &mut parts).await;
+        let route = live.route(&parts, resolved);
         let account = route.demands.first().map(|d| d.key.account);
         let now = Instant::now();
         let permit = if config.breaker.enabled {

@@ -10,7 +10,7 @@ use http::header;
 use hyper::body::Body;
 use tower::{Layer, Service};
 
-use super::{Call, Either, Routed};
+use super::{Either, Routed};
 use crate::error::ProxyError;
 use crate::hardening::budget;
 
@@ -50,25 +50,24 @@ where
     fn call(&mut self, routed: Routed<B>) -> Self::Future {
         // Most reads have no body at all: nothing to wait for, hold or time out.
         if routed.call.body.is_end_stream() {
-            let Routed { call, route, deadline, repeat, unique_id } = routed;
-            let Call { parts, live, record, .. } = call;
-            let call = Call { parts, body: Bytes::new(), live, record };
-            return Either::Inner { future: self.inner.call(Routed { call, route, deadline, repeat, unique_id }) };
+            let (routed, _) = routed.swap_body(Bytes::new());
+            return Either::Inner { future: self.inner.call(routed) };
         }
         // The clone is ready too: every stage below is always ready.
         let mut inner = self.inner.clone();
         std::mem::swap(&mut inner, &mut self.inner);
         let future = Box::pin(async move {
-            let Routed { call, route, deadline, repeat, unique_id } = routed;
-            let Call { parts, body, live, record } = call;
+            let (routed, body) = routed.swap_body(Bytes::new());
+            let live = &routed.call.live;
             let bodies = live.bodies.clone();
             let limit = live.config.server.max_body_bytes;
             let timeout = live.config.client_read_timeout();
-            let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+            let headers = &routed.call.parts.headers;
+            let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
             // Counted against the shared budget until the request is answered.
             let (body, _held) = budget::read_body(body, declared, limit, timeout, &bodies).await?;
-            let call = Call { parts, body, live, record };
-            inner.call(Routed { call, route, deadline, repeat, unique_id }).await
+            let (routed, _) = routed.swap_body(body);
+            inner.call(routed).await
             // `_held` lives to here: queued bodies count too.
         });
         Either::Own { future }

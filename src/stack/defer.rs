@@ -133,11 +133,14 @@ fn keep(routed: &Routed<Bytes>) -> Routed<Bytes> {
             body: call.body.clone(),
             live: call.live.clone(),
             record: call.record.clone(),
+            resolved: call.resolved,
         },
         route: routed.route.clone(),
         deadline: routed.deadline,
         repeat: routed.repeat,
         unique_id: routed.unique_id.clone(),
+        // The checklist has seen the body by now (the defer stage is below it).
+        observed: None,
     }
 }
 

@@ -18,6 +18,8 @@ use http::{request, Request, Response};
 use tower::{Service, ServiceBuilder};
 
 use crate::body::ProxyBody;
+use crate::checklist::Observation;
+use crate::limiter::Account;
 use crate::metrics::RequestOutcome;
 use crate::proxy::{Live, Proxy};
 use crate::retry::Repeat;
@@ -148,6 +150,22 @@ pub struct Call<B> {
     pub live: Arc<Live>,
     /// What happened, for the log line and the request metric.
     pub record: Record,
+    /// The account the credential that goes upstream belongs to, once the resolve
+    /// stage knows it (`None`: the credential keeps its own buckets).
+    pub resolved: Option<Account>,
+}
+
+impl<B> Call<B> {
+    /// A call for a request head and body under `live`, nothing learnt yet.
+    pub fn new(parts: request::Parts, body: B, live: Arc<Live>) -> Self {
+        Call { parts, body, live, record: Record::default(), resolved: None }
+    }
+
+    /// The same call with `body` in place of its own, which comes back beside it.
+    pub fn swap_body<C>(self, body: C) -> (Call<C>, B) {
+        let Call { parts, body: old, live, record, resolved } = self;
+        (Call { parts, body, live, record, resolved }, old)
+    }
 }
 
 /// A routed request: what the limiter, the spool and the retries need to know.
@@ -163,6 +181,18 @@ pub struct Routed<B> {
     pub repeat: Repeat,
     /// The event's `unique_id`, when it has one.
     pub unique_id: Option<String>,
+    /// The checklist's view of the request head, until the body stage has shown it the
+    /// body (then `None`).
+    pub observed: Option<Observation>,
+}
+
+impl<B> Routed<B> {
+    /// The same request with `body` in place of its own, which comes back beside it.
+    pub fn swap_body<C>(self, body: C) -> (Routed<C>, B) {
+        let Routed { call, route, deadline, repeat, unique_id, observed } = self;
+        let (call, old) = call.swap_body(body);
+        (Routed { call, route, deadline, repeat, unique_id, observed }, old)
+    }
 }
 
 /// What happened to a request, for its log line and the request metric.
@@ -240,7 +270,7 @@ pub(crate) mod testing {
     /// A call for `req` under `proxy`'s config.
     pub fn call<B>(proxy: &Proxy, req: Request<B>) -> Call<B> {
         let (parts, body) = req.into_parts();
-        Call { parts, body, live: proxy.live(), record: Record::default() }
+        Call::new(parts, body, proxy.live())
     }
 
     /// A routed call for `req` under `proxy`'s config.

@@ -65,8 +65,8 @@ where
     fn call(&mut self, mut routed: Routed<B>) -> Self::Future {
         let proxy = self.proxy.clone();
         let seen = proxy.checklist().observe(&routed.route, &routed.call.parts.headers);
-        // The body stage below reads it from here (extensions never go upstream).
-        routed.call.parts.extensions.insert(seen.clone());
+        // The body stage below shows it the body.
+        routed.observed = Some(seen.clone());
         let record = routed.call.record.clone();
         let answer = match checklist::check_scopes(&routed.call.live.config.auth, &routed.route) {
             Ok(()) => StepFuture::Inner { future: self.inner.call(routed) },
@@ -117,8 +117,9 @@ pub struct InspectBody;
 impl Check<Routed<Bytes>> for InspectBody {
     type Out = Routed<Bytes>;
 
-    fn check(&self, routed: Routed<Bytes>) -> Result<Routed<Bytes>, ProxyError> {
-        if let Some(seen) = routed.call.parts.extensions.get::<Observation>() {
+    fn check(&self, mut routed: Routed<Bytes>) -> Result<Routed<Bytes>, ProxyError> {
+        // Taken: nothing below needs it, and a queued request should not hold it.
+        if let Some(seen) = routed.observed.take() {
             seen.inspect(routed.call.live.config.checks.phone_e164, &routed.call.body)?;
         }
         Ok(routed)
@@ -169,19 +170,8 @@ mod tests {
         let body = r#"{"data":{"type":"profile","attributes":{"phone_number":"555 0100"}}}"#;
         let req = Request::post("/api/profiles").header("authorization", "k").body(()).unwrap();
         let mut routed = testing::routed(&proxy, req);
-        routed.call.parts.extensions.insert(proxy.checklist().observe(&routed.route, &routed.call.parts.headers));
-        let routed = Routed {
-            call: super::super::Call {
-                parts: routed.call.parts,
-                body: Bytes::from(body),
-                live: routed.call.live,
-                record: routed.call.record,
-            },
-            route: routed.route,
-            deadline: routed.deadline,
-            repeat: routed.repeat,
-            unique_id: None,
-        };
+        routed.observed = Some(proxy.checklist().observe(&routed.route, &routed.call.parts.headers));
+        let (routed, ()) = routed.swap_body(Bytes::from(body));
         let e = InspectBody.check(routed).unwrap_err();
         assert_eq!((e.code(), e.pointer()), ("proxy_phone_not_e164", Some("/data/attributes/phone_number")));
     }

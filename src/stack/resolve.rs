@@ -55,7 +55,8 @@ where
 
     fn call(&mut self, mut call: Call<B>) -> Self::Future {
         // Declared, cached or not resolved at all: no lookup to wait for.
-        if self.proxy.resolve_now(&call.live, &mut call.parts) {
+        if let Ok(resolved) = self.proxy.resolve_now(&call.live, &mut call.parts) {
+            call.resolved = resolved;
             return Resolving::Inner { future: self.inner.call(call) };
         }
         let proxy = self.proxy.clone();
@@ -66,7 +67,7 @@ where
         // as the request then queues, and so would a box around the stages below.
         let lookup = Box::pin(async move {
             let live = call.live.clone();
-            proxy.resolve(&live, &mut call.parts).await;
+            call.resolved = proxy.resolve(&live, &mut call.parts).await;
             call
         });
         Resolving::Lookup { lookup, inner: Some(inner) }

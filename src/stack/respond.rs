@@ -11,7 +11,7 @@ use http::{Request, Response};
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use super::{BoxFuture, Call, Here, Record};
+use super::{BoxFuture, Call, Here};
 use crate::body::ProxyBody;
 use crate::error::{Origin, ProxyError};
 use crate::metrics::RequestOutcome;
@@ -76,9 +76,9 @@ where
                     .expect("hex digits are visible ASCII")
             });
         let method = req.method().clone();
-        let record = Record::default();
         let (parts, body) = req.into_parts();
-        let call = Call { parts, body, live: self.proxy.live(), record: record.clone() };
+        let call = Call::new(parts, body, self.proxy.live());
+        let record = call.record.clone();
         // Called here, not in the future: the stages below need no clone of their own.
         let answer = self.inner.call(call);
         let proxy = self.proxy.clone();

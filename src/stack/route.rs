@@ -22,11 +22,11 @@ impl<B> Check<Call<B>> for RouteStep {
     type Out = Routed<B>;
 
     fn check(&self, call: Call<B>) -> Result<Routed<B>, ProxyError> {
-        let route = call.live.route(&call.parts);
+        let route = call.live.route(&call.parts, call.resolved);
         call.record.update(|o| (o.operation, o.tier, o.account) = (route.label(), route.tier(), route.account));
         let deadline = deadline(&call.live, &call.parts.headers);
         // Conservative until the idempotency stage has seen the body.
-        Ok(Routed { call, route, deadline, repeat: Repeat::OnlyIfUnsent, unique_id: None })
+        Ok(Routed { call, route, deadline, repeat: Repeat::OnlyIfUnsent, unique_id: None, observed: None })
     }
 }
 
