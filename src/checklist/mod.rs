@@ -258,7 +258,6 @@ pub struct Observation {
     account: Account,
     tally: Arc<Tally>,
     operation: &'static str,
-    started: Instant,
     body_checks: Arc<AtomicUsize>,
 }
 
@@ -298,13 +297,7 @@ impl Checklist {
             bump(&mut c.revisions, &mut c.other_revisions, text(crate::header::REVISION));
             *c.operations.entry(operation).or_default() += 1;
         }
-        Observation {
-            account: route.account,
-            tally,
-            operation,
-            started: self.started,
-            body_checks: self.body_checks.clone(),
-        }
+        Observation { account: route.account, tally, operation, body_checks: self.body_checks.clone() }
     }
 
     /// Remembers a request that waited or failed, for the status page.
@@ -383,7 +376,7 @@ impl Observation {
     /// Records what the app got: the status, the proxy's error code when it answered
     /// itself, and the wait for a token.
     pub fn finish(self, checklist: &Checklist, status: u16, code: Option<&'static str>, waited: Duration) {
-        let minute = Instant::now().saturating_duration_since(self.started).as_secs() / 60;
+        let minute = Instant::now().saturating_duration_since(checklist.started).as_secs() / 60;
         let ours = |c: &str| code == Some(c);
         let notable = {
             let mut c = self.tally.lock();
