@@ -43,10 +43,12 @@ const TAIL: usize = 4;
 
 /// The takes of one window, oldest first. Takes may lie in the future (reservations of
 /// queued requests); new takes are never earlier than the latest one (FIFO).
+///
+/// In declaration order (`repr(C)`): the counts and the tail, which every decision
+/// reads, ahead of the spilled runs' header, which most do not.
 #[derive(Debug, Clone, Default)]
+#[repr(C)]
 pub struct WindowLog {
-    /// Cumulative count before the first run (takes already pruned).
-    base: u64,
     /// Cumulative count through the newest run (`base` when empty), and the newest
     /// run's tick: a decision that appends reads neither from the runs.
     end: u64,
@@ -55,11 +57,13 @@ pub struct WindowLog {
     /// oldest run. Never later than the oldest take's exit under the period last pruned
     /// with.
     prune_at: Tick,
+    /// Cumulative count before the first run (takes already pruned).
+    base: u64,
     /// The newest runs, `tail[lo..hi]`; every run of `spilled` is older. `lo > 0` only
     /// while `spilled` is empty (pruning takes from `spilled` first).
-    tail: [Run; TAIL],
     lo: u8,
     hi: u8,
+    tail: [Run; TAIL],
     /// The older runs, oldest first.
     spilled: VecDeque<Run>,
 }
