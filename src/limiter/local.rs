@@ -252,7 +252,10 @@ impl Holder {
     }
 
     fn index(&self, id: BucketId) -> Option<usize> {
-        self.buckets.iter().position(|b| b.id == id)
+        match &self.buckets.first {
+            Some(b) if b.id == id => Some(0),
+            _ => self.buckets.rest.iter().position(|b| b.id == id).map(|i| i + 1),
+        }
     }
 
     /// The buckets of sorted, deduplicated demands (created if missing), tidied at `now`;

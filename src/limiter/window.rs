@@ -141,7 +141,10 @@ impl WindowLog {
                 self.tail.copy_within(lo.., 0);
                 self.hi = (TAIL - lo) as u8;
             } else {
-                self.spilled.extend(self.tail);
+                self.spilled.reserve(TAIL);
+                for run in self.tail {
+                    self.spilled.push_back(run);
+                }
                 self.hi = 0;
             }
             self.lo = 0;
