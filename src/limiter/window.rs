@@ -106,10 +106,6 @@ impl WindowLog {
         }
     }
 
-    fn front(&self) -> Option<Run> {
-        self.spilled.front().or(self.tail().first()).copied()
-    }
-
     fn back(&self) -> Option<Run> {
         self.tail().last().or(self.spilled.back()).copied()
     }
@@ -119,17 +115,6 @@ impl WindowLog {
             Some(&mut self.tail[usize::from(self.hi) - 1])
         } else {
             self.spilled.back_mut()
-        }
-    }
-
-    /// Drops the oldest run (there is one).
-    fn pop_front(&mut self) {
-        if self.spilled.pop_front().is_none() {
-            debug_assert!(self.lo < self.hi, "a run to pop");
-            self.lo += 1;
-            if self.lo == self.hi {
-                (self.lo, self.hi) = (0, 0);
-            }
         }
     }
 
@@ -201,15 +186,28 @@ impl WindowLog {
         if now < self.prune_at {
             return;
         }
-        while let Some(run) = self.front() {
+        // The spilled runs, then the tail's: a decision may drop a few dozen runs, each
+        // without asking which part holds the oldest.
+        while let Some(run) = self.spilled.front() {
             let exit = run.tick.saturating_add(period);
             if exit > now {
                 self.prune_at = exit;
                 return;
             }
             self.base = run.end;
-            self.pop_front();
+            self.spilled.pop_front();
         }
+        while self.lo < self.hi {
+            let run = self.tail[usize::from(self.lo)];
+            let exit = run.tick.saturating_add(period);
+            if exit > now {
+                self.prune_at = exit;
+                return;
+            }
+            self.base = run.end;
+            self.lo += 1;
+        }
+        (self.lo, self.hi) = (0, 0);
         self.prune_at = 0;
     }
 
