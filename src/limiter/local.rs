@@ -117,18 +117,22 @@ struct Lane {
     slots: VecDeque<Tick>,
 }
 
+/// In declaration order (`repr(C)`): what a decision reads first, then the logs of the
+/// first windows; the table entry holds the first bucket right after the account, so a
+/// decision reads a run of adjacent lines, not lines scattered over the entry.
 #[derive(Debug)]
+#[repr(C)]
 struct Bucket {
     id: BucketId,
-    /// The windows of the latest decision.
-    windows: Windows,
-    logs: [WindowLog; 3],
+    /// Requests waiting in lanes that need this bucket.
+    queued: u32,
     /// Nothing leaves before this tick (an upstream `Retry-After`).
     paused_until: Tick,
     /// After this tick the bucket holds nothing that matters and may be dropped.
     expires: Tick,
-    /// Requests waiting in lanes that need this bucket.
-    queued: u32,
+    /// The windows of the latest decision.
+    windows: Windows,
+    logs: [WindowLog; 3],
     /// Sent something since the latest snapshot was taken (see [`super::state`]).
     touched: bool,
 }
@@ -149,15 +153,91 @@ impl Bucket {
     }
 }
 
-/// One account's buckets and lanes.
+/// An account's buckets, in the order they were made. The first is held in the
+/// table's own entry: most accounts use one, and a decision then reads the bucket where
+/// the lookup found the account, without a further cache miss on a separate
+/// allocation. (A `SmallVec` did that too, but keeps its length after the inline
+/// bucket, on a line of the entry a decision otherwise need not wait for.)
 #[derive(Debug, Default)]
+#[repr(C)]
+struct Buckets {
+    /// Ahead of the inline bucket: a search for a bucket reads it.
+    rest: Vec<Bucket>,
+    /// `None` only when there is no bucket at all.
+    first: Option<Bucket>,
+}
+
+impl Buckets {
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    /// Adds a bucket, growing the list by one: most accounts hold one or two buckets,
+    /// and a list that doubled would hold room for four (a few hundred bytes each).
+    fn push(&mut self, bucket: Bucket) {
+        if self.first.is_none() {
+            self.first = Some(bucket);
+        } else {
+            self.rest.reserve_exact(1);
+            self.rest.push(bucket);
+        }
+    }
+
+    fn last_mut(&mut self) -> Option<&mut Bucket> {
+        match self.rest.last_mut() {
+            Some(b) => Some(b),
+            None => self.first.as_mut(),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Bucket> {
+        self.first.iter().chain(&self.rest)
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut Bucket> {
+        self.first.iter_mut().chain(&mut self.rest)
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&Bucket) -> bool) {
+        self.rest.retain(&mut keep);
+        if self.first.as_ref().is_some_and(|b| !keep(b)) {
+            self.first = (!self.rest.is_empty()).then(|| self.rest.remove(0));
+        }
+    }
+}
+
+impl std::ops::Index<usize> for Buckets {
+    type Output = Bucket;
+
+    fn index(&self, i: usize) -> &Bucket {
+        match i {
+            0 => self.first.as_ref().expect("a bucket at 0"),
+            _ => &self.rest[i - 1],
+        }
+    }
+}
+
+impl std::ops::IndexMut<usize> for Buckets {
+    fn index_mut(&mut self, i: usize) -> &mut Bucket {
+        match i {
+            0 => self.first.as_mut().expect("a bucket at 0"),
+            _ => &mut self.rest[i - 1],
+        }
+    }
+}
+
+/// One account's buckets and lanes; in declaration order (`repr(C)`), the fields every
+/// decision reads or writes first, next to the account key the lookup compares.
+#[derive(Debug, Default)]
+#[repr(C)]
 struct Holder {
-    /// The first bucket is held in the table's own entry: most accounts use one, and a
-    /// decision then reads the bucket where the lookup found the account, without a
-    /// further cache miss on a separate allocation.
-    buckets: SmallVec<[Bucket; 1]>,
-    lanes: Vec<Lane>,
     next_place: u64,
+    lanes: Vec<Lane>,
+    buckets: Buckets,
     /// Buckets that count as full from this tick on, once a request names their
     /// windows: a previous process used them after its last snapshot and then died.
     full: Vec<(BucketId, Tick)>,
@@ -167,15 +247,15 @@ struct Holder {
 type Indexes = ([usize; MAX_DEMANDS], usize);
 
 impl Holder {
-    /// Adds a bucket, growing the list by one: most accounts hold one or two buckets,
-    /// and a list that doubled would hold room for four (a few hundred bytes each).
     fn add(&mut self, bucket: Bucket) {
-        self.buckets.reserve_exact(1);
         self.buckets.push(bucket);
     }
 
     fn index(&self, id: BucketId) -> Option<usize> {
-        self.buckets.iter().position(|b| b.id == id)
+        match &self.buckets.first {
+            Some(b) if b.id == id => Some(0),
+            _ => self.buckets.rest.iter().position(|b| b.id == id).map(|i| i + 1),
+        }
     }
 
     /// The buckets of sorted, deduplicated demands (created if missing), tidied at `now`;
@@ -615,7 +695,7 @@ impl LocalStore {
         let mut buckets = Vec::new();
         for mut entry in self.accounts.iter_mut() {
             let account = *entry.key();
-            for b in &mut entry.value_mut().buckets {
+            for b in entry.value_mut().buckets.iter_mut() {
                 b.touched = false;
                 let specs = b.windows.as_slice();
                 let takes: Vec<Vec<(u64, u64)>> =
@@ -1088,7 +1168,7 @@ impl LocalStore {
     pub(crate) fn dump(&self, account: Account) -> String {
         self.existing(account, |h| {
             let mut out = String::new();
-            for b in &h.buckets {
+            for b in h.buckets.iter() {
                 for (log, spec) in b.logs.iter().zip(b.windows.as_slice()) {
                     let mut takes = Vec::new();
                     for r in log.debug_runs() {

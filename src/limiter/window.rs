@@ -26,46 +26,188 @@ pub struct WindowSpec {
     pub period: Tick,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Run {
     tick: Tick,
     /// Takes recorded up to and including this run, counted from the log's start.
     end: u64,
 }
 
+/// How many of the newest runs a log holds inline. A decision that appends then writes
+/// into the log's own lines, which it reads anyway, instead of into a separate buffer
+/// (a cache miss that depends on reading the log first, and that the shard's unlock
+/// waits for); a longer log spills them to the buffer four at a time. Four is what a
+/// burst window holds at about a request a second with [`TIDY_AFTER`]'s margin, so such
+/// a log never touches its buffer at all.
+const TAIL: usize = 4;
+
 /// The takes of one window, oldest first. Takes may lie in the future (reservations of
 /// queued requests); new takes are never earlier than the latest one (FIFO).
+///
+/// In declaration order (`repr(C)`): the counts and the tail, which every decision
+/// reads, ahead of the spilled runs' header, which most do not.
 #[derive(Debug, Clone, Default)]
+#[repr(C)]
 pub struct WindowLog {
-    runs: VecDeque<Run>,
-    /// Cumulative count before the first run (takes already pruned).
-    base: u64,
     /// Cumulative count through the newest run (`base` when empty), and the newest
-    /// run's tick: a decision that appends reads neither from the runs (whose newest
-    /// entry is a cache line of its own).
+    /// run's tick: a decision that appends reads neither from the runs.
     end: u64,
     last: Tick,
     /// No take leaves the window before this tick: pruning earlier need not look at the
-    /// oldest run (a cache line of its own once the log is long). Never later than the
-    /// oldest take's exit under the period last pruned with.
+    /// oldest run. Never later than the oldest take's exit under the period last pruned
+    /// with.
     prune_at: Tick,
+    /// Cumulative count before the first run (takes already pruned).
+    base: u64,
+    /// The newest runs, `tail[lo..hi]`; every run of `spilled` is older. `lo > 0` only
+    /// while `spilled` is empty (pruning takes from `spilled` first).
+    lo: u8,
+    hi: u8,
+    tail: [Run; TAIL],
+    /// The older runs, oldest first.
+    spilled: VecDeque<Run>,
 }
 
 impl WindowLog {
+    fn tail(&self) -> &[Run] {
+        &self.tail[usize::from(self.lo)..usize::from(self.hi)]
+    }
+
+    /// How many runs the log holds.
+    fn runs_len(&self) -> usize {
+        self.spilled.len() + usize::from(self.hi - self.lo)
+    }
+
+    /// The `i`-th run, oldest first.
+    fn run(&self, i: usize) -> Run {
+        match i.checked_sub(self.spilled.len()) {
+            None => self.spilled[i],
+            Some(j) => self.tail()[j],
+        }
+    }
+
+    /// The index of the first run for which `pred` (true, then false along the log) is
+    /// false. Asks the tail first: most questions are about the newest takes, and then
+    /// the spilled runs are not read.
+    fn partition_point(&self, pred: impl Fn(&Run) -> bool) -> usize {
+        let tail = self.tail();
+        match tail.first() {
+            Some(first) if pred(first) => self.spilled.len() + tail.partition_point(&pred),
+            _ => self.spilled.partition_point(&pred),
+        }
+    }
+
+    /// Cumulative count before the `i`-th run.
+    fn end_before(&self, i: usize) -> u64 {
+        if i == 0 {
+            self.base
+        } else {
+            self.run(i - 1).end
+        }
+    }
+
+    fn back(&self) -> Option<Run> {
+        self.tail().last().or(self.spilled.back()).copied()
+    }
+
+    fn back_mut(&mut self) -> Option<&mut Run> {
+        if self.hi > self.lo {
+            Some(&mut self.tail[usize::from(self.hi) - 1])
+        } else {
+            self.spilled.back_mut()
+        }
+    }
+
+    /// Appends a run newer than every other.
+    fn push_back(&mut self, run: Run) {
+        if usize::from(self.hi) == TAIL {
+            let lo = usize::from(self.lo);
+            if lo > 0 {
+                self.tail.copy_within(lo.., 0);
+                self.hi = (TAIL - lo) as u8;
+            } else {
+                self.spilled.reserve(TAIL);
+                for run in self.tail {
+                    self.spilled.push_back(run);
+                }
+                self.hi = 0;
+            }
+            self.lo = 0;
+        }
+        self.tail[usize::from(self.hi)] = run;
+        self.hi += 1;
+    }
+
+    /// Puts a run at index `idx` (a take placed before later ones, which is rare): in
+    /// the tail if it falls there and there is room, in the spilled runs otherwise
+    /// (with the tail moved there first, so that order holds).
+    fn insert_run(&mut self, idx: usize, run: Run) {
+        let spilled = self.spilled.len();
+        if idx >= spilled && usize::from(self.hi) < TAIL {
+            let at = usize::from(self.lo) + idx - spilled;
+            let hi = usize::from(self.hi);
+            self.tail.copy_within(at..hi, at + 1);
+            self.tail[at] = run;
+            self.hi += 1;
+            return;
+        }
+        self.spilled.extend(&self.tail[usize::from(self.lo)..usize::from(self.hi)]);
+        (self.lo, self.hi) = (0, 0);
+        self.spilled.insert(idx, run);
+    }
+
+    /// Removes the run at index `idx`.
+    fn remove_run(&mut self, idx: usize) {
+        let spilled = self.spilled.len();
+        if idx < spilled {
+            self.spilled.remove(idx);
+            return;
+        }
+        let at = usize::from(self.lo) + idx - spilled;
+        self.tail.copy_within(at + 1..usize::from(self.hi), at);
+        self.hi -= 1;
+        if self.lo == self.hi {
+            (self.lo, self.hi) = (0, 0);
+        }
+    }
+
+    /// Applies `f` to every run from index `idx` on.
+    fn for_each_from(&mut self, idx: usize, mut f: impl FnMut(&mut Run)) {
+        let spilled = self.spilled.len();
+        if idx < spilled {
+            self.spilled.range_mut(idx..).for_each(&mut f);
+        }
+        let from = usize::from(self.lo) + idx.saturating_sub(spilled);
+        self.tail[from..usize::from(self.hi)].iter_mut().for_each(f);
+    }
+
     /// Drops takes that can no longer affect a decision at `now` or later.
     pub fn prune(&mut self, now: Tick, period: Tick) {
         if now < self.prune_at {
             return;
         }
-        while let Some(run) = self.runs.front() {
+        // The spilled runs, then the tail's: a decision may drop a few dozen runs, each
+        // without asking which part holds the oldest.
+        while let Some(run) = self.spilled.front() {
             let exit = run.tick.saturating_add(period);
             if exit > now {
                 self.prune_at = exit;
                 return;
             }
             self.base = run.end;
-            self.runs.pop_front();
+            self.spilled.pop_front();
         }
+        while self.lo < self.hi {
+            let run = self.tail[usize::from(self.lo)];
+            let exit = run.tick.saturating_add(period);
+            if exit > now {
+                self.prune_at = exit;
+                return;
+            }
+            self.base = run.end;
+            self.lo += 1;
+        }
+        (self.lo, self.hi) = (0, 0);
         self.prune_at = 0;
     }
 
@@ -88,25 +230,23 @@ impl WindowLog {
 
     /// Whether no take is recorded.
     pub fn is_empty(&self) -> bool {
-        self.runs.is_empty()
+        self.lo == self.hi && self.spilled.is_empty()
     }
 
     /// The latest take, if any.
     pub fn last(&self) -> Option<Tick> {
-        (!self.runs.is_empty()).then_some(self.last)
+        (!self.is_empty()).then_some(self.last)
     }
 
     /// Takes recorded at ticks after `now` (reservations of queued requests).
     pub fn pending_after(&self, now: Tick) -> u64 {
-        let idx = self.runs.partition_point(|r| r.tick <= now);
-        let before = if idx == 0 { self.base } else { self.runs[idx - 1].end };
-        self.end - before
+        self.end - self.end_before(self.partition_point(|r| r.tick <= now))
     }
 
     /// The earliest tick, no earlier than `now` nor the latest take, at which one more
     /// take keeps every interval of `spec.period` at or under `spec.limit`.
     pub fn earliest(&self, now: Tick, spec: WindowSpec) -> Tick {
-        if self.runs.is_empty() {
+        if self.is_empty() {
             return now;
         }
         let mut t = now.max(self.last);
@@ -114,20 +254,15 @@ impl WindowLog {
         if self.len() >= limit {
             // The limit-th most recent take must be a whole period before the new one.
             let target = self.end - limit + 1;
-            let idx = self.runs.partition_point(|r| r.end < target);
-            t = t.max(self.runs[idx].tick.saturating_add(spec.period));
+            let idx = self.partition_point(|r| r.end < target);
+            t = t.max(self.run(idx).tick.saturating_add(spec.period));
         }
         t
     }
 
     /// Takes recorded at ticks before `t`, counted from the log's start (a position).
     fn position_before(&self, t: Tick) -> u64 {
-        let idx = self.runs.partition_point(|r| r.tick < t);
-        if idx == 0 {
-            self.base
-        } else {
-            self.runs[idx - 1].end
-        }
+        self.end_before(self.partition_point(|r| r.tick < t))
     }
 
     /// Whether one more take at `t`, wherever it falls among the recorded takes (before
@@ -156,13 +291,13 @@ impl WindowLog {
                 return Err(Tick::MAX);
             }
             *budget -= 1;
-            let first = self.runs.partition_point(|r| r.end < p);
-            let start = self.runs[first].tick;
-            let end = self.runs[self.runs.partition_point(|r| r.end < p + n - 1)].tick;
+            let first = self.run(self.partition_point(|r| r.end < p));
+            let start = first.tick;
+            let end = self.run(self.partition_point(|r| r.end < p + n - 1)).tick;
             if end - start < spec.period {
                 return Err(start + spec.period);
             }
-            p = self.runs[first].end + 1;
+            p = first.end + 1;
         }
         Ok(())
     }
@@ -186,13 +321,10 @@ impl WindowLog {
     /// The runs as (ms, count), for a failing test to show.
     #[cfg(test)]
     pub(crate) fn debug_runs(&self) -> Vec<(u64, u64)> {
-        let mut prev = self.base;
-        self.runs
-            .iter()
-            .map(|r| {
-                let n = r.end - prev;
-                prev = r.end;
-                (r.tick / 1000, n)
+        (0..self.runs_len())
+            .map(|i| {
+                let r = self.run(i);
+                (r.tick / 1000, r.end - self.end_before(i))
             })
             .collect()
     }
@@ -202,14 +334,13 @@ impl WindowLog {
     pub fn recent(&self, now: Tick, spec: WindowSpec) -> Vec<(Tick, u64)> {
         let mut out = Vec::new();
         let mut left = u64::from(spec.limit);
-        let hi = self.runs.partition_point(|r| r.tick <= now);
+        let hi = self.partition_point(|r| r.tick <= now);
         for i in (0..hi).rev() {
-            let run = self.runs[i];
+            let run = self.run(i);
             if left == 0 || run.tick.saturating_add(spec.period) <= now {
                 break;
             }
-            let prev = if i == 0 { self.base } else { self.runs[i - 1].end };
-            let n = (run.end - prev).min(left);
+            let n = (run.end - self.end_before(i)).min(left);
             left -= n;
             out.push((now - run.tick, n));
         }
@@ -219,15 +350,15 @@ impl WindowLog {
     /// Records a take at `tick`, which must not be earlier than the latest take.
     pub fn record(&mut self, tick: Tick) {
         self.end += 1;
-        if !self.runs.is_empty() && self.last == tick {
-            if let Some(run) = self.runs.back_mut() {
-                run.end = self.end;
+        if !self.is_empty() && self.last == tick {
+            let end = self.end;
+            if let Some(run) = self.back_mut() {
+                run.end = end;
             }
             return;
         }
-        debug_assert!(self.runs.is_empty() || self.last < tick, "takes are recorded in order");
-        // A store only: the new entry's line need not be read first.
-        self.runs.push_back(Run { tick, end: self.end });
+        debug_assert!(self.is_empty() || self.last < tick, "takes are recorded in order");
+        self.push_back(Run { tick, end: self.end });
         self.last = tick;
     }
 
@@ -240,46 +371,46 @@ impl WindowLog {
             return;
         }
         self.end += n;
-        if self.runs.is_empty() || self.last < tick {
-            self.runs.push_back(Run { tick, end: self.end });
+        if self.is_empty() || self.last < tick {
+            self.push_back(Run { tick, end: self.end });
             self.last = tick;
             return;
         }
         if self.last == tick {
-            if let Some(run) = self.runs.back_mut() {
-                run.end = self.end;
+            let end = self.end;
+            if let Some(run) = self.back_mut() {
+                run.end = end;
             }
             return;
         }
-        let idx = self.runs.partition_point(|r| r.tick < tick);
+        let idx = self.partition_point(|r| r.tick < tick);
         if idx == 0 {
             self.prune_at = 0;
         }
-        let before = if idx == 0 { self.base } else { self.runs[idx - 1].end };
-        if self.runs.get(idx).is_none_or(|r| r.tick != tick) {
-            self.runs.insert(idx, Run { tick, end: before });
+        let before = self.end_before(idx);
+        if idx == self.runs_len() || self.run(idx).tick != tick {
+            self.insert_run(idx, Run { tick, end: before });
         }
-        for run in self.runs.range_mut(idx..) {
-            run.end += n;
-        }
+        self.for_each_from(idx, |run| run.end += n);
     }
 
     /// Removes one take at `tick` (a cancelled reservation). Removing only lowers
     /// counts, so the invariant holds for every remaining take. Returns whether a take
     /// was found.
     pub fn remove(&mut self, tick: Tick) -> bool {
-        let Ok(idx) = self.runs.binary_search_by_key(&tick, |r| r.tick) else { return false };
-        let prev = if idx == 0 { self.base } else { self.runs[idx - 1].end };
-        for run in self.runs.range_mut(idx..) {
-            run.end -= 1;
+        let idx = self.partition_point(|r| r.tick < tick);
+        if idx == self.runs_len() || self.run(idx).tick != tick {
+            return false;
         }
+        let prev = self.end_before(idx);
+        self.for_each_from(idx, |run| run.end -= 1);
         self.end -= 1;
-        if self.runs[idx].end == prev {
-            self.runs.remove(idx);
+        if self.run(idx).end == prev {
+            self.remove_run(idx);
             if idx == 0 {
                 self.prune_at = 0;
             }
-            if let Some(back) = self.runs.back() {
+            if let Some(back) = self.back() {
                 self.last = back.tick;
             }
         }
@@ -291,12 +422,11 @@ impl WindowLog {
         // Before a whole period has passed since the epoch, every take is in use
         // (including one at tick 0, which `tick <= now - period` would wrongly drop).
         let lo = match now.checked_sub(spec.period) {
-            Some(from) => self.runs.partition_point(|r| r.tick <= from),
+            Some(from) => self.partition_point(|r| r.tick <= from),
             None => 0,
         };
-        let hi = self.runs.partition_point(|r| r.tick <= now);
-        let end = |i: usize| if i == 0 { self.base } else { self.runs[i - 1].end };
-        end(hi) - end(lo)
+        let hi = self.partition_point(|r| r.tick <= now);
+        self.end_before(hi) - self.end_before(lo)
     }
 }
 
@@ -511,6 +641,185 @@ mod tests {
         }
     }
 
+    /// The takes of one window as a plain sorted list: what every [`WindowLog`] answer
+    /// means, computed the slow way.
+    #[derive(Debug, Default)]
+    struct Model {
+        takes: Vec<Tick>,
+    }
+
+    impl Model {
+        fn add(&mut self, t: Tick, n: u64) {
+            let at = self.takes.partition_point(|&x| x <= t);
+            for _ in 0..n {
+                self.takes.insert(at, t);
+            }
+        }
+
+        fn remove(&mut self, t: Tick) -> bool {
+            let found = self.takes.iter().position(|&x| x == t);
+            found.inspect(|&i| {
+                self.takes.remove(i);
+            });
+            found.is_some()
+        }
+
+        fn in_use(&self, now: Tick, spec: WindowSpec) -> u64 {
+            let inside = |x: Tick| x <= now && now.checked_sub(spec.period).is_none_or(|from| x > from);
+            self.takes.iter().filter(|&&x| inside(x)).count() as u64
+        }
+
+        fn pending_after(&self, now: Tick) -> u64 {
+            self.takes.iter().filter(|&&x| x > now).count() as u64
+        }
+
+        fn earliest(&self, now: Tick, spec: WindowSpec) -> Tick {
+            let Some(&last) = self.takes.last() else { return now };
+            let n = spec.limit as usize;
+            let mut t = now.max(last);
+            if self.takes.len() >= n {
+                t = t.max(self.takes[self.takes.len() - n] + spec.period);
+            }
+            t
+        }
+
+        /// Whether no `limit + 1` consecutive takes that hold one more at `t` lie
+        /// within less than a period.
+        fn admits(&self, t: Tick, spec: WindowSpec) -> bool {
+            let n = spec.limit as usize;
+            let mut all = self.takes.clone();
+            let k = all.partition_point(|&x| x < t);
+            all.insert(k, t);
+            (k.saturating_sub(n)..=k).filter(|&j| j + n < all.len()).all(|j| all[j + n] - all[j] >= spec.period)
+        }
+
+        /// The first instant from `from` on that admits a take, before the append
+        /// instant: whether a take fits changes only where a take leaves a period
+        /// behind.
+        fn earliest_insert(&self, from: Tick, spec: WindowSpec) -> Tick {
+            let append = self.earliest(from, spec);
+            std::iter::once(from)
+                .chain(self.takes.iter().map(|&x| x + spec.period))
+                .filter(|&u| u >= from && u < append && self.admits(u, spec))
+                .min()
+                .unwrap_or(append)
+        }
+
+        fn recent(&self, now: Tick, spec: WindowSpec) -> Vec<(Tick, u64)> {
+            let mut out: Vec<(Tick, u64)> = Vec::new();
+            let newest = self.takes.iter().rev().filter(|&&x| x <= now && x + spec.period > now);
+            for &x in newest.take(spec.limit as usize) {
+                match out.last_mut() {
+                    Some((age, n)) if *age == now - x => *n += 1,
+                    _ => out.push((now - x, 1)),
+                }
+            }
+            out
+        }
+    }
+
+    /// The log's runs are in order, counted right, and its inline copies of the newest
+    /// run agree with it.
+    fn check_runs(log: &WindowLog) -> Result<(), TestCaseError> {
+        prop_assert!(log.lo <= log.hi && usize::from(log.hi) <= TAIL);
+        prop_assert!(log.lo == 0 || log.spilled.is_empty());
+        let runs: Vec<Run> = (0..log.runs_len()).map(|i| log.run(i)).collect();
+        let mut prev = log.base;
+        for (i, r) in runs.iter().enumerate() {
+            prop_assert!(r.end > prev, "an empty run at {i}: {runs:?}");
+            prop_assert!(i == 0 || runs[i - 1].tick < r.tick, "runs out of order: {runs:?}");
+            prev = r.end;
+        }
+        prop_assert_eq!(prev, log.end);
+        if let Some(r) = runs.last() {
+            prop_assert_eq!(r.tick, log.last);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// The log (its inline tail, the spilled runs, and the moves between them)
+        /// answers every question as a plain sorted list of takes does, under any mix of
+        /// appends, insertions, removals, pruning and tidying. Questions are asked at or
+        /// after the latest pruning, as the store asks them.
+        #[test]
+        fn log_matches_a_sorted_list(
+            limit in 1u32..12,
+            period in 1u64..2_000,
+            // At the larger scale periods and gaps reach past TIDY_AFTER, so tidying prunes.
+            scale in prop_oneof![Just(1u64), Just(2_000u64)],
+            ops in proptest::collection::vec((0u8..10, any::<u64>(), any::<u64>()), 1..300),
+        ) {
+            let spec = WindowSpec { limit, period: period * scale };
+            let p = spec.period;
+            let (mut log, mut model) = (WindowLog::default(), Model::default());
+            let mut now: Tick = 0;
+            for (op, a, b) in ops {
+                let later = now + a % (2 * p + 1);
+                match op {
+                    0 => now += a % (p / 2 + 1),
+                    1 => {
+                        // In order, at the latest take (a merge) or after it.
+                        let t = now.max(model.takes.last().copied().unwrap_or(0)) + [0, 1, b % (p + 1)][(a % 3) as usize];
+                        log.record(t);
+                        model.add(t, 1);
+                    }
+                    2 => {
+                        // Anywhere from a period ago to two periods ahead.
+                        let t = now.saturating_sub(p) + a % (3 * p + 1);
+                        let n = b % 4;
+                        log.insert(t, n);
+                        model.add(t, n);
+                    }
+                    3 => {
+                        // A take still inside its window (pruning keeps those), or an
+                        // instant there that may hold none.
+                        let inside: Vec<Tick> = model.takes.iter().copied().filter(|&x| x + p > now).collect();
+                        let t = match inside.len() {
+                            0 => now.saturating_sub(p) + 1 + a % (3 * p),
+                            len if b % 3 > 0 => inside[(a % len as u64) as usize],
+                            _ => now.saturating_sub(p) + 1 + a % (3 * p),
+                        };
+                        prop_assert_eq!(log.remove(t), model.remove(t), "remove {}", t);
+                    }
+                    4 => {
+                        log.prune(now, p);
+                        model.takes.retain(|&x| x.saturating_add(p) > now);
+                        prop_assert_eq!(log.len(), model.takes.len() as u64);
+                    }
+                    5 => {
+                        log.tidy(now, p);
+                        let inside = model.takes.iter().filter(|&&x| x.saturating_add(p) > now).count() as u64;
+                        prop_assert!(inside <= log.len() && log.len() <= model.takes.len() as u64);
+                    }
+                    6 => {
+                        let mut budget = u32::MAX;
+                        prop_assert_eq!(log.admits(later, spec, &mut budget).is_ok(), model.admits(later, spec), "admits {}", later);
+                    }
+                    7 => prop_assert_eq!(log.earliest(later, spec), model.earliest(later, spec), "earliest {}", later),
+                    8 => {
+                        let mut budget = u32::MAX;
+                        prop_assert_eq!(log.earliest_insert(later, spec, &mut budget), model.earliest_insert(later, spec), "earliest_insert {}", later);
+                    }
+                    _ => {
+                        prop_assert_eq!(log.in_use(later, spec), model.in_use(later, spec), "in_use {}", later);
+                        prop_assert_eq!(log.pending_after(later), model.pending_after(later), "pending_after {}", later);
+                        prop_assert_eq!(log.recent(later, spec), model.recent(later, spec), "recent {}", later);
+                    }
+                }
+                check_runs(&log)?;
+                let last = model.takes.last().copied();
+                if model.takes.iter().any(|&x| x + p > now) {
+                    prop_assert_eq!(log.last(), last);
+                } else {
+                    prop_assert!(log.last().is_none() || log.last() == last);
+                }
+            }
+        }
+    }
+
     #[test]
     fn saturation_sustains_the_steady_limit() {
         // 75/s and 750/min with guards: a request every 10 ms for ten minutes.
@@ -543,7 +852,7 @@ mod tests {
             assert_eq!(t, 5);
             log.record(t);
         }
-        assert_eq!(log.runs.len(), 1);
+        assert_eq!(log.runs_len(), 1);
         assert_eq!(log.earliest(5, spec), 105);
         log.record(105);
         assert_eq!(log.pending_after(5), 1);
