@@ -130,16 +130,51 @@ struct Bucket {
     paused_until: Tick,
     /// After this tick the bucket holds nothing that matters and may be dropped.
     expires: Tick,
-    /// The windows of the latest decision.
+    /// The windows of the latest decision (set with [`Bucket::set_windows`]).
     windows: Windows,
-    logs: [WindowLog; 3],
+    logs: Logs,
     /// Sent something since the latest snapshot was taken (see [`super::state`]).
     touched: bool,
 }
 
+/// A bucket's window logs, one per window: the first two in the bucket itself, a third
+/// (a daily cap, which few operations have) boxed, so that the other buckets do not
+/// carry its room in the table (about 130 bytes each, inline tail included).
+#[derive(Debug, Default)]
+struct Logs {
+    inline: [WindowLog; 2],
+    third: Option<Box<WindowLog>>,
+}
+
+impl Logs {
+    /// Makes room for `n` windows' logs (a third one on first need).
+    fn hold(&mut self, n: usize) {
+        if n > 2 && self.third.is_none() {
+            self.third = Some(Box::default());
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &WindowLog> {
+        self.inline.iter().chain(self.third.as_deref())
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut WindowLog> {
+        self.inline.iter_mut().chain(self.third.as_deref_mut())
+    }
+}
+
 impl Bucket {
     fn new(id: BucketId, windows: Windows) -> Self {
-        Bucket { id, windows, logs: Default::default(), paused_until: 0, expires: 0, queued: 0, touched: false }
+        let mut b =
+            Bucket { id, windows, logs: Logs::default(), paused_until: 0, expires: 0, queued: 0, touched: false };
+        b.set_windows(windows);
+        b
+    }
+
+    /// Every window has its log: zipped with the windows, the logs never fall short.
+    fn set_windows(&mut self, windows: Windows) {
+        self.windows = windows;
+        self.logs.hold(windows.as_slice().len());
     }
 
     /// Fills every window to its limit at `at`: nothing more goes until they pass.
@@ -279,7 +314,7 @@ impl Holder {
             };
             let b = &mut self.buckets[i];
             if b.windows != d.windows {
-                b.windows = d.windows;
+                b.set_windows(d.windows);
             }
             for (log, spec) in b.logs.iter_mut().zip(d.windows.as_slice()) {
                 log.tidy(now, spec.period);
@@ -328,7 +363,7 @@ impl Holder {
         for &i in idx {
             let b = &mut self.buckets[i];
             let windows = b.windows;
-            for log in &mut b.logs[..windows.as_slice().len()] {
+            for log in b.logs.iter_mut().take(windows.as_slice().len()) {
                 log.insert(t, 1);
             }
             let longest = windows.as_slice().iter().map(|w| w.period).max().unwrap_or(0);
@@ -338,7 +373,7 @@ impl Holder {
 
     fn give_back(&mut self, idx: &[usize], t: Tick) {
         for &i in idx {
-            for log in &mut self.buckets[i].logs {
+            for log in self.buckets[i].logs.iter_mut() {
                 log.remove(t);
             }
         }
@@ -878,7 +913,7 @@ impl LocalStore {
             for &i in &idx[..n] {
                 let b = &mut h.buckets[i];
                 let windows = b.windows;
-                for log in &mut b.logs[..windows.as_slice().len()] {
+                for log in b.logs.iter_mut().take(windows.as_slice().len()) {
                     log.record(now_t.max(log.last().unwrap_or(0)));
                 }
                 let longest = windows.as_slice().iter().map(|w| w.period).max().unwrap_or(0);
@@ -1108,7 +1143,7 @@ impl LocalStore {
         self.with_account(demand.key.account, |h| {
             let (idx, _) = h.buckets_for(std::slice::from_ref(demand), now_t, &self.room, false).expect("not strict");
             let b = &mut h.buckets[idx[0]];
-            let log = &mut b.logs[1];
+            let log = &mut b.logs.inline[1];
             let believed = u64::from(steady.limit).saturating_sub(log.in_use(now_t, steady));
             let phantoms = believed.saturating_sub(u64::from(remaining));
             // `RateLimit-Reset` is whole seconds, rounded down: Klaviyo's window may
@@ -1154,7 +1189,7 @@ impl LocalStore {
                         .windows
                         .as_slice()
                         .iter()
-                        .zip(&b.logs)
+                        .zip(b.logs.iter())
                         .map(|(spec, log)| (*spec, log.in_use(now_t, *spec)))
                         .collect(),
                 }
@@ -1284,6 +1319,30 @@ mod tests {
             assert_eq!(store.reserve(&[own], now, now, 10).unwrap().at, now);
         }
         assert!(store.reserve(&[own], now, now, 10).is_err());
+    }
+
+    /// `create_flow`'s shape: a burst, a steady and a daily window, only the daily one
+    /// tight; and a bucket made with two windows that a later config gives a third.
+    #[tokio::test(start_paused = true)]
+    async fn a_third_window_binds_too() {
+        let windows = |daily: Option<u32>| {
+            let mut specs =
+                vec![WindowSpec { limit: 10, period: 1_000_000 }, WindowSpec { limit: 100, period: 60_000_000 }];
+            specs.extend(daily.map(|limit| WindowSpec { limit, period: 86_400_000_000 }));
+            Windows::new(&specs)
+        };
+        let key = |n| BucketKey { account: Account(n), bucket: BucketId::Endpoint(2) };
+        let store = LocalStore::new();
+        let now = Instant::now();
+        let far = now + Duration::from_secs(2 * 86_400);
+        let day = now + Duration::from_secs(86_400);
+        let capped = Demand { key: key(9), windows: windows(Some(2)) };
+        let at = |d: Demand| store.reserve(&[d], now, far, 10).unwrap().at;
+        assert_eq!([at(capped), at(capped), at(capped)], [now, now, day]);
+        let plain = Demand { key: key(10), windows: windows(None) };
+        assert_eq!(at(plain), now);
+        let reloaded = Demand { windows: windows(Some(2)), ..plain };
+        assert_eq!([at(reloaded), at(reloaded), at(reloaded)], [now, now, day]);
     }
 
     #[tokio::test(start_paused = true)]
