@@ -132,23 +132,35 @@ impl Live {
 
 /// The end of a shutdown's drain, for the requests it cuts short: a flag and one wake-up
 /// for all, so that each request holds one registration and no timer of its own (a
-/// watch and a timer were 176 bytes in every queued request).
+/// watch and a timer were 176 bytes in every queued request). The wake-ups are sharded
+/// by serving thread: every request registers on its first poll and leaves when
+/// dropped, and one lock for all threads would be taken twice per request by each.
 #[derive(Debug, Default)]
 pub(crate) struct Drain {
     over: AtomicBool,
-    ends: tokio::sync::Notify,
+    ends: [tokio::sync::Notify; DRAIN_SHARDS],
 }
+
+const DRAIN_SHARDS: usize = 8;
 
 impl Drain {
     fn end(&self) {
         self.over.store(true, Ordering::Release);
-        self.ends.notify_waiters();
+        for ends in &self.ends {
+            ends.notify_waiters();
+        }
     }
 
     async fn ended(&self) {
+        thread_local! {
+            static SHARD: usize = {
+                static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+                NEXT.fetch_add(1, Ordering::Relaxed) % DRAIN_SHARDS
+            };
+        }
         // A `Notified` sees every `notify_waiters` from its creation on, polled or not:
         // made before the flag is read, it cannot miss an end that the read missed.
-        let ends = self.ends.notified();
+        let ends = self.ends[SHARD.with(|s| *s)].notified();
         if self.over.load(Ordering::Acquire) {
             return;
         }
@@ -554,4 +566,41 @@ pub(crate) async fn throttle_wait(resp: Response<Incoming>, cap: Duration) -> Op
 /// An integer header such as `RateLimit-Remaining` or `Retry-After` (seconds form).
 pub(crate) fn header_int(headers: &HeaderMap, name: HeaderName) -> Option<i64> {
     headers.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Drain;
+    use std::sync::Arc;
+
+    /// Waiters on every serving thread (each its own shard) are woken by the end, and a
+    /// request that starts after it is cut short at once.
+    #[test]
+    fn the_drain_end_wakes_every_thread_and_cuts_later_requests_at_once() {
+        let drain = Arc::new(Drain::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let threads: Vec<_> = (0..super::DRAIN_SHARDS + 1)
+            .map(|_| {
+                let (drain, tx) = (drain.clone(), tx.clone());
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                    rt.block_on(async {
+                        let ended = drain.ended();
+                        tx.send(()).unwrap();
+                        tokio::time::timeout(std::time::Duration::from_secs(5), ended).await.is_ok()
+                    })
+                })
+            })
+            .collect();
+        for _ in &threads {
+            rx.recv().unwrap();
+        }
+        drain.end();
+        for t in threads {
+            assert!(t.join().unwrap(), "a waiter was not woken by the end");
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let later = rt.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(5), drain.ended()).await });
+        later.expect("cut short at once");
+    }
 }
