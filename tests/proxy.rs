@@ -479,10 +479,8 @@ async fn header_recorder() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Arriv
     (url, seen)
 }
 
-/// A request that waits in line has its headers packed away while it waits (to keep
-/// tens of thousands of queued requests small); what leaves must be what came, every
-/// header in order, repeated ones and non-ASCII values included, just as for a request
-/// that went at once.
+/// A request that waits in line leaves with what it came with, every header in order,
+/// repeated ones and non-ASCII values included, just as a request that went at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_request_leaves_with_every_header_it_came_with() {
     let (upstream, seen) = header_recorder().await;

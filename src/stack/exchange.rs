@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tower::Service;
 
-use super::{park, BoxFuture, Here, Routed};
+use super::{BoxFuture, Here, Routed};
 use crate::breaker;
 use crate::error::ProxyError;
 use crate::limiter::ramp::{self, Pass};
@@ -56,9 +56,8 @@ impl Service<Routed<Bytes>> for Exchange {
     fn call(&mut self, routed: Routed<Bytes>) -> Self::Future {
         let (proxy, upstream) = (self.proxy.clone(), self.upstream.clone());
         Box::pin(async move {
-            let mut routed = routed;
             tokio::select! {
-                result = proxy.exchange(&mut routed, &upstream) => result,
+                result = proxy.exchange(&routed, &upstream) => result,
                 () = proxy.drain_ends() => Err(ProxyError::Draining),
             }
         })
@@ -84,17 +83,12 @@ impl Proxy {
     ///
     /// A queued request spends its life in this future's wait, so only the wait's state
     /// is inline; one attempt's (the send, a 429's pause, the feedback, a backoff) is
-    /// boxed apart and allocated only while the request is in flight, and its headers
-    /// are packed while it waits (see [`park`](super::park)).
-    async fn exchange(
-        &self,
-        routed: &mut Routed<Bytes>,
-        upstream: &Upstream,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let live = routed.call.live.clone();
-        let config = &live.config;
-        let deadline = routed.deadline;
-        let label = routed.route.label();
+    /// boxed apart and allocated only while the request is in flight.
+    async fn exchange(&self, routed: &Routed<Bytes>, upstream: &Upstream) -> Result<Response<Incoming>, ProxyError> {
+        let Routed { call, route, deadline, .. } = routed;
+        let deadline = *deadline;
+        let config = &call.live.config;
+        let label = route.label();
         let limited = config.limits.enabled;
         let mut tries = Tries { requeued: None, place: None, retries: 0, rng: fastrand::Rng::new() };
         // Its turn at a ramp's gate, kept when a 429 sends it through the gate again.
@@ -113,41 +107,33 @@ impl Proxy {
                 true => upstream.lease().await,
                 false => None,
             };
-            let Routed { call, route, .. } = &mut *routed;
-            let demands = &route.demands;
-            let wait = park::parked(
-                async {
-                    Ok::<_, ProxyError>(match &self.limiter {
-                        Limiter::Local(store) if limited => {
-                            let (admitted, pass) = ramp::wait(
-                                store,
-                                &self.ramps,
-                                arrived,
-                                demands,
-                                self.local_requeued(tries.requeued.take()),
-                                deadline,
-                                depth,
-                                label,
-                            )
-                            .await?;
-                            tries.place = admitted.place.or(tries.place);
-                            (admitted.waited, Some(pass))
-                        }
-                        _ if tries.requeued.is_some() => {
-                            let (kept, _) = *tries.requeued.take().expect("requeued");
-                            (queue::wait_requeued(&self.limiter, kept, demands, deadline, label).await?, None)
-                        }
-                        _ if limited => {
-                            let admitted = queue::wait(&self.limiter, demands, deadline, depth, label).await?;
-                            tries.place = admitted.place;
-                            (admitted.waited, None)
-                        }
-                        _ => (Duration::ZERO, None),
-                    })
-                },
-                &mut call.parts.headers,
-            );
-            let (waited, pass) = wait.await?;
+            let (waited, pass) = match &self.limiter {
+                Limiter::Local(store) if limited => {
+                    let (admitted, pass) = ramp::wait(
+                        store,
+                        &self.ramps,
+                        arrived,
+                        &route.demands,
+                        self.local_requeued(tries.requeued.take()),
+                        deadline,
+                        depth,
+                        label,
+                    )
+                    .await?;
+                    tries.place = admitted.place.or(tries.place);
+                    (admitted.waited, Some(pass))
+                }
+                _ if tries.requeued.is_some() => {
+                    let (kept, _) = *tries.requeued.take().expect("requeued");
+                    (queue::wait_requeued(&self.limiter, kept, &route.demands, deadline, label).await?, None)
+                }
+                _ if limited => {
+                    let admitted = queue::wait(&self.limiter, &route.demands, deadline, depth, label).await?;
+                    tries.place = admitted.place;
+                    (admitted.waited, None)
+                }
+                _ => (Duration::ZERO, None),
+            };
             if limited {
                 self.metrics.queue_wait(label, route.tier(), waited);
             }
@@ -434,10 +420,10 @@ mod tests {
     #[tokio::test]
     async fn the_exchange_future_stays_small() {
         let proxy = crate::stack::testing::proxy("");
-        let mut routed =
+        let routed =
             crate::stack::testing::routed(&proxy, http::Request::get("/api/accounts").body(Bytes::new()).unwrap());
         let upstream = proxy.upstream().with_own_pool();
-        let size = std::mem::size_of_val(&proxy.exchange(&mut routed, &upstream));
+        let size = std::mem::size_of_val(&proxy.exchange(&routed, &upstream));
         assert!(size <= 1152, "the exchange future is {size} bytes");
     }
 }

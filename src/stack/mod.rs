@@ -36,7 +36,6 @@ pub mod exchange;
 pub mod idempotency;
 pub mod observe;
 pub mod outbound;
-pub mod park;
 pub mod resolve;
 pub mod respond;
 pub mod route;
