@@ -19,7 +19,8 @@
 #   cargo build --release --bench hyper_floor     # optional: the hyper-floor variant
 #   benches/overhead-wrk.sh            # ROUNDS=3 SECS=10 CONNS=32 THREADS=1
 #
-# PROFILE=1 then profiles the klaviyo-proxy variant under the same load (perf record
+# PROFILE=1 then profiles the klaviyo-proxy variant (PROFILE_VARIANT=klaviyo-proxy+lim:
+# the one with limits on) under the same load (perf record
 # -F 999 -g for one more wrk run) and prints the top entries (needs linux-perf).
 # KEEP=1 keeps the work directory (configs, the proxies' logs) for inspection.
 # COMPARE_BIN=/path/to/another/klaviyo-proxy adds that build (limits lifted) as the
@@ -256,10 +257,11 @@ EOF
 
 if [ -n "${PROFILE:-}" ]; then
     echo
-    echo "profile of klaviyo-proxy under the same load (perf record -F 999 -g, $SECS s):"
-    perf record -F 999 -g -o "$WORK/perf.data" -p "${PID[klaviyo-proxy]}" -- sleep "$SECS" >/dev/null 2>&1 &
+    who=${PROFILE_VARIANT:-klaviyo-proxy}
+    echo "profile of $who under the same load (perf record -F 999 -g, $SECS s):"
+    perf record -F 999 -g -o "$WORK/perf.data" -p "${PID[$who]}" -- sleep "$SECS" >/dev/null 2>&1 &
     perf_pid=$!
-    measure "${URL[klaviyo-proxy]}" "${PID[klaviyo-proxy]}" >/dev/null
+    measure "${URL[$who]}" "${PID[$who]}" >/dev/null
     wait "$perf_pid" || true
     perf report -i "$WORK/perf.data" --no-children --sort symbol --stdio 2>/dev/null |
         grep -E '^ +[0-9]+\.[0-9]+%' | sed -E 's/ +/ /g; s/ - - *$//' | head -"${PROFILE_TOP:-25}" || true
