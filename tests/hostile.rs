@@ -7,87 +7,38 @@
 
 mod support;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use klaviyo_proxy::config::{AuthMode, Secret};
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const KEY: &str = "pk_injected_0123456789abcdef0123";
-
-/// What the upstream saw of one request.
-#[derive(Debug, Clone)]
-struct Seen {
-    path: String,
-    authorization: Vec<Vec<u8>>,
-    header_names: Vec<String>,
-}
 
 struct Harness {
     runtime: tokio::runtime::Runtime,
     proxy: SocketAddr,
     upstream: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
+    seen: support::Arrivals,
     _proxy: support::Proxy,
-}
-
-/// An upstream that records every request and answers 200.
-async fn recorder(seen: Arc<Mutex<Vec<Seen>>>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let seen = seen.clone();
-                    async move {
-                        seen.lock().unwrap().push(Seen {
-                            path: req.uri().path().to_string(),
-                            authorization: req
-                                .headers()
-                                .get_all("authorization")
-                                .iter()
-                                .map(|v| v.as_bytes().to_vec())
-                                .collect(),
-                            header_names: req.headers().keys().map(|k| k.to_string()).collect(),
-                        });
-                        let _ = req.into_body().collect().await;
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"{\"data\":[]}"))))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    addr
 }
 
 fn harness() -> &'static Harness {
     static H: OnceLock<Harness> = OnceLock::new();
     H.get_or_init(|| {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let (proxy, upstream) = runtime.block_on(async {
-            let upstream = recorder(seen.clone()).await;
+        let (proxy, upstream, seen) = runtime.block_on(async {
+            let (upstream, seen) = support::recorder().await;
             let mut config = support::config(
                 &format!("http://{upstream}"),
                 "[limits]\nenabled = false\n[auth]\nallow_client_keys = false\n[breaker]\nenabled = false\n",
             );
             config.auth.mode = AuthMode::Inject;
             config.auth.private_key = Some(Secret::new(KEY));
-            (support::proxy(config).await, upstream)
+            (support::proxy(config).await, upstream, seen)
         });
         Harness { runtime, proxy: proxy.addr, upstream, seen, _proxy: proxy }
     })
@@ -284,17 +235,17 @@ proptest! {
         let before = harness.seen.lock().unwrap().len();
         let raw = render(&h, harness.proxy, harness.upstream);
         let answer = harness.runtime.block_on(exchange(harness.proxy, &raw));
-        let seen: Vec<Seen> = harness.seen.lock().unwrap()[before..].to_vec();
+        let seen: Vec<support::Arrival> = harness.seen.lock().unwrap()[before..].to_vec();
         for s in &seen {
             prop_assert!(is_forwardable(&s.path), "forwarded {:?} for {h:?}", s.path);
             let expected = format!("Klaviyo-API-Key {KEY}").into_bytes();
-            prop_assert_eq!(&s.authorization, &vec![expected], "key for {:?}", h);
+            prop_assert_eq!(s.all("authorization"), vec![expected.as_slice()], "key for {:?}", h);
             for hop in ["connection", "te", "upgrade", "proxy-authorization", "keep-alive"] {
-                prop_assert!(!s.header_names.iter().any(|n| n == hop), "{hop} forwarded for {h:?}");
+                prop_assert!(s.all(hop).is_empty(), "{hop} forwarded for {h:?}");
             }
             // A header the client's Connection names is hop-by-hop too.
             if h.connection.iter().any(|c| c.contains("x-hop")) {
-                prop_assert!(!s.header_names.iter().any(|n| n == "x-hop"), "x-hop forwarded for {h:?}");
+                prop_assert!(s.all("x-hop").is_empty(), "x-hop forwarded for {h:?}");
             }
         }
         if seen.is_empty() {

@@ -139,3 +139,57 @@ pub async fn get(client: &Client<HttpConnector, Full<Bytes>>, url: &str, key: &s
 pub fn bucket<'a>(stats: &'a Stats, operation: &str, kind: &str) -> Vec<&'a klaviyo_proxy::sim::BucketStats> {
     stats.buckets.iter().filter(|b| b.operation == operation && b.bucket == kind).collect()
 }
+
+/// What an upstream [`recorder`] saw of one request.
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    /// The request target's path.
+    pub path: String,
+    /// Every header in the order it came, repeated names included, values as sent.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// When it reached the upstream.
+    pub at: tokio::time::Instant,
+}
+
+impl Arrival {
+    /// The values of every header called `name`, in order.
+    pub fn all(&self, name: &str) -> Vec<&[u8]> {
+        self.headers.iter().filter(|(k, _)| k == name).map(|(_, v)| v.as_slice()).collect()
+    }
+}
+
+/// What a [`recorder`] has seen so far, in arrival order.
+pub type Arrivals = std::sync::Arc<std::sync::Mutex<Vec<Arrival>>>;
+
+/// An HTTP/1.1 upstream on 127.0.0.1 port 0 that records every request (see
+/// [`Arrival`]) and answers 200 with an empty list. It serves until the runtime ends.
+pub async fn recorder() -> (SocketAddr, Arrivals) {
+    let seen = Arrivals::default();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let record = record.clone();
+                    async move {
+                        let headers =
+                            req.headers().iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect();
+                        let path = req.uri().path().to_string();
+                        record.lock().unwrap().push(Arrival { path, headers, at: tokio::time::Instant::now() });
+                        let _ = req.into_body().collect().await;
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(
+                            b"{\"data\":[]}",
+                        ))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
