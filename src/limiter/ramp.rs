@@ -386,65 +386,71 @@ where
 }
 
 /// Waits at the gate of the request's first bucket, then for a slot (see [`wait`]).
-async fn through_the_gate(
-    store: &LocalStore,
-    ramps: &Ramps,
+#[allow(clippy::manual_async_fn, reason = "an `async fn` keeps its arguments twice in its state")]
+fn through_the_gate<'a>(
+    store: &'a LocalStore,
+    ramps: &'a Ramps,
     arrived: Instant,
-    demands: &[Demand],
+    demands: &'a [Demand],
     deadline: Instant,
     max_depth: u32,
     operation: &'static str,
-) -> Result<(Admitted, Pass), ProxyError> {
-    let started = Instant::now();
-    let admitted = |place| Admitted { waited: started.elapsed(), place };
-    let Some(key) = demands.first().map(|d| d.key) else {
-        let place = queue::wait_for_slot(store, demands, deadline, max_depth, operation).await?.place;
-        return Ok((admitted(place), Pass { ramp: None }));
-    };
-    // Whether the request was held anywhere; one that went at once waited zero.
-    let mut held = false;
-    loop {
-        let (pass, watch) = match ramps.enter(key, arrived) {
-            Gate::Open(pass, watch) => (pass, watch),
-            Gate::Pass(pass) => (pass, RampWatch(ramps.ramps.entry(key).or_default().clone())),
-            Gate::Wait(waiting) => match tokio::time::timeout_at(deadline, {
-                held = true;
-                waiting.pass()
-            })
-            .await
-            {
-                Ok(pass) => (pass, RampWatch(ramps.ramps.entry(key).or_default().clone())),
-                Err(_) => {
-                    return Err(ProxyError::QueueTimeout { operation, retry_after: Duration::from_secs(1) });
-                }
-            },
+) -> impl Future<Output = Result<(Admitted, Pass), ProxyError>> + Send + 'a {
+    // Not an `async fn`: its state would keep every argument twice (as the argument
+    // and as the body's copy), in every queued request.
+    async move {
+        let started = Instant::now();
+        let admitted = |place| Admitted { waited: started.elapsed(), place };
+        // Borrowed, not copied: a queued request holds this state.
+        let Some(key) = demands.first().map(|d| &d.key) else {
+            let place = queue::wait_for_slot(store, demands, deadline, max_depth, operation).await?.place;
+            return Ok((admitted(place), Pass { ramp: None }));
         };
-        let mut throttled = std::pin::pin!(watch.throttled());
-        // Registered before looking again, so a 429 from now on is seen.
-        throttled.as_mut().enable();
-        if !pass.is_current(ramps, &key) {
-            continue;
-        }
-        // Polled by hand rather than with `select!`, whose state was a few hundred
-        // bytes more in every queued request.
-        let mut slot = std::pin::pin!(queue::wait_for_slot(store, demands, deadline, max_depth, operation));
-        let waited = std::future::poll_fn(|cx| match slot.as_mut().poll(cx) {
-            Poll::Ready(waited) => Poll::Ready(Some(waited)),
-            Poll::Pending => throttled.as_mut().poll(cx).map(|()| None),
-        })
-        .await;
-        match waited {
-            Some(waited) => {
-                let waited = waited?;
-                if !held && waited.waited.is_zero() {
-                    return Ok((Admitted { waited: Duration::ZERO, place: waited.place }, pass));
-                }
-                return Ok((admitted(waited.place), pass));
+        // Whether the request was held anywhere; one that went at once waited zero.
+        let mut held = false;
+        loop {
+            let (pass, watch) = match ramps.enter(*key, arrived) {
+                Gate::Open(pass, watch) => (pass, watch),
+                Gate::Pass(pass) => (pass, RampWatch(ramps.ramps.entry(*key).or_default().clone())),
+                Gate::Wait(waiting) => match tokio::time::timeout_at(deadline, {
+                    held = true;
+                    waiting.pass()
+                })
+                .await
+                {
+                    Ok(pass) => (pass, RampWatch(ramps.ramps.entry(*key).or_default().clone())),
+                    Err(_) => {
+                        return Err(ProxyError::QueueTimeout { operation, retry_after: Duration::from_secs(1) });
+                    }
+                },
+            };
+            let mut throttled = std::pin::pin!(watch.throttled());
+            // Registered before looking again, so a 429 from now on is seen.
+            throttled.as_mut().enable();
+            if !pass.is_current(ramps, key) {
+                continue;
             }
-            // A 429 (re)started the ramp while this request waited for a slot booked
-            // before it: the slot is given back (dropping the wait cancels it), and the
-            // request passes the new ramp's gate.
-            None => held = true,
+            // Polled by hand rather than with `select!`, whose state was a few hundred
+            // bytes more in every queued request.
+            let mut slot = std::pin::pin!(queue::wait_for_slot(store, demands, deadline, max_depth, operation));
+            let waited = std::future::poll_fn(|cx| match slot.as_mut().poll(cx) {
+                Poll::Ready(waited) => Poll::Ready(Some(waited)),
+                Poll::Pending => throttled.as_mut().poll(cx).map(|()| None),
+            })
+            .await;
+            match waited {
+                Some(waited) => {
+                    let waited = waited?;
+                    if !held && waited.waited.is_zero() {
+                        return Ok((Admitted { waited: Duration::ZERO, place: waited.place }, pass));
+                    }
+                    return Ok((admitted(waited.place), pass));
+                }
+                // A 429 (re)started the ramp while this request waited for a slot booked
+                // before it: the slot is given back (dropping the wait cancels it), and the
+                // request passes the new ramp's gate.
+                None => held = true,
+            }
         }
     }
 }

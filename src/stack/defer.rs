@@ -101,10 +101,13 @@ where
                     Ok(resp) => resp.status().is_server_error(),
                     Err(e) => may_defer(e),
                 };
-                match undelivered {
-                    true => proxy.defer(&kept).await,
-                    false => result,
+                if !undelivered {
+                    return result;
                 }
+                drop(result);
+                // Boxed apart: the spool write's state would otherwise sit in every
+                // queued deferrable write's box, unused until Klaviyo fails it.
+                Box::pin(proxy.defer(&kept)).await
             }),
         }
     }

@@ -3,6 +3,8 @@
 //! the client's (`x-request-id`, up to 128 visible characters) or a fresh one.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -81,40 +83,76 @@ where
         let record = call.record.clone();
         // Called here, not in the future: the stages below need no clone of their own.
         let answer = self.inner.call(call);
-        let proxy = self.proxy.clone();
-        Box::pin(async move {
-            let result = answer.await;
-            let mut outcome = record.get();
-            let mut resp = match result {
-                Ok(resp) => resp,
-                Err(err) => {
-                    outcome.error = Some(err.code());
-                    outcome.kind = match (&err, err.origin()) {
-                        (ProxyError::UpstreamChallenged, _) => RequestOutcome::Challenged,
-                        (_, Origin::Client) => RequestOutcome::Rejected,
-                        (_, Origin::Upstream | Origin::Internal) => RequestOutcome::Failed,
-                    };
-                    err.into_response(id_str(&request_id))
-                }
-            };
-            proxy.metrics().request(outcome.operation, outcome.tier, outcome.kind);
-            tracing::info!(
-                request_id = id_str(&request_id),
-                %method,
-                operation = outcome.operation,
-                tier = outcome.tier,
-                account = %proxy.metrics().account_name(outcome.account),
-                status = resp.status().as_u16(),
-                outcome = outcome.error.unwrap_or(outcome.kind.as_str()),
-                queue_wait_ms = outcome.waited.as_millis() as u64,
-                attempts = outcome.attempts,
-                upstream_ms = outcome.upstream.map(|d| d.as_millis() as u64),
-                total_ms = started.elapsed().as_millis() as u64,
-                "request"
-            );
-            resp.headers_mut().insert(REQUEST_ID_HEADER, request_id);
-            Ok(resp)
-        })
+        let finish = Finish { proxy: self.proxy.clone(), request_id, method, record, started };
+        Box::pin(Responding { answer, finish: Some(finish) })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Respond`]'s future: the stages' answer, then [`Finish`]. Not an `async` block,
+    /// which kept the stages' future twice (captured, and moved into its `.await`) in
+    /// every queued request.
+    struct Responding<F> {
+        #[pin]
+        answer: F,
+        finish: Option<Finish>,
+    }
+}
+
+impl<F: Future<Output = Result<Response<ProxyBody>, ProxyError>>> Future for Responding<F> {
+    type Output = Result<Response<ProxyBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.answer.poll(cx));
+        Poll::Ready(Ok(this.finish.take().expect("polled after completion").answer(result)))
+    }
+}
+
+/// What the answer needs besides the stages' result: the id, the log line's fields.
+struct Finish {
+    proxy: Here,
+    request_id: HeaderValue,
+    method: http::Method,
+    record: super::Record,
+    started: Instant,
+}
+
+impl Finish {
+    /// The client's answer: the stages' response or the proxy's error, counted, logged
+    /// and marked with the request id.
+    fn answer(self, result: Result<Response<ProxyBody>, ProxyError>) -> Response<ProxyBody> {
+        let Finish { proxy, request_id, method, record, started } = self;
+        let mut outcome = record.get();
+        let mut resp = match result {
+            Ok(resp) => resp,
+            Err(err) => {
+                outcome.error = Some(err.code());
+                outcome.kind = match (&err, err.origin()) {
+                    (ProxyError::UpstreamChallenged, _) => RequestOutcome::Challenged,
+                    (_, Origin::Client) => RequestOutcome::Rejected,
+                    (_, Origin::Upstream | Origin::Internal) => RequestOutcome::Failed,
+                };
+                err.into_response(id_str(&request_id))
+            }
+        };
+        proxy.metrics().request(outcome.operation, outcome.tier, outcome.kind);
+        tracing::info!(
+            request_id = id_str(&request_id),
+            %method,
+            operation = outcome.operation,
+            tier = outcome.tier,
+            account = %proxy.metrics().account_name(outcome.account),
+            status = resp.status().as_u16(),
+            outcome = outcome.error.unwrap_or(outcome.kind.as_str()),
+            queue_wait_ms = outcome.waited.as_millis() as u64,
+            attempts = outcome.attempts,
+            upstream_ms = outcome.upstream.map(|d| d.as_millis() as u64),
+            total_ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+        resp.headers_mut().insert(REQUEST_ID_HEADER, request_id);
+        resp
     }
 }
 
@@ -157,6 +195,26 @@ mod tests {
         let text = proxy.metrics().encode(proxy.store());
         let line = text.lines().find(|l| l.contains("operation=\"get_accounts\"") && l.contains("forwarded"));
         assert!(line.is_some_and(|l| l.ends_with(" 2")), "{text}");
+    }
+
+    /// Every queued request holds respond's box: the stages' future must be in it
+    /// once (an `async` block held it twice, captured and moved into its `.await`),
+    /// beside the few fields of the log line.
+    #[test]
+    fn respond_holds_the_stages_future_once() {
+        let proxy = testing::proxy("");
+        let mut stages = tower::service_fn(|call: Call<()>| async move {
+            let pad = [7u8; 512];
+            tokio::task::yield_now().await;
+            call.record.update(|o| o.attempts = u32::from(std::hint::black_box(pad)[0]));
+            Ok::<_, ProxyError>(Response::new(crate::body::full("fine")))
+        });
+        let req = || Request::get("/api/accounts").body(()).unwrap();
+        let stages_size = std::mem::size_of_val(&stages.call(testing::call(&proxy, req())));
+        assert!(stages_size >= 512);
+        let answer = RespondLayer::new(proxy.clone()).layer(stages).call(req());
+        let size = std::mem::size_of_val(answer.as_ref().get_ref());
+        assert!(size <= stages_size + 128, "respond's future is {size} bytes around {stages_size}");
     }
 
     #[tokio::test]
