@@ -25,6 +25,8 @@
 # KEEP=1 keeps the work directory (configs, the proxies' logs) for inspection.
 # COMPARE_BIN=/path/to/another/klaviyo-proxy adds that build (limits lifted) as the
 # variant `compare`, interleaved with the rest: before/after figures from one run.
+# COMPARE_LIMITS=1 runs `compare` with limits on (as klaviyo-proxy+lim) instead.
+# ONLY="klaviyo-proxy+lim compare" measures only those variants (and direct).
 # PROXY_TOML adds config lines to this build's two variants (e.g. server.threads).
 #
 # Needs nginx and wrk (Debian packages nginx, wrk; haproxy optional) and python3 (free
@@ -152,8 +154,9 @@ start_proxy() {
     wait_port "$port"
     URL[$name]="http://127.0.0.1:$port"
 }
+LIMITS_ON=$'[limits.operations.get_accounts]\nburst_per_second = 100000000\nsteady_per_minute = 4000000000'
 start_proxy klaviyo-proxy $'[limits]\nenabled = false'
-start_proxy klaviyo-proxy+lim $'[limits.operations.get_accounts]\nburst_per_second = 100000000\nsteady_per_minute = 4000000000'
+start_proxy klaviyo-proxy+lim "$LIMITS_ON"
 
 VARIANTS=(direct nginx)
 [ -n "$HAPROXY" ] && VARIANTS+=(haproxy)
@@ -169,8 +172,19 @@ if [ -n "$FLOOR_BIN" ] && [ -x "$FLOOR_BIN" ]; then
     VARIANTS+=(hyper-floor)
 fi
 if [ -n "${COMPARE_BIN:-}" ]; then
-    start_proxy compare $'[limits]\nenabled = false' "$COMPARE_BIN"
+    if [ -n "${COMPARE_LIMITS:-}" ]; then
+        start_proxy compare "$LIMITS_ON" "$COMPARE_BIN"
+    else
+        start_proxy compare $'[limits]\nenabled = false' "$COMPARE_BIN"
+    fi
     VARIANTS+=(compare)
+fi
+if [ -n "${ONLY:-}" ]; then
+    kept=()
+    for v in "${VARIANTS[@]}"; do
+        if [ "$v" = direct ] || [[ " $ONLY " == *" $v "* ]]; then kept+=("$v"); fi
+    done
+    VARIANTS=("${kept[@]}")
 fi
 
 # Every variant must answer 200 before it is measured.

@@ -20,6 +20,7 @@
 //! credential and counted, and the lookup is tried again after `accounts.retry_ms`. A
 //! known account whose refresh fails stays known until the next try.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -191,7 +192,7 @@ impl Resolver {
         let identity = self.identity(config, credential, klaviyo).await;
         let (account, name) = bucket(router, config, credential, &identity);
         if let Some(name) = name {
-            self.metrics.name_account(account, name);
+            self.metrics.name_account(account, &name);
         }
         account
     }
@@ -214,7 +215,7 @@ impl Resolver {
         let identity = self.identity_now(config, credential)?;
         let (account, name) = bucket(router, config, credential, &identity);
         if let Some(name) = name {
-            self.metrics.name_account(account, name);
+            self.metrics.name_account(account, &name);
         }
         Some(account)
     }
@@ -498,17 +499,20 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// The bucket account of an identity, and the account's name for metrics:
 /// `(account, private)`, `(account, auth.oauth_app)`, or the credential's own.
-pub fn bucket(
+pub fn bucket<'a>(
     router: &Router,
     config: &Config,
     credential: &Credential,
-    identity: &Identity,
-) -> (Account, Option<String>) {
+    identity: &'a Identity,
+) -> (Account, Option<Cow<'a, str>>) {
     match (identity, credential.kind()) {
-        (Identity::Account(id), Kind::Private) => (router.account("account/private", id.as_bytes()), Some(id.clone())),
+        // Borrowed: every request of a known account comes here.
+        (Identity::Account(id), Kind::Private) => {
+            (router.account("account/private", id.as_bytes()), Some(Cow::Borrowed(id.as_str())))
+        }
         (Identity::Account(id), Kind::OAuth) => {
             let app = config.auth.oauth_app.as_str();
-            (router.account(&format!("account/oauth/{app}"), id.as_bytes()), Some(format!("{id}:{app}")))
+            (router.account(&format!("account/oauth/{app}"), id.as_bytes()), Some(Cow::Owned(format!("{id}:{app}"))))
         }
         _ => (router.credential_account(credential), None),
     }

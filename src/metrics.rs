@@ -411,9 +411,9 @@ impl Metrics {
     }
 
     /// Names a bucket account by the Klaviyo account it was resolved to.
-    pub fn name_account(&self, account: Account, name: String) {
-        if !self.accounts.read().unwrap_or_else(PoisonError::into_inner).knows(account, &name) {
-            self.accounts.write().unwrap_or_else(PoisonError::into_inner).learn(account, name);
+    pub fn name_account(&self, account: Account, name: &str) {
+        if !self.accounts.read().unwrap_or_else(PoisonError::into_inner).knows(account, name) {
+            self.accounts.write().unwrap_or_else(PoisonError::into_inner).learn(account, name.to_owned());
         }
     }
 

@@ -94,7 +94,7 @@ pub enum Gate {
     /// ramping meanwhile (the future completes then).
     Open(Pass, RampWatch),
     /// Ramping, and there is room in the window.
-    Pass(Pass),
+    Pass(Pass, RampWatch),
     /// Ramping and the window is full: wait for a pass.
     Wait(Waiting),
 }
@@ -118,20 +118,17 @@ pub struct Waiting {
 }
 
 impl Waiting {
-    /// The pass, when a success or a finished request makes room.
-    pub async fn pass(mut self) -> Pass {
+    /// The pass, when a success or a finished request makes room, and the watch on
+    /// the bucket's ramp.
+    pub async fn pass(mut self) -> (Pass, RampWatch) {
         let rx = self.rx.as_mut().expect("received once");
-        match rx.await {
-            Ok(generation) => {
-                self.rx = None;
-                Pass { ramp: Some((self.ramp.clone(), generation)) }
-            }
+        let pass = match rx.await {
+            Ok(generation) => Pass { ramp: Some((self.ramp.clone(), generation)) },
             // The ramp ended: the bucket is open again.
-            Err(_) => {
-                self.rx = None;
-                Pass { ramp: None }
-            }
-        }
+            Err(_) => Pass { ramp: None },
+        };
+        self.rx = None;
+        (pass, RampWatch(self.ramp.clone()))
     }
 }
 
@@ -208,9 +205,17 @@ impl Ramps {
     /// Asks the gate of `key` for a request that first came to it at `arrived` (kept
     /// across 429s): waiters pass oldest first.
     pub fn enter(&self, key: BucketKey, arrived: Instant) -> Gate {
-        let ramp = self.ramps.entry(key).or_default().clone();
+        // A lookup first: every request of a bucket comes here, and `entry` takes the
+        // shard's write lock.
+        let ramp = match self.ramps.get(&key) {
+            Some(ramp) => ramp.clone(),
+            None => self.ramps.entry(key).or_default().clone(),
+        };
         let mut s = lock(&ramp);
-        s.expire(Instant::now());
+        // Nothing to expire in a bucket that is not ramping (one clock read fewer).
+        if s.window.is_some() || !s.waiting.is_empty() {
+            s.expire(Instant::now());
+        }
         match s.window {
             None => {
                 drop(s);
@@ -220,7 +225,7 @@ impl Ramps {
                 s.out += 1;
                 let generation = s.generation;
                 drop(s);
-                Gate::Pass(Pass { ramp: Some((ramp, generation)) })
+                Gate::Pass(Pass { ramp: Some((ramp.clone(), generation)) }, RampWatch(ramp))
             }
             Some(_) => {
                 let (tx, rx) = oneshot::channel();
@@ -245,10 +250,11 @@ impl Ramps {
 
 impl Pass {
     /// Whether the pass still counts: for a bucket that is not ramping, or in the ramp
-    /// that handed it out.
-    fn is_current(&self, ramps: &Ramps, key: &BucketKey) -> bool {
+    /// that handed it out. `watch` is on the bucket's ramp (the table's own: held, it
+    /// is never swept, so no lookup is needed).
+    fn is_current(&self, watch: &RampWatch) -> bool {
         match &self.ramp {
-            None => !ramps.is_ramping(key),
+            None => lock(&watch.0).window.is_none(),
             Some((ramp, generation)) => lock(ramp).generation == *generation,
         }
     }
@@ -337,7 +343,6 @@ pub fn wait<'a>(
     max_depth: u32,
     operation: &'static str,
 ) -> impl Future<Output = Result<(Admitted, Pass), ProxyError>> + Send + 'a {
-    let started = Instant::now();
     let probe = match requeued {
         Some((grant, Some(pass))) => Some((grant, pass)),
         Some((grant, None)) => {
@@ -348,6 +353,7 @@ pub fn wait<'a>(
     };
     match probe {
         Some((grant, pass)) => {
+            let started = Instant::now();
             let place = Some(grant.place());
             let wait = queue::wait_for_grant(store, grant, deadline, operation);
             Waits::Probe { wait, pass: Some(pass), started, place }
@@ -386,7 +392,10 @@ where
 }
 
 /// Waits at the gate of the request's first bucket, then for a slot (see [`wait`]).
-#[allow(clippy::manual_async_fn, reason = "an `async fn` keeps its arguments twice in its state")]
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an `async fn` keeps its arguments twice in its state (as the argument and as the body's copy), in every queued request"
+)]
 fn through_the_gate<'a>(
     store: &'a LocalStore,
     ramps: &'a Ramps,
@@ -396,8 +405,6 @@ fn through_the_gate<'a>(
     max_depth: u32,
     operation: &'static str,
 ) -> impl Future<Output = Result<(Admitted, Pass), ProxyError>> + Send + 'a {
-    // Not an `async fn`: its state would keep every argument twice (as the argument
-    // and as the body's copy), in every queued request.
     async move {
         let started = Instant::now();
         let admitted = |place| Admitted { waited: started.elapsed(), place };
@@ -410,24 +417,25 @@ fn through_the_gate<'a>(
         let mut held = false;
         loop {
             let (pass, watch) = match ramps.enter(*key, arrived) {
-                Gate::Open(pass, watch) => (pass, watch),
-                Gate::Pass(pass) => (pass, RampWatch(ramps.ramps.entry(*key).or_default().clone())),
+                Gate::Open(pass, watch) | Gate::Pass(pass, watch) => (pass, watch),
                 Gate::Wait(waiting) => match tokio::time::timeout_at(deadline, {
                     held = true;
                     waiting.pass()
                 })
                 .await
                 {
-                    Ok(pass) => (pass, RampWatch(ramps.ramps.entry(*key).or_default().clone())),
+                    Ok(passed) => passed,
                     Err(_) => {
                         return Err(ProxyError::QueueTimeout { operation, retry_after: Duration::from_secs(1) });
                     }
                 },
             };
+            // Made before looking again, so a 429 from now on is seen: `notify_waiters`
+            // reaches a `Notified` from its creation on, polled or not. It registers (a
+            // lock, and another to leave) only when polled, i.e. when the slot is not
+            // there at once.
             let mut throttled = std::pin::pin!(watch.throttled());
-            // Registered before looking again, so a 429 from now on is seen.
-            throttled.as_mut().enable();
-            if !pass.is_current(ramps, key) {
+            if !pass.is_current(&watch) {
                 continue;
             }
             // Polled by hand rather than with `select!`, whose state was a few hundred
@@ -466,7 +474,7 @@ mod tests {
 
     fn pass(gate: Gate) -> Option<Pass> {
         match gate {
-            Gate::Open(p, _) | Gate::Pass(p) => Some(p),
+            Gate::Open(p, _) | Gate::Pass(p, _) => Some(p),
             Gate::Wait(_) => None,
         }
     }
@@ -543,6 +551,25 @@ mod tests {
         let mut next = wait_all(&ramps, 1);
         drop(probe);
         assert!(granted(&mut next).len() + granted(&mut waiting).len() >= 1);
+    }
+
+    /// The gate's watch is made before the request books its slot and polled only if
+    /// the slot is not there at once: a 429 in between must still be seen, and the
+    /// pass the gate handed out must no longer count.
+    #[tokio::test]
+    async fn a_429_before_the_watch_is_polled_is_seen() {
+        let ramps = Ramps::new();
+        let Gate::Open(open, watch) = ramps.enter(key(), Instant::now()) else { panic!("not ramping") };
+        let throttled = watch.throttled();
+        assert!(open.is_current(&watch));
+        // Another request meets a 429 before this one's watch is polled.
+        let other = pass(ramps.enter(key(), Instant::now())).unwrap();
+        let probe = other.throttled(&ramps, key(), 8).expect("a probe");
+        assert!(!open.is_current(&watch), "the bucket ramps now: an open pass no longer counts");
+        let seen = tokio::time::timeout(Duration::from_millis(100), throttled).await;
+        assert!(seen.is_ok(), "the 429 reached a watch made before it, though never polled before");
+        // The probe's own pass counts, through the same ramp's watch.
+        assert!(probe.is_current(&watch));
     }
 
     fn wait_at(ramps: &Ramps, arrived: Instant) -> Waiting {
@@ -643,7 +670,7 @@ mod tests {
         let ramps = Ramps::new();
         cycles(&ramps, 4, 6, 64);
         // Still one request at a time.
-        assert!(matches!(ramps.enter(key(), Instant::now()), Gate::Pass(_)));
+        assert!(matches!(ramps.enter(key(), Instant::now()), Gate::Pass(..)));
         assert!(ramps.is_ramping(&key()));
         tokio::time::advance(RAMP_MEMORY + Duration::from_secs(1)).await;
         assert!(matches!(ramps.enter(key(), Instant::now()), Gate::Open(..)));
@@ -659,7 +686,7 @@ mod tests {
         drop(waiting);
         probe.succeeded();
         let got = tokio::time::timeout(Duration::from_millis(10), second.pass()).await;
-        assert!(got.unwrap().ramp.is_some(), "the turn went on to the next waiter");
+        assert!(got.unwrap().0.ramp.is_some(), "the turn went on to the next waiter");
     }
 
     /// The gate in front of the store: after a 429, requests queued for a slot booked

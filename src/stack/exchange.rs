@@ -84,8 +84,6 @@ impl Proxy {
     /// A queued request spends its life in this future's wait, so only the wait's state
     /// is inline; one attempt's (the send, a 429's pause, the feedback, a backoff) is
     /// boxed apart and allocated only while the request is in flight.
-    ///
-    /// Not an `async fn`, whose state would keep its arguments twice.
     #[allow(clippy::manual_async_fn, reason = "an `async fn` keeps its arguments twice in its state")]
     fn exchange<'a>(
         &'a self,

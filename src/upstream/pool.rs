@@ -203,11 +203,12 @@ impl Lease {
     /// not dialled again.
     pub fn take(mut self) -> Taken {
         let reused = self.reused;
-        let recent = self.since.elapsed() < TURNED_AWAY;
+        // Read only off the common path (a usable connection): one clock read fewer.
+        let recent = || self.since.elapsed() < TURNED_AWAY;
         match (self.sender.take(), self.failed.take()) {
             (Some(s), _) if s.open() && (!reused || s.usable()) => Taken::Ready(s, reused),
-            (None, Some(e)) if recent => Taken::TurnedAway(e),
-            (Some(_), _) if !reused && recent => {
+            (None, Some(e)) if recent() => Taken::TurnedAway(e),
+            (Some(_), _) if !reused && recent() => {
                 Taken::TurnedAway("the upstream closed a new connection before the request was sent".into())
             }
             _ => Taken::Dial,
