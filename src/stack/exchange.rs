@@ -109,13 +109,13 @@ impl Proxy {
     #[allow(clippy::manual_async_fn, reason = "an `async fn` keeps its arguments twice in its state")]
     fn exchange<'a>(
         &'a self,
-        routed: &'a Sending,
+        sending: &'a Sending,
         upstream: &'a Upstream,
     ) -> impl std::future::Future<Output = Result<Response<Incoming>, ProxyError>> + Send + 'a {
         async move {
-            // Read through `routed` at each use rather than kept in locals: every queued
+            // Read through `sending` at each use rather than kept in locals: every queued
             // request holds this state, and locals live across the waits.
-            let limited = routed.live.config.limits.enabled;
+            let limited = sending.live.config.limits.enabled;
             let mut tries = Tries { requeued: None, place: None, retries: 0, rng: fastrand::Rng::new() };
             // Its turn at a ramp's gate, kept when a 429 sends it through the gate again.
             let arrived = Instant::now();
@@ -123,7 +123,7 @@ impl Proxy {
             loop {
                 // The limiter: a token in every bucket; a requeued request keeps its place.
                 // After a 429 the local store's bucket ramps: a probe first, then 1, 2, 4, ….
-                let config = &routed.live.config;
+                let config = &sending.live.config;
                 let depth = config.queue.max_depth;
                 // A connection in hand before the token: a token taken before a handshake
                 // would be stamped a handshake before the request reaches Klaviyo (see
@@ -143,11 +143,11 @@ impl Proxy {
                             store,
                             &self.ramps,
                             arrived,
-                            &routed.route.demands,
+                            &sending.route.demands,
                             self.local_requeued(tries.requeued.take()),
-                            routed.deadline,
+                            sending.deadline,
                             depth,
-                            routed.route.label(),
+                            sending.route.label(),
                         )
                         .await?;
                         tries.place = admitted.place.or(tries.place);
@@ -161,9 +161,9 @@ impl Proxy {
                             Box::pin(queue::wait_requeued(
                                 &self.limiter,
                                 kept,
-                                &routed.route.demands,
-                                routed.deadline,
-                                routed.route.label(),
+                                &sending.route.demands,
+                                sending.deadline,
+                                sending.route.label(),
                             ))
                             .await?,
                             None,
@@ -172,10 +172,10 @@ impl Proxy {
                     _ if limited => {
                         let admitted = queue::wait(
                             &self.limiter,
-                            &routed.route.demands,
-                            routed.deadline,
+                            &sending.route.demands,
+                            sending.deadline,
                             depth,
-                            routed.route.label(),
+                            sending.route.label(),
                         )
                         .await?;
                         tries.place = admitted.place;
@@ -184,15 +184,15 @@ impl Proxy {
                     _ => (Duration::ZERO, None),
                 };
                 if limited {
-                    self.metrics.queue_wait(routed.route.label(), routed.route.tier(), waited);
+                    self.metrics.queue_wait(sending.route.label(), sending.route.tier(), waited);
                 }
-                routed.record.update(|o| {
+                sending.record.update(|o| {
                     o.waited += waited;
                     if !o.waited.is_zero() {
                         o.kind = RequestOutcome::Queued;
                     }
                 });
-                if let Some(answer) = Box::pin(self.attempt(routed, upstream, lease, pass, &mut tries)).await {
+                if let Some(answer) = Box::pin(self.attempt(sending, upstream, lease, pass, &mut tries)).await {
                     return answer;
                 }
             }
@@ -203,13 +203,13 @@ impl Proxy {
     /// its answer means. `None`: go again (requeued after a 429, or after a backoff).
     async fn attempt(
         &self,
-        routed: &Sending,
+        sending: &Sending,
         upstream: &Upstream,
         lease: Option<Box<crate::upstream::Lease>>,
         mut pass: Option<Pass>,
         tries: &mut Tries,
     ) -> Option<Result<Response<Incoming>, ProxyError>> {
-        let Sending { parts, body, live, record, route, deadline, repeat } = routed;
+        let Sending { parts, body, live, record, route, deadline, repeat } = sending;
         let (deadline, repeat, live) = (*deadline, *repeat, &**live);
         let config = &live.config;
         let label = route.label();
