@@ -399,8 +399,10 @@ fn cap(config: &Config) -> usize {
 /// else the answer expiring soonest. A flood of bogus keys costs no scan of the cache.
 #[derive(Debug, Default)]
 struct Cache {
-    /// Each entry with its sequence number (ties in the orders below).
-    map: HashMap<Fingerprint, (Entry, u64)>,
+    /// Each entry with its sequence number (ties in the orders below). Looked up by
+    /// every limited request: foldhash, not SipHash (a fingerprint is a keyed hash,
+    /// nothing a client can aim at a collision).
+    map: foldhash::HashMap<Fingerprint, (Entry, u64)>,
     /// Known entries by expiry.
     known: BTreeMap<(u64, u64), Fingerprint>,
     /// Failed entries by retry time.

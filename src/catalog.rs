@@ -1,7 +1,6 @@
 //! Klaviyo's endpoint catalog: every operation's rate limits, compiled in from
 //! `data/endpoint-rate-limits.tsv`, and the matcher from (method, path) to an operation.
 
-use std::collections::HashMap;
 use std::sync::LazyLock;
 
 /// Klaviyo's rate-limit tiers (burst per second / steady per minute).
@@ -121,9 +120,11 @@ struct Template {
 /// parameter. A request looks at two short lists, not at every template of its method.
 type IndexKey = (&'static str, usize, &'static str);
 
-/// Templates by [`IndexKey`], built once from [`OPERATIONS`].
-static INDEX: LazyLock<HashMap<IndexKey, Vec<Template>>> = LazyLock::new(|| {
-    let mut index: HashMap<IndexKey, Vec<Template>> = HashMap::new();
+/// Templates by [`IndexKey`], built once from [`OPERATIONS`]. Hashed with foldhash:
+/// every request looks up twice, and a map that never grows has no collisions for a
+/// client to aim at.
+static INDEX: LazyLock<foldhash::HashMap<IndexKey, Vec<Template>>> = LazyLock::new(|| {
+    let mut index: foldhash::HashMap<IndexKey, Vec<Template>> = foldhash::HashMap::default();
     for op in OPERATIONS {
         let segments: Vec<Segment> =
             split(op.path).map(|s| if s.starts_with('{') { Segment::Param } else { Segment::Literal(s) }).collect();

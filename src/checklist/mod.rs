@@ -173,13 +173,16 @@ struct Errors {
 #[derive(Debug, Default)]
 struct Counts {
     requests: u64,
-    /// Raw `User-Agent` values (empty: none sent), parsed only for the report.
-    clients: HashMap<Box<str>, u64>,
+    /// Raw `User-Agent` values (empty: none sent), parsed only for the report. Hashed
+    /// with foldhash, not SipHash: these maps are counted into on every request, and a
+    /// client choosing colliding values gains nothing from a map capped at
+    /// [`MAX_DISTINCT`] entries.
+    clients: foldhash::HashMap<Box<str>, u64>,
     other_clients: u64,
     /// Raw `revision` values (empty: none sent; the proxy added its own).
-    revisions: HashMap<Box<str>, u64>,
+    revisions: foldhash::HashMap<Box<str>, u64>,
     other_revisions: u64,
-    operations: HashMap<&'static str, u64>,
+    operations: foldhash::HashMap<&'static str, u64>,
     events: u64,
     events_without_unique_id: u64,
     phones: u64,
@@ -200,7 +203,7 @@ impl Tally {
     }
 }
 
-fn bump(map: &mut HashMap<Box<str>, u64>, other: &mut u64, key: &str) {
+fn bump(map: &mut foldhash::HashMap<Box<str>, u64>, other: &mut u64, key: &str) {
     if let Some(n) = map.get_mut(key) {
         *n += 1;
     } else if map.len() < MAX_DISTINCT {

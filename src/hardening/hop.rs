@@ -4,10 +4,12 @@
 //! relies on: that would strip the injected key (a 401 counted against the account
 //! and a "key revoked" page) or the pinned revision.
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use smallvec::SmallVec;
 
-/// Headers that are always hop-by-hop.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// Headers that are always hop-by-hop. A static, not a const: a const array is built
+/// (and dropped) again wherever it is used, here once per header of every message.
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     crate::header::KEEP_ALIVE,
     header::PROXY_AUTHENTICATE,
@@ -22,15 +24,34 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// What a client's `Connection` may never name.
 const PROTECTED: &[&str] = &["authorization", "revision", "host", "x-request-id", "x-proxy-max-wait-ms"];
 
-/// The names a `Connection` header lists (lower-cased by `HeaderName`).
-fn connection_names(headers: &HeaderMap) -> Vec<HeaderName> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect()
+/// The options `Connection` values list, trimmed. Compared as text rather than parsed
+/// into `HeaderName`s: the usual `keep-alive` would otherwise be copied into a new name
+/// for every HTTP/1 answer, only to name a header that goes anyway.
+fn tokens<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> impl Iterator<Item = &'a str> {
+    values.filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim).filter(|t| !t.is_empty())
+}
+
+/// The index in [`HOP_BY_HOP`] of a header name that is one of the nine. A match on
+/// the text (by length first, then the bytes) rather than nine comparisons of
+/// `HeaderName`s: it runs for every header of every request and answer.
+fn hop_index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-authenticate" => 2,
+        "proxy-authorization" => 3,
+        "proxy-connection" => 4,
+        "te" => 5,
+        "trailer" => 6,
+        "transfer-encoding" => 7,
+        "upgrade" => 8,
+        _ => return None,
+    })
+}
+
+/// Whether `token` names one of the nine, which go whether named or not.
+fn is_hop(token: &str) -> bool {
+    HOP_BY_HOP.iter().any(|h| token.eq_ignore_ascii_case(h.as_str()))
 }
 
 /// Removes hop-by-hop headers, including any the `Connection` header names.
@@ -40,17 +61,21 @@ pub fn strip(headers: &mut HeaderMap) {
     // HTTP/1 upstream's `Connection: keep-alive` would otherwise cost ten removals).
     let mut present = 0u16;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+        if let Some(i) = hop_index(name) {
             present |= 1 << i;
         }
     }
     if present == 0 {
         return;
     }
-    // Only a `Connection` header names others (it is the first of the nine).
+    // Only a `Connection` header names others (it is the first of the nine). Its values
+    // are held apart (a count on their bytes) while the headers they name go.
     if present & 1 != 0 {
-        for name in connection_names(headers) {
-            headers.remove(name);
+        let values: SmallVec<[HeaderValue; 1]> = headers.get_all(header::CONNECTION).iter().cloned().collect();
+        for token in tokens(values.iter()).filter(|t| !is_hop(t)) {
+            // Removal by text matches names case-insensitively; a token that is no
+            // header name removes nothing.
+            headers.remove(token);
         }
     }
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
@@ -71,7 +96,9 @@ pub fn strip_client(headers: &mut HeaderMap) -> Result<(), ProtectedHeader> {
         strip(headers);
         return Ok(());
     }
-    if let Some(p) = connection_names(headers).iter().find_map(|n| PROTECTED.iter().find(|p| *p == n)) {
+    let protected = tokens(headers.get_all(header::CONNECTION).iter())
+        .find_map(|t| PROTECTED.iter().copied().find(|p| t.eq_ignore_ascii_case(p)));
+    if let Some(p) = protected {
         return Err(ProtectedHeader(p));
     }
     strip(headers);
@@ -97,6 +124,8 @@ mod tests {
         let cases: &[Case] = &[
             (&[("connection", "keep-alive"), ("accept", "x")], Ok(&["accept"])),
             (&[("connection", "x-hop, close"), ("x-hop", "1"), ("accept", "x")], Ok(&["accept"])),
+            // Named in any case, spaced any way; even `close` names a header.
+            (&[("connection", " X-Hop ,,CLOSE"), ("x-hop", "1"), ("close", "1"), ("accept", "x")], Ok(&["accept"])),
             (&[("connection", "authorization")], Err("authorization")),
             (&[("connection", "keep-alive"), ("connection", " Authorization ")], Err("authorization")),
             (&[("connection", "REVISION"), ("revision", "2024-01-01")], Err("revision")),
@@ -129,5 +158,15 @@ mod tests {
         let mut h = headers(&[("connection", "authorization"), ("authorization", "x")]);
         strip(&mut h);
         assert!(h.is_empty(), "responses: everything named goes");
+    }
+
+    #[test]
+    fn the_index_by_text_agrees_with_the_table() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_index(name), Some(i), "{name}");
+        }
+        for other in [header::HOST, header::CONTENT_LENGTH, HeaderName::from_static("connections")] {
+            assert_eq!(hop_index(&other), None, "{other}");
+        }
     }
 }

@@ -30,8 +30,11 @@ impl HostPolicy {
     /// Whether `authority` (`host[:port]`) names this listener.
     pub fn allows(&self, authority: &str) -> bool {
         let Some(host) = host_of(authority) else { return false };
-        let host = host.trim_end_matches('.').to_ascii_lowercase();
-        host == "localhost" || host.parse::<std::net::IpAddr>().is_ok() || self.names.contains(&host)
+        // Compared without a lower-cased copy: this runs for every request.
+        let host = host.trim_end_matches('.');
+        host.eq_ignore_ascii_case("localhost")
+            || host.parse::<std::net::IpAddr>().is_ok()
+            || self.names.iter().any(|n| n.eq_ignore_ascii_case(host))
     }
 
     /// Checks a request: the target's authority when it has one (HTTP/2, or an HTTP/1
@@ -96,6 +99,8 @@ mod tests {
             ("10.1.2.3", true),
             ("[::1]:8080", true),
             ("[::1]", true),
+            ("[::FFFF:7F00:1]:8080", true),
+            ("PROXY.INTERNAL", true),
             ("proxy.internal:443", true),
             ("klaviyo-proxy", true),
             ("evil.example:8080", false),

@@ -529,6 +529,12 @@ impl Hasher for AccountHasher {
         let x = ((v as u64) ^ ((v >> 64) as u64) ^ self.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         self.0 = x ^ (x >> 29);
     }
+
+    /// What follows an account in a key (an endpoint's index): one more mix.
+    fn write_usize(&mut self, v: usize) {
+        let x = (v as u64 ^ self.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = x ^ (x >> 29);
+    }
 }
 
 /// One bucket as the metrics see it.

@@ -10,11 +10,13 @@ pub mod shared;
 pub mod state;
 pub mod window;
 
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasherDefault;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-pub use local::{BucketView, Grant, LocalStore, Place, Turn, DEFAULT_MAX_BUCKETS, MAX_DEMANDS};
+pub use local::{AccountHasher, BucketView, Grant, LocalStore, Place, Turn, DEFAULT_MAX_BUCKETS, MAX_DEMANDS};
 pub use shared::{SharedStore, StoreState};
 pub use window::{Tick, WindowSpec};
 
@@ -136,6 +138,13 @@ impl Limiter {
 /// `company_id` for `/client/` operations), never the credential itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Account(pub u128);
+
+/// A map keyed by account (or by account first), hashed with a multiply: the account
+/// is already a keyed hash, so SipHash's protection buys nothing on the request path.
+pub type AccountMap<K, V> = HashMap<K, V, BuildHasherDefault<AccountHasher>>;
+
+/// A set of accounts, hashed as [`AccountMap`].
+pub type AccountSet = HashSet<Account, BuildHasherDefault<AccountHasher>>;
 
 impl Account {
     /// Requests that carry no credential share this account; Klaviyo rejects them anyway.

@@ -46,7 +46,9 @@ pub const RAMP_MEMORY: Duration = Duration::from_secs(60);
 /// The throttled buckets and their ramps.
 #[derive(Debug, Default)]
 pub struct Ramps {
-    ramps: DashMap<BucketKey, Arc<Ramp>>,
+    /// Looked up by every limited request: foldhash, not SipHash (the keys are keyed
+    /// hashes of credentials and our own bucket ids, nothing a client can aim).
+    ramps: DashMap<BucketKey, Arc<Ramp>, foldhash::fast::RandomState>,
 }
 
 #[derive(Debug, Default)]

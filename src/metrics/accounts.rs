@@ -3,11 +3,11 @@
 //! `other`. The ranking is recomputed at each scrape from traffic that decays by half
 //! per scrape, so today's busy accounts are the ones shown.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use tokio::time::Instant;
 
-use crate::limiter::Account;
+use crate::limiter::{Account, AccountMap, AccountSet};
 
 /// Most accounts with series of their own in any per-account metric.
 pub const MAX_ACCOUNT_SERIES: usize = 32;
@@ -34,9 +34,9 @@ pub struct AccountSeries {
     /// Configured names (replaced whole at a reload).
     configured: HashMap<Account, String>,
     /// Names learned by resolution: Klaviyo ids (`id:app` for OAuth).
-    learned: HashMap<Account, String>,
-    traffic: HashMap<Account, u64>,
-    shown: HashSet<Account>,
+    learned: AccountMap<Account, String>,
+    traffic: AccountMap<Account, u64>,
+    shown: AccountSet,
 }
 
 impl AccountSeries {
@@ -88,7 +88,7 @@ impl AccountSeries {
         let mut ranked: Vec<(u64, Account)> = self.traffic.iter().map(|(a, n)| (*n, *a)).collect();
         // Ties keep the accounts already shown.
         ranked.sort_unstable_by_key(|(n, a)| (std::cmp::Reverse(*n), !self.shown.contains(a), *a));
-        let top: HashSet<Account> = ranked.into_iter().take(MAX_ACCOUNT_SERIES).map(|(_, a)| a).collect();
+        let top: AccountSet = ranked.into_iter().take(MAX_ACCOUNT_SERIES).map(|(_, a)| a).collect();
         let dropped: Vec<String> = self.shown.difference(&top).map(|a| self.name(*a)).collect();
         self.shown = top;
         self.traffic.retain(|_, n| {
@@ -105,7 +105,7 @@ impl AccountSeries {
 #[derive(Debug, Default)]
 pub(crate) struct Reported {
     /// The latest report of each key, with its sequence number.
-    latest: HashMap<(Account, usize), (i64, Instant, u64)>,
+    latest: AccountMap<(Account, usize), (i64, Instant, u64)>,
     /// Keys in report order; an entry whose sequence number is not its key's latest is
     /// stale (the key reported again since, or was forgotten).
     order: VecDeque<((Account, usize), u64)>,
@@ -156,6 +156,8 @@ impl Reported {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
 
     #[test]

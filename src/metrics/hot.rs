@@ -9,7 +9,6 @@
 
 use std::cell::{OnceCell, RefCell};
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -55,33 +54,9 @@ impl Handles {
 type Key = (u64, usize, usize, usize);
 
 thread_local! {
-    static HANDLES: RefCell<HashMap<Key, Rc<Handles>, BuildHasherDefault<WordHasher>>> =
-        RefCell::new(HashMap::default());
-}
-
-/// A multiply-rotate hash of whole words: the keys are our own ids and addresses (no
-/// client picks them), so SipHash's protection buys nothing and costs on every request.
-#[derive(Default)]
-struct WordHasher(u64);
-
-impl Hasher for WordHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-
-    fn write_u64(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-
-    fn write_usize(&mut self, word: usize) {
-        self.write_u64(word as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
+    // foldhash, not SipHash: the keys are our own ids and addresses (no client picks
+    // them), and this is looked up on every request.
+    static HANDLES: RefCell<foldhash::HashMap<Key, Rc<Handles>>> = RefCell::new(HashMap::default());
 }
 
 /// A fresh id for a `Metrics`.

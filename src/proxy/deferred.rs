@@ -220,7 +220,7 @@ impl Proxy {
             }
             Ok(resp) => {
                 finish(breaker::Outcome::Success);
-                self.feedback(&live, &route, &resp, now).await;
+                self.feedback(&live, &route, crate::header::RateLimit::read(resp.headers()), now).await;
                 lanes.clear(this);
                 let status = resp.status();
                 let spool = spool.clone();

@@ -18,10 +18,11 @@ use tower::Service;
 use super::{BoxFuture, Here, Record, Routed};
 use crate::breaker;
 use crate::error::ProxyError;
+use crate::header::RateLimit;
 use crate::limiter::ramp::{self, Pass};
 use crate::limiter::{BucketId, Demand, Denied, Grant, Limiter, Place};
 use crate::metrics::RequestOutcome;
-use crate::proxy::{header_int, throttle_wait, upstream_error, Live, Proxy};
+use crate::proxy::{throttle_wait, upstream_error, Live, Proxy};
 use crate::queue;
 use crate::retry::{self, Backoff, Repeat};
 use crate::route::Route;
@@ -236,10 +237,10 @@ impl Proxy {
         let latency = now.saturating_duration_since(sent);
         record.update(|o| o.upstream = Some(latency));
         let challenged = result.as_ref().is_ok_and(|r| retry::is_challenge(r.status(), r.headers()));
-        if let (Ok(resp), false) = (&result, challenged) {
+        let rate = result.as_ref().ok().filter(|_| !challenged).map(|resp| RateLimit::read(resp.headers()));
+        if let (Ok(resp), Some(rate)) = (&result, rate) {
             // Operators see Klaviyo's answers and its own count of what is left.
-            let remaining = header_int(resp.headers(), crate::header::RATELIMIT_REMAINING);
-            self.metrics.upstream_response(route, resp.status().as_u16(), latency, remaining);
+            self.metrics.upstream_response(route, resp.status().as_u16(), latency, rate.remaining);
         }
         let (verdict, failure, reason) = match result {
             // Cloudflare challenges the proxy's address: not Klaviyo failing, not the
@@ -288,7 +289,7 @@ impl Proxy {
                 if let Some(pass) = pass.take() {
                     pass.succeeded();
                 }
-                self.feedback(live, route, &resp, now).await;
+                self.feedback(live, route, rate.unwrap_or_default(), now).await;
                 return Some(Ok(resp));
             }
             Err(e) => {
@@ -393,15 +394,14 @@ impl Proxy {
 
     /// Klaviyo's `RateLimit-Remaining` lowers the proxy's view of the bucket when
     /// another consumer spends the same quota.
-    pub(crate) async fn feedback(&self, live: &Live, route: &Route, resp: &Response<Incoming>, now: Instant) {
-        let remaining =
-            header_int(resp.headers(), crate::header::RATELIMIT_REMAINING).and_then(|r| u32::try_from(r).ok());
-        let reset = header_int(resp.headers(), crate::header::RATELIMIT_RESET)
-            .and_then(|r| u64::try_from(r).ok())
-            .map(Duration::from_secs);
-        let limit = header_int(resp.headers(), crate::header::RATELIMIT_LIMIT).and_then(|l| u32::try_from(l).ok());
-        let (Some(remaining), Some(demand), true) = (remaining, described(route, limit), live.config.limits.enabled)
-        else {
+    pub(crate) async fn feedback(&self, live: &Live, route: &Route, rate: RateLimit, now: Instant) {
+        if !live.config.limits.enabled {
+            return;
+        }
+        let remaining = rate.remaining.and_then(|r| u32::try_from(r).ok());
+        let reset = rate.reset.and_then(|r| u64::try_from(r).ok()).map(Duration::from_secs);
+        let limit = rate.limit.and_then(|l| u32::try_from(l).ok());
+        let (Some(remaining), Some(demand)) = (remaining, described(route, limit)) else {
             return;
         };
         let phantoms = match &self.limiter {
