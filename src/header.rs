@@ -43,15 +43,23 @@ impl RateLimit {
             };
             if seen & bit == 0 {
                 seen |= bit;
-                *slot = value.to_str().ok().and_then(|v| v.trim().parse().ok());
+                *slot = int(value.as_bytes());
             }
         }
         rate
     }
 }
 
+/// An integer header value, spaces around it allowed. On bytes: `str::trim` asks about
+/// Unicode whitespace at both ends, and a header value can only hold ASCII spaces there.
+pub(crate) fn int(value: &[u8]) -> Option<i64> {
+    std::str::from_utf8(value.trim_ascii()).ok()?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
+    use http::HeaderValue;
+
     use super::*;
 
     #[test]
@@ -71,6 +79,10 @@ mod tests {
         );
         h.insert("ratelimit-reset", "-3".parse().unwrap());
         assert_eq!(RateLimit::read(&h).reset, Some(-3));
+        h.insert("ratelimit-reset", "\t60 ".parse().unwrap());
+        assert_eq!(RateLimit::read(&h).reset, Some(60));
+        h.insert("ratelimit-reset", HeaderValue::from_bytes(b"6\xff0").unwrap());
+        assert_eq!(RateLimit::read(&h).reset, None);
         assert_eq!(RateLimit::read(&HeaderMap::new()), RateLimit::default());
     }
 }

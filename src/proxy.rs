@@ -565,7 +565,7 @@ pub(crate) async fn throttle_wait(resp: Response<Incoming>, cap: Duration) -> Op
 
 /// An integer header such as `RateLimit-Remaining` or `Retry-After` (seconds form).
 pub(crate) fn header_int(headers: &HeaderMap, name: HeaderName) -> Option<i64> {
-    headers.get(name)?.to_str().ok()?.trim().parse().ok()
+    crate::header::int(headers.get(name)?.as_bytes())
 }
 
 #[cfg(test)]
