@@ -32,39 +32,7 @@ done
 # shellcheck source=benches/common.sh
 . "$ROOT/benches/common.sh" instructions
 
-UPSTREAM_PORT=$(free_port)
-mkdir -p "$WORK/upstream/logs"
-BODY='{"data":[{"type":"account","id":"AbC123","attributes":{"contact_information":{"default_sender_name":"Bench"}}}],"links":{"self":"https://a.klaviyo.com/api/accounts/"}}'
-cat >"$WORK/upstream/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-error_log $WORK/upstream/logs/error.log warn;
-pid $WORK/upstream/nginx.pid;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 10000000;
-    client_body_temp_path $WORK/upstream/body;
-    proxy_temp_path $WORK/upstream/proxy;
-    fastcgi_temp_path $WORK/upstream/fastcgi;
-    uwsgi_temp_path $WORK/upstream/uwsgi;
-    scgi_temp_path $WORK/upstream/scgi;
-    server {
-        listen 127.0.0.1:$UPSTREAM_PORT;
-        location / {
-            default_type application/vnd.api+json;
-            add_header RateLimit-Limit 1000000000;
-            add_header RateLimit-Remaining 999999999;
-            add_header RateLimit-Reset 60;
-            return 200 '$BODY';
-        }
-    }
-}
-EOF
-nginx -e "$WORK/upstream/logs/error.log" -p "$WORK/upstream" -c "$WORK/upstream/nginx.conf" \
-    2>>"$WORK/upstream/logs/error.log" &
-PIDS+=($!)
-wait_port "$UPSTREAM_PORT"
+start_static_upstream
 
 # N requests over 4 keep-alive connections; fails on anything but 200.
 cat >"$WORK/client.py" <<'EOF'

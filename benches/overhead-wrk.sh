@@ -52,48 +52,8 @@ HAPROXY=$(command -v haproxy || true)
 
 declare -A URL PID
 
-# nginx in the foreground, one worker; $1 name, $2 port, $3 the http{} body.
-start_nginx() {
-    local dir=$WORK/nginx-$1
-    mkdir -p "$dir/logs"
-    cat >"$dir/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-error_log $dir/logs/error.log warn;
-pid $dir/nginx.pid;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 10000000;
-    client_body_temp_path $dir/body;
-    proxy_temp_path $dir/proxy;
-    fastcgi_temp_path $dir/fastcgi;
-    uwsgi_temp_path $dir/uwsgi;
-    scgi_temp_path $dir/scgi;
-    $3
-}
-EOF
-    nginx -e "$dir/logs/error.log" -p "$dir" -c "$dir/nginx.conf" 2>>"$dir/logs/error.log" &
-    PIDS+=($!)
-    PID[$1]=$!
-    wait_port "$2"
-}
-
-UPSTREAM_PORT=$(free_port)
-BODY='{"data":[{"type":"account","id":"AbC123","attributes":{"contact_information":{"default_sender_name":"Bench"}}}],"links":{"self":"https://a.klaviyo.com/api/accounts/"}}'
-start_nginx upstream "$UPSTREAM_PORT" "
-    server {
-        listen 127.0.0.1:$UPSTREAM_PORT;
-        location / {
-            default_type application/vnd.api+json;
-            # Klaviyo's headers, with a quota the run never reaches (the proxy lowers
-            # its view of a bucket to what the upstream reports).
-            add_header RateLimit-Limit 1000000000;
-            add_header RateLimit-Remaining 999999999;
-            add_header RateLimit-Reset 60;
-            return 200 '$BODY';
-        }
-    }"
+start_static_upstream
+PID[upstream]=$UPSTREAM_PID
 UPSTREAM="http://127.0.0.1:$UPSTREAM_PORT"
 
 URL[direct]=$UPSTREAM
@@ -112,7 +72,7 @@ start_nginx proxy "$NGINX_PORT" "
         }
     }"
 URL[nginx]="http://127.0.0.1:$NGINX_PORT"
-PID[nginx]=${PID[proxy]}
+PID[nginx]=$NGINX_PID
 
 if [ -n "$HAPROXY" ]; then
     HAPROXY_PORT=$(free_port)

@@ -281,9 +281,26 @@ impl Upstream {
 /// buffered body, adds `revision` when missing.
 pub fn outbound_headers(headers: &mut HeaderMap, revision: &str) {
     strip_hop_by_hop(headers);
-    headers.remove(header::HOST);
-    headers.remove(header::CONTENT_LENGTH);
-    headers.remove(MAX_WAIT_HEADER);
+    // One pass over the names first: a removal by name hashes and probes the map, and
+    // most requests carry `Host` and none of the others.
+    let (mut host, mut length, mut max_wait) = (false, false, false);
+    for name in headers.keys() {
+        match name.as_str() {
+            "host" => host = true,
+            "content-length" => length = true,
+            "x-proxy-max-wait-ms" => max_wait = true,
+            _ => {}
+        }
+    }
+    if host {
+        headers.remove(header::HOST);
+    }
+    if length {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    if max_wait {
+        headers.remove(MAX_WAIT_HEADER);
+    }
     if !headers.contains_key(crate::header::REVISION) {
         headers.insert(crate::header::REVISION, HeaderValue::from_str(revision).expect("validated revision"));
     }
@@ -313,6 +330,7 @@ mod tests {
         h.insert("accept", HeaderValue::from_static("application/json"));
         h.insert("host", HeaderValue::from_static("localhost:8080"));
         h.insert(MAX_WAIT_HEADER, HeaderValue::from_static("10"));
+        h.insert("content-length", HeaderValue::from_static("3"));
         outbound_headers(&mut h, "2026-07-15");
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["accept", "revision"]);

@@ -49,9 +49,23 @@ fn hop_index(name: &HeaderName) -> Option<usize> {
     })
 }
 
-/// Whether `token` names one of the nine, which go whether named or not.
+/// Whether `token` (in any case) names one of the nine, which go whether named or
+/// not: by its length first, so that at most one name is compared.
 fn is_hop(token: &str) -> bool {
-    HOP_BY_HOP.iter().any(|h| token.eq_ignore_ascii_case(h.as_str()))
+    let first = token.as_bytes().first().map(u8::to_ascii_lowercase);
+    let name = match (token.len(), first) {
+        (2, _) => "te",
+        (7, Some(b't')) => "trailer",
+        (7, _) => "upgrade",
+        (10, Some(b'c')) => "connection",
+        (10, _) => "keep-alive",
+        (16, _) => "proxy-connection",
+        (17, _) => "transfer-encoding",
+        (18, _) => "proxy-authenticate",
+        (19, _) => "proxy-authorization",
+        _ => return false,
+    };
+    token.eq_ignore_ascii_case(name)
 }
 
 /// Removes hop-by-hop headers, including any the `Connection` header names.
@@ -70,7 +84,9 @@ pub fn strip(headers: &mut HeaderMap) {
     }
     // Only a `Connection` header names others (it is the first of the nine). Its values
     // are held apart (a count on their bytes) while the headers they name go.
-    if present & 1 != 0 {
+    // The usual `Connection: keep-alive` names nothing more to remove.
+    let names_more = |headers: &HeaderMap| tokens(headers.get_all(header::CONNECTION).iter()).any(|t| !is_hop(t));
+    if present & 1 != 0 && names_more(headers) {
         let values: SmallVec<[HeaderValue; 1]> = headers.get_all(header::CONNECTION).iter().cloned().collect();
         for token in tokens(values.iter()).filter(|t| !is_hop(t)) {
             // Removal by text matches names case-insensitively; a token that is no
@@ -164,6 +180,10 @@ mod tests {
     fn the_index_by_text_agrees_with_the_table() {
         for (i, name) in HOP_BY_HOP.iter().enumerate() {
             assert_eq!(hop_index(name), Some(i), "{name}");
+            assert!(is_hop(name.as_str()) && is_hop(&name.as_str().to_ascii_uppercase()), "{name}");
+        }
+        for other in ["", "t", "tE-", "trailex", "connectioN2", "keep-alivf", "close", "x-hop"] {
+            assert!(!is_hop(other), "{other}");
         }
         for other in [header::HOST, header::CONTENT_LENGTH, HeaderName::from_static("connections")] {
             assert_eq!(hop_index(&other), None, "{other}");
