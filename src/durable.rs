@@ -183,9 +183,15 @@ impl Durable {
                 Ok(v)
             }
             Err(e) if is_io(&e) => {
+                let mut state = self.state();
+                // `PreviousIo` is redb's memory of an error already recorded (a call
+                // that was on the database when another failed): keep that reason.
+                if let (redb::Error::PreviousIo, Some(first)) = (&e, state.write_error.clone()) {
+                    state.broken = true;
+                    return Err(DbError::Unavailable(first));
+                }
                 let message = e.to_string();
                 tracing::error!(store = self.what, path = %self.path.display(), error = %message, "I/O error; the file will be reopened");
-                let mut state = self.state();
                 state.broken = true;
                 state.write_error = Some(message.clone());
                 Err(DbError::Unavailable(message))
@@ -271,5 +277,31 @@ pub(crate) mod testing {
             let file = redb::backends::FileBackend::new(file.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
             redb::Builder::new().create_with_backend(Flaky { file, fail: fail.clone() }).map_err(|e| e.to_string())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call that was already on the database when another one failed meets redb's
+    /// `PreviousIo`: `/health` keeps the reason of the failure itself (a full disk),
+    /// not redb's "close and re-open".
+    #[test]
+    fn a_previous_io_error_keeps_the_first_reason() {
+        let dir = std::env::temp_dir().join(format!("kp-durable-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = Durable::open("test store", &dir.join("d.redb"), file_opener(), REOPEN_EVERY).unwrap();
+        let prepare: Prepare<'_> = &|_| Ok(());
+        let full = || redb::Error::Io(std::io::Error::new(std::io::ErrorKind::StorageFull, "File too large"));
+        let outer = db.with_db(true, prepare, |_| {
+            // Fails while the outer call holds the database, as a concurrent write does.
+            assert!(db.with_db(true, prepare, |_| Err::<(), _>(full())).is_err());
+            Err::<(), _>(redb::Error::PreviousIo)
+        });
+        assert!(outer.is_err());
+        let error = db.write_error().expect("writes fail");
+        assert!(error.contains("File too large"), "{error}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

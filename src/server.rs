@@ -11,7 +11,7 @@ use hyper::body::{Body, Incoming};
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
@@ -108,6 +108,28 @@ async fn gate_changed(gate: &mut watch::Receiver<Gate>) {
     }
 }
 
+/// Binds `addr` without listening, to keep the port while the gate refuses.
+fn hold(addr: std::net::SocketAddr) -> Option<TcpSocket> {
+    let bind = |reuse: bool| -> std::io::Result<TcpSocket> {
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }?;
+        socket.set_reuseaddr(reuse)?;
+        socket.bind(addr)?;
+        Ok(socket)
+    };
+    // Without SO_REUSEADDR no other socket can bind the port. When the closed
+    // listener's connections linger in TIME_WAIT, only a bind with it succeeds: that
+    // still keeps the port from automatic port choice and outgoing connections.
+    bind(false).or_else(|_| bind(true)).ok()
+}
+
+/// Listens on `addr` again: on the held socket when there is one.
+async fn reopen(held: Option<TcpSocket>, addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    match held {
+        Some(socket) => socket.listen(1024),
+        None => TcpListener::bind(addr).await,
+    }
+}
+
 /// [`serve`] with a [`Gate`] that can reset or refuse connections at run time;
 /// `resets` counts the connections reset (the attempts an outage turned away).
 pub async fn serve_gated<S, B>(
@@ -144,11 +166,17 @@ pub async fn serve_gated<S, B>(
     tokio::pin!(shutdown);
     let addr = listener.local_addr().ok();
     let mut listener = Some(listener);
+    // While the gate refuses: the port, bound but not listening (connecting is refused,
+    // and no other socket can take the address before the gate opens again).
+    let mut held: Option<TcpSocket> = None;
     loop {
         let current = *gate.borrow_and_update();
         match (current, &listener, addr) {
-            (Gate::Refuse, Some(_), _) => listener = None,
-            (Gate::Open | Gate::Reset, None, Some(addr)) => match TcpListener::bind(addr).await {
+            (Gate::Refuse, Some(_), _) => {
+                listener = None;
+                held = addr.and_then(hold);
+            }
+            (Gate::Open | Gate::Reset, None, Some(addr)) => match reopen(held.take(), addr).await {
                 Ok(l) => listener = Some(l),
                 Err(e) => {
                     tracing::warn!(error = %e, "rebinding the listener failed");
@@ -238,5 +266,48 @@ pub async fn serve_gated<S, B>(
     let _ = stop.send(true);
     if tokio::time::timeout(limits.drain_timeout, cap.all_closed()).await.is_err() {
         tracing::warn!("drain timeout passed with connections still open");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// While the gate refuses, connecting is refused and the port stays this server's:
+    /// no other socket can take it, so the same address opens again and nothing else
+    /// answers there meanwhile.
+    #[tokio::test]
+    async fn a_refusing_gate_holds_its_port() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (gate, gate_rx) = watch::channel(Gate::Refuse);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_gated(
+            listener,
+            None,
+            ConnLimits::default(),
+            hyper::service::service_fn(|_req: Request<Incoming>| async {
+                Ok::<_, Infallible>(Response::new(String::from("ok")))
+            }),
+            async {
+                let _ = stopped.await;
+            },
+            gate_rx,
+            Default::default(),
+        ));
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            assert!(tokio::time::Instant::now() < until, "the refusing gate still accepts");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(std::net::TcpListener::bind(addr).is_err(), "another socket took the refused port");
+        gate.send(Gate::Open).unwrap();
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            assert!(tokio::time::Instant::now() < until, "the gate never opened again");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = stop.send(());
+        server.await.unwrap();
     }
 }

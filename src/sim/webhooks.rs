@@ -1,7 +1,7 @@
 //! The simulator's webhook sender: signed system webhooks as Klaviyo sends them
 //! (`Klaviyo-Webhook-Id`, `Klaviyo-Timestamp` as an IMF-fixdate, `Klaviyo-Signature`
-//! over body and timestamp), with a share of redeliveries (the same body, freshly
-//! timestamped and signed, as Klaviyo's retries are) and a share signed with a wrong
+//! over body and timestamp), with a share of redeliveries (the same body under a fresh
+//! `Klaviyo-Timestamp` and signature, as Klaviyo's retries are) and a share signed with a wrong
 //! secret. `klaviyo-proxy simulate webhooks` runs it; tests call [`send_webhooks`].
 
 use std::collections::BTreeSet;
@@ -119,30 +119,49 @@ pub struct WebhookReport {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Shot {
     New,
-    Duplicate,
+    /// A redelivery of the new webhook at this position of the plan.
+    Duplicate {
+        of: usize,
+    },
     Bad,
 }
 
 /// The order of new, duplicate and bad webhooks: exact counts, shuffled by the seed,
-/// a new one first so every duplicate has an original before it.
+/// a new one first, and each duplicate naming a new one before it. The plan fixes
+/// what a redelivery repeats, so the workers, racing for shots, cannot change it.
 fn plan(load: &WebhookLoad) -> Vec<Shot> {
-    let bad = (load.count as f64 * load.bad_signatures.clamp(0.0, 1.0)).round() as usize;
-    let dup =
-        ((load.count as f64 * load.duplicates.clamp(0.0, 1.0)).round() as usize).min(load.count - bad.min(load.count));
+    let bad = ((load.count as f64 * load.bad_signatures.clamp(0.0, 1.0)).round() as usize).min(load.count);
+    // At least one original when anything is validly signed.
+    let dup = ((load.count as f64 * load.duplicates.clamp(0.0, 1.0)).round() as usize)
+        .min((load.count - bad).saturating_sub(1));
     let mut shots: Vec<Shot> =
-        std::iter::repeat_n(Shot::Bad, bad.min(load.count)).chain(std::iter::repeat_n(Shot::Duplicate, dup)).collect();
+        std::iter::repeat_n(Shot::Bad, bad).chain(std::iter::repeat_n(Shot::Duplicate { of: 0 }, dup)).collect();
     shots.resize(load.count, Shot::New);
     let mut rng = fastrand::Rng::with_seed(load.seed);
     rng.shuffle(&mut shots);
     if let Some(first_new) = shots.iter().position(|s| *s == Shot::New) {
         shots.swap(0, first_new);
     }
+    let mut originals = Vec::new();
+    for (n, shot) in shots.iter_mut().enumerate() {
+        match shot {
+            Shot::New => originals.push(n),
+            Shot::Duplicate { of } => *of = originals[rng.usize(..originals.len())],
+            Shot::Bad => {}
+        }
+    }
     shots
 }
 
-/// A webhook body with `ids` as its events.
+/// A webhook body with `ids` as its events, timestamped now.
 pub fn webhook_body(ids: &[String], webhook_id: &str) -> String {
-    let now = crate::admin::rfc3339(SystemTime::now());
+    webhook_body_at(ids, webhook_id, SystemTime::now())
+}
+
+/// A webhook body with `ids` as its events, timestamped `at`: the same arguments give
+/// the same body, as a redelivery repeats it.
+fn webhook_body_at(ids: &[String], webhook_id: &str, at: SystemTime) -> String {
+    let now = crate::admin::rfc3339(at);
     let data: Vec<serde_json::Value> = ids
         .iter()
         .map(|id| {
@@ -194,51 +213,26 @@ pub async fn send_webhooks(load: &WebhookLoad) -> Result<WebhookReport, SimError
     let uri: http::Uri = load.to.parse().map_err(|e| SimError::Faults(format!("--to {}: {e}", load.to)))?;
     let shots = Arc::new(plan(load));
     let next = Arc::new(AtomicUsize::new(0));
-    // Bodies of the new webhooks sent so far, for redeliveries.
-    let originals: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    // Every body carries the run's start: a redelivery is built again, byte for byte.
+    let started = SystemTime::now();
     let report = Arc::new(Mutex::new(WebhookReport::default()));
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(load.count)));
     let mut workers = Vec::new();
     for _ in 0..load.concurrency.max(1) {
-        let (client, uri, shots, next, originals, report, latencies, load) = (
-            client.clone(),
-            uri.clone(),
-            shots.clone(),
-            next.clone(),
-            originals.clone(),
-            report.clone(),
-            latencies.clone(),
-            load.clone(),
-        );
+        let (client, uri, shots, next, report, latencies, load) =
+            (client.clone(), uri.clone(), shots.clone(), next.clone(), report.clone(), latencies.clone(), load.clone());
         workers.push(tokio::spawn(async move {
-            let mut rng = fastrand::Rng::with_seed(load.seed ^ next.load(Ordering::Relaxed) as u64);
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 let Some(shot) = shots.get(n).copied() else { return };
-                let ids: Vec<String> = (0..load.items.max(1)).map(|j| format!("sim-{}-{n}-{j}", load.seed)).collect();
-                let (body, secret) = match shot {
-                    Shot::New => {
-                        let body = webhook_body(&ids, &load.webhook_id);
-                        originals.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(body.clone());
-                        (body, load.secret.clone())
-                    }
-                    Shot::Duplicate => {
-                        let originals = originals.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                        let body = match originals.len() {
-                            0 => webhook_body(&ids, &load.webhook_id),
-                            len => originals[rng.usize(..len)].clone(),
-                        };
-                        (body, load.secret.clone())
-                    }
-                    Shot::Bad => (webhook_body(&ids, &load.webhook_id), format!("{}-wrong", load.secret)),
+                let (of, secret) = match shot {
+                    Shot::New => (n, load.secret.clone()),
+                    Shot::Duplicate { of } => (of, load.secret.clone()),
+                    Shot::Bad => (n, format!("{}-wrong", load.secret)),
                 };
-                let body_ids: Vec<String> = serde_json::from_str::<serde_json::Value>(&body)
-                    .ok()
-                    .and_then(|v| v["data"].as_array().cloned())
-                    .unwrap_or_default()
-                    .iter()
-                    .filter_map(|item| item["external_id"].as_str().map(str::to_string))
-                    .collect();
+                let body_ids: Vec<String> =
+                    (0..load.items.max(1)).map(|j| format!("sim-{}-{of}-{j}", load.seed)).collect();
+                let body = webhook_body_at(&body_ids, &load.webhook_id, started);
                 let mut req = Request::post(uri.clone());
                 for (name, value) in signed_headers(&body, &secret, &load.webhook_id) {
                     req = req.header(name, value);
@@ -258,7 +252,7 @@ pub async fn send_webhooks(load: &WebhookLoad) -> Result<WebhookReport, SimError
                 let mut r = report.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 r.sent += 1;
                 match shot {
-                    Shot::Duplicate => r.duplicates_sent += 1,
+                    Shot::Duplicate { .. } => r.duplicates_sent += 1,
                     Shot::Bad => r.bad_sent += 1,
                     Shot::New => {}
                 }
@@ -309,12 +303,52 @@ mod tests {
     fn plan_has_exact_shares_and_an_original_first() {
         let load = WebhookLoad { count: 1000, duplicates: 0.1, bad_signatures: 0.05, ..WebhookLoad::default() };
         let p = plan(&load);
-        let count = |s| p.iter().filter(|x| **x == s).count();
-        assert_eq!((count(Shot::New), count(Shot::Duplicate), count(Shot::Bad)), (850, 100, 50));
+        let count = |f: fn(&Shot) -> bool| p.iter().filter(|x| f(x)).count();
+        let counts =
+            (count(|s| *s == Shot::New), count(|s| matches!(s, Shot::Duplicate { .. })), count(|s| *s == Shot::Bad));
+        assert_eq!(counts, (850, 100, 50));
         assert_eq!(p[0], Shot::New);
+        for (n, shot) in p.iter().enumerate() {
+            if let Shot::Duplicate { of } = *shot {
+                assert!(of < n && p[of] == Shot::New, "{n} repeats {of}");
+            }
+        }
+        let all_dup = plan(&WebhookLoad { count: 10, duplicates: 1.0, ..WebhookLoad::default() });
+        assert_eq!(all_dup[0], Shot::New, "a redelivery needs an original");
         assert_eq!(plan(&load), p, "the seed fixes the plan");
         assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0], 0.5), 2.0);
         assert_eq!(percentile(&(1..=100).map(f64::from).collect::<Vec<_>>(), 0.99), 99.0);
+    }
+
+    /// Redeliveries repeat webhooks sent before them, whichever worker gets to its
+    /// shot first: the report's unique ids are exactly the new webhooks' ids.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_redelivery_repeats_an_earlier_webhook() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = format!("http://{}/webhooks/klaviyo", listener.local_addr().unwrap());
+        let ok = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(crate::server::serve(listener, None, Default::default(), ok, async {
+            let _ = stopped.await;
+        }));
+        for seed in 0..40 {
+            let load = WebhookLoad {
+                to: to.clone(),
+                secret: "s".into(),
+                count: 64,
+                duplicates: 0.5,
+                concurrency: 32,
+                seed,
+                ..WebhookLoad::default()
+            };
+            let report = send_webhooks(&load).await.unwrap();
+            assert_eq!((report.accepted, report.duplicates_sent), (64, 32), "seed {seed}: {report:?}");
+            assert_eq!(report.valid_ids.len(), 32, "seed {seed}: a redelivery made up a new webhook");
+        }
+        let _ = stop.send(());
+        server.await.unwrap();
     }
 
     #[test]
