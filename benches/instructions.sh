@@ -22,6 +22,10 @@ set -euo pipefail
 
 N=${N:-2000}
 WARM=${WARM:-400}
+# Serving threads of every variant. One by default: with two, how the kernel spreads
+# the 4 connections over the SO_REUSEPORT listeners (4-0, 3-1 or 2-2) changes how
+# often each thread parks, and with it the count by about half a percent.
+THREADS=${THREADS:-1}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${KLAVIYO_PROXY_BIN:-$ROOT/target/release/klaviyo-proxy}
 for tool in valgrind callgrind_control callgrind_annotate nginx python3; do
@@ -64,9 +68,9 @@ count() {
     out="$WORK/callgrind.$name"
     local vg=(valgrind --tool=callgrind --instr-atstart=no "--callgrind-out-file=$out")
     if [ "$name" = hyper-floor ]; then
-        "${vg[@]}" "$bin" "127.0.0.1:$port" "127.0.0.1:$UPSTREAM_PORT" >/dev/null 2>"$WORK/$name.log" &
+        "${vg[@]}" "$bin" "127.0.0.1:$port" "127.0.0.1:$UPSTREAM_PORT" "$THREADS" >/dev/null 2>"$WORK/$name.log" &
     else
-        printf '%s\n' "$toml" >"$WORK/$name.toml"
+        printf '[server]\nthreads = %s\n%s\n' "$THREADS" "$toml" >"$WORK/$name.toml"
         KLAVIYO_PROXY_LOG_LEVEL=warn "${vg[@]}" "$bin" serve --listen "127.0.0.1:$port" \
             --admin-listen "127.0.0.1:$admin" --upstream "http://127.0.0.1:$UPSTREAM_PORT" \
             --config "$WORK/$name.toml" >/dev/null 2>"$WORK/$name.log" &
@@ -94,7 +98,7 @@ count() {
     echo "$name $((total / N))" >>"$WORK/results"
 }
 
-echo "callgrind: $N requests counted after $WARM, 4 keep-alive clients, GET /api/accounts"
+echo "callgrind: $N requests counted after $WARM, 4 keep-alive clients, GET /api/accounts, $THREADS serving thread(s)"
 count klaviyo-proxy "$BIN" $'[limits]\nenabled = false'
 count klaviyo-proxy+lim "$BIN" "$LIMITS_ON"
 FLOOR_BIN=${FLOOR_BIN:-$(ls -t "$ROOT"/target/release/deps/hyper_floor-* 2>/dev/null | grep -v '\.d$' | head -1 || true)}
